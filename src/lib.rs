@@ -1,0 +1,8 @@
+//! tensorizer-rs: a CoreWeave-compatible `.tensors` reader and writer.
+//!
+//! Data flows one way: `storage` (bytes from a file, HTTP or S3) → `format` (bytes ↔ structs)
+//! → `load` (plan, read, verify, decrypt via `crypto`, place) → `dlpack` → `bindings` (Python).
+pub mod crypto;
+pub mod error;
+pub mod format;
+pub mod storage;
