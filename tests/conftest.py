@@ -62,6 +62,7 @@ def run_coreweave(
     )
     proc = subprocess.run(
         [sys.executable, "-c", script, *map(str, args)],
+        check=False,
         env=full_env,
         cwd=cwd,
         capture_output=True,
