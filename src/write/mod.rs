@@ -12,6 +12,7 @@ use crate::format::crypt_info::{CryptChunk, CryptInfo};
 use crate::format::hash::RecordHasher;
 use crate::format::header::{FileHeader, DEFAULT_INDEX_LEN, FLAG_ENCRYPTED, FLAG_VERSIONED_HEADERS, HEADER_LEN};
 use crate::format::index::{expected_nbytes, IndexEntry};
+use crate::format::names::{self, PathRegistry};
 use crate::format::record::{hashable_bytes, HeaderFields, HASH_CRC32, HASH_SHA256};
 use crate::format::DType;
 use crate::storage::Sink;
@@ -45,6 +46,7 @@ pub struct Writer {
     next_offset: u64,
     total_data: AtomicU64,
     used_nonces: Mutex<std::collections::HashSet<[u8; 24]>>,
+    paths: PathRegistry,
 }
 
 impl Writer {
@@ -57,6 +59,7 @@ impl Writer {
             next_offset: 0,
             total_data: AtomicU64::new(0),
             used_nonces: Mutex::new(Default::default()),
+            paths: PathRegistry::default(),
         }
     }
 
@@ -91,6 +94,8 @@ impl Writer {
         for n in new {
             let shown = String::from_utf8_lossy(&n.name).into_owned();
             let module_idx = n.module_idx;
+            let path = names::decode(&n.name).map_err(|e| e.in_tensor(&shown).in_file(self.name()))?;
+            self.paths.register(&path).map_err(|e| e.in_file(self.name()))?;
             let (entry, header_len) = self.prepare(n).map_err(|e| e.in_tensor(&shown).in_file(self.name()))?;
             prepared.push((entry, header_len, module_idx));
         }
