@@ -549,8 +549,9 @@ class TensorSerializer:
             # CoreWeave's reader cannot open empty tensors of opaque dtypes (numpy can't size
             # them); store the same-width int container instead (docs/format.md).
             stored = _dtypes.container_string(t.dtype, itemsize)
-        elif opaque and meta:
-            # Same reader bug for meta tensors: store real zeros instead of a data-less entry.
+        elif meta and (opaque or t.dim() == 0):
+            # CoreWeave's reader cannot size data-less entries of opaque dtypes, nor 0-dim ones
+            # (numpy.prod(()) is a float): store real zeros for those meta tensors instead.
             meta = False
         return stored, tuple(t.shape), meta
 
