@@ -140,6 +140,44 @@ impl PyTensorFile {
             .collect())
     }
 
+    /// The record header of entry `i`: module index, stored hashes, and crypt info summary.
+    fn header_info<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyDict>> {
+        let f = self.file()?.clone();
+        let e = f.entries.get(i).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")))?;
+        let h = py
+            .detach(|| -> crate::error::Result<_> {
+                let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
+                f.source().read_at(e.header_offset, &mut buf)?;
+                Ok(crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())?)
+            })
+            .map_err(|err| to_pyerr(err.in_tensor(&e.name_lossy()).in_file(f.name())))?;
+        let d = PyDict::new(py);
+        d.set_item("module_idx", h.module_idx)?;
+        let hashes = PyDict::new(py);
+        for x in &h.hashes {
+            hashes.set_item(if x.kind == 0 { "crc32" } else { "sha256" }, PyBytes::new(py, &x.value))?;
+        }
+        d.set_item("hashes", hashes)?;
+        if let Some(info) = &h.crypt {
+            use crate::format::crypt_info::CryptChunk;
+            let c = PyDict::new(py);
+            if let Some(k) = info.kdf() {
+                c.set_item("kdf", (k.opslimit, k.memlimit, k.alg, PyBytes::new(py, &k.salt)))?;
+            }
+            match info.cipher().map_err(to_pyerr)? {
+                Some(CryptChunk::XSalsa20Parallel { chunk_size, macs, .. }) => {
+                    c.set_item("cipher", "xsalsa20poly1305-chunked")?;
+                    c.set_item("chunk_size", *chunk_size)?;
+                    c.set_item("chunks", macs.len())?;
+                }
+                Some(_) => c.set_item("cipher", "xsalsa20poly1305")?,
+                None => c.set_item("cipher", py.None())?,
+            }
+            d.set_item("crypt", c)?;
+        }
+        Ok(d)
+    }
+
     fn close(&mut self) {
         self.inner = None;
     }
