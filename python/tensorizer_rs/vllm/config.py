@@ -220,6 +220,57 @@ class TensorizerArgs:
                 read_bytes(tensorizer_config.encryption_keyfile, self.stream_kwargs)
             )
 
+    @staticmethod
+    def add_cli_args(parser):
+        """vLLM's "tensorizer options" flags (argparse), for scripts such as
+        examples/tensorize_vllm_model.py."""
+        group = parser.add_argument_group(
+            "tensorizer options",
+            description="Options for the tensorizer_rs deserializer when load_format=tensorizer "
+            "(also accepted as keys of --model-loader-extra-config).",
+        )
+        group.add_argument(
+            "--tensorizer-uri",
+            type=str,
+            help="Path to serialized model tensors: a local path, or an HTTP(S) or S3 URI.",
+        )
+        group.add_argument(
+            "--verify-hash",
+            action="store_true",
+            help="Check each tensor's stored hashes; a mismatch raises HashMismatchError.",
+        )
+        group.add_argument(
+            "--encryption-keyfile",
+            type=str,
+            default=None,
+            help="Path or S3 URI of the binary key to decrypt with.",
+        )
+        group.add_argument(
+            "--num-readers",
+            default=None,
+            type=int,
+            help="How many threads read the file concurrently (default: chosen automatically).",
+        )
+        group.add_argument(
+            "--s3-access-key-id",
+            type=str,
+            default=None,
+            help="S3 access key (or env S3_ACCESS_KEY_ID).",
+        )
+        group.add_argument(
+            "--s3-secret-access-key",
+            type=str,
+            default=None,
+            help="S3 secret key (or env S3_SECRET_ACCESS_KEY).",
+        )
+        group.add_argument(
+            "--s3-endpoint",
+            type=str,
+            default=None,
+            help="S3 endpoint (or env S3_ENDPOINT_URL).",
+        )
+        return parser
+
     def source(self, uri: str | None = None):
         """What to hand to `TensorDeserializer`: the URI itself when no stream option is set
         (so the reader opens and re-opens it natively), else a stream from `open_stream`."""

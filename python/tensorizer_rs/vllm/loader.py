@@ -23,7 +23,6 @@ from collections.abc import Generator
 
 import torch
 from torch import nn
-
 from vllm.model_executor.model_loader.base_loader import BaseModelLoader
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.utils import (
