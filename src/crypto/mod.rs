@@ -18,6 +18,7 @@ use crate::format::crypt_info::{CryptChunk, CryptInfo, PwHashParams};
 pub use crate::format::crypt_info::{MAC_LEN, NONCE_LEN};
 
 pub mod kdf;
+pub mod salsa;
 pub mod secretbox;
 
 pub use kdf::{
