@@ -14,10 +14,7 @@ use tensorizer_rs::crypto::{self, DecryptPlan, DecryptionKeys, EncryptionKeys};
 use tensorizer_rs::format::crypt_info::PwHashParams;
 
 fn thread_cpu() -> f64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
     ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
@@ -36,10 +33,7 @@ fn best_of<F: FnMut()>(runs: usize, mut f: F) -> (f64, f64) {
 }
 
 fn main() {
-    let mib: usize = std::env::args()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(256);
+    let mib: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(256);
     let len = mib << 20;
     let key = crypto::random_key().unwrap();
     let ek = EncryptionKeys::from_key(key);
@@ -67,11 +61,7 @@ fn main() {
     assert!(scratch == plain);
     // The copy is part of the timed closure: time it alone and subtract.
     let (cw, cc) = best_of(5, || scratch.copy_from_slice(&sealed));
-    println!(
-        "decrypt, 1 core:     {:.3} GB/s wall, {:.3} GB/s per CPU-second",
-        gbs(w - cw),
-        gbs(c - cc)
-    );
+    println!("decrypt, 1 core:     {:.3} GB/s wall, {:.3} GB/s per CPU-second", gbs(w - cw), gbs(c - cc));
 
     let (w, _) = best_of(5, || {
         scratch.copy_from_slice(&sealed);
@@ -87,11 +77,7 @@ fn main() {
             std::hint::black_box(cipher.seal(&[i as u8; 24], chunk));
         }
     });
-    println!(
-        "encrypt, 1 core:     {:.3} GB/s wall, {:.3} GB/s per CPU-second",
-        gbs(w - cw),
-        gbs(c - cc)
-    );
+    println!("encrypt, 1 core:     {:.3} GB/s wall, {:.3} GB/s per CPU-second", gbs(w - cw), gbs(c - cc));
     let (w, _) = best_of(5, || {
         scratch.copy_from_slice(&plain);
         crypto::encrypt_tensor(&ek, &mut scratch).unwrap();
@@ -102,25 +88,14 @@ fn main() {
     let (w, c) = best_of(3, || {
         scratch.copy_from_slice(&plain);
         for chunk in scratch.chunks_mut(crypto::CHUNK_SIZE) {
-            let tag = reference
-                .encrypt_in_place_detached(GenericArray::from_slice(&[1u8; 24]), b"", chunk)
-                .unwrap();
+            let tag = reference.encrypt_in_place_detached(GenericArray::from_slice(&[1u8; 24]), b"", chunk).unwrap();
             std::hint::black_box(tag);
         }
     });
-    println!(
-        "crypto_secretbox crate, 1 core: {:.3} GB/s wall, {:.3} GB/s per CPU-second",
-        gbs(w - cw),
-        gbs(c - cc)
-    );
+    println!("crypto_secretbox crate, 1 core: {:.3} GB/s wall, {:.3} GB/s per CPU-second", gbs(w - cw), gbs(c - cc));
 
     for (ops, mem) in [(1u64, 8192u64), (2, 64 << 20), (3, 256 << 20)] {
-        let p = PwHashParams {
-            opslimit: ops,
-            memlimit: mem,
-            alg: 2,
-            salt: vec![1; 16],
-        };
+        let p = PwHashParams { opslimit: ops, memlimit: mem, alg: 2, salt: vec![1; 16] };
         let (w, _) = best_of(1, || {
             crypto::derive_key(b"bench passphrase", &p).unwrap();
         });

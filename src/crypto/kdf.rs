@@ -42,10 +42,7 @@ pub fn validate_params(p: &PwHashParams) -> Result<()> {
         )));
     }
     if p.salt.len() != SALT_LEN {
-        return Err(Error::crypto(format!(
-            "key derivation salt is {} bytes, expected {SALT_LEN}",
-            p.salt.len()
-        )));
+        return Err(Error::crypto(format!("key derivation salt is {} bytes, expected {SALT_LEN}", p.salt.len())));
     }
     if !(OPSLIMIT_MIN..=OPSLIMIT_MAX).contains(&p.opslimit) {
         return Err(Error::crypto(format!(
@@ -79,15 +76,16 @@ pub fn derive_key(passphrase: &[u8], params: &PwHashParams) -> Result<[u8; KEY_L
     let blocks = argon_params.block_count();
     let mut memory: Vec<Block> = Vec::new();
     memory.try_reserve_exact(blocks).map_err(|_| {
-        Error::crypto(format!(
-            "cannot allocate {} MiB for passphrase key derivation",
-            (blocks as u64) / 1024
-        ))
+        Error::crypto(format!("cannot allocate {} MiB for passphrase key derivation", (blocks as u64) / 1024))
     })?;
     memory.resize(blocks, Block::default());
     let mut out = [0u8; KEY_LEN];
-    let result = Argon2::new(Algorithm::Argon2id, Version::V0x13, argon_params)
-        .hash_password_into_with_memory(passphrase, &params.salt, &mut out, &mut memory[..]);
+    let result = Argon2::new(Algorithm::Argon2id, Version::V0x13, argon_params).hash_password_into_with_memory(
+        passphrase,
+        &params.salt,
+        &mut out,
+        &mut memory[..],
+    );
     // The work area holds material from which the key can be recomputed cheaply.
     for b in memory.iter_mut() {
         b.as_mut().zeroize();
@@ -123,10 +121,7 @@ fn cache() -> &'static Mutex<HashMap<CacheKey, Slot>> {
 
 /// [`derive_key`], remembered per `(passphrase, opslimit, memlimit, alg, salt)`. Concurrent
 /// callers with the same inputs wait for one derivation; failures are not cached.
-pub fn derive_key_cached(
-    passphrase: &[u8],
-    params: &PwHashParams,
-) -> Result<Zeroizing<[u8; KEY_LEN]>> {
+pub fn derive_key_cached(passphrase: &[u8], params: &PwHashParams) -> Result<Zeroizing<[u8; KEY_LEN]>> {
     if passphrase.is_empty() {
         return Err(Error::value("the passphrase must not be empty"));
     }
@@ -156,10 +151,7 @@ pub fn derive_key_cached(
 
 /// Forget every cached derived key (e.g. when the caller is done with a model).
 pub fn clear_key_cache() {
-    cache()
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clear();
+    cache().lock().unwrap_or_else(PoisonError::into_inner).clear();
 }
 
 #[cfg(test)]

@@ -21,9 +21,7 @@ pub mod kdf;
 pub mod salsa;
 pub mod secretbox;
 
-pub use kdf::{
-    clear_key_cache, derive_key, derive_key_cached, validate_params, ALG_ARGON2ID13, SALT_LEN,
-};
+pub use kdf::{clear_key_cache, derive_key, derive_key_cached, validate_params, ALG_ARGON2ID13, SALT_LEN};
 use secretbox::{nonce_add, SecretBox};
 
 /// Key size of XSalsa20-Poly1305.
@@ -94,10 +92,7 @@ impl Drop for EncryptionKeys {
 
 impl fmt::Debug for EncryptionKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("EncryptionKeys")
-            .field("key", &"<redacted>")
-            .field("kdf", &self.kdf)
-            .finish()
+        f.debug_struct("EncryptionKeys").field("key", &"<redacted>").field("kdf", &self.kdf).finish()
     }
 }
 
@@ -124,23 +119,14 @@ impl EncryptionKeys {
             Some(s) => s,
             None => random_salt()?,
         };
-        let params = PwHashParams {
-            opslimit,
-            memlimit,
-            alg: ALG_ARGON2ID13,
-            salt: salt.to_vec(),
-        };
+        let params = PwHashParams { opslimit, memlimit, alg: ALG_ARGON2ID13, salt: salt.to_vec() };
         let key = derive_key(passphrase, &params)?;
-        Ok(EncryptionKeys {
-            key,
-            kdf: Some(params),
-        })
+        Ok(EncryptionKeys { key, kdf: Some(params) })
     }
 }
 
 fn fill_random(buf: &mut [u8]) -> Result<()> {
-    getrandom::fill(buf)
-        .map_err(|e| Error::crypto(format!("the system random number generator failed: {e}")))
+    getrandom::fill(buf).map_err(|e| Error::crypto(format!("the system random number generator failed: {e}")))
 }
 
 /// 32 random bytes from the OS generator.
@@ -186,9 +172,7 @@ pub struct DecryptPlan {
 
 impl fmt::Debug for DecryptPlan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("DecryptPlan")
-            .field("pieces", &self.pieces)
-            .finish_non_exhaustive()
+        f.debug_struct("DecryptPlan").field("pieces", &self.pieces).finish_non_exhaustive()
     }
 }
 
@@ -203,37 +187,16 @@ impl DecryptPlan {
             // The real reader skips decryption of empty data, whatever the MACs say.
             return Ok(None);
         }
-        let len = usize::try_from(data_len)
-            .map_err(|_| Error::format("tensor data is too large for this platform"))?;
+        let len = usize::try_from(data_len).map_err(|_| Error::format("tensor data is too large for this platform"))?;
         let pieces = match cipher_chunk {
-            None => {
-                return Err(Error::crypto(
-                    "tensor is not encrypted, but decryption was requested",
-                ))
-            }
+            None => return Err(Error::crypto("tensor is not encrypted, but decryption was requested")),
             Some(CryptChunk::XSalsa20Sequential { nonce, mac }) => {
-                vec![Piece {
-                    range: 0..len,
-                    nonce: *nonce,
-                    mac: *mac,
-                }]
+                vec![Piece { range: 0..len, nonce: *nonce, mac: *mac }]
             }
-            Some(CryptChunk::XSalsa20Parallel {
-                chunk_size,
-                nonce,
-                macs,
-            }) => match macs.len() {
-                0 => {
-                    return Err(Error::format(format!(
-                        "encrypted tensor of {len} bytes carries no MACs"
-                    )))
-                }
+            Some(CryptChunk::XSalsa20Parallel { chunk_size, nonce, macs }) => match macs.len() {
+                0 => return Err(Error::format(format!("encrypted tensor of {len} bytes carries no MACs"))),
                 // One box over all the data, whatever chunk_size says (as the real reader does).
-                1 => vec![Piece {
-                    range: 0..len,
-                    nonce: *nonce,
-                    mac: macs[0],
-                }],
+                1 => vec![Piece { range: 0..len, nonce: *nonce, mac: macs[0] }],
                 n => {
                     let expected = data_len.div_ceil((*chunk_size).max(1));
                     if n as u64 != expected {
@@ -254,15 +217,10 @@ impl DecryptPlan {
                         .collect()
                 }
             },
-            Some(CryptChunk::Kdf(_)) => {
-                return Err(Error::format("a key-derivation chunk is not a cipher"))
-            }
+            Some(CryptChunk::Kdf(_)) => return Err(Error::format("a key-derivation chunk is not a cipher")),
         };
         let key = keys.key_for(info)?;
-        Ok(Some(DecryptPlan {
-            cipher: SecretBox::new(&key),
-            pieces,
-        }))
+        Ok(Some(DecryptPlan { cipher: SecretBox::new(&key), pieces }))
     }
 
     /// The pieces, in data order; their ranges tile `0..data_len`.
@@ -272,16 +230,9 @@ impl DecryptPlan {
 
     /// Authenticate and decrypt piece `i` in place; `data` is exactly that piece's bytes.
     pub fn open_piece(&self, i: usize, data: &mut [u8]) -> Result<()> {
-        let p = self
-            .pieces
-            .get(i)
-            .ok_or_else(|| Error::value(format!("no cipher piece {i}")))?;
+        let p = self.pieces.get(i).ok_or_else(|| Error::value(format!("no cipher piece {i}")))?;
         if data.len() != p.range.len() {
-            return Err(Error::value(format!(
-                "cipher piece {i} is {} bytes, got {}",
-                p.range.len(),
-                data.len()
-            )));
+            return Err(Error::value(format!("cipher piece {i} is {} bytes, got {}", p.range.len(), data.len())));
         }
         if self.cipher.open(&p.nonce, &p.mac, data) {
             Ok(())
@@ -294,10 +245,7 @@ impl DecryptPlan {
     pub fn open_all(&self, data: &mut [u8]) -> Result<()> {
         let total = self.pieces.last().map_or(0, |p| p.range.end);
         if data.len() != total {
-            return Err(Error::value(format!(
-                "expected {total} bytes of tensor data, got {}",
-                data.len()
-            )));
+            return Err(Error::value(format!("expected {total} bytes of tensor data, got {}", data.len())));
         }
         if self.pieces.len() == 1 {
             return self.open_piece(0, data);
@@ -312,13 +260,7 @@ impl DecryptPlan {
         slices
             .into_par_iter()
             .zip(self.pieces.par_iter())
-            .try_for_each(|(chunk, p)| {
-                if self.cipher.open(&p.nonce, &p.mac, chunk) {
-                    Ok(())
-                } else {
-                    Err(())
-                }
-            })
+            .try_for_each(|(chunk, p)| if self.cipher.open(&p.nonce, &p.mac, chunk) { Ok(()) } else { Err(()) })
             .map_err(|_| auth_failed())
     }
 }
@@ -333,11 +275,7 @@ pub fn decrypt_tensor(keys: &DecryptionKeys, info: &CryptInfo, data: &mut [u8]) 
 }
 
 /// Seal `data` in place with nonces `nonce0 + i` per `CHUNK_SIZE` chunk, in parallel.
-fn seal_chunks(
-    key: &[u8; KEY_LEN],
-    nonce0: &[u8; NONCE_LEN],
-    data: &mut [u8],
-) -> Vec<[u8; MAC_LEN]> {
+fn seal_chunks(key: &[u8; KEY_LEN], nonce0: &[u8; NONCE_LEN], data: &mut [u8]) -> Vec<[u8; MAC_LEN]> {
     let cipher = SecretBox::new(key);
     if data.len() <= CHUNK_SIZE {
         return vec![cipher.seal(nonce0, data)];
@@ -348,20 +286,12 @@ fn seal_chunks(
         .collect()
 }
 
-fn crypt_info_for(
-    keys: &EncryptionKeys,
-    nonce: [u8; NONCE_LEN],
-    macs: Vec<[u8; MAC_LEN]>,
-) -> CryptInfo {
+fn crypt_info_for(keys: &EncryptionKeys, nonce: [u8; NONCE_LEN], macs: Vec<[u8; MAC_LEN]>) -> CryptInfo {
     let mut chunks = Vec::with_capacity(2);
     if let Some(p) = &keys.kdf {
         chunks.push(CryptChunk::Kdf(p.clone()));
     }
-    chunks.push(CryptChunk::XSalsa20Parallel {
-        chunk_size: CHUNK_SIZE as u64,
-        nonce,
-        macs,
-    });
+    chunks.push(CryptChunk::XSalsa20Parallel { chunk_size: CHUNK_SIZE as u64, nonce, macs });
     CryptInfo { chunks }
 }
 
@@ -387,18 +317,13 @@ pub struct Encryptor {
 
 impl fmt::Debug for Encryptor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Encryptor")
-            .field("keys", &self.keys)
-            .finish_non_exhaustive()
+        f.debug_struct("Encryptor").field("keys", &self.keys).finish_non_exhaustive()
     }
 }
 
 impl Encryptor {
     pub fn new(keys: EncryptionKeys) -> Self {
-        Encryptor {
-            keys,
-            used: Mutex::new(HashSet::new()),
-        }
+        Encryptor { keys, used: Mutex::new(HashSet::new()) }
     }
 
     pub fn keys(&self) -> &EncryptionKeys {
@@ -415,9 +340,7 @@ impl Encryptor {
                 return Ok(n0);
             }
         }
-        Err(Error::crypto(
-            "could not draw an unused nonce (the random number generator is broken)",
-        ))
+        Err(Error::crypto("could not draw an unused nonce (the random number generator is broken)"))
     }
 
     /// Like [`encrypt_tensor`], refusing to reuse any chunk nonce already used in this file.

@@ -63,15 +63,11 @@ pub fn hsalsa20(key: &[u8; 32], input: &[u8; 16]) -> [u8; 32] {
     let k: [u32; 8] = le_words(key);
     let n: [u32; 4] = le_words(input);
     let mut x = [
-        SIGMA[0], k[0], k[1], k[2], k[3], SIGMA[1], n[0], n[1], n[2], n[3], SIGMA[2], k[4], k[5],
-        k[6], k[7], SIGMA[3],
+        SIGMA[0], k[0], k[1], k[2], k[3], SIGMA[1], n[0], n[1], n[2], n[3], SIGMA[2], k[4], k[5], k[6], k[7], SIGMA[3],
     ];
     rounds(&mut x);
     let mut out = [0u8; 32];
-    for (i, w) in [x[0], x[5], x[10], x[15], x[6], x[7], x[8], x[9]]
-        .iter()
-        .enumerate()
-    {
+    for (i, w) in [x[0], x[5], x[10], x[15], x[6], x[7], x[8], x[9]].iter().enumerate() {
         out[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
     }
     out
@@ -96,8 +92,8 @@ impl Salsa20 {
         let n: [u32; 2] = le_words(nonce);
         Salsa20 {
             input: [
-                SIGMA[0], k[0], k[1], k[2], k[3], SIGMA[1], n[0], n[1], 0, 0, SIGMA[2], k[4], k[5],
-                k[6], k[7], SIGMA[3],
+                SIGMA[0], k[0], k[1], k[2], k[3], SIGMA[1], n[0], n[1], 0, 0, SIGMA[2], k[4], k[5], k[6], k[7],
+                SIGMA[3],
             ],
         }
     }
@@ -212,12 +208,7 @@ mod x86 {
         }
         #[inline(always)]
         fn rotl<const L: i32, const R: i32>(self) -> Self {
-            unsafe {
-                Avx2(_mm256_or_si256(
-                    _mm256_slli_epi32::<L>(self.0),
-                    _mm256_srli_epi32::<R>(self.0),
-                ))
-            }
+            unsafe { Avx2(_mm256_or_si256(_mm256_slli_epi32::<L>(self.0), _mm256_srli_epi32::<R>(self.0))) }
         }
     }
 

@@ -72,9 +72,7 @@ impl Message {
         if offset == 0 {
             let head = data.len().min(32);
             let (a, b) = data.split_at_mut(head);
-            a.iter_mut()
-                .zip(&self.block0[32..])
-                .for_each(|(d, k)| *d ^= k);
+            a.iter_mut().zip(&self.block0[32..]).for_each(|(d, k)| *d ^= k);
             if !b.is_empty() {
                 self.stream.xor_at(1, b);
             }
@@ -90,11 +88,7 @@ impl Message {
     fn slices(len: usize) -> impl Iterator<Item = (usize, usize)> {
         let first = len.min(32);
         std::iter::once((0, first))
-            .chain(
-                (first..len)
-                    .step_by(SLICE)
-                    .map(move |s| (s, (s + SLICE).min(len))),
-            )
+            .chain((first..len).step_by(SLICE).map(move |s| (s, (s + SLICE).min(len))))
             .filter(move |(s, e)| s < e || len == 0)
     }
 }
@@ -115,9 +109,7 @@ fn mac_update(mac: &mut Option<Poly1305>, data: &[u8], last: bool) -> Option<[u8
 
 impl SecretBox {
     pub fn new(key: &[u8; KEY_LEN]) -> Self {
-        SecretBox {
-            key: Zeroizing::new(*key),
-        }
+        SecretBox { key: Zeroizing::new(*key) }
     }
 
     /// Encrypt `data` in place and return its MAC.
@@ -175,9 +167,7 @@ mod tests {
         let key: [u8; 32] = std::array::from_fn(|i| (i * 41 + 7) as u8);
         let reference = XSalsa20Poly1305::new(GenericArray::from_slice(&key));
         let ours = SecretBox::new(&key);
-        let plain: Vec<u8> = (0..3 * SLICE + 1000)
-            .map(|i| (i * 17 + (i >> 9)) as u8)
-            .collect();
+        let plain: Vec<u8> = (0..3 * SLICE + 1000).map(|i| (i * 17 + (i >> 9)) as u8).collect();
         let lens = [
             0,
             1,
@@ -207,9 +197,8 @@ mod tests {
         for (n, len) in lens.into_iter().enumerate() {
             let nonce: [u8; 24] = std::array::from_fn(|i| (i * 5 + n) as u8);
             let mut want = plain[..len].to_vec();
-            let want_tag = reference
-                .encrypt_in_place_detached(GenericArray::from_slice(&nonce), b"", &mut want)
-                .unwrap();
+            let want_tag =
+                reference.encrypt_in_place_detached(GenericArray::from_slice(&nonce), b"", &mut want).unwrap();
             let mut got = plain[..len].to_vec();
             let tag = ours.seal(&nonce, &mut got);
             assert!(got == want, "len {len}: ciphertext");
@@ -246,16 +235,12 @@ mod tests {
             let plain: Vec<u8> = (0..len).map(|_| next() as u8).collect();
             let reference = XSalsa20Poly1305::new(GenericArray::from_slice(&key));
             let mut want = plain.clone();
-            let want_tag = reference
-                .encrypt_in_place_detached(GenericArray::from_slice(&nonce), b"", &mut want)
-                .unwrap();
+            let want_tag =
+                reference.encrypt_in_place_detached(GenericArray::from_slice(&nonce), b"", &mut want).unwrap();
             let ours = SecretBox::new(&key);
             let mut got = plain.clone();
             let tag = ours.seal(&nonce, &mut got);
-            assert!(
-                got == want && tag[..] == want_tag[..],
-                "case {case}, len {len}"
-            );
+            assert!(got == want && tag[..] == want_tag[..], "case {case}, len {len}");
             assert!(ours.open(&nonce, &tag, &mut got), "case {case}, len {len}");
             assert!(got == plain, "case {case}, len {len}");
         }

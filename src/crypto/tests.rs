@@ -3,18 +3,12 @@ use super::*;
 use crate::error::ErrorKind;
 
 fn pattern(len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i.wrapping_mul(31) ^ (i >> 11)) as u8)
-        .collect()
+    (0..len).map(|i| (i.wrapping_mul(31) ^ (i >> 11)) as u8).collect()
 }
 
 fn parallel_chunk(info: &CryptInfo) -> (&u64, &[u8; NONCE_LEN], &Vec<[u8; MAC_LEN]>) {
     match info.cipher().unwrap().unwrap() {
-        CryptChunk::XSalsa20Parallel {
-            chunk_size,
-            nonce,
-            macs,
-        } => (chunk_size, nonce, macs),
+        CryptChunk::XSalsa20Parallel { chunk_size, nonce, macs } => (chunk_size, nonce, macs),
         other => panic!("unexpected cipher chunk {other:?}"),
     }
 }
@@ -56,13 +50,7 @@ fn nonce_add_is_a_192_bit_little_endian_increment() {
 fn round_trip_at_chunk_boundaries() {
     let keys = EncryptionKeys::from_key([7u8; 32]);
     let dk = DecryptionKeys::Key([7u8; 32]);
-    for len in [
-        1,
-        CHUNK_SIZE - 1,
-        CHUNK_SIZE,
-        CHUNK_SIZE + 1,
-        5 * (1 << 20) + 3,
-    ] {
+    for len in [1, CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1, 5 * (1 << 20) + 3] {
         let plain = pattern(len);
         let mut data = plain.clone();
         let info = encrypt_tensor(&keys, &mut data).unwrap();
@@ -85,40 +73,22 @@ fn empty_data_gets_no_chunks_and_decrypts_to_nothing() {
     let info = encrypt_tensor(&keys, &mut []).unwrap();
     assert!(info.chunks.is_empty());
     let mut keys2 = keys.clone();
-    keys2.kdf = Some(PwHashParams {
-        opslimit: 1,
-        memlimit: 8192,
-        alg: 2,
-        salt: vec![0; 16],
-    });
+    keys2.kdf = Some(PwHashParams { opslimit: 1, memlimit: 8192, alg: 2, salt: vec![0; 16] });
     assert!(encrypt_tensor(&keys2, &mut []).unwrap().chunks.is_empty());
-    assert!(Encryptor::new(keys2)
-        .encrypt(&mut [])
-        .unwrap()
-        .chunks
-        .is_empty());
+    assert!(Encryptor::new(keys2).encrypt(&mut []).unwrap().chunks.is_empty());
     // An empty crypt info (meta tensor) or a cipher chunk with 0 MACs over 0 bytes: nothing to do,
     // and no key is derived even for a passphrase.
     let pw = DecryptionKeys::Passphrase(b"x".to_vec());
     decrypt_tensor(&pw, &CryptInfo::default(), &mut []).unwrap();
     let zero_macs = CryptInfo {
-        chunks: vec![CryptChunk::XSalsa20Parallel {
-            chunk_size: CHUNK_SIZE as u64,
-            nonce: [0; 24],
-            macs: vec![],
-        }],
+        chunks: vec![CryptChunk::XSalsa20Parallel { chunk_size: CHUNK_SIZE as u64, nonce: [0; 24], macs: vec![] }],
     };
     decrypt_tensor(&pw, &zero_macs, &mut []).unwrap();
 }
 
 #[test]
 fn unencrypted_tensor_with_data_is_refused() {
-    let err = decrypt_tensor(
-        &DecryptionKeys::Key([0; 32]),
-        &CryptInfo::default(),
-        &mut [1, 2, 3],
-    )
-    .unwrap_err();
+    let err = decrypt_tensor(&DecryptionKeys::Key([0; 32]), &CryptInfo::default(), &mut [1, 2, 3]).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Crypto);
 }
 
@@ -180,11 +150,7 @@ fn mac_count_must_match_the_data() {
     assert_eq!(err.kind, ErrorKind::Format);
     // No MACs at all for non-empty data.
     let none = CryptInfo {
-        chunks: vec![CryptChunk::XSalsa20Parallel {
-            chunk_size: CHUNK_SIZE as u64,
-            nonce: [0; 24],
-            macs: vec![],
-        }],
+        chunks: vec![CryptChunk::XSalsa20Parallel { chunk_size: CHUNK_SIZE as u64, nonce: [0; 24], macs: vec![] }],
     };
     assert!(decrypt_tensor(&dk, &none, &mut [1u8; 10]).is_err());
     // Two cipher chunks.
@@ -203,19 +169,13 @@ fn single_mac_covers_all_data_whatever_the_chunk_size() {
     let dk = DecryptionKeys::Key(key);
     // Type 2 with one MAC: one box over everything even though chunk_size is smaller.
     let par = CryptInfo {
-        chunks: vec![CryptChunk::XSalsa20Parallel {
-            chunk_size: CHUNK_SIZE as u64,
-            nonce,
-            macs: vec![mac],
-        }],
+        chunks: vec![CryptChunk::XSalsa20Parallel { chunk_size: CHUNK_SIZE as u64, nonce, macs: vec![mac] }],
     };
     let mut d = data.clone();
     decrypt_tensor(&dk, &par, &mut d).unwrap();
     assert!(d == plain);
     // Type 3 (sequential): the same single box.
-    let seq = CryptInfo {
-        chunks: vec![CryptChunk::XSalsa20Sequential { nonce, mac }],
-    };
+    let seq = CryptInfo { chunks: vec![CryptChunk::XSalsa20Sequential { nonce, mac }] };
     let mut d = data.clone();
     decrypt_tensor(&dk, &seq, &mut d).unwrap();
     assert!(d == plain);
@@ -228,9 +188,7 @@ fn plan_opens_piece_by_piece() {
     let plain = pattern(2 * CHUNK_SIZE + 9);
     let mut data = plain.clone();
     let info = encrypt_tensor(&keys, &mut data).unwrap();
-    let plan = DecryptPlan::new(&DecryptionKeys::Key(key), &info, data.len() as u64)
-        .unwrap()
-        .unwrap();
+    let plan = DecryptPlan::new(&DecryptionKeys::Key(key), &info, data.len() as u64).unwrap().unwrap();
     assert_eq!(plan.pieces().len(), 3);
     assert_eq!(plan.pieces()[2].range, 2 * CHUNK_SIZE..2 * CHUNK_SIZE + 9);
     for (i, p) in plan.pieces().iter().enumerate().rev() {
@@ -240,9 +198,7 @@ fn plan_opens_piece_by_piece() {
     assert!(plan.open_piece(3, &mut []).is_err());
     assert!(plan.open_piece(0, &mut [0u8; 5]).is_err());
     assert!(plan.open_all(&mut [0u8; 5]).is_err());
-    assert!(DecryptPlan::new(&DecryptionKeys::Key(key), &info, 0)
-        .unwrap()
-        .is_none());
+    assert!(DecryptPlan::new(&DecryptionKeys::Key(key), &info, 0).unwrap().is_none());
 }
 
 #[test]
@@ -268,28 +224,17 @@ fn passphrase_needs_a_kdf_chunk() {
     let keys = EncryptionKeys::from_key([4u8; 32]);
     let mut data = pattern(100);
     let info = encrypt_tensor(&keys, &mut data).unwrap();
-    let err = decrypt_tensor(
-        &DecryptionKeys::Passphrase(b"pw".to_vec()),
-        &info,
-        &mut data,
-    )
-    .unwrap_err();
+    let err = decrypt_tensor(&DecryptionKeys::Passphrase(b"pw".to_vec()), &info, &mut data).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Crypto);
 }
 
 fn min_params(salt: u8) -> PwHashParams {
-    PwHashParams {
-        opslimit: OPSLIMIT_MIN,
-        memlimit: MEMLIMIT_MIN,
-        alg: ALG_ARGON2ID13,
-        salt: vec![salt; SALT_LEN],
-    }
+    PwHashParams { opslimit: OPSLIMIT_MIN, memlimit: MEMLIMIT_MIN, alg: ALG_ARGON2ID13, salt: vec![salt; SALT_LEN] }
 }
 
 #[test]
 fn passphrase_round_trip_stores_the_kdf_chunk_first() {
-    let keys =
-        EncryptionKeys::from_passphrase(b"hunter2", OPSLIMIT_MIN, MEMLIMIT_MIN, None).unwrap();
+    let keys = EncryptionKeys::from_passphrase(b"hunter2", OPSLIMIT_MIN, MEMLIMIT_MIN, None).unwrap();
     let params = keys.kdf.clone().unwrap();
     assert_eq!(params.salt.len(), SALT_LEN);
     assert_eq!(keys.key, derive_key(b"hunter2", &params).unwrap());
@@ -297,32 +242,18 @@ fn passphrase_round_trip_stores_the_kdf_chunk_first() {
     let mut data = plain.clone();
     let info = encrypt_tensor(&keys, &mut data).unwrap();
     assert_eq!(info.chunks[0], CryptChunk::Kdf(params.clone()));
-    assert!(matches!(
-        info.chunks[1],
-        CryptChunk::XSalsa20Parallel { .. }
-    ));
+    assert!(matches!(info.chunks[1], CryptChunk::XSalsa20Parallel { .. }));
     let mut d = data.clone();
-    decrypt_tensor(
-        &DecryptionKeys::Passphrase(b"hunter2".to_vec()),
-        &info,
-        &mut d,
-    )
-    .unwrap();
+    decrypt_tensor(&DecryptionKeys::Passphrase(b"hunter2".to_vec()), &info, &mut d).unwrap();
     assert!(d == plain);
     // The raw derived key opens it too; a wrong passphrase does not.
     let mut d = data.clone();
     decrypt_tensor(&DecryptionKeys::Key(keys.key), &info, &mut d).unwrap();
     assert!(d == plain);
-    let err = decrypt_tensor(
-        &DecryptionKeys::Passphrase(b"hunter3".to_vec()),
-        &info,
-        &mut data.clone(),
-    )
-    .unwrap_err();
+    let err = decrypt_tensor(&DecryptionKeys::Passphrase(b"hunter3".to_vec()), &info, &mut data.clone()).unwrap_err();
     assert_eq!(err.message, AUTH_FAILED);
     // A fixed salt is used as given.
-    let k2 = EncryptionKeys::from_passphrase(b"hunter2", OPSLIMIT_MIN, MEMLIMIT_MIN, Some([1; 16]))
-        .unwrap();
+    let k2 = EncryptionKeys::from_passphrase(b"hunter2", OPSLIMIT_MIN, MEMLIMIT_MIN, Some([1; 16])).unwrap();
     assert_eq!(k2.kdf.as_ref().unwrap().salt, vec![1; 16]);
 }
 
@@ -332,59 +263,20 @@ fn kdf_parameters_are_validated() {
     derive_key(b"pw", &ok).unwrap();
     assert_eq!(derive_key(b"", &ok).unwrap_err().kind, ErrorKind::Value);
     for bad in [
-        PwHashParams {
-            alg: 1,
-            ..ok.clone()
-        },
-        PwHashParams {
-            salt: vec![0; 15],
-            ..ok.clone()
-        },
-        PwHashParams {
-            salt: vec![],
-            ..ok.clone()
-        },
-        PwHashParams {
-            opslimit: 0,
-            ..ok.clone()
-        },
-        PwHashParams {
-            opslimit: 1 << 32,
-            ..ok.clone()
-        },
-        PwHashParams {
-            memlimit: MEMLIMIT_MIN - 1,
-            ..ok.clone()
-        },
-        PwHashParams {
-            memlimit: MEMLIMIT_MAX + 1,
-            ..ok.clone()
-        },
+        PwHashParams { alg: 1, ..ok.clone() },
+        PwHashParams { salt: vec![0; 15], ..ok.clone() },
+        PwHashParams { salt: vec![], ..ok.clone() },
+        PwHashParams { opslimit: 0, ..ok.clone() },
+        PwHashParams { opslimit: 1 << 32, ..ok.clone() },
+        PwHashParams { memlimit: MEMLIMIT_MIN - 1, ..ok.clone() },
+        PwHashParams { memlimit: MEMLIMIT_MAX + 1, ..ok.clone() },
     ] {
-        assert_eq!(
-            derive_key(b"pw", &bad).unwrap_err().kind,
-            ErrorKind::Crypto,
-            "{bad:?}"
-        );
+        assert_eq!(derive_key(b"pw", &bad).unwrap_err().kind, ErrorKind::Crypto, "{bad:?}");
         assert!(derive_key_cached(b"pw", &bad).is_err());
     }
     // memlimit is rounded down to whole KiB, as libsodium does.
-    let a = derive_key(
-        b"pw",
-        &PwHashParams {
-            memlimit: 8192,
-            ..ok.clone()
-        },
-    )
-    .unwrap();
-    let b = derive_key(
-        b"pw",
-        &PwHashParams {
-            memlimit: 9215,
-            ..ok.clone()
-        },
-    )
-    .unwrap();
+    let a = derive_key(b"pw", &PwHashParams { memlimit: 8192, ..ok.clone() }).unwrap();
+    let b = derive_key(b"pw", &PwHashParams { memlimit: 9215, ..ok.clone() }).unwrap();
     assert_eq!(a, b);
 }
 
@@ -404,9 +296,7 @@ fn derived_keys_are_cached_per_passphrase_and_params() {
     assert_ne!(*a, *d);
     // Concurrent callers agree.
     let keys: Vec<_> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..4)
-            .map(|_| s.spawn(|| *derive_key_cached(b"cache-test3", &p).unwrap()))
-            .collect();
+        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| *derive_key_cached(b"cache-test3", &p).unwrap())).collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(keys.windows(2).all(|w| w[0] == w[1]));
@@ -417,17 +307,9 @@ fn debug_never_shows_secrets() {
     let k = DecryptionKeys::Key([0xAB; 32]);
     let p = DecryptionKeys::Passphrase(b"supersecret".to_vec());
     let e = EncryptionKeys::from_key([0xAB; 32]);
-    for s in [
-        format!("{k:?}"),
-        format!("{p:?}"),
-        format!("{e:?}"),
-        format!("{:?}", Encryptor::new(e.clone())),
-    ] {
+    for s in [format!("{k:?}"), format!("{p:?}"), format!("{e:?}"), format!("{:?}", Encryptor::new(e.clone()))] {
         assert!(s.contains("redacted"), "{s}");
-        assert!(
-            !s.contains("171") && !s.to_lowercase().contains("ab, ") && !s.contains("supersecret"),
-            "{s}"
-        );
+        assert!(!s.contains("171") && !s.to_lowercase().contains("ab, ") && !s.contains("supersecret"), "{s}");
     }
 }
 
