@@ -148,7 +148,7 @@ impl PyTensorFile {
             .detach(|| -> crate::error::Result<_> {
                 let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
                 f.source().read_at(e.header_offset, &mut buf)?;
-                Ok(crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())?)
+                crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())
             })
             .map_err(|err| to_pyerr(err.in_tensor(&e.name_lossy()).in_file(f.name())))?;
         let d = PyDict::new(py);
