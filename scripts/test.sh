@@ -57,15 +57,6 @@ summary() {
   return $failed
 }
 
-build_and_install() {
-  local wheels=$REPO/target/wheels
-  rm -f "$wheels"/tensorizer_rs-*.whl
-  maturin build --release --interpreter "$PY" -o "$wheels" || return 1
-  rm -rf "$SITE"
-  "$PY" -m pip install -q --no-deps --target "$SITE" "$wheels"/tensorizer_rs-*.whl || return 1
-  PYTHONPATH=$SITE "$PY" -c 'import tensorizer_rs, sys; print("built", tensorizer_rs.__file__)'
-}
-
 run_pytest() {
   local rc
   PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} "$PY" -m pytest -q -m "not gpu" \
@@ -78,7 +69,7 @@ run_pytest() {
 if [ "${SKIP_SETUP:-0}" = 1 ] && [ -x "$PY" ]; then skip setup SKIP_SETUP=1
 else phase setup bash "$REPO/scripts/setup-env.sh" || { summary; exit 1; }
 fi
-phase build build_and_install
+phase build bash "$REPO/scripts/build.sh" --target "$SITE"
 BUILD_OK=$?
 phase fmt cargo fmt --all --check
 phase clippy cargo clippy --all-targets -- -D warnings
