@@ -71,7 +71,7 @@ else phase setup bash "$REPO/scripts/setup-env.sh" || { summary; exit 1; }
 fi
 phase build bash "$REPO/scripts/build.sh" --target "$SITE"
 BUILD_OK=$?
-phase fmt cargo fmt --all --check
+phase fmt cargo fmt --all --check -- --color never
 phase clippy cargo clippy --all-targets -- -D warnings
 phase cargo cargo test
 RUFF_PATHS=()
