@@ -2,7 +2,12 @@
 //!
 //! Data flows one way: `storage` (bytes from a file, HTTP or S3) → `format` (bytes ↔ structs)
 //! → `load` (plan, read, verify, decrypt via `crypto`, place) → `dlpack` → `bindings` (Python).
+pub mod bindings;
+pub mod buffer;
 pub mod crypto;
+pub mod dlpack;
 pub mod error;
 pub mod format;
+pub mod load;
 pub mod storage;
+pub mod write;

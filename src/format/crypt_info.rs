@@ -22,9 +22,16 @@ pub struct PwHashParams {
 pub enum CryptChunk {
     Kdf(PwHashParams),
     /// Data cut into `chunk_size` pieces, each sealed with nonce `nonce + i` and `macs[i]`.
-    XSalsa20Parallel { chunk_size: u64, nonce: [u8; NONCE_LEN], macs: Vec<[u8; MAC_LEN]> },
+    XSalsa20Parallel {
+        chunk_size: u64,
+        nonce: [u8; NONCE_LEN],
+        macs: Vec<[u8; MAC_LEN]>,
+    },
     /// One secretbox over all the data (readable; CoreWeave never writes it).
-    XSalsa20Sequential { nonce: [u8; NONCE_LEN], mac: [u8; MAC_LEN] },
+    XSalsa20Sequential {
+        nonce: [u8; NONCE_LEN],
+        mac: [u8; MAC_LEN],
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

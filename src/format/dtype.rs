@@ -26,7 +26,8 @@ pub struct DType {
 
 impl DType {
     pub fn parse(stored: &[u8]) -> Result<Self> {
-        let bad = |why: &str| Error::format(format!("invalid dtype string {:?}: {why}", String::from_utf8_lossy(stored)));
+        let bad =
+            |why: &str| Error::format(format!("invalid dtype string {:?}: {why}", String::from_utf8_lossy(stored)));
         let mut parts = stored.splitn(2, |&b| b == 0);
         let left = parts.next().unwrap_or_default();
         let right = parts.next();
@@ -122,7 +123,9 @@ mod tests {
             assert_eq!(d.is_opaque(), opaque);
         }
         assert_eq!(DType::parse(b"<V2\0torch.bfloat16").unwrap().container_str(), "<i2");
-        for bad in [&b""[..], b"<", b"<x4", b"<f3", b">f4", b"<V2\0bfloat16", b"<V2\0torch.a\0b", b"<f99999999999999999999"] {
+        for bad in
+            [&b""[..], b"<", b"<x4", b"<f3", b">f4", b"<V2\0bfloat16", b"<V2\0torch.a\0b", b"<f99999999999999999999"]
+        {
             assert!(DType::parse(bad).is_err(), "{:?}", bad);
         }
     }

@@ -47,7 +47,10 @@ impl FileHeader {
             ));
         }
         if flag_bytes[1..].iter().any(|&b| b != 0) || flag_bytes[0] >= 4 {
-            return Err(Error::new(ErrorKind::InvalidVersion, "Unsupported feature flags (only bits 0 and 1 are defined)"));
+            return Err(Error::new(
+                ErrorKind::InvalidVersion,
+                "Unsupported feature flags (only bits 0 and 1 are defined)",
+            ));
         }
         let flags = flag_bytes[0];
         if flags & FLAG_VERSIONED_HEADERS != 0 && version < 5 {

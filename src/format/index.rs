@@ -33,7 +33,15 @@ impl IndexEntry {
     /// Serialized length of this entry, given whether entries carry a version tag.
     pub fn encoded_len(&self, versioned: bool) -> usize {
         let dim = if self.wide_shape() { 8 } else { 4 };
-        (if versioned { 4 } else { 0 }) + 2 + self.name.len() + 1 + 1 + self.dtype.stored.len() + 1 + dim * self.shape.len() + 24
+        (if versioned { 4 } else { 0 })
+            + 2
+            + self.name.len()
+            + 1
+            + 1
+            + self.dtype.stored.len()
+            + 1
+            + dim * self.shape.len()
+            + 24
     }
     pub fn encode(&self, versioned: bool, out: &mut Vec<u8>) {
         if versioned {
@@ -89,7 +97,11 @@ pub fn parse_index(buf: &[u8], count: u64, versioned: bool) -> Result<Vec<IndexE
         let ndim = c.u8("ndim").map_err(ctx)? as usize;
         let mut shape = Vec::with_capacity(ndim);
         for _ in 0..ndim {
-            shape.push(if entry_version == 5 { c.u64("shape").map_err(ctx)? } else { c.u32("shape").map_err(ctx)? as u64 });
+            shape.push(if entry_version == 5 {
+                c.u64("shape").map_err(ctx)?
+            } else {
+                c.u32("shape").map_err(ctx)? as u64
+            });
         }
         let header_offset = c.u64("header offset").map_err(ctx)?;
         let data_offset = c.u64("data offset").map_err(ctx)?;
@@ -99,7 +111,16 @@ pub fn parse_index(buf: &[u8], count: u64, versioned: bool) -> Result<Vec<IndexE
             return Err(Error::format(format!("unknown tensor type {tensor_type}")).in_tensor(&name_str));
         }
         let dtype = DType::parse(dtype_bytes).map_err(|e| e.in_tensor(&name_str))?;
-        out.push(IndexEntry { name, tensor_type, dtype, shape, header_offset, data_offset, data_length, entry_version });
+        out.push(IndexEntry {
+            name,
+            tensor_type,
+            dtype,
+            shape,
+            header_offset,
+            data_offset,
+            data_length,
+            entry_version,
+        });
     }
     Ok(out)
 }

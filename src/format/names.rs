@@ -21,7 +21,8 @@ pub fn decode(name: &[u8]) -> Result<TensorPath> {
         return Err(Error::format("Invalid empty tensor path"));
     }
     if name[0] != RECORD_SEPARATOR {
-        let s = std::str::from_utf8(name).map_err(|_| Error::format(format!("tensor name {:?} is not valid UTF-8", shown())))?;
+        let s = std::str::from_utf8(name)
+            .map_err(|_| Error::format(format!("tensor name {:?} is not valid UTF-8", shown())))?;
         return Ok(vec![PathComponent::Str(s.to_string())]);
     }
     let body = &name[1..];
@@ -38,7 +39,9 @@ pub fn decode(name: &[u8]) -> Result<TensorPath> {
         .iter()
         .map(|v| match v {
             serde_json::Value::String(s) => Ok(PathComponent::Str(s.clone())),
-            serde_json::Value::Number(n) => n.as_u64().map(PathComponent::Int).ok_or_else(|| bad("path indices must be integers >= 0")),
+            serde_json::Value::Number(n) => {
+                n.as_u64().map(PathComponent::Int).ok_or_else(|| bad("path indices must be integers >= 0"))
+            }
             _ => Err(bad("path components must be strings or integers")),
         })
         .collect()

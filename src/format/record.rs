@@ -94,7 +94,9 @@ impl TensorHeader {
         // CoreWeave's reader takes the data length from the header's last 8 bytes.
         let data_length = i64::from_le_bytes(buf[buf.len() - 8..].try_into().expect("8 bytes"));
         if data_length < 0 {
-            return Err(Error::format(format!("negative data length {data_length} (compressed tensors are not supported)")));
+            return Err(Error::format(format!(
+                "negative data length {data_length} (compressed tensors are not supported)"
+            )));
         }
         Ok(TensorHeader { module_idx, tensor_type, name, dtype, shape, hashes, crypt_span, crypt, data_length })
     }
@@ -106,7 +108,11 @@ impl TensorHeader {
     }
 }
 
-pub fn hashable_bytes(buf: &[u8], hash_spans: impl Iterator<Item = Range<usize>>, crypt: Option<Range<usize>>) -> Vec<u8> {
+pub fn hashable_bytes(
+    buf: &[u8],
+    hash_spans: impl Iterator<Item = Range<usize>>,
+    crypt: Option<Range<usize>>,
+) -> Vec<u8> {
     let mut copy = buf.to_vec();
     for r in hash_spans {
         copy[r].fill(0);

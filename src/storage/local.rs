@@ -60,7 +60,8 @@ impl AtomicFile {
         static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let tmp = dir.join(format!(".{}.tmp-{}-{n}", name.to_string_lossy(), std::process::id()));
-        let file = OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| Error::from(e).in_file(path))?;
+        let file =
+            OpenOptions::new().write(true).create_new(true).open(&tmp).map_err(|e| Error::from(e).in_file(path))?;
         Ok(AtomicFile { file, tmp, dest, shown: path.to_string(), done: false })
     }
 

@@ -1,0 +1,46 @@
+"""tensorizer-rs: a fast, CoreWeave-compatible tensorizer in Rust.
+
+``TensorSerializer`` / ``TensorDeserializer`` / ``EncryptionParams`` / ``DecryptionParams`` keep
+the names and semantics of CoreWeave's ``tensorizer``; the vLLM integration lives in
+``tensorizer_rs.vllm``.
+"""
+
+from . import _native
+from .encryption import DecryptionParams, EncryptionParams
+from .exceptions import (
+    CryptographyError,
+    HashMismatchError,
+    InvalidVersionError,
+    NotATensorizerFileError,
+    TensorizerError,
+    TensorizerFileNotFoundError,
+    TensorizerFormatError,
+    TensorizerIOError,
+    TensorizerKeyError,
+    TensorizerTypeError,
+    TensorizerUnsupportedError,
+    TensorizerValueError,
+)
+from .serialization import TensorDeserializer, TensorSerializer, TensorType
+
+__version__ = _native.__version__
+
+__all__ = [
+    "TensorSerializer",
+    "TensorDeserializer",
+    "TensorType",
+    "EncryptionParams",
+    "DecryptionParams",
+    "TensorizerError",
+    "HashMismatchError",
+    "CryptographyError",
+    "InvalidVersionError",
+    "NotATensorizerFileError",
+    "TensorizerFormatError",
+    "TensorizerIOError",
+    "TensorizerFileNotFoundError",
+    "TensorizerKeyError",
+    "TensorizerTypeError",
+    "TensorizerValueError",
+    "TensorizerUnsupportedError",
+]

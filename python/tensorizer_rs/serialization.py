@@ -1,0 +1,646 @@
+"""``TensorSerializer`` and ``TensorDeserializer`` with CoreWeave tensorizer's names, signatures
+and semantics, backed by the Rust core (``tensorizer_rs._native``)."""
+
+from __future__ import annotations
+
+import collections.abc
+import enum
+import io
+import logging
+import os
+import tempfile
+import time
+import types
+from typing import Any, Callable, Iterator, Optional, Union
+
+from . import _dtypes, _native
+from .exceptions import (
+    CryptographyError,
+    HashMismatchError,
+    TensorizerKeyError,
+    TensorizerTypeError,
+    TensorizerUnsupportedError,
+    TensorizerValueError,
+)
+
+__all__ = ["TensorSerializer", "TensorDeserializer", "TensorType", "HashMismatchError"]
+
+logger = logging.getLogger("tensorizer_rs")
+
+# Bytes handed to the native writer per call when sources must be copied to the host first
+# (CUDA tensors): bounds host memory while serializing a GPU model.
+_WRITE_GROUP_BYTES = 1 << 30
+
+
+class TensorType(enum.IntEnum):
+    PARAM = 0
+    BUFFER = 1
+    STATE_DICT = 2
+
+
+Path = Union[str, tuple]
+
+
+def _uri_of(obj: Any) -> Optional[str]:
+    """A path or URI we can open natively, for str/PathLike and our own or real file objects."""
+    if isinstance(obj, (str, os.PathLike)):
+        return os.fspath(obj)
+    uri = getattr(obj, "_tensorizer_uri", None)
+    if isinstance(uri, str):
+        return uri
+    name = getattr(obj, "name", None)
+    if isinstance(name, str) and os.path.isfile(name):
+        return name
+    return None
+
+
+def _decryption_args(encryption: Any) -> dict:
+    from .encryption import DecryptionParams
+
+    if encryption is None:
+        return {}
+    if not isinstance(encryption, DecryptionParams):
+        raise TensorizerTypeError(
+            f"encryption must be a DecryptionParams or None, not {type(encryption).__name__}"
+        )
+    return encryption._native_args()
+
+
+class TensorDeserializer(collections.abc.Mapping):
+    """Read a ``.tensors`` file. A read-only Mapping of names to tensors, like CoreWeave's.
+
+    ``file_obj`` may be a path, an ``http(s)://`` or ``s3://`` URI, or a binary file object.
+    """
+
+    def __init__(
+        self,
+        file_obj: Any,
+        device: Any = None,
+        filter_func: Optional[Callable[[Path], bool]] = None,
+        dtype: Any = None,
+        *,
+        lazy_load: bool = False,
+        plaid_mode: Optional[bool] = None,
+        plaid_mode_buffers: Optional[int] = None,
+        num_readers: Optional[int] = None,
+        verify_hash: bool = False,
+        encryption: Any = None,
+    ) -> None:
+        del plaid_mode, plaid_mode_buffers  # accepted for compatibility; no effect (as upstream)
+        self._file = None
+        if num_readers is not None and (
+            not isinstance(num_readers, int) or isinstance(num_readers, bool) or num_readers < 1
+        ):
+            raise TensorizerTypeError(f"num_readers must be a positive int or None, got {num_readers!r}")
+        self._num_readers = num_readers
+        self._verify_hash = bool(verify_hash)
+        self._crypt = _decryption_args(encryption)
+        self._dtype = dtype
+        self._device = self._resolve_device(device)
+        self._file = self._open(file_obj)
+        self._closed = False
+        entries = self._file.entries()
+        self._entries = entries
+        self._selected = [
+            i for i, e in enumerate(entries) if filter_func is None or filter_func(e["name"])
+        ]
+        self._tree: dict = {}
+        self._keys: list = []
+        for e in entries:
+            key = e["name"][0] if isinstance(e["name"], tuple) else e["name"]
+            if key not in self._tree:
+                self._tree[key] = None
+                self._keys.append(key)
+        self._position = {i: n for n, i in enumerate(self._selected)}
+        self._by_path: dict = {}
+        for i in self._selected:
+            name = self._entries[i]["name"]
+            self._by_path[name if isinstance(name, tuple) else (name,)] = i
+        self._cache: dict[int, Any] = {}
+        self._module_idx: dict[int, int] = {}
+        self._last_yielded = -1
+        self.total_tensor_bytes = 0
+        self.total_bytes_read = 0
+        self._seconds = 0.0
+        if not lazy_load:
+            self._load(self._selected)
+            self._last_yielded = len(self._selected) - 1
+            self.close()
+
+    # -- construction helpers -------------------------------------------------------------
+    @staticmethod
+    def _resolve_device(device: Any):
+        import torch
+
+        if device is None:
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise TensorizerUnsupportedError(
+                    f"device {device!r} requested, but CUDA is not available on this machine"
+                )
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+        return dev
+
+    def _open(self, file_obj: Any):
+        uri = _uri_of(file_obj)
+        if uri is not None:
+            return _native.TensorFile(uri)
+        if isinstance(file_obj, (bytes, bytearray, memoryview)):
+            raise TensorizerTypeError("file_obj must be a path, URI or binary file object, not bytes")
+        read = getattr(file_obj, "read", None)
+        if read is None:
+            raise TensorizerTypeError(f"cannot read tensors from {type(file_obj).__name__}")
+        if isinstance(file_obj, io.TextIOBase):
+            raise TensorizerValueError("file_obj must be opened in binary mode")
+        # Streams without a path (BytesIO, pipes): spill to a private temp file, read natively.
+        tmp = tempfile.NamedTemporaryFile(prefix="tensorizer-rs-", suffix=".tensors", delete=False)
+        try:
+            with tmp:
+                while True:
+                    chunk = read(16 << 20)
+                    if not chunk:
+                        break
+                    tmp.write(chunk)
+            return _native.TensorFile(tmp.name)
+        finally:
+            os.unlink(tmp.name)
+
+    # -- loading ----------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._file is None:
+            raise TensorizerValueError("the TensorDeserializer is closed and this tensor was not loaded")
+
+    def _load(self, indices: list, verify_hash: Optional[bool] = None) -> None:
+        todo = [i for i in indices if i not in self._cache]
+        if not todo:
+            return
+        self._check_open()
+        start = time.perf_counter()
+        verify = self._verify_hash if verify_hash is None else bool(verify_hash)
+        loaded = self._file.load(
+            todo, num_readers=self._num_readers, verify_hash=verify, **self._crypt
+        )
+        for i, (module_idx, host) in zip(todo, loaded):
+            self._module_idx[i] = module_idx
+            self._cache[i] = self._to_tensor(i, host)
+            self.total_tensor_bytes += self._entries[i]["data_length"]
+            self.total_bytes_read += self._entries[i]["data_length"]
+        self._seconds += time.perf_counter() - start
+
+    def _to_tensor(self, i: int, host: Any):
+        import torch
+
+        e = self._entries[i]
+        try:
+            base, final = _dtypes.resolve_torch(e["container"], e["torch_dtype"])
+        except ValueError as exc:
+            raise TensorizerValueError(f"{self._file.name}: tensor {e['name']!r}: {exc}") from None
+        t = torch.from_dlpack(host)
+        if t.dtype != base:
+            t = t.view(base)
+        if final != base:
+            t = t.view(final)
+        requires_grad = final.is_floating_point or final.is_complex
+        target = self._dtype
+        if target is not None and final != torch.bool and final != target:
+            if not (final.is_complex and not target.is_complex):
+                t = t.to(target)
+        if self._device.type != "cpu":
+            t = t.to(self._device)
+        return torch.nn.Parameter(t, requires_grad=requires_grad)
+
+    def _index_of(self, key: Any) -> int:
+        path = key if isinstance(key, tuple) else (key,)
+        i = self._by_path.get(path)
+        if i is None:
+            raise TensorizerKeyError(f"Tensor {key} not found")
+        return i
+
+    # -- Mapping ---------------------------------------------------------------------------
+    def __getitem__(self, key: Any):
+        path = key if isinstance(key, tuple) else (key,)
+        i = self._by_path.get(path)
+        if i is not None:
+            self._load([i])
+            return self._cache[i]
+        sub = [j for p, j in self._by_path.items() if p[: len(path)] == path and len(p) > len(path)]
+        if not sub and key not in self._tree:
+            raise TensorizerKeyError(f"Tensor {key} not found")
+        self._load(sorted(sub, key=self._position.__getitem__))
+        return self._subtree(path)
+
+    def _subtree(self, prefix: tuple):
+        out: dict = {}
+        for p, j in self._by_path.items():
+            if p[: len(prefix)] == prefix and len(p) > len(prefix):
+                k = p[len(prefix)]
+                if len(p) == len(prefix) + 1:
+                    out[k] = self._cache[j]
+                elif k not in out:
+                    out[k] = self._subtree(prefix + (k,))
+        return types.MappingProxyType(out)
+
+    def __iter__(self) -> Iterator:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._tree
+
+    def tree(self, prefix: Any = None, *, default: Any = None, filter_func: Any = None):
+        """The nested structure as real dicts and lists (lists for int-keyed levels)."""
+        prefix = () if prefix is None else (prefix if isinstance(prefix, tuple) else (prefix,))
+        chosen = [
+            j
+            for p, j in self._by_path.items()
+            if p[: len(prefix)] == prefix and (filter_func is None or filter_func(p))
+        ]
+        if not chosen:
+            return default
+        self._load(sorted(chosen, key=self._position.__getitem__))
+        root: dict = {}
+        for j in chosen:
+            name = self._entries[j]["name"]
+            p = (name if isinstance(name, tuple) else (name,))[len(prefix) :]
+            node = root
+            for k in p[:-1]:
+                node = node.setdefault(k, {})
+            node[p[-1]] = self._cache[j]
+
+        def build(node):
+            if not isinstance(node, dict):
+                return node
+            if node and all(isinstance(k, int) for k in node):
+                return [build(node[k]) for k in sorted(node)]
+            return {k: build(v) for k, v in node.items()}
+
+        return build(root)
+
+    # -- CoreWeave's iteration APIs --------------------------------------------------------
+    def read_tensors(self, filter_func=None, num_tensors: int = -1, verify_hash=None):
+        """Yield ``(module_idx, tensor_type, name, tensor)`` in file order, resuming after the
+        last tensor yielded."""
+        pending = [
+            i
+            for i in self._selected[self._last_yielded + 1 :]
+            if filter_func is None or filter_func(self._entries[i]["name"])
+        ]
+        if num_tensors >= 0:
+            pending = pending[:num_tensors]
+        self._load(pending, verify_hash)
+        for i in pending:
+            self._last_yielded = max(self._last_yielded, self._position[i])
+            e = self._entries[i]
+            yield self._module_idx[i], e["tensor_type"], e["name"], self._cache[i]
+
+    def read_numpy_arrays(self, filter_func=None, num_tensors: int = -1, allow_raw_data: bool = False,
+                          verify_hash=None):
+        """Yield ``(module_idx, tensor_type, name, ndarray, is_opaque, torch_dtype|None)``."""
+        import numpy as np
+
+        if self._device.type != "cpu":
+            raise TensorizerValueError("read_numpy_arrays works only with device='cpu'")
+        for module_idx, ttype, name, t in self.read_tensors(filter_func, num_tensors, verify_hash):
+            e = self._entries[self._index_of(name)]
+            opaque = e["torch_dtype"] is not None
+            if opaque and not allow_raw_data:
+                raise TensorizerValueError(
+                    f"tensor {name!r} has dtype torch.{e['torch_dtype']}, which numpy cannot represent; "
+                    "pass allow_raw_data=True to get its raw bits"
+                )
+            arr = t.detach()
+            if opaque:
+                import torch
+
+                arr = arr.view(getattr(torch, _dtypes.CONTAINER_TO_TORCH[e["container"]]))
+            yield module_idx, ttype, name, np.asarray(arr.numpy()), opaque, (
+                f"torch.{e['torch_dtype']}" if opaque else None
+            )
+
+    def load_into_module(self, m, filter_func=None, verify_hash=None) -> int:
+        """Put every selected PARAM/BUFFER tensor into module ``m`` (names like ``layer.weight``;
+        ``.x`` is the root module). Existing tensors of the same shape are replaced in place,
+        keeping their Parameter objects and attributes. Returns the count and closes the file."""
+        import torch
+
+        chosen = []
+        for i in self._selected:
+            e = self._entries[i]
+            if filter_func is not None and not filter_func(e["name"]):
+                continue
+            if e["tensor_type"] == TensorType.STATE_DICT or isinstance(e["name"], tuple):
+                raise NotImplementedError(
+                    f"tensor {e['name']!r} is a state-dict entry; load_into_module needs write_module files"
+                )
+            chosen.append(i)
+        modules = dict(m.named_modules())
+        targets = []
+        for i in chosen:
+            name = self._entries[i]["name"]
+            prefix, _, attr = name.rpartition(".")
+            if prefix not in modules:
+                raise TensorizerKeyError(f"{self._name}: tensor {name!r}: module {prefix!r} not found in the model")
+            targets.append((i, modules[prefix], attr))
+        self._load(chosen, verify_hash)
+        with torch.no_grad():
+            for i, mod, attr in targets:
+                self._place(mod, attr, i)
+        self.close()
+        return len(targets)
+
+    @property
+    def _name(self) -> str:
+        return self._file.name if self._file is not None else "<closed>"
+
+    def _place(self, mod, attr: str, i: int) -> None:
+        import torch
+
+        e = self._entries[i]
+        t = self._cache[i]
+        if e["tensor_type"] == TensorType.PARAM:
+            old = mod._parameters.get(attr)
+            if old is not None and old.device.type != "meta" and tuple(old.shape) != tuple(t.shape):
+                raise TensorizerValueError(
+                    f"tensor {e['name']!r}: shape {tuple(t.shape)} in the file does not match "
+                    f"{tuple(old.shape)} in the module"
+                )
+            if old is not None and isinstance(old, torch.nn.Parameter):
+                new = torch.nn.Parameter(t.detach(), requires_grad=old.requires_grad)
+                new.__dict__.update(old.__dict__)  # keep attributes such as vLLM's weight_loader
+                mod._parameters[attr] = new
+            else:
+                mod.register_parameter(attr, t)
+        else:
+            if attr in mod._buffers:
+                mod._buffers[attr] = t.detach()
+            else:
+                mod.register_buffer(attr, t.detach())
+
+    # -- lifetime --------------------------------------------------------------------------
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    @property
+    def total_file_bytes(self) -> int:
+        return sum(e["data_length"] for e in self._entries)
+
+    @property
+    def read_bytes(self) -> int:
+        return self.total_bytes_read
+
+    cache_status = None
+
+
+# --------------------------------------------------------------------------------------------
+class _Item:
+    __slots__ = ("module_idx", "ttype", "name", "tensor")
+
+    def __init__(self, module_idx, ttype, name, tensor):
+        self.module_idx, self.ttype, self.name, self.tensor = module_idx, ttype, name, tensor
+
+
+def _encode_path(path: tuple) -> bytes:
+    import json
+
+    if len(path) == 1 and isinstance(path[0], str):
+        return path[0].encode("utf-8")
+    return b"\x1e" + json.dumps(list(path), separators=(",", ":"), ensure_ascii=True).encode("ascii")
+
+
+class TensorSerializer:
+    """Write a ``.tensors`` file that CoreWeave's tensorizer (2.10.1+) can read.
+
+    The file appears at its destination only when :meth:`close` succeeds; a failed or
+    abandoned write leaves nothing behind.
+    """
+
+    def __init__(
+        self,
+        file_obj: Any,
+        compress_tensors: bool = False,
+        *,
+        encryption: Any = None,
+        limit_cpu_concurrency: Optional[int] = None,
+    ) -> None:
+        from .encryption import EncryptionParams
+
+        del compress_tensors  # accepted, does nothing (as upstream)
+        self._writer = None
+        if encryption is not None and not isinstance(encryption, EncryptionParams):
+            raise TensorizerTypeError(
+                f"encryption must be an EncryptionParams or None, not {type(encryption).__name__}"
+            )
+        if limit_cpu_concurrency is not None and (
+            not isinstance(limit_cpu_concurrency, int) or limit_cpu_concurrency < 1
+        ):
+            raise TensorizerValueError("limit_cpu_concurrency must be an int >= 1 or None")
+        self._threads = limit_cpu_concurrency
+        self._file_obj = None
+        uri = _uri_of(file_obj)
+        if uri is None:
+            if not hasattr(file_obj, "write"):
+                raise TensorizerTypeError(f"cannot write tensors to {type(file_obj).__name__}")
+            if hasattr(file_obj, "seekable") and not file_obj.seekable():
+                raise TensorizerValueError("file_obj must be seekable")
+            # A nameless stream (BytesIO): build the file privately, copy it in at close.
+            self._file_obj = file_obj
+            fd, uri = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
+            os.close(fd)
+            os.unlink(uri)
+            self._spill = uri
+        else:
+            self._spill = None
+            if not isinstance(file_obj, (str, os.PathLike)):
+                self._file_obj = file_obj  # closed at close(), as CoreWeave does
+        kw = encryption._native_args() if encryption is not None else {}
+        self._writer = _native.TensorWriter(uri, **kw)
+
+    @property
+    def total_tensor_bytes(self) -> int:
+        return self._writer.total_tensor_bytes if self._writer is not None else self._total
+
+    # -- public API ------------------------------------------------------------------------
+    def write_tensor(self, idx: int, name: str, tensor_type: Any, tensor: Any) -> None:
+        if not isinstance(name, str):
+            raise TensorizerTypeError(f"tensor name must be a str, not {type(name).__name__}")
+        self._write([_Item(int(idx), TensorType(tensor_type), (name,), tensor)])
+
+    def write_module(self, m, remove_tensors: bool = False, *, include_non_persistent_buffers: bool = True) -> None:
+        """Write every parameter and buffer of ``m`` under CoreWeave's names (``.x`` for the
+        root module). Unlike tensorizer 2.12.1, ``include_non_persistent_buffers=False`` drops
+        only non-persistent buffers (upstream also drops persistent root-level buffers)."""
+        items = []
+        owners = []
+        for idx, (mname, mod) in enumerate(m.named_modules()):
+            for pname, p in mod.named_parameters(recurse=False):
+                items.append(_Item(idx, TensorType.PARAM, (f"{mname}.{pname}",), p))
+                owners.append((mod, pname, "_parameters"))
+            skip = getattr(mod, "_non_persistent_buffers_set", set())
+            for bname, b in mod.named_buffers(recurse=False):
+                if not include_non_persistent_buffers and bname in skip:
+                    continue
+                items.append(_Item(idx, TensorType.BUFFER, (f"{mname}.{bname}",), b))
+                owners.append((mod, bname, "_buffers"))
+        self._write(items)
+        if remove_tensors:
+            for mod, attr, where in owners:
+                getattr(mod, where)[attr] = None
+
+    def write_state_dict(self, state_dict: Any) -> None:
+        items: list = []
+
+        def walk(obj, path):
+            if isinstance(obj, collections.abc.Mapping):
+                for k, v in obj.items():
+                    if not isinstance(k, str):
+                        raise TensorizerTypeError(f"state dict keys must be str, got {type(k).__name__} {k!r}")
+                    walk(v, path + (k,))
+            elif isinstance(obj, (list, tuple)):
+                for n, v in enumerate(obj):
+                    walk(v, path + (n,))
+            else:
+                if not path:
+                    raise TensorizerTypeError("write_state_dict needs a dict, list or tuple")
+                items.append(_Item(0, TensorType.STATE_DICT, path, obj))
+
+        walk(state_dict, ())
+        self._write(items)
+
+    # -- machinery -------------------------------------------------------------------------
+    def _describe(self, item: _Item):
+        """(stored dtype, shape, meta, materialize-zeros) for one source tensor or array."""
+        import numpy as np
+
+        t = item.tensor
+        if isinstance(t, np.ndarray):
+            if t.dtype.kind not in "biufc" or t.dtype.byteorder == ">":
+                raise TensorizerTypeError(f"tensor {item.name!r}: numpy dtype {t.dtype} cannot be serialized")
+            return t.dtype.str, tuple(t.shape), False
+        import torch
+
+        if not isinstance(t, torch.Tensor):
+            raise TensorizerTypeError(
+                f"tensor {item.name!r}: expected a torch.Tensor or numpy array, got {type(t).__name__}"
+            )
+        itemsize = t.element_size()
+        stored = _dtypes.stored_string(t.dtype, itemsize)
+        meta = t.device.type == "meta"
+        opaque = "\0" in stored
+        if opaque and t.numel() == 0:
+            # CoreWeave's reader cannot open empty tensors of opaque dtypes (numpy can't size
+            # them); store the same-width int container instead (docs/format.md).
+            stored = _dtypes.container_string(t.dtype, itemsize)
+        elif meta and (opaque or t.dim() == 0):
+            # CoreWeave's reader cannot size data-less entries of opaque dtypes, nor 0-dim ones
+            # (numpy.prod(()) is a float): store real zeros for those meta tensors instead.
+            meta = False
+        return stored, tuple(t.shape), meta
+
+    @staticmethod
+    def _host_bytes(item: _Item, stored: str, meta: bool):
+        """A C-contiguous host object holding the bytes, and its (address, length)."""
+        import numpy as np
+
+        t = item.tensor
+        if meta:
+            return None, 0, 0
+        if isinstance(t, np.ndarray):
+            a = np.ascontiguousarray(t)
+            return a, a.ctypes.data, a.nbytes
+        import torch
+
+        t = t.detach()
+        if t.device.type == "meta":
+            t = torch.zeros(t.shape, dtype=t.dtype)
+        elif t.device.type != "cpu":
+            t = t.to("cpu")
+        t = t.resolve_conj().resolve_neg().contiguous()
+        return t, t.data_ptr(), t.numel() * t.element_size()
+
+    def _write(self, items: list) -> None:
+        if self._writer is None:
+            raise TensorizerValueError("the TensorSerializer is closed")
+        described = [self._describe(it) for it in items]
+        try:
+            first = self._writer.add(
+                [
+                    (it.module_idx, int(it.ttype), _encode_path(it.name), stored.encode("ascii"), list(shape), meta)
+                    for it, (stored, shape, meta) in zip(items, described)
+                ]
+            )
+            group, keep, size = [], [], 0
+            for n, (it, (stored, _, meta)) in enumerate(zip(items, described)):
+                obj, addr, length = self._host_bytes(it, stored, meta)
+                keep.append(obj)
+                group.append((first + n, addr, length))
+                size += length
+                if size >= _WRITE_GROUP_BYTES:
+                    self._writer.write_many(group, self._threads)
+                    group, keep, size = [], [], 0
+            if group:
+                self._writer.write_many(group, self._threads)
+        except BaseException:
+            self._abort()
+            raise
+
+    def _abort(self) -> None:
+        if self._writer is not None:
+            self._total = self._writer.total_tensor_bytes
+            self._writer.abort()
+            self._writer = None
+        if self._spill and os.path.exists(self._spill):
+            os.unlink(self._spill)
+
+    def close(self) -> None:
+        if self._writer is None:
+            return
+        self._total = self._writer.total_tensor_bytes
+        try:
+            self._writer.finish()
+        finally:
+            self._writer = None
+        if self._file_obj is not None:
+            if self._spill:
+                with open(self._spill, "rb") as src:
+                    self._file_obj.seek(0)
+                    while True:
+                        chunk = src.read(16 << 20)
+                        if not chunk:
+                            break
+                        self._file_obj.write(chunk)
+                os.unlink(self._spill)
+            self._file_obj.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._abort()
+
+    def __del__(self) -> None:
+        try:
+            self._abort()
+        except Exception:
+            pass

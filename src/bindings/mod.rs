@@ -1,0 +1,18 @@
+//! The Python module `tensorizer_rs._native`: a thin layer over the core. Everything torch-
+//! specific (modules, Parameters, dtype casts) lives in the Python package.
+mod errors;
+mod reader;
+mod writer;
+
+use pyo3::prelude::*;
+
+pub use errors::to_pyerr;
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<reader::PyTensorFile>()?;
+    m.add_class::<writer::PyTensorWriter>()?;
+    m.add_class::<crate::dlpack::HostTensor>()?;
+    Ok(())
+}

@@ -1,0 +1,184 @@
+//! `TensorFile`: an opened `.tensors` file, its index, and parallel loads into host tensors.
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
+
+use super::errors::to_pyerr;
+use crate::crypto::DecryptionKeys;
+use crate::dlpack::HostTensor;
+use crate::error::Error;
+use crate::format::names::PathComponent;
+use crate::load::{self, LoadOptions, TensorFile};
+use crate::storage;
+
+#[pyclass(module = "tensorizer_rs._native", name = "TensorFile")]
+pub struct PyTensorFile {
+    inner: Option<Arc<TensorFile>>,
+}
+
+impl PyTensorFile {
+    fn file(&self) -> PyResult<&Arc<TensorFile>> {
+        self.inner
+            .as_ref()
+            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("I/O operation on a closed TensorDeserializer"))
+    }
+}
+
+fn path_to_py<'py>(py: Python<'py>, path: &[PathComponent], structured: bool) -> PyResult<Bound<'py, PyAny>> {
+    if !structured {
+        if let [PathComponent::Str(s)] = path {
+            return Ok(s.into_pyobject(py)?.into_any());
+        }
+    }
+    let items: Vec<Bound<'py, PyAny>> = path
+        .iter()
+        .map(|c| match c {
+            PathComponent::Str(s) => s.into_pyobject(py).map(|o| o.into_any()).map_err(PyErr::from),
+            PathComponent::Int(i) => i.into_pyobject(py).map(|o| o.into_any()).map_err(PyErr::from),
+        })
+        .collect::<PyResult<_>>()?;
+    Ok(PyTuple::new(py, items)?.into_any())
+}
+
+#[pymethods]
+impl PyTensorFile {
+    #[new]
+    fn new(py: Python<'_>, uri: String) -> PyResult<Self> {
+        let file = py
+            .detach(|| -> crate::error::Result<TensorFile> { TensorFile::open(storage::open_source(&uri)?) })
+            .map_err(to_pyerr)?;
+        Ok(PyTensorFile { inner: Some(Arc::new(file)) })
+    }
+
+    #[getter]
+    fn name(&self) -> PyResult<String> {
+        Ok(self.file()?.name().to_string())
+    }
+    #[getter]
+    fn version(&self) -> PyResult<u32> {
+        Ok(self.file()?.header.version)
+    }
+    #[getter]
+    fn flags(&self) -> PyResult<u8> {
+        Ok(self.file()?.header.flags)
+    }
+    #[getter]
+    fn total_data_bytes(&self) -> PyResult<u64> {
+        Ok(self.file()?.header.total_data_bytes)
+    }
+    #[getter]
+    fn index_len(&self) -> PyResult<u64> {
+        Ok(self.file()?.header.index_len)
+    }
+    #[getter]
+    fn file_size(&self) -> PyResult<u64> {
+        Ok(self.file()?.size())
+    }
+    #[getter]
+    fn encrypted(&self) -> PyResult<bool> {
+        Ok(self.file()?.header.has_crypt_info())
+    }
+
+    /// One dict per index entry, in file order.
+    fn entries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let f = self.file()?;
+        let list = PyList::empty(py);
+        for (e, path) in f.entries.iter().zip(&f.paths) {
+            let d = PyDict::new(py);
+            let structured = e.name.first() == Some(&crate::format::names::RECORD_SEPARATOR);
+            d.set_item("name", path_to_py(py, path, structured)?)?;
+            d.set_item("name_bytes", PyBytes::new(py, &e.name))?;
+            d.set_item("tensor_type", e.tensor_type)?;
+            d.set_item("dtype", PyBytes::new(py, &e.dtype.stored))?;
+            d.set_item("container", e.dtype.container_str())?;
+            d.set_item("torch_dtype", e.dtype.torch_name.clone())?;
+            d.set_item("itemsize", e.dtype.itemsize)?;
+            d.set_item("shape", PyTuple::new(py, &e.shape)?)?;
+            d.set_item("data_length", e.data_length)?;
+            d.set_item("nbytes", e.expected_nbytes().map_err(to_pyerr)?)?;
+            d.set_item("header_offset", e.header_offset)?;
+            d.set_item("data_offset", e.data_offset)?;
+            d.set_item("entry_version", e.entry_version)?;
+            list.append(d)?;
+        }
+        Ok(list)
+    }
+
+    /// Load index entries `indices` (any order); returns `[(module_idx, HostTensor)]` in the same
+    /// order. Raises on the first bad tensor, so nothing partial is ever returned.
+    #[pyo3(signature = (indices, *, num_readers=None, verify_hash=false, key=None, passphrase=None))]
+    fn load(
+        &self,
+        py: Python<'_>,
+        indices: Vec<usize>,
+        num_readers: Option<usize>,
+        verify_hash: bool,
+        key: Option<Vec<u8>>,
+        passphrase: Option<Vec<u8>>,
+    ) -> PyResult<Vec<(u16, HostTensor)>> {
+        let f = self.file()?.clone();
+        if let Some(&bad) = indices.iter().find(|&&i| i >= f.entries.len()) {
+            return Err(pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {bad}")));
+        }
+        let keys = match (key, passphrase) {
+            (Some(k), _) => Some(DecryptionKeys::Key(
+                k.try_into().map_err(|_| to_pyerr(Error::crypto("a raw key must be exactly 32 bytes")))?,
+            )),
+            (None, Some(p)) => Some(DecryptionKeys::Passphrase(p)),
+            (None, None) => None,
+        };
+        let opts = LoadOptions { num_readers, verify_hash, keys };
+        let loaded = py.detach(|| load::load_to_host(&f, &indices, &opts)).map_err(to_pyerr)?;
+        Ok(loaded
+            .into_iter()
+            .map(|t| {
+                let e = &f.entries[t.entry];
+                let (code, bits) = e.dtype.dlpack_code();
+                (t.module_idx, HostTensor::new(t.data, e.shape.clone(), code, bits))
+            })
+            .collect())
+    }
+
+    /// The record header of entry `i`: module index, stored hashes, and crypt info summary.
+    fn header_info<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyDict>> {
+        let f = self.file()?.clone();
+        let e = f.entries.get(i).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")))?;
+        let h = py
+            .detach(|| -> crate::error::Result<_> {
+                let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
+                f.source().read_at(e.header_offset, &mut buf)?;
+                Ok(crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())?)
+            })
+            .map_err(|err| to_pyerr(err.in_tensor(&e.name_lossy()).in_file(f.name())))?;
+        let d = PyDict::new(py);
+        d.set_item("module_idx", h.module_idx)?;
+        let hashes = PyDict::new(py);
+        for x in &h.hashes {
+            hashes.set_item(if x.kind == 0 { "crc32" } else { "sha256" }, PyBytes::new(py, &x.value))?;
+        }
+        d.set_item("hashes", hashes)?;
+        if let Some(info) = &h.crypt {
+            use crate::format::crypt_info::CryptChunk;
+            let c = PyDict::new(py);
+            if let Some(k) = info.kdf() {
+                c.set_item("kdf", (k.opslimit, k.memlimit, k.alg, PyBytes::new(py, &k.salt)))?;
+            }
+            match info.cipher().map_err(to_pyerr)? {
+                Some(CryptChunk::XSalsa20Parallel { chunk_size, macs, .. }) => {
+                    c.set_item("cipher", "xsalsa20poly1305-chunked")?;
+                    c.set_item("chunk_size", *chunk_size)?;
+                    c.set_item("chunks", macs.len())?;
+                }
+                Some(_) => c.set_item("cipher", "xsalsa20poly1305")?,
+                None => c.set_item("cipher", py.None())?,
+            }
+            d.set_item("crypt", c)?;
+        }
+        Ok(d)
+    }
+
+    fn close(&mut self) {
+        self.inner = None;
+    }
+}

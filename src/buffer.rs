@@ -1,0 +1,70 @@
+//! Owned, aligned host memory that tensors are read straight into and handed to Python
+//! through DLPack without another copy.
+use std::alloc::{self, Layout};
+use std::ptr::NonNull;
+
+use crate::error::{Error, Result};
+
+/// Page alignment keeps large buffers usable for O_DIRECT reads and pinned registration.
+const ALIGN: usize = 4096;
+
+pub struct HostBuffer {
+    ptr: NonNull<u8>,
+    len: usize,
+    align: usize,
+}
+
+// The buffer owns its memory exclusively; it is plain bytes.
+unsafe impl Send for HostBuffer {}
+unsafe impl Sync for HostBuffer {}
+
+impl HostBuffer {
+    /// Allocate `len` bytes; `zeroed` gives lazily zero-filled pages (meta tensors).
+    /// Allocation failure is an error, never an abort: lengths can come from untrusted files.
+    pub fn new(len: usize, zeroed: bool) -> Result<Self> {
+        if len == 0 {
+            return Ok(HostBuffer { ptr: NonNull::<u64>::dangling().cast(), len, align: ALIGN });
+        }
+        // Small alignment for zeroed memory lets the allocator use calloc, whose fresh pages
+        // cost nothing until touched.
+        let align = if zeroed { 16 } else { ALIGN };
+        let layout =
+            Layout::from_size_align(len, align).map_err(|_| Error::value(format!("cannot allocate {len} bytes")))?;
+        // SAFETY: layout has non-zero size.
+        let raw = unsafe {
+            if zeroed {
+                alloc::alloc_zeroed(layout)
+            } else {
+                alloc::alloc(layout)
+            }
+        };
+        let ptr = NonNull::new(raw).ok_or_else(|| Error::value(format!("out of memory allocating {len} bytes")))?;
+        Ok(HostBuffer { ptr, len, align })
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        // SAFETY: ptr is valid for len bytes (or dangling with len 0).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and we hold &mut self.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for HostBuffer {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            // SAFETY: allocated in `new` with this exact layout.
+            unsafe { alloc::dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.len, self.align)) }
+        }
+    }
+}

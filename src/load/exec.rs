@@ -1,0 +1,218 @@
+//! Running a plan: reader threads pull items in file order, read into the tensors' own
+//! buffers, and whoever finishes a tensor's last piece checks its header, decrypts and
+//! verifies it.
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use super::file::TensorFile;
+use super::plan::{self, Item};
+use crate::buffer::HostBuffer;
+use crate::crypto::{self, DecryptionKeys};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::hash::RecordHasher;
+use crate::format::{IndexEntry, TensorHeader};
+
+#[derive(Clone, Default)]
+pub struct LoadOptions {
+    /// Parallel readers; `None` lets the source choose.
+    pub num_readers: Option<usize>,
+    pub verify_hash: bool,
+    pub keys: Option<DecryptionKeys>,
+}
+
+pub struct LoadedTensor {
+    pub entry: usize,
+    pub module_idx: u16,
+    pub data: HostBuffer,
+}
+
+struct Slot {
+    entry: usize,
+    dest: *mut u8,
+    header: Mutex<Vec<u8>>,
+    remaining: AtomicUsize,
+    module_idx: Mutex<u16>,
+}
+
+// Slots are shared by reader threads; each writes a disjoint byte range of `dest`.
+unsafe impl Sync for Slot {}
+
+/// Check that the keys fit the file before any data is read.
+pub fn check_keys(file: &TensorFile, keys: Option<&DecryptionKeys>) -> Result<()> {
+    match (file.header.has_crypt_info(), keys.is_some()) {
+        (true, false) => Err(Error::crypto(
+            "the file is encrypted, but no decryption key was given (pass encryption=DecryptionParams...)",
+        )),
+        (false, true) => Err(Error::crypto("decryption was requested, but the file is not encrypted")),
+        _ => Ok(()),
+    }
+    .map_err(|e| e.in_file(file.name()))
+}
+
+/// Load the index entries `which` into fresh host buffers, returned in the same order.
+pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> Result<Vec<LoadedTensor>> {
+    check_keys(file, opts.keys.as_ref())?;
+    let name = file.name().to_string();
+    let mut buffers = Vec::with_capacity(which.len());
+    for &i in which {
+        let e = &file.entries[i];
+        let nbytes = e.expected_nbytes().map_err(|err| err.in_tensor(&e.name_lossy()).in_file(&name))?;
+        let meta = e.data_length == 0;
+        let buf =
+            HostBuffer::new(nbytes as usize, meta).map_err(|err| err.in_tensor(&e.name_lossy()).in_file(&name))?;
+        buffers.push(buf);
+    }
+    let plan = plan::build(&file.entries, which);
+    let slots: Vec<Slot> = which
+        .iter()
+        .zip(&buffers)
+        .zip(&plan.pieces)
+        .map(|((&entry, buf), &pieces)| Slot {
+            entry,
+            dest: buf.as_ptr(),
+            header: Mutex::new(Vec::new()),
+            remaining: AtomicUsize::new(pieces),
+            module_idx: Mutex::new(0),
+        })
+        .collect();
+    let readers = opts
+        .num_readers
+        .unwrap_or_else(|| file.source().preferred_parallelism())
+        .clamp(1, 64)
+        .min(plan.items.len().max(1));
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..readers {
+            s.spawn(|| {
+                let mut scratch = Vec::new();
+                while !failed.load(Ordering::Relaxed) {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = plan.items.get(i) else { break };
+                    if let Err(e) = run_item(file, &slots, item, opts, &mut scratch) {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(e.in_file(&name));
+    }
+    Ok(slots
+        .into_iter()
+        .zip(buffers)
+        .map(|(slot, data)| LoadedTensor {
+            entry: slot.entry,
+            module_idx: slot.module_idx.into_inner().unwrap_or_else(|p| p.into_inner()),
+            data,
+        })
+        .collect())
+}
+
+fn run_item(file: &TensorFile, slots: &[Slot], item: &Item, opts: &LoadOptions, scratch: &mut Vec<u8>) -> Result<()> {
+    match item {
+        Item::Segment { start, len, parts } => {
+            scratch.resize(*len, 0);
+            file.source().read_at(*start, scratch).map_err(|e| with_tensor(e, file, slots, parts[0].slot))?;
+            for p in parts {
+                let slot = &slots[p.slot];
+                *slot.header.lock().unwrap_or_else(|e| e.into_inner()) = scratch[p.header.clone()].to_vec();
+                if let Some(d) = &p.data {
+                    // SAFETY: the plan gives each slot's data range to exactly one item.
+                    unsafe { std::ptr::copy_nonoverlapping(scratch[d.clone()].as_ptr(), slot.dest, d.len()) };
+                }
+                finish_piece(file, slots, p.slot, opts)?;
+            }
+        }
+        Item::Direct { slot, file_offset, offset, len } => {
+            let s = &slots[*slot];
+            // SAFETY: disjoint piece of the slot's buffer, which outlives the scoped threads.
+            let dest = unsafe { std::slice::from_raw_parts_mut(s.dest.add(*offset as usize), *len as usize) };
+            file.source().read_at(*file_offset, dest).map_err(|e| with_tensor(e, file, slots, *slot))?;
+            finish_piece(file, slots, *slot, opts)?;
+        }
+    }
+    Ok(())
+}
+
+fn with_tensor(e: Error, file: &TensorFile, slots: &[Slot], slot: usize) -> Error {
+    e.in_tensor(&file.entries[slots[slot].entry].name_lossy())
+}
+
+fn finish_piece(file: &TensorFile, slots: &[Slot], slot: usize, opts: &LoadOptions) -> Result<()> {
+    let s = &slots[slot];
+    if s.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+        return Ok(());
+    }
+    let e = &file.entries[s.entry];
+    let header = std::mem::take(&mut *s.header.lock().unwrap_or_else(|p| p.into_inner()));
+    let len = e.data_length as usize;
+    // SAFETY: every piece of this slot is done, so this thread is its only user now.
+    let data = unsafe { std::slice::from_raw_parts_mut(s.dest, len) };
+    let module_idx = finalize(file, e, &header, data, opts).map_err(|err| err.in_tensor(&e.name_lossy()))?;
+    *s.module_idx.lock().unwrap_or_else(|p| p.into_inner()) = module_idx;
+    Ok(())
+}
+
+/// Check the record header against the index, decrypt, and verify hashes.
+pub fn finalize(
+    file: &TensorFile,
+    e: &IndexEntry,
+    header_bytes: &[u8],
+    data: &mut [u8],
+    opts: &LoadOptions,
+) -> Result<u16> {
+    let has_crypt = file.header.has_crypt_info();
+    let h = TensorHeader::parse(header_bytes, e.wide_shape(), has_crypt)?;
+    if h.name != e.name
+        || h.dtype.stored != e.dtype.stored
+        || h.shape != e.shape
+        || h.data_length as u64 != e.data_length
+    {
+        return Err(Error::format(format!(
+            "tensor header disagrees with the metadata index (header: name {:?}, dtype {:?}, shape {:?}, {} bytes)",
+            String::from_utf8_lossy(&h.name),
+            String::from_utf8_lossy(&h.dtype.stored),
+            h.shape,
+            h.data_length
+        )));
+    }
+    if let Some(info) = &h.crypt {
+        match info.cipher()? {
+            Some(_) => {
+                let keys = opts
+                    .keys
+                    .as_ref()
+                    .ok_or_else(|| Error::crypto("Tensor is encrypted, but decryption was not requested"))?;
+                crypto::decrypt_tensor(keys, info, data)?;
+            }
+            None if !data.is_empty() => {
+                return Err(Error::crypto("Tensor is not encrypted, but decryption was requested"));
+            }
+            None => {}
+        }
+    }
+    if opts.verify_hash {
+        verify_hashes(&h, header_bytes, data)?;
+    }
+    Ok(h.module_idx)
+}
+
+pub fn verify_hashes(h: &TensorHeader, header_bytes: &[u8], data: &[u8]) -> Result<()> {
+    if h.hashes.is_empty() {
+        return Err(Error::new(ErrorKind::HashMismatch, "no hashes stored to verify against"));
+    }
+    let mut hasher = RecordHasher::new(h.hashes.iter().map(|x| x.kind), &h.hashable(header_bytes));
+    hasher.update(data);
+    for (kind, digest) in hasher.finish() {
+        let stored = h.hashes.iter().find(|x| x.kind == kind).expect("hashed kinds come from the header");
+        if stored.value != digest {
+            let name = if kind == 0 { "CRC32" } else { "SHA256" };
+            return Err(Error::new(ErrorKind::HashMismatch, format!("{name} hash mismatch: the data is corrupted")));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,99 @@
+//! Opening a `.tensors` file: the fixed header and the metadata index, validated against the
+//! file size before anything is allocated from them.
+use crate::error::{Error, Result};
+use crate::format::header::{FileHeader, HEADER_LEN};
+use crate::format::index::{parse_index, IndexEntry};
+use crate::format::names::{self, PathRegistry, TensorPath};
+use crate::storage::Source;
+
+/// Headers hold names, shapes, hashes and one 16-byte MAC per 2 MiB: 64 MiB covers any real tensor.
+pub const MAX_TENSOR_HEADER_LEN: u64 = 64 << 20;
+
+pub struct TensorFile {
+    source: Box<dyn Source>,
+    pub header: FileHeader,
+    pub entries: Vec<IndexEntry>,
+    pub paths: Vec<TensorPath>,
+}
+
+impl TensorFile {
+    pub fn open(source: Box<dyn Source>) -> Result<Self> {
+        let name = source.describe().to_string();
+        Self::open_inner(source).map_err(|e| e.in_file(&name))
+    }
+
+    fn open_inner(source: Box<dyn Source>) -> Result<Self> {
+        let size = source.size();
+        let mut fixed = vec![0u8; HEADER_LEN.min(size as usize)];
+        source.read_at(0, &mut fixed)?;
+        let header = FileHeader::parse(&fixed)?;
+        let index_end = (HEADER_LEN as u64).checked_add(header.index_len).filter(|&e| e <= size).ok_or_else(|| {
+            Error::format(format!(
+                "metadata index length {} runs past the end of the file ({size} bytes): the file is truncated or corrupt",
+                header.index_len
+            ))
+        })?;
+        if header.tensor_count == 0 {
+            return Err(Error::value("Tensor index in the file is empty"));
+        }
+        // The index is mostly padding: read a prefix and grow it only while the entries need
+        // more, so a lying length never sizes an allocation by itself.
+        let mut want = header.index_len.min(1 << 20);
+        let entries = loop {
+            let mut index = vec![0u8; want as usize];
+            source.read_at(HEADER_LEN as u64, &mut index)?;
+            match parse_index(&index, header.tensor_count, header.versioned_entries()) {
+                Ok(entries) => break entries,
+                Err(_) if want < header.index_len => want = header.index_len.min(want * 4),
+                Err(e) => return Err(e),
+            }
+        };
+        let mut registry = PathRegistry::default();
+        let mut paths = Vec::with_capacity(entries.len());
+        for e in &entries {
+            let shown = e.name_lossy();
+            check_entry(e, index_end, size).map_err(|err| err.in_tensor(&shown))?;
+            let path = names::decode(&e.name).map_err(|err| err.in_tensor(&shown))?;
+            if path.len() > 1 && e.tensor_type != crate::format::TYPE_STATE_DICT {
+                return Err(Error::format("structured paths are only allowed for state-dict entries").in_tensor(&shown));
+            }
+            registry.register(&path)?;
+            paths.push(path);
+        }
+        Ok(TensorFile { source, header, entries, paths })
+    }
+
+    pub fn source(&self) -> &dyn Source {
+        self.source.as_ref()
+    }
+    pub fn name(&self) -> &str {
+        self.source.describe()
+    }
+    pub fn size(&self) -> u64 {
+        self.source.size()
+    }
+}
+
+fn check_entry(e: &IndexEntry, index_end: u64, size: u64) -> Result<()> {
+    let nbytes = e.expected_nbytes()?;
+    if e.data_length != 0 && e.data_length != nbytes {
+        return Err(Error::format(format!(
+            "stored data length {} does not match its dtype and shape ({nbytes} bytes)",
+            e.data_length
+        )));
+    }
+    let header_len = e.data_offset.saturating_sub(e.header_offset);
+    if e.header_offset < index_end || !(8..=MAX_TENSOR_HEADER_LEN).contains(&header_len) {
+        return Err(Error::format(format!(
+            "record offsets are invalid (header at {}, data at {})",
+            e.header_offset, e.data_offset
+        )));
+    }
+    match e.data_offset.checked_add(e.data_length) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(Error::format(format!(
+            "data ({} bytes at offset {}) runs past the end of the file ({size} bytes): the file is truncated",
+            e.data_length, e.data_offset
+        ))),
+    }
+}

@@ -1,0 +1,46 @@
+"""Small helpers shared by the Python tests."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from tensorizer_rs import DecryptionParams
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """Raw little-endian C-contiguous bytes of a tensor (any dtype)."""
+    t = t.detach().contiguous()
+    if t.numel() == 0:
+        return b""
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+
+
+
+def entry_key(entry: dict):
+    name = entry["name"]
+    return tuple(name) if isinstance(name, list) else name
+
+
+def lookup(d, key):
+    if isinstance(key, tuple):
+        node = d[key[0]]
+        for k in key[1:]:
+            node = node[k]
+        return node
+    return d[key]
+
+
+def decryption_for(manifest: dict, vectors_dir: Path):
+    enc = manifest.get("encryption")
+    if not enc:
+        return None
+    if enc["kind"] == "random_key":
+        return DecryptionParams.from_key((vectors_dir / enc["key_file"]).read_bytes())
+    return DecryptionParams.from_string(enc["passphrase"])
