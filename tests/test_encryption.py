@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_coreweave
 from helpers import sha256
 from samples import dtype_tensors
@@ -25,7 +24,7 @@ from tensorizer_rs import (
 TESTS = str(Path(__file__).parent)
 MIB = 1 << 20
 # Fast Argon2 parameters keep the tests quick; the defaults (MODERATE) are checked once below.
-FAST = dict(opslimit=EncryptionParams.OpsLimit.MIN, memlimit=EncryptionParams.MemLimit.MIN)
+FAST = {"opslimit": EncryptionParams.OpsLimit.MIN, "memlimit": EncryptionParams.MemLimit.MIN}
 
 
 def sizes_state_dict():
@@ -97,7 +96,10 @@ print("RESULT" + json.dumps(out))
 """
     proc = run_coreweave(version, script, p_raw, raw.key.hex(), p_pw, "s3cret")
     got = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))[6:])
-    want = {k: sha256(torch.zeros(t.shape, dtype=t.dtype) if t.device.type == "meta" else t) for k, t in sd.items()}
+    want = {
+        k: sha256(torch.zeros(t.shape, dtype=t.dtype) if t.device.type == "meta" else t)
+        for k, t in sd.items()
+    }
     assert got[p_raw] == want and got[p_pw] == want
 
 
@@ -129,7 +131,10 @@ print("KEY" + raw.key.hex())
 
 @pytest.fixture
 def encrypted(tmp_path):
-    sd = {"small": torch.arange(16, dtype=torch.float32), "model.layers.3.mlp.down_proj.weight": torch.ones(3 * MIB // 4)}
+    sd = {
+        "small": torch.arange(16, dtype=torch.float32),
+        "model.layers.3.mlp.down_proj.weight": torch.ones(3 * MIB // 4),
+    }
     enc = EncryptionParams.random()
     return write(tmp_path / "e.tensors", sd, enc), enc
 
@@ -149,8 +154,12 @@ def test_wrong_key_and_passphrase(encrypted, tmp_path):
     wrong = DecryptionParams.from_key(bytes(32))
     msg = _fails(path, wrong, "authentication failed", tensor="small")
     assert enc.key.hex() not in msg and bytes(32).hex() not in msg
-    pw_path = write(tmp_path / "pw.tensors", {"w": torch.ones(8)}, EncryptionParams.from_string("right", **FAST))
-    msg = _fails(pw_path, DecryptionParams.from_string("Zq9-not-it"), "authentication failed", tensor="w")
+    pw_path = write(
+        tmp_path / "pw.tensors", {"w": torch.ones(8)}, EncryptionParams.from_string("right", **FAST)
+    )
+    msg = _fails(
+        pw_path, DecryptionParams.from_string("Zq9-not-it"), "authentication failed", tensor="w"
+    )
     assert "Zq9" not in msg and "right" not in msg
 
 
@@ -174,8 +183,13 @@ def test_flipped_bits_fail(encrypted, tmp_path, where):
     bad = tmp_path / "bad.tensors"
     bad.write_bytes(bytes(data))
     for verify in (False, True):
-        _fails(str(bad), DecryptionParams.from_key(enc.key), "authentication failed",
-               tensor="model.layers.3.mlp.down_proj.weight", verify_hash=verify)
+        _fails(
+            str(bad),
+            DecryptionParams.from_key(enc.key),
+            "authentication failed",
+            tensor="model.layers.3.mlp.down_proj.weight",
+            verify_hash=verify,
+        )
 
 
 def test_key_for_plaintext_file_and_missing_key(encrypted, tmp_path):
@@ -196,7 +210,9 @@ def test_truncated_crypt_info(encrypted, tmp_path):
     hdr = data[e["header_offset"] : e["data_offset"]]
     crypt_at = hdr.find(struct.pack("<Q", 2 + 8 + 42 + 16))
     assert crypt_at > 0
-    data[e["header_offset"] + crypt_at : e["header_offset"] + crypt_at + 8] = struct.pack("<Q", 1 << 20)
+    data[e["header_offset"] + crypt_at : e["header_offset"] + crypt_at + 8] = struct.pack(
+        "<Q", 1 << 20
+    )
     bad = tmp_path / "trunc.tensors"
     bad.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="crypt-info") as err:
@@ -212,7 +228,7 @@ def test_params_api():
     with pytest.raises(TypeError):
         EncryptionParams.from_string("x", opslimit=EncryptionParams.MemLimit.MIN)
     with pytest.raises(ValueError):
-        EncryptionParams.random().salt
+        _ = EncryptionParams.random().salt
     p = EncryptionParams.from_string("pw", salt=b"s" * 16)  # MODERATE defaults
     assert len(p.key) == 32 and p.salt == b"s" * 16
     assert p.key == EncryptionParams.from_string("pw", 3, 256 << 20, b"s" * 16).key

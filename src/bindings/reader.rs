@@ -143,7 +143,10 @@ impl PyTensorFile {
     /// The record header of entry `i`: module index, stored hashes, and crypt info summary.
     fn header_info<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyDict>> {
         let f = self.file()?.clone();
-        let e = f.entries.get(i).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")))?;
+        let e = f
+            .entries
+            .get(i)
+            .ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")))?;
         let h = py
             .detach(|| -> crate::error::Result<_> {
                 let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
