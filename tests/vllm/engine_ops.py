@@ -13,6 +13,8 @@ vLLM serves many loads (~3 s each instead of ~30 s). Ops (keys besides "op" are 
 * tensorize: model, config (TensorizerConfig kwargs), tp=1, generate_keyfile=True
     -> tensorize_vllm_model(EngineArgs(model, ...), TensorizerConfig(**config))
 * write_hf: model (a safetensors dir), uri -> TensorSerializer.write_state_dict(HF weights)
+* fake_s3: root -> from now on `tensorizer_rs.stream_io.open_stream` maps s3://bucket/<key> to
+  <root>/<key> (a stand-in for an S3 server, to test vLLM's s3:// model-dir wiring)
 
 Any op that raises reports {"error_type", "error"} (the traceback goes to stderr) and the next
 op still runs.
@@ -79,6 +81,20 @@ def op_write_hf(model, uri):
     s.write_state_dict(state)
     s.close()
     return {"tensors": len(state)}
+
+
+def op_fake_s3(root):
+    import tensorizer_rs.stream_io as sio
+
+    real = sio.open_stream
+
+    def fake(uri, mode="rb", **kwargs):
+        if isinstance(uri, str) and uri.startswith("s3://bucket/"):
+            return real(f"{root}/{uri[len('s3://bucket/') :]}", mode)
+        return real(uri, mode, **kwargs)
+
+    sio.open_stream = fake
+    return {}
 
 
 def main():

@@ -6,6 +6,7 @@ The comparisons with vLLM's own classes are marked `vllm`; the rest needs only t
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 import torch
@@ -231,3 +232,61 @@ def test_release_file_tensors():
 
     with pytest.raises(ValueError, match=r"Missing: \['lin.bias'\]"):
         release_file_tensors(_Tiny(), frozenset({"lin.weight", ".buf"}))
+
+
+# ----------------------------------------------------------------------------- s3:// model dirs
+def _fake_s3(monkeypatch, root):
+    """s3://bucket/<key> -> <root>/<key> through a stand-in open_stream (no S3 server here)."""
+    import tensorizer_rs.stream_io as sio
+
+    real = sio.open_stream
+    seen = []
+
+    def fake(uri, mode="rb", **kwargs):
+        assert uri.startswith("s3://bucket/"), uri
+        seen.append(uri)
+        return real(str(root / uri[len("s3://bucket/") :]), mode)
+
+    monkeypatch.setattr(sio, "open_stream", fake)
+    return seen
+
+
+def test_objstore_pull_files(tmp_path, monkeypatch):
+    from tensorizer_rs.vllm.objstore import pull_files
+
+    src = tmp_path / "src" / "m"
+    src.mkdir(parents=True)
+    for name in ("config.json", "tokenizer.json", "model.safetensors", "custom.txt"):
+        (src / name).write_text(name)
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    seen = _fake_s3(monkeypatch, tmp_path / "src")
+    got = pull_files("s3://bucket/m/", str(dest), allow_pattern=["*.json", "*.model"])
+    assert got == ["config.json", "tokenizer.json"]
+    assert sorted(p.name for p in dest.iterdir()) == ["config.json", "tokenizer.json"]
+    assert all(u.endswith((".json", ".model")) for u in seen)
+    assert pull_files("s3://bucket/m", str(dest), ignore_pattern=["*.json"]) == []
+    with pytest.raises(OSError, match="config.json"):
+        pull_files("s3://bucket/nothing", str(dest))
+
+
+@pytest.mark.vllm
+def test_objstore_patches_vllm_object_storage_model(tmp_path, monkeypatch):
+    from tensorizer_rs.vllm import objstore
+    from vllm.transformers_utils import runai_utils
+
+    # vLLM's own pull_files (the plugin may have patched it already in this process)
+    current = runai_utils.ObjectStorageModel.pull_files
+    monkeypatch.setattr(
+        runai_utils.ObjectStorageModel, "pull_files", getattr(current, "_original", current)
+    )
+    assert objstore.install()
+    assert not objstore.install()  # once
+    src = tmp_path / "src" / "m"
+    src.mkdir(parents=True)
+    (src / "config.json").write_text("{}")
+    _fake_s3(monkeypatch, tmp_path / "src")
+    monkeypatch.setenv("VLLM_ASSETS_CACHE", str(tmp_path / "cache"))
+    osm = runai_utils.ObjectStorageModel(url="s3://bucket/m")
+    osm.pull_files("s3://bucket/m", allow_pattern=["*.json"])
+    assert os.listdir(osm.dir) == ["config.json"]

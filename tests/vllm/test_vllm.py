@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -23,7 +24,12 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_coreweave
-from tensorizer_rs import EncryptionParams, TensorDeserializer, TensorSerializer
+from tensorizer_rs import (
+    DecryptionParams,
+    EncryptionParams,
+    TensorDeserializer,
+    TensorSerializer,
+)
 from tensorizer_rs.vllm import (
     MARKER_KEY,
     PRE_PROCESSING_MARKER,
@@ -146,6 +152,10 @@ def results(tiny_model, work, coreweave_files) -> dict:
             "extra": {"tensorizer_uri": "test"},
         },
     ]
+    ops += [
+        {"op": "fake_s3", "name": "fake_s3", "root": w},
+        load("load_s3_model_dir", model="s3://bucket/plain", tensorizer_uri=plain),
+    ]
     if ENCRYPTION:
         key = f"{w}/enc/model.key"
         ops += [
@@ -209,6 +219,9 @@ def test_tensorize_vllm_model_writes_marker_and_artifacts(results, work):
 def test_load_vllm_tensorized_dir(results):
     """LLM(dir, load_format="tensorizer") on our tensorize_vllm_model output."""
     assert _tokens(results, "load_dir") == _tokens(results, "reference")
+    out = results["load_dir"]["out"]
+    assert re.search(r"tensorizer_rs: deserialized \d+ bytes .* in [\d.]+ s, [\d.]+ GB/s", out)
+    assert "pre-processing file" in out and "post-processed after loading" in out
 
 
 def test_load_with_tensorizer_config_object(results):
@@ -231,6 +244,15 @@ def test_load_coreweave_written_files(results, coreweave_files):
     assert _tokens(results, "load_cw_vllm_builtin") == _tokens(results, "reference")
     # CoreWeave's writer with our pre-processing marker value: recognised on its own
     assert _tokens(results, "load_cw_pre_marker") == _tokens(results, "reference")
+
+
+def test_s3_model_dir_config_and_tokenizer(results):
+    """LLM("s3://bucket/dir", load_format="tensorizer"): vLLM fetches config and tokenizer of
+    s3:// models through runai-model-streamer, absent here; the plugin routes it through our
+    open_stream. (The S3 server is a stand-in mapping s3://bucket/ to a local dir; the tensors
+    come from a local tensorizer_uri.)"""
+    assert _tokens(results, "load_s3_model_dir") == _tokens(results, "reference")
+    assert "tensorizer_rs: fetched config.json" in results["load_s3_model_dir"]["out"]
 
 
 @needs_encryption
@@ -399,10 +421,13 @@ def test_tensor_parallel_2(tiny_model, work):
         timeout=900,
     )
     ref = _tokens(results, "serialize")
+    dec = None
+    if ENCRYPTION:
+        dec = DecryptionParams.from_key(Path(cfg["encryption_keyfile"]).read_bytes())
     for rank in (0, 1):
         shard = template % rank
         assert os.path.isfile(shard)
-        with TensorDeserializer(shard, device="cpu", lazy_load=True) as t:
+        with TensorDeserializer(shard, device="cpu", lazy_load=True, encryption=dec) as t:
             # each rank holds half of the fused QKV rows
             assert t["model.layers.0.self_attn.qkv_proj.weight"].shape[0] == (128 + 2 * 64) // 2
     assert _tokens(results, "load") == ref

@@ -53,14 +53,17 @@ def run_script(args: list, *, env: dict | None = None, timeout: float = 600, che
 def run_ops(ops: list[dict], *, env: dict | None = None, timeout: float = 600) -> dict:
     """Run engine_ops.py with `ops`; returns {op name: result dict} (see engine_ops.py).
 
-    Each result also gets "log": the subprocess's stderr, for failure messages."""
+    Each result also gets "out": the stdout lines of that op (vLLM logs to stdout), and "log":
+    the end of the subprocess's stderr (tracebacks), for failure messages."""
     proc = run_script([HERE / "engine_ops.py", json.dumps(ops)], env=env, timeout=timeout)
-    results = {}
+    results, out = {}, []
     for line in proc.stdout.splitlines():
         if line.startswith("OP_RESULT "):
             r = json.loads(line[len("OP_RESULT ") :])
-            r["log"] = proc.stderr[-6000:]
+            r["out"], r["log"], out = "\n".join(out), proc.stderr[-6000:], []
             results[r["name"]] = r
+        else:
+            out.append(line)
     if len(results) != len(ops):
         pytest.fail(
             f"engine_ops.py reported {len(results)} of {len(ops)} ops\n"

@@ -1,8 +1,9 @@
 """vLLM general plugin (entry point `vllm.general_plugins: tensorizer_rs`).
 
 vLLM calls `register()` once in every process it starts (front end, engine core, workers).
-It makes `load_format="tensorizer"` use tensorizer_rs and adds `load_format=
-"tensorizer_rs_serialize"` (used by `tensorize_vllm_model`). Needs vLLM >= 0.10.1 for
+It makes `load_format="tensorizer"` use tensorizer_rs, adds `load_format=
+"tensorizer_rs_serialize"` (used by `tensorize_vllm_model`), and lets vLLM fetch the config and
+tokenizer of `s3://` model dirs without runai-model-streamer (`objstore.install`). Needs vLLM >= 0.10.1 for
 `register_model_loader`; on older versions it logs a warning and changes nothing.
 """
 
@@ -37,4 +38,9 @@ def register() -> None:
 
     register_model_loader("tensorizer")(TensorizerRsLoader)
     register_model_loader(SERIALIZE_FORMAT)(TensorizerRsSerializeLoader)
+    # s3:// model dirs: config/tokenizer files through our open_stream when vLLM's
+    # runai-model-streamer route is not installed.
+    from . import objstore
+
+    objstore.install()
     _registered = True
