@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_coreweave
+from helpers import sha256
 from tensorizer_rs import (
     DecryptionParams,
     EncryptionParams,
@@ -253,6 +254,37 @@ def test_s3_model_dir_config_and_tokenizer(results):
     come from a local tensorizer_uri.)"""
     assert _tokens(results, "load_s3_model_dir") == _tokens(results, "reference")
     assert "tensorizer_rs: fetched config.json" in results["load_s3_model_dir"]["out"]
+
+
+_COREWEAVE_DIGESTS = """
+import hashlib, json, sys
+import torch
+from tensorizer import DecryptionParams, TensorDeserializer
+key = open(sys.argv[2], "rb").read() if len(sys.argv) > 2 else None
+enc = DecryptionParams.from_key(key) if key else None
+with TensorDeserializer(sys.argv[1], device="cpu", encryption=enc, verify_hash=True) as d:
+    out = {k: hashlib.sha256(v.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+           .hexdigest() for k, v in d.items()}
+print("DIGESTS " + json.dumps(out))
+"""
+
+
+@pytest.mark.crosscheck
+@pytest.mark.parametrize("kind", ["plain", "enc"])
+def test_coreweave_reads_our_vllm_files(results, work, kind):
+    """CoreWeave tensorizer 2.10.1 (the version vLLM pins) reads what tensorize_vllm_model wrote,
+    hashes verified, with the same tensors as ours (marker value included)."""
+    if kind == "enc" and not ENCRYPTION:
+        pytest.skip("this build of tensorizer_rs cannot encrypt yet")
+    path = work / kind / "model.tensors"
+    key = [work / kind / "model.key"] if kind == "enc" else []
+    proc = run_coreweave("2.10.1", _COREWEAVE_DIGESTS, path, *key)
+    theirs = json.loads(proc.stdout.split("DIGESTS ", 1)[1])
+    dec = DecryptionParams.from_key(key[0].read_bytes()) if key else None
+    with TensorDeserializer(str(path), device="cpu", encryption=dec) as d:
+        ours = {k: sha256(v) for k, v in d.items()}
+    assert theirs == ours
+    assert MARKER_KEY in ours
 
 
 @needs_encryption

@@ -2,10 +2,10 @@
 
 `TensorizerRsLoader` serves `load_format="tensorizer"`:
 
-* files with `.vllm_tensorized_marker` (vLLM module names): the model is built with its
-  parameters on the meta device, filled by `TensorDeserializer.load_into_module` straight on the
-  target device, then `process_weights_after_loading` runs when the weights were saved before it
-  (our marker value, or `"process_weights_after_loading": true` in the extra config);
+* files with `.vllm_tensorized_marker` (vLLM module names): the model is built, the tensors the
+  file provides are released (meta), `TensorDeserializer.load_into_module` fills them straight
+  on the target device, then `process_weights_after_loading` runs when the weights were saved
+  before it (our marker value, or `"process_weights_after_loading": true` in the extra config);
 * other files (HF names): the model is built normally and fed `model.load_weights(...)` from a
   CPU `TensorDeserializer`, then post-processed like any vLLM load.
 
@@ -41,6 +41,7 @@ from .config import (
     logger,
     validate_config,
 )
+from .serialize import serialize_vllm_model, tp_rank
 
 #: Extra-config key (top level of --model-loader-extra-config) that forces or forbids
 #: `process_weights_after_loading` for vLLM-tensorized files, whatever their marker says.
@@ -58,8 +59,9 @@ def release_file_tensors(model: nn.Module, names: frozenset) -> None:
     This is the meta-device init of vLLM's loader, done afterwards: vLLM's MetaTensorMode only
     redirects `aten::empty` calls without a `device` kwarg, and with torch 2.13 the kwarg is
     always present, so vLLM 0.32 really builds the model on the target device. Sending every
-    allocation to meta instead (torch.device("meta")) would also hit tensors that are not parameters or
-    buffers (workspaces, values computed at init), which the file cannot restore. Parameters
+    allocation to meta instead (torch.device("meta")) would also hit tensors that are not
+    parameters or buffers (workspaces, values computed at init), which the file cannot restore.
+    Parameters
     the file lacks would stay uninitialised, so they are an error, as a leftover meta tensor is
     in vLLM; buffers the file lacks keep the value the constructor computed.
     """
@@ -97,14 +99,6 @@ def _default_dtype(dtype: torch.dtype):
         yield
     finally:
         torch.set_default_dtype(old)
-
-
-def _tp_rank_and_size() -> tuple[int, int]:
-    from vllm.distributed import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        return 0, 1
-    return ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
 
 
 def target_device(vllm_config) -> torch.device:
@@ -165,8 +159,7 @@ class TensorizerRsLoader(BaseModelLoader):
     def _config_for_this_rank(self) -> TensorizerConfig:
         # vLLM formats the template in place and only when TP > 1; we format a copy whenever the
         # URI is a template, so a TP=1 file written as "model-%03d.tensors" loads too.
-        rank, _ = _tp_rank_and_size()
-        return self.tensorizer_config.for_rank(rank)
+        return self.tensorizer_config.for_rank(tp_rank())
 
     def _layout(self, cfg: TensorizerConfig) -> tuple[str, frozenset]:
         """(layout, tensor names) of the file, probed once per URI."""
@@ -300,7 +293,5 @@ class TensorizerRsSerializeLoader(DefaultModelLoader):
         super().__init__(lc)
 
     def load_weights(self, model: nn.Module, model_config) -> None:
-        from .serialize import serialize_vllm_model
-
         super().load_weights(model, model_config)
         serialize_vllm_model(model, self.tensorizer_config, model_config)

@@ -48,7 +48,8 @@ def _is_remote(uri: str) -> bool:
     return "://" in uri
 
 
-def _tp_rank() -> int:
+def tp_rank() -> int:
+    """This process's tensor-parallel rank (0 outside a distributed vLLM worker)."""
     from vllm.distributed import parallel_state as ps
 
     return ps.get_tensor_model_parallel_rank() if ps.model_parallel_is_initialized() else 0
@@ -68,7 +69,7 @@ def serialize_vllm_model(
 
     if tensorizer_config.tensorizer_uri is None:
         raise ValueError("tensorizer_uri must be specified for serialization.")
-    cfg = tensorizer_config.for_rank(_tp_rank())
+    cfg = tensorizer_config.for_rank(tp_rank())
     stream_kwargs = stream_kwargs_of(cfg)
     encryption = None
     if cfg.encryption_keyfile is not None:
