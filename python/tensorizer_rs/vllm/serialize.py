@@ -10,6 +10,7 @@ on any device; our loader post-processes them after loading.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import tempfile
@@ -124,40 +125,31 @@ def serialize_extra_artifacts(
             if not entry.is_file() or entry.name.endswith(ARTIFACT_IGNORE):
                 continue
             dest = f"{tensorizer_config.tensorizer_dir}/{entry.name}"
-            with (
-                open(entry.path, "rb") as f,
-                open_stream(dest, **{**stream_kwargs_of(tensorizer_config), "mode": "wb+"}) as out,
-            ):
+            kwargs = {**stream_kwargs_of(tensorizer_config), "mode": "wb+"}
+            with open(entry.path, "rb") as f, open_stream(dest, **kwargs) as out:
                 out.write(f.read())
             copied.append(entry.name)
     logger.info("Copied %s to %s", ", ".join(copied), tensorizer_config.tensorizer_dir)
     return copied
 
 
-class _model_files_dir:
+@contextlib.contextmanager
+def _model_files_dir(model: str, revision: str | None):
     """A local directory with the model's files: the model dir itself, or a temporary snapshot
     of a hub repo without weights."""
+    if os.path.isdir(model):
+        yield model
+        return
+    from huggingface_hub import snapshot_download
 
-    def __init__(self, model: str, revision: str | None):
-        self.model, self.revision, self.tmp = model, revision, None
-
-    def __enter__(self) -> str:
-        if os.path.isdir(self.model):
-            return self.model
-        from huggingface_hub import snapshot_download
-
-        self.tmp = tempfile.TemporaryDirectory()
+    with tempfile.TemporaryDirectory() as tmp:
         snapshot_download(
-            self.model,
-            revision=self.revision,
-            local_dir=self.tmp.name,
+            model,
+            revision=revision,
+            local_dir=tmp,
             ignore_patterns=[f"*{s}" for s in ARTIFACT_IGNORE],
         )
-        return self.tmp.name
-
-    def __exit__(self, *exc) -> None:
-        if self.tmp is not None:
-            self.tmp.cleanup()
+        yield tmp
 
 
 def _shutdown(engine) -> None:
