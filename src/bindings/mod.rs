@@ -1,5 +1,6 @@
 //! The Python module `tensorizer_rs._native`: a thin layer over the core. Everything torch-
 //! specific (modules, Parameters, dtype casts) lives in the Python package.
+mod cuda;
 mod errors;
 mod reader;
 mod writer;
@@ -14,5 +15,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reader::PyTensorFile>()?;
     m.add_class::<writer::PyTensorWriter>()?;
     m.add_class::<crate::dlpack::HostTensor>()?;
+    cuda::register(m)?;
     Ok(())
 }

@@ -18,7 +18,7 @@ pub struct PyTensorFile {
 }
 
 impl PyTensorFile {
-    fn file(&self) -> PyResult<&Arc<TensorFile>> {
+    pub(crate) fn file(&self) -> PyResult<&Arc<TensorFile>> {
         self.inner
             .as_ref()
             .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("I/O operation on a closed TensorDeserializer"))
@@ -143,12 +143,15 @@ impl PyTensorFile {
     /// The record header of entry `i`: module index, stored hashes, and crypt info summary.
     fn header_info<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyDict>> {
         let f = self.file()?.clone();
-        let e = f.entries.get(i).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")))?;
+        let e = f
+            .entries
+            .get(i)
+            .ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")))?;
         let h = py
             .detach(|| -> crate::error::Result<_> {
                 let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
                 f.source().read_at(e.header_offset, &mut buf)?;
-                Ok(crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())?)
+                crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())
             })
             .map_err(|err| to_pyerr(err.in_tensor(&e.name_lossy()).in_file(f.name())))?;
         let d = PyDict::new(py);
