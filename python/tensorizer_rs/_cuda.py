@@ -1,0 +1,274 @@
+"""Loading straight into GPU memory.
+
+Destinations are allocated by PyTorch (``torch.empty`` on the device, so its caching allocator
+owns them) or are a module's existing parameters and buffers; the Rust core
+(``_native.cuda_load``) reads the file through a bounded pool of pinned staging buffers and
+copies into them on its own CUDA streams, ordered after PyTorch's current stream. No copy of the
+model is ever made in host memory.
+
+``dtype=`` casts happen on the GPU after the copy, a group of tensors at a time, so the extra GPU
+memory they need is bounded by ``CAST_GROUP_BYTES`` (or the largest tensor).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable, Optional
+
+from . import _dtypes, _native
+from .exceptions import TensorizerUnsupportedError, TensorizerValueError
+
+__all__ = [
+    "available",
+    "counters",
+    "reset_counters",
+    "staging",
+    "release_staging",
+]
+
+logger = logging.getLogger("tensorizer_rs")
+
+PARAM, BUFFER = 0, 1
+#: Bound on the temporary GPU memory used by ``dtype=`` casts (raised to the largest tensor).
+CAST_GROUP_BYTES = 256 << 20
+#: Options passed to every native load (benchmarks and tests set ``io`` and ``register_readers``).
+load_options: dict = {}
+
+
+def available() -> tuple:
+    """``(True, None)`` if the CUDA driver is usable from the Rust core, else ``(False, why)``."""
+    return _native.cuda_available()
+
+
+def check_available(device: Any) -> None:
+    ok, why = _native.cuda_available()
+    if not ok:
+        raise TensorizerUnsupportedError(f"device {str(device)!r} requested, but {why}")
+
+
+def counters() -> dict:
+    """Process-wide counters of the GPU path (bytes through the pinned pool, copies, ...)."""
+    return dict(_native.cuda_counters())
+
+
+def reset_counters() -> None:
+    _native.cuda_reset_counters()
+
+
+def staging(total_bytes: Optional[int] = None, chunk_bytes: Optional[int] = None) -> tuple:
+    """Read or set the pinned staging pool: ``(total_bytes, chunk_bytes, streams)``. Defaults:
+    256 MiB in 8 MiB buffers (env ``TENSORIZER_RS_STAGING_BYTES`` / ``_CHUNK``)."""
+    return _native.cuda_staging(total_bytes, chunk_bytes)
+
+
+def release_staging(device: int = 0) -> None:
+    """Free the idle pinned staging buffers of a device (they come back on the next load)."""
+    _native.cuda_release_staging(device)
+
+
+# ----------------------------------------------------------------------------------------------
+_resolved: dict = {}
+
+
+def _dtypes_of(entry: dict, target: Any):
+    """(final torch dtype as stored, dtype to return) under CoreWeave's cast rules: every dtype
+    but bool is cast to ``target``, except complex to real (upstream PR #207)."""
+    key = (entry["container"], entry["torch_dtype"])
+    final = _resolved.get(key)
+    if final is None:
+        _, final = _dtypes.resolve_torch(*key)
+        _resolved[key] = final
+    if target is None or final == target or str(final) == "torch.bool":
+        return final, final
+    if final.is_complex and not target.is_complex:
+        return final, final
+    return final, target
+
+
+def _stream_of(device) -> int:
+    import torch
+
+    if device.type != "cuda":
+        return 0  # tests drive the pipeline with host memory and a stand-in driver
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _ordinal(device) -> int:
+    return device.index or 0
+
+
+class _Run:
+    """One deserializer call: several native loads (casts go in groups) under one progress
+    report and one log line."""
+
+    def __init__(self, deser, verify: bool) -> None:
+        self.deser = deser
+        self.verify = verify
+        self.bytes = 0
+        self.tensors = 0
+        self.started = time.perf_counter()
+        self.stats: list = []
+        user = getattr(deser, "_progress", None)
+        self.progress = None
+        if user is not None:
+            done_before = [0]
+
+            def report(done: int, total: int) -> None:
+                elapsed = max(time.perf_counter() - self.started, 1e-9)
+                now = done_before[0] + done
+                user(now, now / elapsed / 1e9)
+                if done == total:
+                    done_before[0] += total
+
+            self.progress = report
+
+    def native(self, jobs: list) -> list:
+        """Load ``[(index, tensor)]`` into the tensors' memory; returns the module indices."""
+        if not jobs:
+            return []
+        d = self.deser
+        targets = [(i, t.data_ptr(), t.nbytes) for i, t in jobs]
+        module_idx, stats = _native.cuda_load(
+            d._file,
+            targets,
+            _ordinal(d._device),
+            _stream_of(d._device),
+            num_readers=d._num_readers,
+            verify_hash=self.verify,
+            progress=self.progress,
+            **d._crypt,
+            **load_options,
+        )
+        self.bytes += stats["bytes"]
+        self.tensors += len(jobs)
+        self.stats.append(stats)
+        return module_idx
+
+    def done(self) -> None:
+        d = self.deser
+        seconds = time.perf_counter() - self.started
+        d.total_tensor_bytes += self.bytes
+        d.total_bytes_read += self.bytes
+        d._seconds += seconds
+        d._cuda_stats = self.stats
+        logger.info(
+            "tensorizer_rs: loaded %d tensors (%d bytes) to %s in %.3f s, %.2f GB/s",
+            self.tensors,
+            self.bytes,
+            d._device,
+            seconds,
+            self.bytes / max(seconds, 1e-9) / 1e9,
+        )
+
+
+def _load(run: _Run, indices: list, into: dict) -> dict:
+    """Load ``indices``; ``into`` maps some of them to existing tensors (final dtype and shape,
+    contiguous, on the device) to fill in place. Returns ``{index: (module_idx, tensor)}`` with
+    new tensors (cast to the deserializer's dtype) for the rest."""
+    import torch
+
+    d = run.deser
+    entries = d._entries
+    device = d._device
+    direct, casts = [], []
+    for i in indices:
+        e = entries[i]
+        final, target = _dtypes_of(e, d._dtype)
+        dest = into.get(i)
+        if final == target or (dest is not None and dest.dtype == final):
+            t = dest if dest is not None else torch.empty(e["shape"], dtype=final, device=device)
+            direct.append((i, t))
+        else:
+            casts.append((i, e, final, target, dest))
+    out = {}
+    for (i, t), idx in zip(direct, run.native(direct)):
+        out[i] = (idx, t)
+    # Casts: load a group at its stored dtype into temporaries, then cast on the GPU.
+    group, size = [], 0
+    limit = max([CAST_GROUP_BYTES] + [c[1]["nbytes"] for c in casts])
+    for n, c in enumerate(casts):
+        group.append(c)
+        size += c[1]["nbytes"]
+        if n + 1 == len(casts) or size + casts[n + 1][1]["nbytes"] > limit:
+            tmp = [(i, torch.empty(e["shape"], dtype=final, device=device)) for i, e, final, _, _ in group]
+            idxs = run.native(tmp)
+            with torch.no_grad():
+                for (i, _e, _f, target, dest), (_, t), idx in zip(group, tmp, idxs):
+                    if dest is not None:
+                        dest.copy_(t)
+                        out[i] = (idx, dest)
+                    else:
+                        out[i] = (idx, t.to(target))
+            del tmp
+            group, size = [], 0
+    return out
+
+
+def _parameter(entry: dict, t):
+    import torch
+
+    final, _ = _dtypes_of(entry, None)
+    return torch.nn.Parameter(t, requires_grad=final.is_floating_point or final.is_complex)
+
+
+def load(deser, indices: list, verify: bool) -> None:
+    """The deserializer's ``_load`` for CUDA devices: new tensors for ``indices``."""
+    run = _Run(deser, verify)
+    for i, (idx, t) in _load(run, indices, {}).items():
+        deser._module_idx[i] = idx
+        deser._cache[i] = _parameter(deser._entries[i], t)
+    run.done()
+
+
+def load_into_module(deser, targets: list, rest: list, verify: bool) -> set:
+    """Fill ``targets`` = ``[(index, module, attr)]`` in place where the module already holds a
+    tensor of the right shape, dtype and device; load the others (and ``rest``, tensors that an
+    eager deserializer still owes its cache) into new tensors. Returns the indices filled in
+    place; the caller registers the others. Raises on a shape mismatch before reading anything."""
+    import torch
+
+    entries = deser._entries
+    device = deser._device
+    into = {}
+    for i, mod, attr in targets:
+        e = entries[i]
+        table = mod._parameters if e["tensor_type"] == PARAM else mod._buffers
+        old = table.get(attr)
+        if old is None or old.device.type == "meta":
+            continue
+        if tuple(old.shape) != tuple(e["shape"]):
+            raise TensorizerValueError(
+                f"{deser._name}: tensor {e['name']!r}: shape {tuple(e['shape'])} in the file does "
+                f"not match {tuple(old.shape)} in the module"
+            )
+        _, target = _dtypes_of(e, deser._dtype)
+        if old.device == device and old.dtype == target and old.is_contiguous() and i not in deser._cache:
+            into[i] = old.data if isinstance(old, torch.nn.Parameter) else old
+    todo = [i for i, _, _ in targets if i not in deser._cache]
+    seen = set(todo)
+    todo += [i for i in rest if i not in deser._cache and i not in seen]
+    if todo:
+        deser._check_open()
+    run = _Run(deser, verify)
+    loaded = _load(run, todo, into)
+    for i, (idx, t) in loaded.items():
+        deser._module_idx[i] = idx
+        if i in into:
+            continue
+        deser._cache[i] = _parameter(entries[i], t)
+    for i, mod, attr in targets:
+        if i in into:
+            table = mod._parameters if entries[i]["tensor_type"] == PARAM else mod._buffers
+            deser._cache[i] = table[attr]
+    run.done()
+    return set(into)
+
+
+def progress_printer(prefix: str = "tensorizer_rs") -> Callable[[int, float], None]:
+    """A ready-made ``progress`` callback that logs bytes done and the rate."""
+
+    def report(done: int, gbps: float) -> None:
+        logger.info("%s: %.2f GB loaded, %.2f GB/s", prefix, done / 1e9, gbps)
+
+    return report
