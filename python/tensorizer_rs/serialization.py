@@ -4,6 +4,7 @@ and semantics, backed by the Rust core (``tensorizer_rs._native``)."""
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import enum
 import io
 import logging
@@ -11,11 +12,11 @@ import os
 import tempfile
 import time
 import types
-from typing import Any, Callable, Iterator, Optional, Union
+from collections.abc import Iterator
+from typing import Any, Callable, Union
 
 from . import _dtypes, _native
 from .exceptions import (
-    CryptographyError,
     HashMismatchError,
     TensorizerKeyError,
     TensorizerTypeError,
@@ -23,7 +24,7 @@ from .exceptions import (
     TensorizerValueError,
 )
 
-__all__ = ["TensorSerializer", "TensorDeserializer", "TensorType", "HashMismatchError"]
+__all__ = ["HashMismatchError", "TensorDeserializer", "TensorSerializer", "TensorType"]
 
 logger = logging.getLogger("tensorizer_rs")
 
@@ -41,7 +42,7 @@ class TensorType(enum.IntEnum):
 Path = Union[str, tuple]
 
 
-def _uri_of(obj: Any) -> Optional[str]:
+def _uri_of(obj: Any) -> str | None:
     """A path or URI we can open natively, for str/PathLike and our own or real file objects."""
     if isinstance(obj, (str, os.PathLike)):
         return os.fspath(obj)
@@ -76,16 +77,16 @@ class TensorDeserializer(collections.abc.Mapping):
         self,
         file_obj: Any,
         device: Any = None,
-        filter_func: Optional[Callable[[Path], bool]] = None,
+        filter_func: Callable[[Path], bool] | None = None,
         dtype: Any = None,
         *,
         lazy_load: bool = False,
-        plaid_mode: Optional[bool] = None,
-        plaid_mode_buffers: Optional[int] = None,
-        num_readers: Optional[int] = None,
+        plaid_mode: bool | None = None,
+        plaid_mode_buffers: int | None = None,
+        num_readers: int | None = None,
         verify_hash: bool = False,
         encryption: Any = None,
-        progress: Optional[Callable[[int, float], None]] = None,
+        progress: Callable[[int, float], None] | None = None,
     ) -> None:
         del plaid_mode, plaid_mode_buffers  # accepted for compatibility; no effect (as upstream)
         self._file = None
@@ -94,7 +95,9 @@ class TensorDeserializer(collections.abc.Mapping):
         if num_readers is not None and (
             not isinstance(num_readers, int) or isinstance(num_readers, bool) or num_readers < 1
         ):
-            raise TensorizerTypeError(f"num_readers must be a positive int or None, got {num_readers!r}")
+            raise TensorizerTypeError(
+                f"num_readers must be a positive int or None, got {num_readers!r}"
+            )
         self._num_readers = num_readers
         self._verify_hash = bool(verify_hash)
         self._crypt = _decryption_args(encryption)
@@ -160,31 +163,35 @@ class TensorDeserializer(collections.abc.Mapping):
         if uri is not None:
             return _native.TensorFile(uri)
         if isinstance(file_obj, (bytes, bytearray, memoryview)):
-            raise TensorizerTypeError("file_obj must be a path, URI or binary file object, not bytes")
+            raise TensorizerTypeError(
+                "file_obj must be a path, URI or binary file object, not bytes"
+            )
         read = getattr(file_obj, "read", None)
         if read is None:
             raise TensorizerTypeError(f"cannot read tensors from {type(file_obj).__name__}")
         if isinstance(file_obj, io.TextIOBase):
             raise TensorizerValueError("file_obj must be opened in binary mode")
         # Streams without a path (BytesIO, pipes): spill to a private temp file, read natively.
-        tmp = tempfile.NamedTemporaryFile(prefix="tensorizer-rs-", suffix=".tensors", delete=False)
+        fd, tmp = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
         try:
-            with tmp:
+            with os.fdopen(fd, "wb") as out:
                 while True:
                     chunk = read(16 << 20)
                     if not chunk:
                         break
-                    tmp.write(chunk)
-            return _native.TensorFile(tmp.name)
+                    out.write(chunk)
+            return _native.TensorFile(tmp)
         finally:
-            os.unlink(tmp.name)
+            os.unlink(tmp)
 
     # -- loading ----------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._file is None:
-            raise TensorizerValueError("the TensorDeserializer is closed and this tensor was not loaded")
+            raise TensorizerValueError(
+                "the TensorDeserializer is closed and this tensor was not loaded"
+            )
 
-    def _load(self, indices: list, verify_hash: Optional[bool] = None) -> None:
+    def _load(self, indices: list, verify_hash: bool | None = None) -> None:
         todo = [i for i in indices if i not in self._cache]
         if not todo:
             return
@@ -217,7 +224,7 @@ class TensorDeserializer(collections.abc.Mapping):
         e = self._entries[i]
         try:
             base, final = _dtypes.resolve_torch(e["container"], e["torch_dtype"])
-        except ValueError as exc:
+        except TypeError as exc:
             raise TensorizerValueError(f"{self._file.name}: tensor {e['name']!r}: {exc}") from None
         t = torch.from_dlpack(host)
         if t.dtype != base:
@@ -226,9 +233,13 @@ class TensorDeserializer(collections.abc.Mapping):
             t = t.view(final)
         requires_grad = final.is_floating_point or final.is_complex
         target = self._dtype
-        if target is not None and final != torch.bool and final != target:
-            if not (final.is_complex and not target.is_complex):
-                t = t.to(target)
+        # CoreWeave casts everything but bool; complex -> real is skipped (upstream PR #207).
+        if (
+            target is not None
+            and final not in (target, torch.bool)
+            and not (final.is_complex and not target.is_complex)
+        ):
+            t = t.to(target)
         if self._device.type != "cpu":
             t = t.to(self._device)
         return torch.nn.Parameter(t, requires_grad=requires_grad)
@@ -319,8 +330,13 @@ class TensorDeserializer(collections.abc.Mapping):
             e = self._entries[i]
             yield self._module_idx[i], e["tensor_type"], e["name"], self._cache[i]
 
-    def read_numpy_arrays(self, filter_func=None, num_tensors: int = -1, allow_raw_data: bool = False,
-                          verify_hash=None):
+    def read_numpy_arrays(
+        self,
+        filter_func=None,
+        num_tensors: int = -1,
+        allow_raw_data: bool = False,
+        verify_hash=None,
+    ):
         """Yield ``(module_idx, tensor_type, name, ndarray, is_opaque, torch_dtype|None)``."""
         import numpy as np
 
@@ -339,8 +355,13 @@ class TensorDeserializer(collections.abc.Mapping):
                 import torch
 
                 arr = arr.view(getattr(torch, _dtypes.CONTAINER_TO_TORCH[e["container"]]))
-            yield module_idx, ttype, name, np.asarray(arr.numpy()), opaque, (
-                f"torch.{e['torch_dtype']}" if opaque else None
+            yield (
+                module_idx,
+                ttype,
+                name,
+                np.asarray(arr.numpy()),
+                opaque,
+                (f"torch.{e['torch_dtype']}" if opaque else None),
             )
 
     def load_into_module(self, m, filter_func=None, verify_hash=None) -> int:
@@ -365,7 +386,9 @@ class TensorDeserializer(collections.abc.Mapping):
             name = self._entries[i]["name"]
             prefix, _, attr = name.rpartition(".")
             if prefix not in modules:
-                raise TensorizerKeyError(f"{self._name}: tensor {name!r}: module {prefix!r} not found in the model")
+                raise TensorizerKeyError(
+                    f"{self._name}: tensor {name!r}: module {prefix!r} not found in the model"
+                )
             targets.append((i, modules[prefix], attr))
         if self._device.type == "cuda":
             from . import _cuda
@@ -429,11 +452,9 @@ class TensorDeserializer(collections.abc.Mapping):
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._deferred = False
             self.close()
-        except Exception:
-            pass
 
     @property
     def total_file_bytes(self) -> int:
@@ -448,7 +469,7 @@ class TensorDeserializer(collections.abc.Mapping):
 
 # --------------------------------------------------------------------------------------------
 class _Item:
-    __slots__ = ("module_idx", "ttype", "name", "tensor")
+    __slots__ = ("module_idx", "name", "tensor", "ttype")
 
     def __init__(self, module_idx, ttype, name, tensor):
         self.module_idx, self.ttype, self.name, self.tensor = module_idx, ttype, name, tensor
@@ -459,7 +480,9 @@ def _encode_path(path: tuple) -> bytes:
 
     if len(path) == 1 and isinstance(path[0], str):
         return path[0].encode("utf-8")
-    return b"\x1e" + json.dumps(list(path), separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return b"\x1e" + json.dumps(list(path), separators=(",", ":"), ensure_ascii=True).encode(
+        "ascii"
+    )
 
 
 class TensorSerializer:
@@ -475,7 +498,7 @@ class TensorSerializer:
         compress_tensors: bool = False,
         *,
         encryption: Any = None,
-        limit_cpu_concurrency: Optional[int] = None,
+        limit_cpu_concurrency: int | None = None,
     ) -> None:
         from .encryption import EncryptionParams
 
@@ -520,7 +543,9 @@ class TensorSerializer:
             raise TensorizerTypeError(f"tensor name must be a str, not {type(name).__name__}")
         self._write([_Item(int(idx), TensorType(tensor_type), (name,), tensor)])
 
-    def write_module(self, m, remove_tensors: bool = False, *, include_non_persistent_buffers: bool = True) -> None:
+    def write_module(
+        self, m, remove_tensors: bool = False, *, include_non_persistent_buffers: bool = True
+    ) -> None:
         """Write every parameter and buffer of ``m`` under CoreWeave's names (``.x`` for the
         root module). Unlike tensorizer 2.12.1, ``include_non_persistent_buffers=False`` drops
         only non-persistent buffers (upstream also drops persistent root-level buffers)."""
@@ -548,7 +573,9 @@ class TensorSerializer:
             if isinstance(obj, collections.abc.Mapping):
                 for k, v in obj.items():
                     if not isinstance(k, str):
-                        raise TensorizerTypeError(f"state dict keys must be str, got {type(k).__name__} {k!r}")
+                        raise TensorizerTypeError(
+                            f"state dict keys must be str, got {type(k).__name__} {k!r}"
+                        )
                     walk(v, path + (k,))
             elif isinstance(obj, (list, tuple)):
                 for n, v in enumerate(obj):
@@ -569,7 +596,9 @@ class TensorSerializer:
         t = item.tensor
         if isinstance(t, np.ndarray):
             if t.dtype.kind not in "biufc" or t.dtype.byteorder == ">":
-                raise TensorizerTypeError(f"tensor {item.name!r}: numpy dtype {t.dtype} cannot be serialized")
+                raise TensorizerTypeError(
+                    f"tensor {item.name!r}: numpy dtype {t.dtype} cannot be serialized"
+                )
             return t.dtype.str, tuple(t.shape), False
         import torch
 
@@ -619,7 +648,14 @@ class TensorSerializer:
         try:
             first = self._writer.add(
                 [
-                    (it.module_idx, int(it.ttype), _encode_path(it.name), stored.encode("ascii"), list(shape), meta)
+                    (
+                        it.module_idx,
+                        int(it.ttype),
+                        _encode_path(it.name),
+                        stored.encode("ascii"),
+                        list(shape),
+                        meta,
+                    )
                     for it, (stored, shape, meta) in zip(items, described)
                 ]
             )
@@ -676,7 +712,5 @@ class TensorSerializer:
             self._abort()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._abort()
-        except Exception:
-            pass

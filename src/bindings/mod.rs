@@ -1,6 +1,7 @@
 //! The Python module `tensorizer_rs._native`: a thin layer over the core. Everything torch-
 //! specific (modules, Parameters, dtype casts) lives in the Python package.
 mod cuda;
+mod crypto;
 mod errors;
 mod reader;
 mod writer;
@@ -16,5 +17,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<writer::PyTensorWriter>()?;
     m.add_class::<crate::dlpack::HostTensor>()?;
     cuda::register(m)?;
+    m.add_function(wrap_pyfunction!(crypto::derive_key, m)?)?;
     Ok(())
 }
