@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from tensorizer_rs import TensorDeserializer, TensorizerUnsupportedError, _native
 
 HERE = Path(__file__).resolve().parent / "mock_cuda"
@@ -24,8 +23,17 @@ def mock_libcuda(tmp_path_factory) -> Path:
         pytest.skip("no C compiler to build the stand-in libcuda")
     out = tmp_path_factory.mktemp("mockcuda")
     subprocess.run(
-        [cc, "-shared", "-fPIC", "-O1", "-pthread", "-Wl,-soname,libcuda.so.1", "-o",
-         str(out / "libcuda.so"), str(HERE / "libcuda.c")],
+        [
+            cc,
+            "-shared",
+            "-fPIC",
+            "-O1",
+            "-pthread",
+            "-Wl,-soname,libcuda.so.1",
+            "-o",
+            str(out / "libcuda.so"),
+            str(HERE / "libcuda.c"),
+        ],
         check=True,
     )
     return out
@@ -35,7 +43,9 @@ def _run(mock_dir: Path, vectors_dir: Path, tmp_path: Path, extra_env=None, args
     import tensorizer_rs
 
     env = dict(os.environ)
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [str(mock_dir), env.get("LD_LIBRARY_PATH")]))
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        filter(None, [str(mock_dir), env.get("LD_LIBRARY_PATH")])
+    )
     env["TENSORIZER_VECTORS"] = str(vectors_dir)
     env["MOCK_TMP"] = str(tmp_path)
     env["MOCK_CUDA_DELAY_US"] = "100"
@@ -45,7 +55,11 @@ def _run(mock_dir: Path, vectors_dir: Path, tmp_path: Path, extra_env=None, args
     env.update(extra_env or {})
     return subprocess.run(
         [sys.executable, str(HERE / "checks.py"), *args],
-        env=env, capture_output=True, text=True, timeout=600, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
 
 
@@ -66,7 +80,6 @@ def test_driver_init_failure_is_unsupported(mock_libcuda, vectors_dir, tmp_path)
 @pytest.mark.skipif(_native.cuda_available()[0], reason="CUDA is available here")
 def test_no_cuda_is_a_clear_error(tmp_path):
     import torch
-
     from tensorizer_rs import TensorSerializer
 
     ok, why = _native.cuda_available()

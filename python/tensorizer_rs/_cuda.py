@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
 from . import _dtypes, _native
 from .exceptions import TensorizerUnsupportedError, TensorizerValueError
@@ -22,9 +22,9 @@ from .exceptions import TensorizerUnsupportedError, TensorizerValueError
 __all__ = [
     "available",
     "counters",
+    "release_staging",
     "reset_counters",
     "staging",
-    "release_staging",
 ]
 
 logger = logging.getLogger("tensorizer_rs")
@@ -56,7 +56,7 @@ def reset_counters() -> None:
     _native.cuda_reset_counters()
 
 
-def staging(total_bytes: Optional[int] = None, chunk_bytes: Optional[int] = None) -> tuple:
+def staging(total_bytes: int | None = None, chunk_bytes: int | None = None) -> tuple:
     """Read or set the pinned staging pool: ``(total_bytes, chunk_bytes, streams)``. Defaults:
     256 MiB in 8 MiB buffers (env ``TENSORIZER_RS_STAGING_BYTES`` / ``_CHUNK``)."""
     return _native.cuda_staging(total_bytes, chunk_bytes)
@@ -191,7 +191,10 @@ def _load(run: _Run, indices: list, into: dict) -> dict:
         group.append(c)
         size += c[1]["nbytes"]
         if n + 1 == len(casts) or size + casts[n + 1][1]["nbytes"] > limit:
-            tmp = [(i, torch.empty(e["shape"], dtype=final, device=device)) for i, e, final, _, _ in group]
+            tmp = [
+                (i, torch.empty(e["shape"], dtype=final, device=device))
+                for i, e, final, _, _ in group
+            ]
             idxs = run.native(tmp)
             with torch.no_grad():
                 for (i, _e, _f, target, dest), (_, t), idx in zip(group, tmp, idxs):
@@ -243,7 +246,12 @@ def load_into_module(deser, targets: list, rest: list, verify: bool) -> set:
                 f"not match {tuple(old.shape)} in the module"
             )
         _, target = _dtypes_of(e, deser._dtype)
-        if old.device == device and old.dtype == target and old.is_contiguous() and i not in deser._cache:
+        if (
+            old.device == device
+            and old.dtype == target
+            and old.is_contiguous()
+            and i not in deser._cache
+        ):
             into[i] = old.data if isinstance(old, torch.nn.Parameter) else old
     todo = [i for i, _, _ in targets if i not in deser._cache]
     seen = set(todo)

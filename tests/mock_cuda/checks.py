@@ -19,7 +19,6 @@ import traceback
 from pathlib import Path
 
 import torch
-
 from tensorizer_rs import (
     HashMismatchError,
     TensorDeserializer,
@@ -82,7 +81,10 @@ def big_state(seed=0):
 
 
 def expected(sd):
-    return {k: (torch.zeros(v.shape, dtype=v.dtype) if v.device.type == "meta" else v) for k, v in sd.items()}
+    return {
+        k: (torch.zeros(v.shape, dtype=v.dtype) if v.device.type == "meta" else v)
+        for k, v in sd.items()
+    }
 
 
 MODES = [
@@ -105,7 +107,10 @@ def vectors_exact_bytes():
     for f in index["files"]:
         m = json.loads((VECTORS / f["manifest"]).read_text())
         exp = m["expect"]
-        if not (all(exp[k] == "ok" for k in ("open", "load", "verify_hash")) or exp.get("spec_correct_reader") == "ok"):
+        if not (
+            all(exp[k] == "ok" for k in ("open", "load", "verify_hash"))
+            or exp.get("spec_correct_reader") == "ok"
+        ):
             continue
         if m.get("encryption"):
             continue  # covered by encrypted_vectors
@@ -144,7 +149,7 @@ def encrypted_vectors():
         )
         try:
             TensorDeserializer(VECTORS / m["file"], device="cpu", encryption=params)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             if "not implemented" in str(e):
                 print(f"  (skipped {m['file']}: {e})")
                 continue
@@ -168,7 +173,10 @@ def larger_than_pool_all_modes():
         _cuda.reset_counters()
         out = gpu_load(gpu_deser(path))
         for k, v in expected(sd).items():
-            assert torch.equal(out[k], v) if v.dtype != torch.bool else bool((out[k] == v).all()), (k, mode)
+            assert torch.equal(out[k], v) if v.dtype != torch.bool else bool((out[k] == v).all()), (
+                k,
+                mode,
+            )
         c = _cuda.counters()
         moved = c["staged_bytes"] + c["registered_bytes"] + c["pageable_bytes"]
         meta = 128 * 129 * 4
@@ -223,7 +231,9 @@ def dtype_cast_on_device():
     path = write(TMP / "cast.tensors", sd)
     d = gpu_deser(path, dtype=torch.bfloat16)
     out = gpu_load(d)
-    assert out["embed"].dtype == torch.bfloat16 and torch.equal(out["embed"], sd["embed"].to(torch.bfloat16))
+    assert out["embed"].dtype == torch.bfloat16 and torch.equal(
+        out["embed"], sd["embed"].to(torch.bfloat16)
+    )
     assert out["ids"].dtype == torch.bfloat16  # CoreWeave casts integers too
     assert out["mask"].dtype == torch.bool  # never bool
     assert out["c"].dtype == torch.complex64  # never complex -> real (PR #207)
@@ -365,7 +375,9 @@ def progress_callback():
     small_staging()
     path = write(TMP / "progress.tensors", big_state(5))
     seen = []
-    d = TensorDeserializer(path, device="cpu", lazy_load=True, progress=lambda b, r: seen.append((b, r)))
+    d = TensorDeserializer(
+        path, device="cpu", lazy_load=True, progress=lambda b, r: seen.append((b, r))
+    )
     gpu_load(d)
     assert seen and seen[-1][0] == d.total_tensor_bytes > 0, seen
     assert all(r >= 0 for _, r in seen)
@@ -436,7 +448,9 @@ if __name__ == "__main__":
         ok, why = _native.cuda_available()
         assert not ok and "CUDA" in why, why
         try:
-            _native.cuda_load(_native.TensorFile(write(TMP / "x.tensors", {"a": torch.ones(1)})), [], 0, 0)
+            _native.cuda_load(
+                _native.TensorFile(write(TMP / "x.tensors", {"a": torch.ones(1)})), [], 0, 0
+            )
         except TensorizerUnsupportedError as e:
             print(f"PASS init_error: {e}")
             sys.exit(0)
