@@ -1,7 +1,7 @@
 //! The Python module `tensorizer_rs._native`: a thin layer over the core. Everything torch-
 //! specific (modules, Parameters, dtype casts) lives in the Python package.
-mod cuda;
 mod crypto;
+mod cuda;
 mod errors;
 mod reader;
 mod writer;

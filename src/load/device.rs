@@ -115,6 +115,8 @@ const DIRECT_MIN: usize = 256 << 10;
 /// Pieces of large tensors; a staging reader splits each into buffer-sized reads, a
 /// registering reader page-locks it whole.
 const PIECE: u64 = 64 << 20;
+/// Largest coalesced read of small records.
+const SEGMENT_MAX: u64 = 2 << 20;
 /// Registered ranges a reader keeps in flight before waiting for the oldest copy.
 const MAX_REGISTERED: usize = 2;
 
@@ -355,8 +357,10 @@ pub fn load_to_device(
         order.sort_by_key(|&s| file.entries[targets[s].entry].header_offset);
         (order.into_iter().map(Work::Whole).collect::<Vec<_>>(), vec![1; targets.len()])
     } else {
-        let p =
-            plan::build_sized(&file.entries, &entry_ids, (chunk / 4).min(plan::SMALL_RECORD), chunk, PIECE.max(chunk));
+        // Segments of small records stay small enough that files of many tiny tensors still
+        // spread over all readers (each record costs a header check and a copy launch).
+        let small = (chunk / 4).min(plan::SMALL_RECORD);
+        let p = plan::build_sized(&file.entries, &entry_ids, small, chunk.min(SEGMENT_MAX), PIECE.max(chunk));
         (p.items.into_iter().map(Work::Plan).collect(), p.pieces)
     };
     let slots = targets
