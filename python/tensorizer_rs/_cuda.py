@@ -34,6 +34,11 @@ logger = logging.getLogger("tensorizer_rs")
 PARAM, BUFFER = 0, 1
 #: Bound on the temporary GPU memory used by ``dtype=`` casts (raised to the largest tensor).
 CAST_GROUP_BYTES = 256 << 20
+#: New tensors up to this size share allocations (one ``torch.empty`` per shape and dtype, split
+#: with ``unbind``): per-tensor allocation dominates files of many tiny tensors.
+SHARE_MAX_BYTES = 64 << 10
+#: Bytes of one shared allocation.
+SHARE_GROUP_BYTES = 4 << 20
 #: Options passed to every native load (benchmarks and tests set ``io`` and ``register_readers``).
 load_options: dict = {}
 
@@ -58,10 +63,14 @@ def reset_counters() -> None:
     _native.cuda_reset_counters()
 
 
-def staging(total_bytes: int | None = None, chunk_bytes: int | None = None) -> tuple:
-    """Read or set the pinned staging pool: ``(total_bytes, chunk_bytes, streams)``. Defaults:
-    256 MiB in 8 MiB buffers (env ``TENSORIZER_RS_STAGING_BYTES`` / ``_CHUNK``)."""
-    return _native.cuda_staging(total_bytes, chunk_bytes)
+def staging(
+    total_bytes: int | None = None, chunk_bytes: int | None = None, pinned: str | None = None
+) -> tuple:
+    """Read or set the pinned staging pool: ``(total_bytes, chunk_bytes, streams, pinned)``.
+    Defaults: 256 MiB in 8 MiB buffers (env ``TENSORIZER_RS_STAGING_BYTES`` / ``_CHUNK``);
+    ``pinned`` is ``"driver"`` (cuMemHostAlloc) or ``"thp"`` (huge pages, registered; env
+    ``TENSORIZER_RS_PINNED``). Buffers are whole multiples of 2 MiB."""
+    return _native.cuda_staging(total_bytes, chunk_bytes, None, pinned)
 
 
 def release_staging(device: int = 0) -> None:
@@ -124,19 +133,19 @@ class _Run:
         self.tensors = 0
         self.started = time.perf_counter()
         self.stats: list = []
-        user = getattr(deser, "_progress", None)
-        self.progress = None
-        if user is not None:
-            done_before = [0]
+        self.user = getattr(deser, "_progress", None)
 
-            def report(done: int, total: int) -> None:
-                elapsed = max(time.perf_counter() - self.started, 1e-9)
-                now = done_before[0] + done
-                user(now, now / elapsed / 1e9)
-                if done == total:
-                    done_before[0] += total
+    def _progress(self):
+        """The native callback for the next native load: reports bytes of the whole run."""
+        if self.user is None:
+            return None
+        base = self.bytes
 
-            self.progress = report
+        def report(done: int, total: int) -> None:
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            self.user(base + done, (base + done) / elapsed / 1e9)
+
+        return report
 
     def native(self, jobs: list) -> list:
         """Load ``[(index, tensor)]`` into the tensors' memory; returns the module indices."""
@@ -151,7 +160,7 @@ class _Run:
             _stream_of(d._device),
             num_readers=d._num_readers,
             verify_hash=self.verify,
-            progress=self.progress,
+            progress=self._progress(),
             **d._crypt,
             **load_options,
         )
@@ -186,16 +195,18 @@ def _load(run: _Run, indices: list, into: dict) -> dict:
     d = run.deser
     entries = d._entries
     device = d._device
-    direct, casts = [], []
+    direct, casts, fresh = [], [], []
     for i in indices:
         e = entries[i]
         final, target = _dtypes_of(e, d._dtype)
         dest = into.get(i)
-        if final == target or (dest is not None and dest.dtype == final):
-            t = dest if dest is not None else torch.empty(e["shape"], dtype=final, device=device)
-            direct.append((i, t))
+        if dest is not None and dest.dtype == final:
+            direct.append((i, dest))
+        elif final == target and dest is None:
+            fresh.append((i, final))
         else:
             casts.append((i, e, final, target, dest))
+    direct += _allocate(entries, fresh, device)
     out = {}
     for (i, t), idx in zip(direct, run.native(direct)):
         out[i] = (idx, t)
@@ -220,6 +231,29 @@ def _load(run: _Run, indices: list, into: dict) -> dict:
                         out[i] = (idx, t.to(target))
             del tmp
             group, size = [], 0
+    return out
+
+
+def _allocate(entries: list, wanted: list, device) -> list:
+    """New device tensors for ``wanted`` = ``[(index, dtype)]``, as ``[(index, tensor)]``."""
+    import torch
+
+    out, groups = [], {}
+    for i, final in wanted:
+        e = entries[i]
+        if 0 < e["nbytes"] <= SHARE_MAX_BYTES:
+            groups.setdefault((final, e["shape"]), []).append(i)
+        else:
+            out.append((i, torch.empty(e["shape"], dtype=final, device=device)))
+    for (final, shape), idx in groups.items():
+        per = max(1, SHARE_GROUP_BYTES // entries[idx[0]]["nbytes"])
+        for k in range(0, len(idx), per):
+            part = idx[k : k + per]
+            if len(part) == 1:
+                out.append((part[0], torch.empty(shape, dtype=final, device=device)))
+            else:
+                rows = torch.empty((len(part), *shape), dtype=final, device=device).unbind(0)
+                out.extend(zip(part, rows))
     return out
 
 

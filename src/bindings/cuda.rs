@@ -6,7 +6,7 @@ use pyo3::types::PyDict;
 use super::errors::to_pyerr;
 use super::reader::PyTensorFile;
 use crate::crypto::DecryptionKeys;
-use crate::cuda::{self, counters, StagingConfig};
+use crate::cuda::{self, counters, PinnedMode, StagingConfig};
 use crate::error::{Error, Result};
 use crate::load::device::{self, DeviceOptions, DeviceTarget, IoMode};
 use crate::load::LoadOptions;
@@ -132,23 +132,38 @@ fn cuda_reset_counters() {
     counters::reset();
 }
 
-/// Read or change the staging pool: `(total_bytes, chunk_bytes, streams)` after the change.
+/// Read or change the staging pool: `(total_bytes, chunk_bytes, streams, pinned)` after the
+/// change; `pinned` is `"driver"` (cuMemHostAlloc) or `"thp"` (huge pages, registered).
 #[pyfunction]
-#[pyo3(signature = (total_bytes=None, chunk_bytes=None, streams=None))]
+#[pyo3(signature = (total_bytes=None, chunk_bytes=None, streams=None, pinned=None))]
 fn cuda_staging(
     total_bytes: Option<usize>,
     chunk_bytes: Option<usize>,
     streams: Option<usize>,
-) -> (usize, usize, usize) {
+    pinned: Option<&str>,
+) -> PyResult<(usize, usize, usize, &'static str)> {
     let mut c = cuda::staging_config();
-    if total_bytes.is_some() || chunk_bytes.is_some() || streams.is_some() {
+    let pinned = match pinned {
+        None => c.pinned,
+        Some("driver") => PinnedMode::Driver,
+        Some("thp") => PinnedMode::HugePages,
+        Some(other) => {
+            return Err(to_pyerr(Error::value(format!("unknown pinned mode {other:?} (expected driver or thp)"))))
+        }
+    };
+    if total_bytes.is_some() || chunk_bytes.is_some() || streams.is_some() || pinned != c.pinned {
         c = cuda::set_staging_config(StagingConfig {
             total: total_bytes.unwrap_or(c.total),
             chunk: chunk_bytes.unwrap_or(c.chunk),
             streams: streams.unwrap_or(c.streams),
+            pinned,
         });
     }
-    (c.total, c.chunk, c.streams)
+    let name = match c.pinned {
+        PinnedMode::Driver => "driver",
+        PinnedMode::HugePages => "thp",
+    };
+    Ok((c.total, c.chunk, c.streams, name))
 }
 
 /// Free the idle pinned staging buffers of device `device` (made again when needed).

@@ -9,8 +9,8 @@ use super::counters::{self, Counter};
 use super::{synchronize, Context, Event, PinnedBuf, StagingConfig, StreamHandle};
 use crate::error::Result;
 
-/// Extra room in every buffer so an O_DIRECT read of a chunk can start and end on 4 KiB
-/// boundaries around it.
+/// Room kept free in every buffer so an O_DIRECT read of a chunk can start and end on 4 KiB
+/// boundaries around it: a buffer of `chunk` bytes takes reads of `chunk - SLACK` bytes.
 pub const SLACK: usize = 2 * 4096;
 
 struct Slot {
@@ -49,9 +49,9 @@ impl Pool {
         self.cfg
     }
 
-    /// Bytes one buffer holds for a read (its chunk; the slack is for alignment only).
+    /// Bytes one read may fill (the buffer less the alignment slack).
     pub fn chunk(&self) -> usize {
-        self.cfg.chunk
+        self.cfg.chunk - SLACK
     }
 
     pub fn max_buffers(&self) -> usize {
@@ -78,7 +78,7 @@ impl Pool {
             if let Some(slot) = reused {
                 break slot;
             }
-            match Self::make(self.cfg.chunk + SLACK) {
+            match Self::make(self.cfg.chunk, self.cfg.pinned) {
                 Ok(slot) => {
                     counters::add(Counter::StagingAllocated, slot.buf.capacity() as u64);
                     break slot;
@@ -105,8 +105,8 @@ impl Pool {
         Ok(Staged { pool: self.clone(), slot: Some(slot), used_on: None })
     }
 
-    fn make(cap: usize) -> Result<Slot> {
-        Ok(Slot { buf: PinnedBuf::new(cap)?, event: Event::new()?, pending: false })
+    fn make(cap: usize, mode: super::PinnedMode) -> Result<Slot> {
+        Ok(Slot { buf: PinnedBuf::new(cap, mode)?, event: Event::new()?, pending: false })
     }
 
     fn give_back(&self, slot: Slot) {
