@@ -340,14 +340,15 @@ def sweep(model, path, out):
         ("readers=10", {}, None, 10),
         ("readers=14", {}, None, 14),
         ("readers=16", {}, None, 16),
-        ("register=2", {"register_readers": 2}, None, None),
-        ("register=4", {"register_readers": 4}, None, None),
-        ("chunk=4M/128M", {}, (128 * MiB, 4 * MiB), None),
+        ("io=mmap", {"io": "mmap"}, None, None),
+        ("io=mmap,readers=8", {"io": "mmap"}, None, 8),
+        ("io=mmap,readers=16", {"io": "mmap"}, None, 16),
         ("chunk=16M/256M", {}, (256 * MiB, 16 * MiB), None),
+        ("io=mmap,chunk=16M", {"io": "mmap"}, (256 * MiB, 16 * MiB), None),
         ("pool=128M", {}, (128 * MiB, 8 * MiB), None),
-        ("thp", {}, (256 * MiB, 8 * MiB, "thp"), None),
-        ("thp,readers=16", {}, (256 * MiB, 8 * MiB, "thp"), 16),
+        ("driver-pinned", {}, (256 * MiB, 8 * MiB, "driver"), None),
         ("default(again)", {}, None, None),
+        ("io=mmap(again)", {"io": "mmap"}, None, None),
     ]
     rows = []
     for name, opts, staging, readers in configs:
@@ -500,27 +501,17 @@ def main():
         {
             "loader": "ours",
             "path": ours,
-            "env": {"TENSORIZER_RS_PINNED": "thp"},
-            "label": "ours[thp]",
+            "env": {"TENSORIZER_RS_IO": "mmap"},
+            "label": "ours[io=mmap]",
         },
         {
             "loader": "ours_module",
             "path": ours,
-            "env": {"TENSORIZER_RS_PINNED": "thp"},
-            "label": "ours_module[thp]",
+            "env": {"TENSORIZER_RS_IO": "mmap"},
+            "label": "ours_module[io=mmap]",
         },
-        {
-            "loader": "ours",
-            "path": ours,
-            "env": {"TENSORIZER_RS_PINNED": "driver"},
-            "label": "ours[driver]",
-        },
-        {
-            "loader": "ours_module",
-            "path": ours,
-            "env": {"TENSORIZER_RS_PINNED": "driver"},
-            "label": "ours_module[driver]",
-        },
+        {"loader": "ours", "path": ours, "label": "ours(again)"},
+        {"loader": "ours_module", "path": ours, "label": "ours_module(again)"},
     ]
     if args.coreweave:
         plan.append({"loader": "coreweave", "path": ours})
@@ -560,11 +551,8 @@ def main():
             {
                 "loader": "ours_module",
                 "path": ours,
-                "env": {
-                    "TENSORIZER_RS_STAGING_CHUNK": str(32 * MiB),
-                    "TENSORIZER_RS_STAGING_BYTES": str(512 * MiB),
-                },
-                "label": "ours_module[32M chunks]",
+                "env": {"TENSORIZER_RS_IO": "mmap"},
+                "label": "ours_module[io=mmap]",
             },
         ]
         if args.coreweave:

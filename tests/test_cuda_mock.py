@@ -72,6 +72,19 @@ def test_pipeline_against_stand_in_driver(mock_libcuda, vectors_dir, tmp_path):
 
 
 @pytest.mark.skipif(_native.cuda_available()[0], reason="a real CUDA driver is loaded here")
+def test_without_batched_copies(mock_libcuda, vectors_dir, tmp_path):
+    """Drivers older than CUDA 12.8 have no cuMemcpyBatchAsync: copies go one by one."""
+    checks = [
+        "vectors_exact_bytes",
+        "many_small_tensors_share_allocations",
+        "larger_than_pool_all_modes",
+    ]
+    proc = _run(mock_libcuda, vectors_dir, tmp_path, {"MOCK_CUDA_NO_BATCH": "1"}, args=checks)
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and report.count("PASS ") == 3, report[-12000:]
+
+
+@pytest.mark.skipif(_native.cuda_available()[0], reason="a real CUDA driver is loaded here")
 def test_driver_init_failure_is_unsupported(mock_libcuda, vectors_dir, tmp_path):
     proc = _run(mock_libcuda, vectors_dir, tmp_path, {"MOCK_CUDA_INIT_ERROR": "1"})
     assert proc.returncode == 0 and "PASS init_error" in proc.stdout, proc.stdout + proc.stderr

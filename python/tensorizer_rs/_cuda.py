@@ -83,18 +83,19 @@ _resolved: dict = {}
 
 
 def _dtypes_of(entry: dict, target: Any):
-    """(final torch dtype as stored, dtype to return) under CoreWeave's cast rules: every dtype
-    but bool is cast to ``target``, except complex to real (upstream PR #207)."""
-    key = (entry["container"], entry["torch_dtype"])
-    final = _resolved.get(key)
-    if final is None:
-        _, final = _dtypes.resolve_torch(*key)
-        _resolved[key] = final
-    if target is None or final == target or str(final) == "torch.bool":
-        return final, final
-    if final.is_complex and not target.is_complex:
-        return final, final
-    return final, target
+    """(final torch dtype as stored, dtype to return, requires_grad) under CoreWeave's rules:
+    every dtype but bool is cast to ``target``, except complex to real (upstream PR #207);
+    ``requires_grad`` follows the stored dtype."""
+    key = (entry["container"], entry["torch_dtype"], target)
+    got = _resolved.get(key)
+    if got is None:
+        _, final = _dtypes.resolve_torch(key[0], key[1])
+        out = final
+        cast = target is not None and final != target and str(final) != "torch.bool"
+        if cast and not (final.is_complex and not target.is_complex):
+            out = target
+        got = _resolved[key] = (final, out, final.is_floating_point or final.is_complex)
+    return got
 
 
 @contextlib.contextmanager
@@ -198,7 +199,7 @@ def _load(run: _Run, indices: list, into: dict) -> dict:
     direct, casts, fresh = [], [], []
     for i in indices:
         e = entries[i]
-        final, target = _dtypes_of(e, d._dtype)
+        final, target, _ = _dtypes_of(e, d._dtype)
         dest = into.get(i)
         if dest is not None and dest.dtype == final:
             direct.append((i, dest))
@@ -257,20 +258,30 @@ def _allocate(entries: list, wanted: list, device) -> list:
     return out
 
 
-def _parameter(entry: dict, t):
+def _parameters(deser, loaded: dict, skip=()) -> None:
+    """Cache ``loaded`` = ``{index: (module_idx, tensor)}`` as Parameters, as CoreWeave returns
+    them (``requires_grad`` from the stored dtype)."""
     import torch
 
-    final, _ = _dtypes_of(entry, None)
-    return torch.nn.Parameter(t, requires_grad=final.is_floating_point or final.is_complex)
+    # What torch.nn.Parameter(t, requires_grad) does, without its Python-level __new__.
+    make, param = torch.Tensor._make_subclass, torch.nn.Parameter
+    entries, cache, module_idx, dtype = (
+        deser._entries,
+        deser._cache,
+        deser._module_idx,
+        deser._dtype,
+    )
+    for i, (idx, t) in loaded.items():
+        module_idx[i] = idx
+        if i not in skip:
+            cache[i] = make(param, t, _dtypes_of(entries[i], dtype)[2])
 
 
 def load(deser, indices: list, verify: bool) -> None:
     """The deserializer's ``_load`` for CUDA devices: new tensors for ``indices``."""
     run = _Run(deser, verify)
     with _gc_paused():
-        for i, (idx, t) in _load(run, indices, {}).items():
-            deser._module_idx[i] = idx
-            deser._cache[i] = _parameter(deser._entries[i], t)
+        _parameters(deser, _load(run, indices, {}))
     run.done()
 
 
@@ -295,7 +306,7 @@ def load_into_module(deser, targets: list, rest: list, verify: bool) -> set:
                 f"{deser._name}: tensor {e['name']!r}: shape {tuple(e['shape'])} in the file does "
                 f"not match {tuple(old.shape)} in the module"
             )
-        _, target = _dtypes_of(e, deser._dtype)
+        _, target, _ = _dtypes_of(e, deser._dtype)
         if (
             old.device == device
             and old.dtype == target
@@ -311,11 +322,7 @@ def load_into_module(deser, targets: list, rest: list, verify: bool) -> set:
     run = _Run(deser, verify)
     with _gc_paused():
         loaded = _load(run, todo, into)
-    for i, (idx, t) in loaded.items():
-        deser._module_idx[i] = idx
-        if i in into:
-            continue
-        deser._cache[i] = _parameter(entries[i], t)
+        _parameters(deser, loaded, skip=into)
     for i, mod, attr in targets:
         if i in into:
             table = mod._parameters if entries[i]["tensor_type"] == PARAM else mod._buffers

@@ -36,7 +36,7 @@ fn cuda_available() -> (bool, Option<String>) {
 /// `(module_indices, stats)`. `progress(bytes_done, bytes_total)` is called about every 100 ms.
 #[pyfunction]
 #[pyo3(signature = (file, targets, device, stream, *, num_readers=None, verify_hash=false, key=None,
-                    passphrase=None, io="auto", register_readers=None, progress=None))]
+                    passphrase=None, io=None, register_readers=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_load<'py>(
     py: Python<'py>,
@@ -48,7 +48,7 @@ fn cuda_load<'py>(
     verify_hash: bool,
     key: Option<Vec<u8>>,
     passphrase: Option<Vec<u8>>,
-    io: &str,
+    io: Option<String>,
     register_readers: Option<usize>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<(Vec<u16>, Bound<'py, PyDict>)> {
@@ -58,7 +58,8 @@ fn cuda_load<'py>(
         base: LoadOptions { num_readers, verify_hash, keys: keys_from(key, passphrase)? },
         device,
         stream,
-        io: IoMode::parse(io).map_err(to_pyerr)?,
+        io: IoMode::parse(&io.or_else(|| std::env::var("TENSORIZER_RS_IO").ok()).unwrap_or_else(|| DEFAULT_IO.into()))
+            .map_err(to_pyerr)?,
         register_readers: register_readers.unwrap_or_else(default_register_readers),
     };
     let targets: Vec<DeviceTarget> =
@@ -98,6 +99,7 @@ fn cuda_load<'py>(
     d.set_item("registered_bytes", stats.registered_bytes)?;
     d.set_item("pageable_bytes", stats.pageable_bytes)?;
     d.set_item("h2d_copies", stats.h2d_copies)?;
+    d.set_item("batched_copy_calls", stats.batched_copy_calls)?;
     d.set_item("zero_fills", stats.zero_fills)?;
     d.set_item("direct_read_bytes", stats.direct_read_bytes)?;
     d.set_item("buffered_read_bytes", stats.buffered_read_bytes)?;
@@ -116,6 +118,8 @@ fn default_register_readers() -> usize {
 }
 
 const DEFAULT_REGISTER_READERS: usize = 0;
+/// How file bytes reach staging unless `io=` or `TENSORIZER_RS_IO` says otherwise.
+const DEFAULT_IO: &str = "auto";
 
 /// The process-wide counters of the GPU path.
 #[pyfunction]

@@ -243,7 +243,9 @@ impl PinnedMode {
     }
 }
 
-pub const DEFAULT_PINNED: PinnedMode = PinnedMode::Driver;
+/// Huge pages: a process's first 16 GiB load ran at 46 GB/s instead of 42 (H200, see
+/// docs/benchmarks.md), pinning being most of a first load's extra cost.
+pub const DEFAULT_PINNED: PinnedMode = PinnedMode::HugePages;
 const HUGE: usize = 2 << 20;
 
 /// Page-locked host memory. Plain cached memory (not write-combined, cudarc's default),
@@ -365,6 +367,69 @@ impl Drop for Registration {
 /// `dst` must be device memory of at least `len` bytes, `src` readable for `len` bytes.
 pub unsafe fn copy_htod(dst: u64, src: *const u8, len: usize, stream: StreamHandle) -> Result<()> {
     check(unsafe { sys::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, len, stream.0) }, "cuMemcpyHtoDAsync")
+}
+
+/// Whether `cuMemcpyBatchAsync` (drivers for CUDA 12.8+) may be used: present in the loaded
+/// driver, not turned off with `TENSORIZER_RS_BATCH=0`, and not failed before.
+fn batch_usable() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    let present = *PRESENT.get_or_init(|| {
+        std::env::var("TENSORIZER_RS_BATCH").as_deref() != Ok("0")
+            // SAFETY: looking a symbol up does not call it; `driver()` succeeded before any copy.
+            && unsafe { sys::culib().get::<unsafe extern "C" fn()>(b"cuMemcpyBatchAsync").is_ok() }
+    });
+    present && !BATCH_FAILED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+static BATCH_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Queue host→device copies `dsts[i] <- srcs[i]` (`sizes[i]` bytes) on `stream`: one
+/// `cuMemcpyBatchAsync` where the driver has it (a copy launch costs microseconds, which adds
+/// up over thousands of small tensors), else one call each. Returns whether it batched.
+///
+/// # Safety
+/// As for [`copy_htod`], for every element; the slices have equal lengths.
+pub unsafe fn copy_htod_many(
+    dsts: &mut [u64],
+    srcs: &mut [u64],
+    sizes: &mut [usize],
+    device: i32,
+    stream: StreamHandle,
+) -> Result<bool> {
+    if dsts.len() > 1 && batch_usable() {
+        let mut attrs = sys::CUmemcpyAttributes {
+            srcAccessOrder: sys::CUmemcpySrcAccessOrder::CU_MEMCPY_SRC_ACCESS_ORDER_STREAM,
+            srcLocHint: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST, id: 0 },
+            dstLocHint: sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: device },
+            flags: 0,
+        };
+        let mut idx = 0usize;
+        let mut fail = 0usize;
+        // SAFETY: equal-length arrays; one attribute entry applying from copy 0 on.
+        let r = unsafe {
+            sys::cuMemcpyBatchAsync(
+                dsts.as_mut_ptr(),
+                srcs.as_mut_ptr(),
+                sizes.as_mut_ptr(),
+                dsts.len(),
+                &mut attrs,
+                &mut idx,
+                1,
+                &mut fail,
+                stream.0,
+            )
+        };
+        if r == sys::CUresult::CUDA_SUCCESS {
+            return Ok(true);
+        }
+        // Unsupported here: never try again; redo these one by one (copies are idempotent).
+        BATCH_FAILED.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    for ((&d, &s), &n) in dsts.iter().zip(srcs.iter()).zip(sizes.iter()) {
+        // SAFETY: the caller's contract.
+        unsafe { copy_htod(d, s as *const u8, n, stream)? };
+    }
+    Ok(false)
 }
 
 /// Queue a zero fill of `len` device bytes.

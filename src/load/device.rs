@@ -52,6 +52,9 @@ pub enum IoMode {
     Buffered,
     /// Always O_DIRECT (where the file system allows it).
     Direct,
+    /// Like `Auto`, but cached bytes are copied out of the file's mapping with non-temporal
+    /// stores instead of `pread` (less memory traffic; a file truncated meanwhile would fault).
+    Mmap,
 }
 
 impl IoMode {
@@ -60,7 +63,8 @@ impl IoMode {
             "auto" => Ok(IoMode::Auto),
             "buffered" => Ok(IoMode::Buffered),
             "direct" => Ok(IoMode::Direct),
-            _ => Err(Error::value(format!("unknown io mode {s:?} (expected auto, buffered or direct)"))),
+            "mmap" => Ok(IoMode::Mmap),
+            _ => Err(Error::value(format!("unknown io mode {s:?} (expected auto, buffered, direct or mmap)"))),
         }
     }
 }
@@ -96,6 +100,7 @@ pub struct DeviceStats {
     pub registered_bytes: u64,
     pub pageable_bytes: u64,
     pub h2d_copies: u64,
+    pub batched_copy_calls: u64,
     pub zero_fills: u64,
     pub direct_read_bytes: u64,
     pub buffered_read_bytes: u64,
@@ -200,13 +205,37 @@ impl<'a> Io<'a> {
         match self.mode {
             IoMode::Buffered => false,
             IoMode::Direct => true,
-            IoMode::Auto => !self.resident(offset, len),
+            IoMode::Auto | IoMode::Mmap => !self.resident(offset, len),
         }
+    }
+
+    /// Copy cached bytes straight out of the mapping (`IoMode::Mmap`); false if not possible.
+    fn read_mapped(&self, offset: u64, len: usize, st: &mut Staged) -> bool {
+        let Some(map) = &self.map else { return false };
+        if offset + len as u64 > map.len as u64 || !self.resident(offset, len) {
+            return false;
+        }
+        let start = align_down(offset);
+        // SAFETY: the range lies inside our read-only mapping of a file of at least that size;
+        // populating the page tables in one call is cheaper than faulting page by page.
+        unsafe {
+            libc::madvise(
+                map.ptr.add(start as usize) as *mut libc::c_void,
+                (offset + len as u64 - start) as usize,
+                libc::MADV_POPULATE_READ,
+            );
+            copy_streaming(st.slice_mut(len).as_mut_ptr(), map.ptr.add(offset as usize), len);
+        }
+        true
     }
 
     /// Read `offset..offset + len` into `st`; returns where in the buffer the bytes start
     /// (non-zero after an aligned O_DIRECT read).
     fn read(&self, offset: u64, len: usize, st: &mut Staged, tally: &Tally) -> Result<usize> {
+        if self.mode == IoMode::Mmap && self.read_mapped(offset, len, st) {
+            tally.add(Counter::BufferedRead, len as u64);
+            return Ok(0);
+        }
         if self.wants_direct(offset, len) {
             match self.read_direct(offset, len, st) {
                 Ok(delta) => {
@@ -253,6 +282,56 @@ impl<'a> Io<'a> {
     }
 }
 
+/// `memcpy` with non-temporal stores where the CPU has AVX2: the destination (a staging
+/// buffer) is read next by the GPU, not the CPU, so filling caches with it only costs bandwidth.
+///
+/// # Safety
+/// `src` readable and `dst` writable for `len` bytes, not overlapping.
+unsafe fn copy_streaming(dst: *mut u8, src: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; the caller's contract covers the ranges.
+        unsafe { copy_streaming_avx2(dst, src, len) };
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_streaming_avx2(dst: *mut u8, src: *const u8, len: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): all accesses stay within `len` bytes of `src`/`dst`; stores are to
+    // 32-byte aligned addresses after the head.
+    unsafe {
+        let head = dst.align_offset(32).min(len);
+        std::ptr::copy_nonoverlapping(src, dst, head);
+        let mut i = head;
+        while i + 128 <= len {
+            let s = src.add(i) as *const __m256i;
+            let d = dst.add(i) as *mut __m256i;
+            let (a, b, c, e) = (
+                _mm256_loadu_si256(s),
+                _mm256_loadu_si256(s.add(1)),
+                _mm256_loadu_si256(s.add(2)),
+                _mm256_loadu_si256(s.add(3)),
+            );
+            _mm256_stream_si256(d, a);
+            _mm256_stream_si256(d.add(1), b);
+            _mm256_stream_si256(d.add(2), c);
+            _mm256_stream_si256(d.add(3), e);
+            i += 128;
+        }
+        while i + 32 <= len {
+            _mm256_stream_si256(dst.add(i) as *mut __m256i, _mm256_loadu_si256(src.add(i) as *const __m256i));
+            i += 32;
+        }
+        std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
+        _mm_sfence();
+    }
+}
+
 /// Per-load tallies, mirrored into the process-wide counters.
 #[derive(Default)]
 struct Tally {
@@ -260,6 +339,7 @@ struct Tally {
     registered: AtomicU64,
     pageable: AtomicU64,
     copies: AtomicU64,
+    batch_calls: AtomicU64,
     zero_fills: AtomicU64,
     direct: AtomicU64,
     buffered: AtomicU64,
@@ -274,6 +354,7 @@ impl Tally {
             Counter::Registered => &self.registered,
             Counter::Pageable => &self.pageable,
             Counter::Copies => &self.copies,
+            Counter::BatchCalls => &self.batch_calls,
             Counter::ZeroFills => &self.zero_fills,
             Counter::DirectRead => &self.direct,
             Counter::BufferedRead => &self.buffered,
@@ -457,6 +538,7 @@ pub fn load_to_device(
         registered_bytes: get(&t.registered),
         pageable_bytes: get(&t.pageable),
         h2d_copies: get(&t.copies),
+        batched_copy_calls: get(&t.batch_calls),
         zero_fills: get(&t.zero_fills),
         direct_read_bytes: get(&t.direct),
         buffered_read_bytes: get(&t.buffered),
@@ -604,16 +686,33 @@ impl Job<'_> {
         // SAFETY: `len` initialised bytes, alive (staged or heap) until the end of this call.
         let base = unsafe { std::slice::from_raw_parts(ptr, len) };
         let kind = if staged.is_some() { Counter::Staged } else { Counter::Pageable };
+        // The segment's copies go to the driver together (one batched call where supported).
+        let (mut dsts, mut srcs, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
         for p in parts {
-            *self.slots[p.slot].header.lock().unwrap_or_else(|e| e.into_inner()) = base[p.header.clone()].to_vec();
             if let Some(d) = &p.data {
                 if d.is_empty() {
                     self.zero(p.slot, stream)?;
                 } else {
-                    self.copy(p.slot, 0, base[d.clone()].as_ptr(), d.len(), stream, kind)
-                        .map_err(|e| e.in_tensor(&self.entry(p.slot).name_lossy()))?;
+                    dsts.push(self.slots[p.slot].dest);
+                    srcs.push(base[d.clone()].as_ptr() as u64);
+                    sizes.push(d.len());
                 }
             }
+        }
+        if !dsts.is_empty() {
+            // SAFETY: each destination is its slot's whole device buffer (sizes checked up
+            // front); the sources live in this segment's buffer until its event has passed.
+            let batched = unsafe { cuda::copy_htod_many(&mut dsts, &mut srcs, &mut sizes, self.opts.device, stream)? };
+            let bytes: usize = sizes.iter().sum();
+            self.tally.add(kind, bytes as u64);
+            self.tally.add(Counter::Copies, sizes.len() as u64);
+            if batched {
+                self.tally.add(Counter::BatchCalls, 1);
+            }
+            self.tally.done.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        for p in parts {
+            *self.slots[p.slot].header.lock().unwrap_or_else(|e| e.into_inner()) = base[p.header.clone()].to_vec();
             self.finish_piece(p.slot).map_err(|e| e.in_tensor(&self.entry(p.slot).name_lossy()))?;
         }
         drop(staged);

@@ -92,6 +92,7 @@ MODES = [
     {"io": "direct", "register_readers": 0},
     {"io": "auto", "register_readers": 0},
     {"io": "auto", "register_readers": 64},
+    {"io": "mmap", "register_readers": 0},
 ]
 
 
@@ -401,7 +402,10 @@ def many_small_tensors_share_allocations():
     sd = {f"t{k}": torch.randn(16 + (k % 3) * 8, generator=g) for k in range(600)}
     sd["big"] = torch.randn(100_000, generator=g)  # over SHARE_MAX_BYTES: its own allocation
     path = write(TMP / "small.tensors", sd)
+    _cuda.reset_counters()
     out = gpu_load(gpu_deser(path))
+    batches = _cuda.counters()["batched_copy_calls"]
+    assert (batches == 0) if os.environ.get("MOCK_CUDA_NO_BATCH") else (0 < batches < 50), batches
     for k, v in sd.items():
         assert torch.equal(out[k], v), k
     storages = {out[f"t{k}"].untyped_storage().data_ptr() for k in range(600)}

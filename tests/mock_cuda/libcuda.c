@@ -363,3 +363,21 @@ CUresult cuMemsetD8Async(uintptr_t dst, unsigned char value, size_t n, struct st
     struct op o = {.kind = OP_SET, .dst = (void *)dst, .n = n, .value = value};
     return submit(s, o);
 }
+
+/* CUDA 12.8 ABI: copies queued in order on one stream. MOCK_CUDA_NO_BATCH=1 reports it
+ * unsupported, as an older driver's missing symbol would. */
+CUresult cuMemcpyBatchAsync(uintptr_t *dsts, uintptr_t *srcs, size_t *sizes, size_t count, void *attrs,
+                            size_t *attrs_idxs, size_t num_attrs, size_t *fail_idx, struct stream *s) {
+    (void)attrs;
+    (void)attrs_idxs;
+    (void)num_attrs;
+    if (getenv("MOCK_CUDA_NO_BATCH")) return 801; /* CUDA_ERROR_NOT_SUPPORTED */
+    for (size_t i = 0; i < count; i++) {
+        CUresult r = cuMemcpyHtoDAsync_v2(dsts[i], (const void *)srcs[i], sizes[i], s);
+        if (r != OK) {
+            *fail_idx = i;
+            return r;
+        }
+    }
+    return OK;
+}
