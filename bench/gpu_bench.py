@@ -337,18 +337,12 @@ def sweep(model, path, out):
     configs = [
         ("default", {}, None, None),
         ("readers=8", {}, None, 8),
-        ("readers=10", {}, None, 10),
-        ("readers=14", {}, None, 14),
         ("readers=16", {}, None, 16),
-        ("io=mmap", {"io": "mmap"}, None, None),
-        ("io=mmap,readers=8", {"io": "mmap"}, None, 8),
-        ("io=mmap,readers=16", {"io": "mmap"}, None, 16),
         ("chunk=16M/256M", {}, (256 * MiB, 16 * MiB), None),
-        ("io=mmap,chunk=16M", {"io": "mmap"}, (256 * MiB, 16 * MiB), None),
-        ("pool=128M", {}, (128 * MiB, 8 * MiB), None),
         ("driver-pinned", {}, (256 * MiB, 8 * MiB, "driver"), None),
+        ("io=mmap", {"io": "mmap"}, None, None),
+        ("register=2", {"register_readers": 2}, None, None),
         ("default(again)", {}, None, None),
-        ("io=mmap(again)", {"io": "mmap"}, None, None),
     ]
     rows = []
     for name, opts, staging, readers in configs:
@@ -498,18 +492,6 @@ def main():
     plan = [
         {"loader": "ours", "path": ours},
         {"loader": "ours_module", "path": ours},
-        {
-            "loader": "ours",
-            "path": ours,
-            "env": {"TENSORIZER_RS_IO": "mmap"},
-            "label": "ours[io=mmap]",
-        },
-        {
-            "loader": "ours_module",
-            "path": ours,
-            "env": {"TENSORIZER_RS_IO": "mmap"},
-            "label": "ours_module[io=mmap]",
-        },
         {"loader": "ours", "path": ours, "label": "ours(again)"},
         {"loader": "ours_module", "path": ours, "label": "ours_module(again)"},
     ]
@@ -545,16 +527,7 @@ def main():
             ours, direct=True, chunk=8 * MiB, limit=8 * GiB
         )
         log(f"limits: {res['limits']}")
-        cold = [
-            {"loader": "ours", "path": ours},
-            {"loader": "ours_module", "path": ours},
-            {
-                "loader": "ours_module",
-                "path": ours,
-                "env": {"TENSORIZER_RS_IO": "mmap"},
-                "label": "ours_module[io=mmap]",
-            },
-        ]
+        cold = [{"loader": "ours", "path": ours}, {"loader": "ours_module", "path": ours}]
         if args.coreweave:
             cold.append({"loader": "coreweave", "path": ours})
         if st:

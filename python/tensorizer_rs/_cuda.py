@@ -149,11 +149,12 @@ class _Run:
         return report
 
     def native(self, jobs: list) -> list:
-        """Load ``[(index, tensor)]`` into the tensors' memory; returns the module indices."""
+        """Load ``[(index, tensor, data_ptr, nbytes)]`` into the tensors' memory; returns the
+        module indices."""
         if not jobs:
             return []
         d = self.deser
-        targets = [(i, t.data_ptr(), t.nbytes) for i, t in jobs]
+        targets = [(i, p, n) for i, _, p, n in jobs]
         module_idx, stats = _native.cuda_load(
             d._file,
             targets,
@@ -202,14 +203,14 @@ def _load(run: _Run, indices: list, into: dict) -> dict:
         final, target, _ = _dtypes_of(e, d._dtype)
         dest = into.get(i)
         if dest is not None and dest.dtype == final:
-            direct.append((i, dest))
+            direct.append((i, dest, dest.data_ptr(), e["nbytes"]))
         elif final == target and dest is None:
             fresh.append((i, final))
         else:
             casts.append((i, e, final, target, dest))
     direct += _allocate(entries, fresh, device)
     out = {}
-    for (i, t), idx in zip(direct, run.native(direct)):
+    for (i, t, _, _), idx in zip(direct, run.native(direct)):
         out[i] = (idx, t)
     # Casts: load a group at its stored dtype into temporaries, then cast on the GPU.
     group, size = [], 0
@@ -218,13 +219,10 @@ def _load(run: _Run, indices: list, into: dict) -> dict:
         group.append(c)
         size += c[1]["nbytes"]
         if n + 1 == len(casts) or size + casts[n + 1][1]["nbytes"] > limit:
-            tmp = [
-                (i, torch.empty(e["shape"], dtype=final, device=device))
-                for i, e, final, _, _ in group
-            ]
+            tmp = _allocate(entries, [(i, final) for i, _, final, _, _ in group], device)
             idxs = run.native(tmp)
             with torch.no_grad():
-                for (i, _e, _f, target, dest), (_, t), idx in zip(group, tmp, idxs):
+                for (i, _e, _f, target, dest), (_, t, _, _), idx in zip(group, tmp, idxs):
                     if dest is not None:
                         dest.copy_(t)
                         out[i] = (idx, dest)
@@ -236,26 +234,32 @@ def _load(run: _Run, indices: list, into: dict) -> dict:
 
 
 def _allocate(entries: list, wanted: list, device) -> list:
-    """New device tensors for ``wanted`` = ``[(index, dtype)]``, as ``[(index, tensor)]``."""
+    """New device tensors for ``wanted`` = ``[(index, dtype)]``, in that order, as
+    ``[(index, tensor, data_ptr, nbytes)]``."""
     import torch
 
-    out, groups = [], {}
+    out, groups = {}, {}
     for i, final in wanted:
         e = entries[i]
-        if 0 < e["nbytes"] <= SHARE_MAX_BYTES:
-            groups.setdefault((final, e["shape"]), []).append(i)
+        n = e["nbytes"]
+        if 0 < n <= SHARE_MAX_BYTES:
+            groups.setdefault((final, e["shape"], n), []).append(i)
         else:
-            out.append((i, torch.empty(e["shape"], dtype=final, device=device)))
-    for (final, shape), idx in groups.items():
-        per = max(1, SHARE_GROUP_BYTES // entries[idx[0]]["nbytes"])
+            t = torch.empty(e["shape"], dtype=final, device=device)
+            out[i] = (i, t, t.data_ptr(), n)
+    for (final, shape, n), idx in groups.items():
+        per = max(1, SHARE_GROUP_BYTES // n)
         for k in range(0, len(idx), per):
             part = idx[k : k + per]
             if len(part) == 1:
-                out.append((part[0], torch.empty(shape, dtype=final, device=device)))
-            else:
-                rows = torch.empty((len(part), *shape), dtype=final, device=device).unbind(0)
-                out.extend(zip(part, rows))
-    return out
+                t = torch.empty(shape, dtype=final, device=device)
+                out[part[0]] = (part[0], t, t.data_ptr(), n)
+                continue
+            block = torch.empty((len(part), *shape), dtype=final, device=device)
+            base = block.data_ptr()
+            for j, (i, row) in enumerate(zip(part, block.unbind(0))):
+                out[i] = (i, row, base + j * n, n)
+    return [out[i] for i, _ in wanted]
 
 
 def _parameters(deser, loaded: dict, skip=()) -> None:
