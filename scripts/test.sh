@@ -3,9 +3,9 @@
 #
 # Phases (each timed; all run even if an earlier lint phase fails; summary at the end):
 #   setup    scripts/setup-env.sh (venv, apt packages, CoreWeave tensorizer for cross-checks)
-#   build    maturin build --release (abi3 wheel), installed with --no-deps into .cache/site,
-#            which pytest gets on PYTHONPATH: a run tests exactly this checkout's build, even when
-#            several checkouts share one VENV.
+#   build    scripts/build.sh: maturin build --release (abi3 wheel), installed with --no-deps into
+#            .cache/site, which tests/conftest.py puts first on sys.path and PYTHONPATH: a run tests
+#            exactly this checkout's build, even when several checkouts share one VENV.
 #   fmt      cargo fmt --check
 #   clippy   cargo clippy --all-targets -- -D warnings
 #   cargo    cargo test            (debug profile: the release build's dependencies are built as
@@ -59,7 +59,7 @@ summary() {
 
 run_pytest() {
   local rc
-  PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH} "$PY" -m pytest -q -m "not gpu" \
+  "$PY" -m pytest -q -m "not gpu" \
     --timeout="${PYTEST_TIMEOUT:-900}" "$@"
   rc=$?
   [ $rc = 5 ] && echo "pytest collected no tests: that is a failure here"
