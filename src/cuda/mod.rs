@@ -533,3 +533,28 @@ impl Engine {
         *self.pool.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(Pool::new(self.ctx, cfg));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_driver_every_entry_is_an_unsupported_error() {
+        // On machines with CUDA this checks nothing; without, it must fail cleanly (no panic).
+        if std::panic::catch_unwind(|| unsafe { sys::is_culib_present() }).unwrap_or(false) {
+            return;
+        }
+        for e in [device_count().unwrap_err(), Engine::get(0).err().expect("no engine without CUDA")] {
+            assert_eq!(e.kind, ErrorKind::Unsupported, "{e}");
+            assert!(e.message.contains("CUDA is not available"), "{e}");
+        }
+    }
+
+    #[test]
+    fn staging_sizes_are_whole_huge_pages() {
+        let c = normalize(StagingConfig { total: 1, chunk: 3 << 20, streams: 0, pinned: PinnedMode::Driver });
+        assert_eq!((c.chunk, c.total, c.streams), (4 << 20, 4 << 20, 1));
+        let c = normalize(StagingConfig { total: 256 << 20, chunk: 1, streams: 99, pinned: PinnedMode::HugePages });
+        assert_eq!((c.chunk, c.total, c.streams, c.pinned), (2 << 20, 256 << 20, 32, PinnedMode::HugePages));
+    }
+}

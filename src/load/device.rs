@@ -855,3 +855,35 @@ impl Job<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_copy_matches_memcpy_at_any_alignment() {
+        let src: Vec<u8> = (0..70_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for (s_off, d_off, len) in [(0, 0, 0), (1, 3, 31), (5, 0, 128), (3, 17, 4099), (0, 1, 65_000), (9, 31, 33)] {
+            let mut dst = vec![0xAAu8; len + 64];
+            // SAFETY: both ranges are in bounds.
+            unsafe { copy_streaming(dst.as_mut_ptr().add(d_off), src.as_ptr().add(s_off), len) };
+            assert_eq!(&dst[d_off..d_off + len], &src[s_off..s_off + len], "{s_off} {d_off} {len}");
+            assert!(dst[..d_off].iter().all(|&b| b == 0xAA) && dst[d_off + len..].iter().all(|&b| b == 0xAA));
+        }
+    }
+
+    #[test]
+    fn io_modes_parse() {
+        for (s, m) in
+            [("auto", IoMode::Auto), ("buffered", IoMode::Buffered), ("direct", IoMode::Direct), ("mmap", IoMode::Mmap)]
+        {
+            assert_eq!(IoMode::parse(s).unwrap(), m);
+        }
+        assert_eq!(IoMode::parse("fast").unwrap_err().kind, ErrorKind::Value);
+    }
+
+    #[test]
+    fn page_alignment_helpers() {
+        assert_eq!((align_down(4097), align_up(4097), align_up(4096), align_down(0)), (4096, 8192, 4096, 0));
+    }
+}
