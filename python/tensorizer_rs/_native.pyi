@@ -56,3 +56,29 @@ class TensorWriter:
     def abort(self) -> None: ...
 
 def derive_key(passphrase: bytes, opslimit: int, memlimit: int, salt: bytes) -> bytes: ...
+
+# -- CUDA (src/bindings/cuda.rs; wrapped by tensorizer_rs._cuda) --------------------------------
+def cuda_available() -> tuple[bool, str | None]: ...
+def cuda_load(
+    file: TensorFile,
+    targets: list[tuple[int, int, int]],
+    device: int,
+    stream: int,
+    *,
+    num_readers: int | None = ...,
+    verify_hash: bool = ...,
+    key: bytes | None = ...,
+    passphrase: bytes | None = ...,
+    io: str = ...,
+    register_readers: int | None = ...,
+    progress: Any = ...,
+) -> tuple[list[int], dict[str, Any]]: ...
+def cuda_counters() -> dict[str, int]: ...
+def cuda_reset_counters() -> None: ...
+def cuda_staging(
+    total_bytes: int | None = ...,
+    chunk_bytes: int | None = ...,
+    streams: int | None = ...,
+    pinned: str | None = ...,
+) -> tuple[int, int, int, str]: ...
+def cuda_release_staging(device: int) -> None: ...

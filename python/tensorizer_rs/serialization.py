@@ -86,9 +86,12 @@ class TensorDeserializer(collections.abc.Mapping):
         num_readers: int | None = None,
         verify_hash: bool = False,
         encryption: Any = None,
+        progress: Callable[[int, float], None] | None = None,
     ) -> None:
         del plaid_mode, plaid_mode_buffers  # accepted for compatibility; no effect (as upstream)
         self._file = None
+        self._deferred = False  # an eager CUDA load waiting for its destinations (see _cuda.py)
+        self._progress = progress  # CUDA loads: called with (bytes done, GB/s)
         if num_readers is not None and (
             not isinstance(num_readers, int) or isinstance(num_readers, bool) or num_readers < 1
         ):
@@ -126,9 +129,14 @@ class TensorDeserializer(collections.abc.Mapping):
         self.total_bytes_read = 0
         self._seconds = 0.0
         if not lazy_load:
-            self._load(self._selected)
             self._last_yielded = len(self._selected) - 1
-            self.close()
+            if self._device.type == "cuda":
+                # Reads wait until the destinations are known: load_into_module fills the
+                # module's own tensors; any other access first loads everything (_load).
+                self._deferred = True
+            else:
+                self._load(self._selected)
+                self.close()
 
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
@@ -145,6 +153,9 @@ class TensorDeserializer(collections.abc.Mapping):
                 )
             if dev.index is None:
                 dev = torch.device("cuda", torch.cuda.current_device())
+            from . import _cuda
+
+            _cuda.check_available(dev)
         return dev
 
     def _open(self, file_obj: Any):
@@ -184,9 +195,19 @@ class TensorDeserializer(collections.abc.Mapping):
         todo = [i for i in indices if i not in self._cache]
         if not todo:
             return
+        deferred, self._deferred = self._deferred, False
+        if deferred:
+            todo = [i for i in self._selected if i not in self._cache]
         self._check_open()
         start = time.perf_counter()
         verify = self._verify_hash if verify_hash is None else bool(verify_hash)
+        if self._device.type == "cuda":
+            from . import _cuda
+
+            _cuda.load(self, todo, verify)
+            if deferred:
+                self.close()
+            return
         loaded = self._file.load(
             todo, num_readers=self._num_readers, verify_hash=verify, **self._crypt
         )
@@ -369,6 +390,18 @@ class TensorDeserializer(collections.abc.Mapping):
                     f"{self._name}: tensor {name!r}: module {prefix!r} not found in the model"
                 )
             targets.append((i, modules[prefix], attr))
+        if self._device.type == "cuda":
+            from . import _cuda
+
+            rest, self._deferred = (self._selected if self._deferred else []), False
+            verify = self._verify_hash if verify_hash is None else bool(verify_hash)
+            in_place = _cuda.load_into_module(self, targets, rest, verify)
+            with torch.no_grad():
+                for i, mod, attr in targets:
+                    if i not in in_place:
+                        self._place(mod, attr, i)
+            self.close()
+            return len(targets)
         self._load(chosen, verify_hash)
         with torch.no_grad():
             for i, mod, attr in targets:
@@ -406,6 +439,8 @@ class TensorDeserializer(collections.abc.Mapping):
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
+        if self._deferred and self._file is not None:
+            self._load(self._selected)  # an eager load owes its tensors before the file goes
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -418,6 +453,7 @@ class TensorDeserializer(collections.abc.Mapping):
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
+            self._deferred = False
             self.close()
 
     @property
