@@ -46,7 +46,9 @@ impl PyTensorFile {
     #[new]
     fn new(py: Python<'_>, uri: String) -> PyResult<Self> {
         let file = py
-            .detach(|| -> crate::error::Result<TensorFile> { TensorFile::open(storage::open_source(&uri)?) })
+            .detach(|| -> crate::error::Result<TensorFile> {
+                TensorFile::open(storage::open_source(&uri, &storage::StorageOptions::default())?)
+            })
             .map_err(to_pyerr)?;
         Ok(PyTensorFile { inner: Some(Arc::new(file)) })
     }
@@ -143,7 +145,10 @@ impl PyTensorFile {
     /// The record header of entry `i`: module index, stored hashes, and crypt info summary.
     fn header_info<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyDict>> {
         let f = self.file()?.clone();
-        let e = f.entries.get(i).ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")))?;
+        let e = f
+            .entries
+            .get(i)
+            .ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")))?;
         let h = py
             .detach(|| -> crate::error::Result<_> {
                 let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
