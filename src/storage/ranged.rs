@@ -1,10 +1,12 @@
 //! The read side shared by HTTP and S3: a `read_at` is cut into ranged requests that run
 //! concurrently (bounded per source), each retried and resumed where it stopped, each writing
 //! straight into its slice of the caller's buffer.
-use futures_util::future::{try_join_all, BoxFuture};
+use std::sync::Arc;
+
+use futures_util::future::{select_all, BoxFuture};
 use tokio::sync::Semaphore;
 
-use super::retry::{block_on, Backoff, Failure, RetryPolicy};
+use super::retry::{block_on, runtime, Backoff, Failure, RetryPolicy};
 use super::Source;
 use crate::error::{Error, Result};
 
@@ -29,16 +31,31 @@ pub(crate) struct Opened {
 }
 
 pub(crate) struct RangedSource<F> {
-    fetcher: F,
+    requests: Arc<Requests<F>>,
     shown: String,
     size: u64,
     prefix: Vec<u8>,
     ranges: bool,
     request_size: usize,
-    in_flight: Semaphore,
     max_in_flight: usize,
+}
+
+/// What the request tasks share: the fetcher, the in-flight bound and the retry policy.
+struct Requests<F> {
+    fetcher: F,
+    in_flight: Semaphore,
     retry: RetryPolicy,
 }
+
+/// A slice of the caller's buffer handed to a request task on the runtime.
+struct BufPtr {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: each BufPtr covers a distinct part of a buffer that `RangedSource::read` keeps borrowed
+// (and untouched) until every task holding one has finished (`Tasks` waits even on unwinding).
+unsafe impl Send for BufPtr {}
 
 /// Bytes the open probe asks for; covers the header and the index of most files.
 pub(crate) const PROBE_LEN: u64 = 1 << 20;
@@ -63,18 +80,77 @@ impl<F: RangeFetch> RangedSource<F> {
     fn new(fetcher: F, shown: String, opened: Opened, opts: &super::StorageOptions) -> Self {
         let max_in_flight = if opened.ranges { opts.max_concurrency() } else { 1 };
         RangedSource {
-            fetcher,
+            requests: Arc::new(Requests {
+                fetcher,
+                in_flight: Semaphore::new(max_in_flight),
+                retry: opts.retry_policy(),
+            }),
             shown,
             size: opened.size,
             prefix: opened.prefix,
             ranges: opened.ranges,
-            request_size: opts.request_size(),
-            in_flight: Semaphore::new(max_in_flight),
+            request_size: if opened.ranges { opts.request_size() } else { usize::MAX },
             max_in_flight,
-            retry: opts.retry_policy(),
         }
     }
 
+    /// Run the requests for `buf` as tasks on the runtime's workers, where the connections are
+    /// driven, so each body is copied by the thread that received it; wait for all of them.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut tasks = Tasks(Vec::with_capacity(buf.len().div_ceil(self.request_size)));
+        let mut at = offset;
+        for chunk in buf.chunks_mut(self.request_size) {
+            let dst = BufPtr { ptr: chunk.as_mut_ptr(), len: chunk.len() };
+            let requests = Arc::clone(&self.requests);
+            let start = at;
+            at += chunk.len() as u64;
+            tasks.0.push(runtime().spawn(async move {
+                let dst = dst;
+                // SAFETY: see `BufPtr`; the slices of different tasks do not overlap.
+                let dst = unsafe { std::slice::from_raw_parts_mut(dst.ptr, dst.len) };
+                requests.fetch_with_retries(start, dst).await
+            }));
+        }
+        block_on(async {
+            let mut result = Ok(());
+            while !tasks.0.is_empty() {
+                let (joined, i, _) = select_all(tasks.0.iter_mut()).await;
+                tasks.0.swap_remove(i);
+                let outcome = match joined {
+                    Ok(r) => r,
+                    Err(e) if e.is_cancelled() => continue,
+                    Err(e) => Err(Error::io(format!("a read task failed: {e}"))),
+                };
+                if let (Err(e), true) = (outcome, result.is_ok()) {
+                    // The first failure cancels the other requests; they are still awaited.
+                    result = Err(e);
+                    tasks.0.iter().for_each(|t| t.abort());
+                }
+            }
+            result
+        })
+    }
+}
+
+/// Request tasks writing into a caller's buffer. Dropping the set with tasks left in it (only on
+/// a panic) cancels them and waits until none can write any more, so the buffer outlives them.
+struct Tasks(Vec<tokio::task::JoinHandle<Result<()>>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        let tasks = std::mem::take(&mut self.0);
+        if !tasks.is_empty() {
+            tasks.iter().for_each(|t| t.abort());
+            block_on(async {
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        }
+    }
+}
+
+impl<F: RangeFetch> Requests<F> {
     /// One request's worth, with retries; a retry asks only for the bytes still missing.
     async fn fetch_with_retries(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
         let _permit = self.in_flight.acquire().await.map_err(|_| Error::io("source closed"))?;
@@ -102,21 +178,6 @@ impl<F: RangeFetch> RangedSource<F> {
                 }
             }
         }
-    }
-
-    async fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        if !self.ranges {
-            return self.fetch_with_retries(offset, buf).await;
-        }
-        let mut pieces = Vec::with_capacity(buf.len().div_ceil(self.request_size));
-        let mut at = offset;
-        for chunk in buf.chunks_mut(self.request_size) {
-            let len = chunk.len() as u64;
-            pieces.push(self.fetch_with_retries(at, chunk));
-            at += len;
-        }
-        // The first failure drops (cancels) the requests still running.
-        try_join_all(pieces).await.map(|_| ())
     }
 }
 
@@ -147,7 +208,7 @@ impl<F: RangeFetch> Source for RangedSource<F> {
         if cached == buf.len() {
             return Ok(());
         }
-        block_on(self.read(offset + cached as u64, &mut buf[cached..])).map_err(|e| e.in_file(&self.shown))
+        self.read(offset + cached as u64, &mut buf[cached..]).map_err(|e| e.in_file(&self.shown))
     }
     fn preferred_parallelism(&self) -> usize {
         // Each read_at already runs up to `max_in_flight` requests; a few callers keep them busy.
