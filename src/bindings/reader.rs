@@ -46,7 +46,9 @@ impl PyTensorFile {
     #[new]
     fn new(py: Python<'_>, uri: String) -> PyResult<Self> {
         let file = py
-            .detach(|| -> crate::error::Result<TensorFile> { TensorFile::open(storage::open_source(&uri)?) })
+            .detach(|| -> crate::error::Result<TensorFile> {
+                TensorFile::open(storage::open_source(&uri, &storage::StorageOptions::default())?)
+            })
             .map_err(to_pyerr)?;
         Ok(PyTensorFile { inner: Some(Arc::new(file)) })
     }

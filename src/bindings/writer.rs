@@ -35,7 +35,7 @@ impl PyTensorWriter {
                 kdf: kdf.map(|(opslimit, memlimit, alg, salt)| PwHashParams { opslimit, memlimit, alg, salt }),
             }),
         };
-        let sink = py.detach(|| storage::create_sink(&uri)).map_err(to_pyerr)?;
+        let sink = py.detach(|| storage::create_sink(&uri, &storage::StorageOptions::default())).map_err(to_pyerr)?;
         Ok(PyTensorWriter { inner: Some(Writer::new(sink, keys)) })
     }
 

@@ -1,8 +1,19 @@
 //! Where bytes come from and go to. Every backend implements one small trait; the load
 //! pipeline and the writer never know which one they talk to.
+//!
+//! Backends: local paths (`local`), `http://`/`https://` (`http`, read-only) and `s3://` (`s3`).
+//! The remote ones run their requests on one shared tokio runtime (`retry::runtime`) and expose
+//! blocking calls, so callers are plain threads.
+mod config;
+mod http;
 pub mod local;
+mod ranged;
+mod retry;
+mod s3;
 
-use crate::error::Result;
+pub use config::StorageOptions;
+
+use crate::error::{Error, ErrorKind, Result};
 
 /// A random-access, read-only byte source (a local file, an HTTP(S) URL, an S3 object).
 pub trait Source: Send + Sync {
@@ -11,6 +22,8 @@ pub trait Source: Send + Sync {
     /// Total size in bytes, known once the source is open.
     fn size(&self) -> u64;
     /// Fill `buf` with the bytes at `offset..offset + buf.len()`; a short read is an error.
+    /// Remote sources split a large read into concurrent ranged requests, retry each, and fail
+    /// (rather than return other bytes) if the object changed since it was opened.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
     /// How many concurrent `read_at` calls this source serves well (local: many; remote: many
     /// ranged requests). The pipeline uses it when the caller leaves `num_readers` unset.
@@ -24,18 +37,95 @@ pub trait Source: Send + Sync {
 /// ascending order) and rewrites the header region `[0, data_start)` last.
 pub trait Sink: Send + Sync {
     fn describe(&self) -> &str;
+    /// Tell the sink, before the first data write, how long the region rewritten at the end is
+    /// (`data_start`). Sinks that upload as they go (S3) keep that much in memory until `finish`.
+    fn set_header_len(&self, _len: u64) -> Result<()> {
+        Ok(())
+    }
     fn write_at(&self, offset: u64, data: &[u8]) -> Result<()>;
     /// Make the object visible at its destination. Dropping a sink without calling this
     /// must leave nothing at the destination.
     fn finish(self: Box<Self>) -> Result<()>;
 }
 
-/// Open a source by URI or path. Remote schemes are dispatched here as backends are added.
-pub fn open_source(uri: &str) -> Result<Box<dyn Source>> {
-    Ok(Box::new(local::LocalFile::open(uri)?))
+/// The backends a URI can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scheme<'a> {
+    /// A local path (`file://` stripped).
+    Local(&'a str),
+    Http,
+    S3,
 }
 
-/// Open a sink by URI or path.
-pub fn create_sink(uri: &str) -> Result<Box<dyn Sink>> {
-    Ok(Box::new(local::AtomicFile::create(uri)?))
+/// The scheme is whatever precedes `://`, case-insensitively; anything unrecognised is a path.
+fn scheme_of(uri: &str) -> Result<Scheme<'_>> {
+    let Some((scheme, rest)) = uri.split_once("://") else { return Ok(Scheme::Local(uri)) };
+    match scheme.to_ascii_lowercase().as_str() {
+        "http" | "https" => Ok(Scheme::Http),
+        "s3" => Ok(Scheme::S3),
+        "file" => Ok(Scheme::Local(rest)),
+        "redis" => Err(Error::new(ErrorKind::Unsupported, "redis:// sources are not supported").in_file(uri)),
+        _ => Ok(Scheme::Local(uri)),
+    }
+}
+
+/// Open a source by URI or path: `s3://bucket/key`, `http(s)://…`, `file://…` or a local path.
+pub fn open_source(uri: &str, opts: &StorageOptions) -> Result<Box<dyn Source>> {
+    Ok(match scheme_of(uri)? {
+        Scheme::Local(path) => Box::new(local::LocalFile::open(path)?),
+        Scheme::Http => Box::new(http::open(uri, opts)?),
+        Scheme::S3 => Box::new(s3::open(uri, opts)?),
+    })
+}
+
+/// Open a sink by URI or path: `s3://bucket/key`, `file://…` or a local path (HTTP is read-only).
+pub fn create_sink(uri: &str, opts: &StorageOptions) -> Result<Box<dyn Sink>> {
+    Ok(match scheme_of(uri)? {
+        Scheme::Local(path) => Box::new(local::AtomicFile::create(path)?),
+        Scheme::Http => {
+            return Err(Error::new(ErrorKind::Unsupported, "HTTP(S) URLs can only be read, not written").in_file(uri))
+        }
+        Scheme::S3 => Box::new(s3::create(uri, opts)?),
+    })
+}
+
+/// Read a whole (small) object or file, e.g. a side file next to a model.
+pub fn read_all(uri: &str, opts: &StorageOptions) -> Result<Vec<u8>> {
+    let source = open_source(uri, opts)?;
+    let size = usize::try_from(source.size()).map_err(|_| Error::value("object too large for memory").in_file(uri))?;
+    let mut buf = vec![0u8; size];
+    source.read_at(0, &mut buf)?;
+    Ok(buf)
+}
+
+/// Write a whole (small) object or file at once; it appears only if every byte was written.
+pub fn write_all(uri: &str, opts: &StorageOptions, bytes: &[u8]) -> Result<()> {
+    let sink = create_sink(uri, opts)?;
+    sink.write_at(0, bytes)?;
+    sink.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schemes() {
+        assert_eq!(scheme_of("/a/b").unwrap(), Scheme::Local("/a/b"));
+        assert_eq!(scheme_of("file:///a/b").unwrap(), Scheme::Local("/a/b"));
+        assert_eq!(scheme_of("HTTPS://x/y").unwrap(), Scheme::Http);
+        assert_eq!(scheme_of("s3://b/k").unwrap(), Scheme::S3);
+        assert_eq!(scheme_of("gs://b/k").unwrap(), Scheme::Local("gs://b/k"));
+        assert!(scheme_of("redis://h:1/p").is_err());
+        assert!(create_sink("http://127.0.0.1:1/x", &StorageOptions::default()).is_err());
+    }
+
+    #[test]
+    fn local_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/side.json");
+        let path = path.to_str().unwrap();
+        write_all(path, &StorageOptions::default(), b"{}\n").unwrap();
+        assert_eq!(read_all(path, &StorageOptions::default()).unwrap(), b"{}\n");
+    }
 }

@@ -120,6 +120,8 @@ impl Writer {
                 };
                 self.index_len = Some(l);
                 self.next_offset = HEADER_LEN as u64 + l;
+                // The header and index are rewritten at finish: sinks that upload as they go keep them.
+                self.sink()?.set_header_len(self.next_offset).map_err(|e| e.in_file(self.name()))?;
             }
         }
         for (mut entry, header_len, module_idx) in prepared {

@@ -1,0 +1,359 @@
+//! The read side shared by HTTP and S3: a `read_at` is cut into ranged requests that run
+//! concurrently (bounded per source), each retried and resumed where it stopped, each writing
+//! straight into its slice of the caller's buffer.
+use std::sync::Arc;
+
+use futures_util::future::{select_all, BoxFuture};
+use tokio::sync::Semaphore;
+
+use super::retry::{block_on, runtime, Backoff, Failure, RetryPolicy};
+use super::Source;
+use crate::error::{Error, Result};
+
+/// One backend's way of fetching a byte range, once (no retries).
+pub(crate) trait RangeFetch: Send + Sync + 'static {
+    /// The first request, once (no retries): learn the size, whether ranges work and what
+    /// identifies this version of the object, and keep the first `PROBE_LEN` bytes.
+    fn probe(&mut self) -> BoxFuture<'_, Result<Opened, Failure>>;
+    /// Fetch `[offset, offset + dst.len())` into `dst`, adding to `*filled` as bytes arrive so that
+    /// a retry can resume after them. Must not write more than `dst.len()` bytes.
+    fn fetch<'a>(&'a self, offset: u64, dst: &'a mut [u8], filled: &'a mut usize)
+        -> BoxFuture<'a, Result<(), Failure>>;
+}
+
+/// What a backend learned when it opened the object.
+pub(crate) struct Opened {
+    pub size: u64,
+    /// The first bytes of the object (the header and usually the index), fetched by the probe.
+    pub prefix: Vec<u8>,
+    /// Whether the server honours `Range`; if not, every read streams from offset 0.
+    pub ranges: bool,
+}
+
+pub(crate) struct RangedSource<F> {
+    requests: Arc<Requests<F>>,
+    shown: String,
+    size: u64,
+    prefix: Vec<u8>,
+    ranges: bool,
+    request_size: usize,
+    max_in_flight: usize,
+}
+
+/// What the request tasks share: the fetcher, the in-flight bound and the retry policy.
+struct Requests<F> {
+    fetcher: F,
+    in_flight: Semaphore,
+    retry: RetryPolicy,
+}
+
+/// A slice of the caller's buffer handed to a request task on the runtime.
+struct BufPtr {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: each BufPtr covers a distinct part of a buffer that `RangedSource::read` keeps borrowed
+// (and untouched) until every task holding one has finished (`Tasks` waits even on unwinding).
+unsafe impl Send for BufPtr {}
+
+/// Bytes the open probe asks for; covers the header and the index of most files.
+pub(crate) const PROBE_LEN: u64 = 1 << 20;
+
+impl<F: RangeFetch> RangedSource<F> {
+    /// Probe the object (with retries) and wrap the fetcher.
+    pub fn open(mut fetcher: F, shown: String, opts: &super::StorageOptions) -> Result<Self> {
+        let retry = opts.retry_policy();
+        let opened = block_on(async {
+            let mut backoff = Backoff::new(retry);
+            loop {
+                match fetcher.probe().await {
+                    Ok(opened) => return Ok(opened),
+                    Err(f) => backoff.wait(f).await?,
+                }
+            }
+        })
+        .map_err(|e: Error| e.in_file(&shown))?;
+        Ok(Self::new(fetcher, shown, opened, opts))
+    }
+
+    fn new(fetcher: F, shown: String, opened: Opened, opts: &super::StorageOptions) -> Self {
+        let max_in_flight = if opened.ranges { opts.max_concurrency() } else { 1 };
+        RangedSource {
+            requests: Arc::new(Requests {
+                fetcher,
+                in_flight: Semaphore::new(max_in_flight),
+                retry: opts.retry_policy(),
+            }),
+            shown,
+            size: opened.size,
+            prefix: opened.prefix,
+            ranges: opened.ranges,
+            request_size: if opened.ranges { opts.request_size() } else { usize::MAX },
+            max_in_flight,
+        }
+    }
+
+    /// Run the requests for `buf` as tasks on the runtime's workers, where the connections are
+    /// driven, so each body is copied by the thread that received it; wait for all of them.
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        let mut tasks = Tasks(Vec::with_capacity(buf.len().div_ceil(self.request_size)));
+        let mut at = offset;
+        for chunk in buf.chunks_mut(self.request_size) {
+            let dst = BufPtr { ptr: chunk.as_mut_ptr(), len: chunk.len() };
+            let requests = Arc::clone(&self.requests);
+            let start = at;
+            at += chunk.len() as u64;
+            tasks.0.push(runtime().spawn(async move {
+                let dst = dst;
+                // SAFETY: see `BufPtr`; the slices of different tasks do not overlap.
+                let dst = unsafe { std::slice::from_raw_parts_mut(dst.ptr, dst.len) };
+                requests.fetch_with_retries(start, dst).await
+            }));
+        }
+        block_on(async {
+            let mut result = Ok(());
+            while !tasks.0.is_empty() {
+                let (joined, i, _) = select_all(tasks.0.iter_mut()).await;
+                tasks.0.swap_remove(i);
+                let outcome = match joined {
+                    Ok(r) => r,
+                    Err(e) if e.is_cancelled() => continue,
+                    Err(e) => Err(Error::io(format!("a read task failed: {e}"))),
+                };
+                if let (Err(e), true) = (outcome, result.is_ok()) {
+                    // The first failure cancels the other requests; they are still awaited.
+                    result = Err(e);
+                    tasks.0.iter().for_each(|t| t.abort());
+                }
+            }
+            result
+        })
+    }
+}
+
+/// Request tasks writing into a caller's buffer. Dropping the set with tasks left in it (only on
+/// a panic) cancels them and waits until none can write any more, so the buffer outlives them.
+struct Tasks(Vec<tokio::task::JoinHandle<Result<()>>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        let tasks = std::mem::take(&mut self.0);
+        if !tasks.is_empty() {
+            tasks.iter().for_each(|t| t.abort());
+            block_on(async {
+                for t in tasks {
+                    let _ = t.await;
+                }
+            });
+        }
+    }
+}
+
+impl<F: RangeFetch> Requests<F> {
+    /// One request's worth, with retries; a retry asks only for the bytes still missing.
+    async fn fetch_with_retries(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+        let _permit = self.in_flight.acquire().await.map_err(|_| Error::io("source closed"))?;
+        let mut backoff = Backoff::new(self.retry);
+        let mut filled = 0usize;
+        loop {
+            let before = filled;
+            match self.fetcher.fetch(offset + filled as u64, &mut dst[filled..], &mut filled).await {
+                Ok(()) if filled == dst.len() => return Ok(()),
+                Ok(()) => {
+                    let got = filled;
+                    backoff
+                        .wait(Failure::transient(Error::io(format!(
+                            "connection closed after {got} of {} bytes at offset {offset}",
+                            dst.len()
+                        ))))
+                        .await?
+                }
+                Err(f) => {
+                    // Progress made before a failure resets the retry budget for what is left.
+                    if filled > before {
+                        backoff = Backoff::new(self.retry);
+                    }
+                    backoff.wait(f).await?
+                }
+            }
+        }
+    }
+}
+
+impl<F: RangeFetch> Source for RangedSource<F> {
+    fn describe(&self) -> &str {
+        &self.shown
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        offset.checked_add(buf.len() as u64).filter(|&e| e <= self.size).ok_or_else(|| {
+            Error::format(format!(
+                "file is truncated: read of {} bytes at offset {offset} runs past the end ({} bytes)",
+                buf.len(),
+                self.size
+            ))
+            .in_file(&self.shown)
+        })?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        // Bytes the open probe already fetched are not fetched again.
+        let cached = (self.prefix.len() as u64).saturating_sub(offset).min(buf.len() as u64) as usize;
+        if cached > 0 {
+            buf[..cached].copy_from_slice(&self.prefix[offset as usize..offset as usize + cached]);
+        }
+        if cached == buf.len() {
+            return Ok(());
+        }
+        self.read(offset + cached as u64, &mut buf[cached..]).map_err(|e| e.in_file(&self.shown))
+    }
+    fn preferred_parallelism(&self) -> usize {
+        // Each read_at already runs up to `max_in_flight` requests; a few callers keep them busy.
+        if self.ranges {
+            self.max_in_flight.clamp(1, 8)
+        } else {
+            1
+        }
+    }
+}
+
+/// Copies a response body into `dst`: skips the first `skip` bytes (a server that ignored
+/// `Range` sends the object from offset 0), counts progress in `filled`, refuses extra bytes.
+pub(crate) struct Filler<'a> {
+    dst: &'a mut [u8],
+    filled: &'a mut usize,
+    got: usize,
+    skip: u64,
+    /// When the body is a whole object, the rest after `dst` is not wanted; otherwise it is an error.
+    whole_object: bool,
+}
+
+impl<'a> Filler<'a> {
+    pub fn new(dst: &'a mut [u8], filled: &'a mut usize, skip: u64, whole_object: bool) -> Self {
+        Filler { dst, filled, got: 0, skip, whole_object }
+    }
+
+    /// Take one body chunk; `Ok(true)` once `dst` is full.
+    pub fn push(&mut self, mut chunk: &[u8]) -> Result<bool, Failure> {
+        if self.skip > 0 {
+            let n = (chunk.len() as u64).min(self.skip) as usize;
+            chunk = &chunk[n..];
+            self.skip -= n as u64;
+        }
+        let room = self.dst.len() - self.got;
+        if chunk.len() > room && !self.whole_object {
+            return Err(Failure::fatal(Error::io("the server sent more bytes than were asked for")));
+        }
+        let n = chunk.len().min(room);
+        self.dst[self.got..self.got + n].copy_from_slice(&chunk[..n]);
+        self.got += n;
+        *self.filled += n;
+        Ok(self.got == self.dst.len())
+    }
+
+    /// The body ended; fewer bytes than asked for means the connection dropped.
+    pub fn finish(&self) -> Result<(), Failure> {
+        if self.got == self.dst.len() {
+            Ok(())
+        } else {
+            Err(Failure::transient(Error::io(format!(
+                "the connection closed after {} of {} bytes",
+                self.got,
+                self.dst.len()
+            ))))
+        }
+    }
+}
+
+/// The error for a source whose bytes changed after it was opened.
+pub(crate) fn changed(what: &str) -> Failure {
+    Failure::fatal(Error::io(format!(
+        "the object changed while it was being read ({what}); a load must see one version of the file"
+    )))
+}
+
+/// A parsed `Content-Range: bytes a-b/total` (or `bytes */total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ContentRange {
+    /// First and last byte, inclusive; `None` for `*`.
+    pub range: Option<(u64, u64)>,
+    /// The object's size; `None` for `*`.
+    pub total: Option<u64>,
+}
+
+impl ContentRange {
+    pub fn parse(v: &str) -> Option<Self> {
+        let rest = v.trim().strip_prefix("bytes")?.trim_start();
+        let (range, total) = rest.split_once('/')?;
+        let total = if total.trim() == "*" { None } else { Some(total.trim().parse().ok()?) };
+        let range = if range.trim() == "*" {
+            None
+        } else {
+            let (a, b) = range.trim().split_once('-')?;
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        };
+        Some(ContentRange { range, total })
+    }
+
+    /// Check the range of a partial response to a request at `offset` of an object of `size` bytes.
+    pub fn check(header: Option<&str>, offset: u64, size: u64) -> Result<(), Failure> {
+        match header.and_then(Self::parse) {
+            Some(ContentRange { total: Some(total), .. }) if total != size => {
+                Err(changed(&format!("size {size} became {total}")))
+            }
+            Some(ContentRange { range: Some((start, _)), .. }) if start == offset => Ok(()),
+            _ => Err(Failure::fatal(Error::io("the server answered with a different range than asked for"))),
+        }
+    }
+}
+
+/// An error and its sources on one line (reqwest's and hyper's messages are terse alone).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_msg = s.to_string();
+        if !msg.contains(&s_msg) {
+            msg.push_str(": ");
+            msg.push_str(&s_msg);
+        }
+        source = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        let cr = |range, total| Some(ContentRange { range, total });
+        assert_eq!(ContentRange::parse("bytes 0-99/1000"), cr(Some((0, 99)), Some(1000)));
+        assert_eq!(ContentRange::parse("bytes */0"), cr(None, Some(0)));
+        assert_eq!(ContentRange::parse("bytes 5-9/*"), cr(Some((5, 9)), None));
+        assert_eq!(ContentRange::parse("items 1-2/3"), None);
+        assert!(ContentRange::check(Some("bytes 5-9/10"), 5, 10).is_ok());
+        assert!(ContentRange::check(Some("bytes 5-9/*"), 5, 10).is_ok());
+        assert!(ContentRange::check(Some("bytes 5-9/12"), 5, 10).unwrap_err().error.message.contains("changed"));
+        assert!(!ContentRange::check(Some("bytes 0-9/10"), 5, 10).unwrap_err().retryable);
+        assert!(ContentRange::check(None, 5, 10).is_err());
+    }
+
+    #[test]
+    fn filler_skips_counts_and_refuses_extra() {
+        let mut dst = [0u8; 4];
+        let mut filled = 0;
+        let mut f = Filler::new(&mut dst, &mut filled, 2, false);
+        assert!(!f.push(b"xxab").unwrap());
+        assert!(f.finish().is_err());
+        assert!(f.push(b"cd").unwrap());
+        assert!(f.finish().is_ok());
+        assert!(f.push(b"e").is_err());
+        assert_eq!(&dst, b"abcd");
+        assert_eq!(filled, 4);
+    }
+}

@@ -1,0 +1,122 @@
+#!/usr/bin/env python3
+"""A small HTTP/1.0 file server for the storage tests, with Range support and injected faults.
+
+Usage: http_server.py ROOT  -- binds 127.0.0.1 on a free port, prints the port, serves until killed.
+
+Paths (NAME is a file under ROOT):
+  /data/NAME           the file; honours "Range: bytes=a-b"; sends ETag and Last-Modified
+  /norange/NAME        the file, ignoring Range (always 200 with the whole body)
+  /fail500/N/NAME      500 for the first N requests to this path, then like /data/
+  /drop/N/NAME         the first N requests send the headers and half the body, then close
+  /always500/NAME      always 500
+  /redirect/NAME       302 to /data/NAME
+  /auth/NAME           401 unless "Authorization: Bearer let-me-in", then like /data/
+  /__stats             JSON: requests seen per path
+"""
+import email.utils
+import http.server
+import json
+import os
+import re
+import sys
+import threading
+
+ROOT = sys.argv[1]
+COUNTS = {}
+LOCK = threading.Lock()
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def log_message(self, fmt, *args):  # keep test output quiet
+        pass
+
+    def _count(self):
+        with LOCK:
+            COUNTS[self.path] = COUNTS.get(self.path, 0) + 1
+            return COUNTS[self.path]
+
+    def do_HEAD(self):
+        self.do_GET(head=True)
+
+    def do_GET(self, head=False):
+        if self.path == "/__stats":
+            body = json.dumps(COUNTS).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        n = self._count()
+        parts = self.path.lstrip("/").split("/")
+        mode, rest = parts[0], parts[1:]
+        limit = 0
+        if mode in ("fail500", "drop"):
+            limit, rest = int(rest[0]), rest[1:]
+        name = "/".join(rest)
+        if mode == "redirect":
+            self.send_response(302)
+            self.send_header("Location", "/data/" + name)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        if mode == "always500" or (mode == "fail500" and n <= limit):
+            self.send_error(500, "injected failure")
+            return
+        if mode == "auth" and self.headers.get("Authorization") != "Bearer let-me-in":
+            self.send_error(401, "no entry")
+            return
+        path = os.path.join(ROOT, name)
+        try:
+            with open(path, "rb") as f:
+                st = os.fstat(f.fileno())
+                size = st.st_size
+                start, end = 0, size - 1
+                status = 200
+                m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+                if m and mode != "norange":
+                    start = int(m.group(1))
+                    end = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
+                    if start >= size:
+                        self.send_response(416)
+                        self.send_header("Content-Range", f"bytes */{size}")
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    status = 206
+                length = end - start + 1
+                self.send_response(status)
+                self.send_header("Content-Length", str(length))
+                if status == 206:
+                    self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
+                if mode != "norange":
+                    self.send_header("Accept-Ranges", "bytes")
+                self.send_header("ETag", f'"{st.st_mtime_ns:x}-{size:x}"')
+                self.send_header("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True))
+                self.end_headers()
+                if head:
+                    return
+                f.seek(start)
+                if mode == "drop" and n <= limit:
+                    self.wfile.write(f.read(length // 2))
+                    self.wfile.flush()
+                    self.connection.shutdown(2)
+                    return
+                left = length
+                while left > 0:
+                    chunk = f.read(min(left, 1 << 20))
+                    if not chunk:
+                        break
+                    self.wfile.write(chunk)
+                    left -= len(chunk)
+        except FileNotFoundError:
+            self.send_error(404, "not found")
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+server.daemon_threads = True
+print(server.server_address[1], flush=True)
+server.serve_forever()

@@ -1,0 +1,134 @@
+//! Loopback throughput of the remote readers against a single curl stream.
+//!
+//!     cargo test --release --test storage_bench -- --ignored --nocapture
+//!
+//! TENSORIZER_BENCH_MIB sets the object size (default 512). The S3 side uses `s3s-fs` if it is on
+//! PATH (cargo install --locked s3s-fs --version 0.14.1 --features binary), else moto; both
+//! without auth, so curl can fetch the same URL.
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use common::{free_port, have, pattern, Moto, Nginx, Proc};
+use tensorizer_rs::storage::{create_sink, open_source, StorageOptions};
+
+const MIB: usize = 1 << 20;
+
+fn gbps(bytes: usize, secs: f64) -> f64 {
+    bytes as f64 / secs / 1e9
+}
+
+/// Best of `runs` single-stream downloads with curl, in GB/s.
+fn curl(url: &str, runs: usize) -> f64 {
+    (0..runs)
+        .map(|_| {
+            let out = Command::new("curl")
+                .args(["-s", "-f", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url])
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let mut it = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
+            let (bytes, secs) = (it.next().unwrap(), it.next().unwrap());
+            bytes / secs / 1e9
+        })
+        .fold(0.0, f64::max)
+}
+
+/// Best of `runs` whole-object reads with our reader, in GB/s (open included).
+fn ours(uri: &str, opts: &StorageOptions, buf: &mut [u8], runs: usize) -> f64 {
+    (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            let source = open_source(uri, opts).unwrap();
+            source.read_at(0, buf).unwrap();
+            gbps(buf.len(), t.elapsed().as_secs_f64())
+        })
+        .fold(0.0, f64::max)
+}
+
+fn settings() -> Vec<(&'static str, StorageOptions)> {
+    let o =
+        |c: usize, r: usize| StorageOptions { max_concurrency: Some(c), request_size: Some(r), ..Default::default() };
+    vec![
+        ("1 stream (whole object)", o(1, usize::MAX / 2)),
+        ("4 x 8 MiB", o(4, 8 * MIB)),
+        ("8 x 8 MiB", o(8, 8 * MIB)),
+        ("16 x 8 MiB", o(16, 8 * MIB)),
+        ("32 x 8 MiB (default)", o(32, 8 * MIB)),
+        ("64 x 4 MiB", o(64, 4 * MIB)),
+        ("16 x 16 MiB", o(16, 16 * MIB)),
+    ]
+}
+
+fn report(server: &str, uri: &str, curl_url: &str, base: &StorageOptions, size: usize) {
+    let mut buf = vec![1u8; size];
+    println!("{server}: curl, 1 stream: {:.2} GB/s", curl(curl_url, 3));
+    for (name, o) in settings() {
+        let o = StorageOptions { max_concurrency: o.max_concurrency, request_size: o.request_size, ..base.clone() };
+        println!("{server}: tensorizer-rs {name}: {:.2} GB/s", ours(uri, &o, &mut buf, 3));
+    }
+}
+
+#[test]
+#[ignore = "benchmark: run with --ignored --nocapture"]
+fn loopback_read_throughput() {
+    let size = std::env::var("TENSORIZER_BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(512) * MIB;
+    let data = pattern(size, 42);
+    println!("object: {} MiB, {} CPUs", size / MIB, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
+
+    if let Some(nginx) = Nginx::start() {
+        std::fs::write(nginx.root().join("bench.bin"), &data).unwrap();
+        let url = nginx.url("bench.bin");
+        report("nginx", &url, &url, &StorageOptions::default(), size);
+    }
+
+    // S3: s3s-fs if installed, else moto.
+    let anon = |endpoint: String| StorageOptions {
+        s3_access_key_id: Some(String::new()),
+        s3_secret_access_key: Some(String::new()),
+        s3_endpoint: Some(endpoint),
+        ..Default::default()
+    };
+    let (name, endpoint, _server): (&str, String, Box<dyn std::any::Any>) =
+        if Command::new("sh").args(["-c", "command -v s3s-fs"]).stdout(Stdio::null()).status().unwrap().success() {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::create_dir(dir.path().join("bench")).unwrap();
+            let port = free_port();
+            let child = Command::new("s3s-fs")
+                .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+                .arg(dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let proc = Proc::new(child);
+            wait_port(port);
+            ("s3s-fs", format!("http://127.0.0.1:{port}"), Box::new((proc, dir)))
+        } else if have("python3", "") {
+            let moto = Moto::start(false).unwrap();
+            moto.create_bucket("bench");
+            ("moto", moto.endpoint(), Box::new(moto))
+        } else {
+            return;
+        };
+    let opts = anon(endpoint.clone());
+    let t = Instant::now();
+    let sink = create_sink("s3://bench/bench.bin", &opts).unwrap();
+    for (i, chunk) in data.chunks(4 * MIB).enumerate() {
+        sink.write_at((i * 4 * MIB) as u64, chunk).unwrap();
+    }
+    sink.finish().unwrap();
+    println!("{name}: tensorizer-rs multipart upload: {:.2} GB/s", gbps(size, t.elapsed().as_secs_f64()));
+    report(name, "s3://bench/bench.bin", &format!("{endpoint}/bench/bench.bin"), &opts, size);
+}
+
+fn wait_port(port: u16) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    panic!("server did not start on {port}");
+}

@@ -1,0 +1,171 @@
+//! HTTP(S) sources against real servers on 127.0.0.1: nginx (parallel ranges, redirects,
+//! replaced objects) and tests/servers/http_server.py (HTTP/1.0, no Range, injected faults).
+//! Needs `nginx` and `python3` on PATH.
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use common::{pattern, Nginx, PyHttp};
+use tensorizer_rs::error::ErrorKind;
+use tensorizer_rs::storage::{open_source, read_all, Source, StorageOptions};
+
+fn opts() -> StorageOptions {
+    StorageOptions { request_size: Some(1 << 20), max_concurrency: Some(16), ..Default::default() }
+}
+
+fn fast_retries(n: u32) -> StorageOptions {
+    StorageOptions { max_retries: Some(n), ..opts() }
+}
+
+#[test]
+fn nginx_parallel_ranged_reads_return_exact_bytes() {
+    let Some(nginx) = Nginx::start() else { return };
+    let data = pattern((64 << 20) + 12345, 1);
+    std::fs::write(nginx.root().join("model.tensors"), &data).unwrap();
+
+    let source: Arc<dyn Source> = open_source(&nginx.url("model.tensors"), &opts()).unwrap().into();
+    assert_eq!(source.size(), data.len() as u64);
+    assert_eq!(source.describe(), nginx.url("model.tensors"));
+
+    // One big read: split into 1 MiB requests, 16 in flight.
+    let mut all = vec![0u8; data.len()];
+    source.read_at(0, &mut all).unwrap();
+    assert!(all == data, "whole-object read differs");
+
+    // Several threads reading scattered ranges at once, as the load pipeline does.
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let source = Arc::clone(&source);
+            let data = &data;
+            s.spawn(move || {
+                for i in 0..8u64 {
+                    let offset = (t * 7_919_993 + i * 3_141_593) % (data.len() as u64 - 3_000_000);
+                    let len = 1 + ((t + 1) * (i + 1) * 65_537) as usize % 2_900_000;
+                    let mut buf = vec![0u8; len];
+                    source.read_at(offset, &mut buf).unwrap();
+                    assert!(buf[..] == data[offset as usize..offset as usize + len], "range {offset}+{len} differs");
+                }
+            });
+        }
+    });
+    // Past the end is an error, not a short read.
+    let mut buf = vec![0u8; 10];
+    assert_eq!(source.read_at(data.len() as u64 - 5, &mut buf).unwrap_err().kind, ErrorKind::Format);
+
+    let log = nginx.access_log();
+    let ranged: Vec<&str> = log.lines().filter(|l| l.contains("\"bytes=")).collect();
+    assert!(ranged.len() >= 64, "expected >= 64 ranged GETs, saw {}", ranged.len());
+    assert!(ranged.iter().all(|l| l.split(' ').nth(3) == Some("206")), "every ranged GET was served as 206");
+    // The client opens a new connection only when every pooled one is busy: many connections
+    // means many requests were in flight at once.
+    let connections: HashSet<&str> = ranged.iter().filter_map(|l| l.split(' ').nth(5)).collect();
+    assert!(connections.len() >= 8, "expected >= 8 concurrent connections, saw {}", connections.len());
+}
+
+#[test]
+fn nginx_redirects_are_followed_and_missing_is_not_found() {
+    let Some(nginx) = Nginx::start() else { return };
+    let data = pattern(3 << 20, 2);
+    std::fs::write(nginx.root().join("a.tensors"), &data).unwrap();
+    let got = read_all(&nginx.url("moved/a.tensors"), &opts()).unwrap();
+    assert!(got == data);
+    assert!(nginx.access_log().lines().any(|l| l.starts_with("GET /moved/a.tensors") && l.contains(" 302 ")));
+
+    let err = open_source(&nginx.url("nope.tensors"), &opts()).err().unwrap();
+    assert_eq!(err.kind, ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains("nope.tensors"), "{err}");
+}
+
+#[test]
+fn nginx_object_replaced_during_a_load_is_an_error() {
+    let Some(nginx) = Nginx::start() else { return };
+    let path = nginx.root().join("m.tensors");
+    std::fs::write(&path, pattern(4 << 20, 3)).unwrap();
+    let source = open_source(&nginx.url("m.tensors"), &opts()).unwrap();
+
+    // Replace it (new mtime, so nginx's ETag changes even within the same second).
+    let tmp = nginx.root().join("m.tensors.new");
+    std::fs::write(&tmp, pattern(4 << 20, 4)).unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(100);
+    std::fs::File::options().write(true).open(&tmp).unwrap().set_modified(later).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+
+    let mut buf = vec![0u8; 2 << 20];
+    let err = source.read_at(2 << 20, &mut buf).unwrap_err();
+    assert!(err.to_string().contains("changed while it was being read"), "{err}");
+}
+
+#[test]
+fn http10_server_with_and_without_range_support() {
+    let Some(server) = PyHttp::start() else { return };
+    let data = pattern((3 << 20) + 7, 5);
+    std::fs::write(server.dir.path().join("m.tensors"), &data).unwrap();
+
+    let source = open_source(&server.url("data/m.tensors"), &opts()).unwrap();
+    let mut buf = vec![0u8; data.len() - 100];
+    source.read_at(100, &mut buf).unwrap();
+    assert!(buf[..] == data[100..]);
+    assert!(source.preferred_parallelism() > 1);
+
+    // A server that ignores Range: reads still return the right bytes, one stream at a time.
+    let source = open_source(&server.url("norange/m.tensors"), &opts()).unwrap();
+    assert_eq!(source.size(), data.len() as u64);
+    assert_eq!(source.preferred_parallelism(), 1);
+    let mut buf = vec![0u8; 1 << 20];
+    source.read_at(2 << 20, &mut buf).unwrap();
+    assert!(buf[..] == data[2 << 20..3 << 20]);
+
+    // Redirects on HTTP/1.0, and an empty object.
+    assert!(read_all(&server.url("redirect/m.tensors"), &opts()).unwrap() == data);
+    std::fs::write(server.dir.path().join("empty"), b"").unwrap();
+    assert!(read_all(&server.url("data/empty"), &opts()).unwrap().is_empty());
+}
+
+#[test]
+fn transient_failures_are_retried_and_resumed() {
+    let Some(server) = PyHttp::start() else { return };
+    let data = pattern(3 << 20, 6);
+    std::fs::write(server.dir.path().join("m"), &data).unwrap();
+
+    // 500 twice, then success.
+    assert!(read_all(&server.url("fail500/2/m"), &fast_retries(3)).unwrap() == data);
+    assert_eq!(server.count("fail500/2/m"), 2 + 1 + 2, "2 failures, the open, then 2 MiB of ranges");
+
+    // The connection drops mid-body on the first three requests; the rest of each range is refetched.
+    let source = open_source(&server.url("drop/3/m"), &fast_retries(5)).unwrap();
+    let mut buf = vec![0u8; data.len()];
+    source.read_at(0, &mut buf).unwrap();
+    assert!(buf == data, "bytes after a resumed range differ");
+    assert_eq!(server.count("drop/3/m"), 3 + 1 + 2, "3 cut-off probes, the probe, then 2 MiB of ranges");
+
+    // Always failing: a clear error after the retries, never data.
+    let err = open_source(&server.url("always500/m"), &fast_retries(2)).err().unwrap();
+    assert!(err.to_string().contains("gave up after 3 attempts"), "{err}");
+    assert!(err.to_string().contains("500"), "{err}");
+    assert_eq!(server.count("always500/m"), 3);
+}
+
+#[test]
+fn headers_are_sent_and_refusals_are_clear() {
+    let Some(server) = PyHttp::start() else { return };
+    std::fs::write(server.dir.path().join("m"), b"secret bytes").unwrap();
+    let err = open_source(&server.url("auth/m"), &opts()).err().unwrap();
+    assert_eq!(err.kind, ErrorKind::Io);
+    assert!(err.to_string().contains("access denied"), "{err}");
+
+    let with_token =
+        StorageOptions { http_headers: vec![("Authorization".into(), "Bearer let-me-in".into())], ..opts() };
+    assert_eq!(read_all(&server.url("auth/m"), &with_token).unwrap(), b"secret bytes");
+    assert!(!format!("{with_token:?}").contains("let-me-in"));
+}
+
+#[test]
+fn connection_refused_is_retried_then_reported() {
+    let port = common::free_port();
+    let err = open_source(&format!("http://user:pw@127.0.0.1:{port}/m?sig=abc"), &fast_retries(1)).err().unwrap();
+    let shown = err.to_string();
+    assert_eq!(err.kind, ErrorKind::Io);
+    assert!(shown.contains("gave up after 2 attempts"), "{shown}");
+    assert!(!shown.contains("pw") && !shown.contains("sig=abc"), "credentials leaked: {shown}");
+}
