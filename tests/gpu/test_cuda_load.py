@@ -279,7 +279,9 @@ def test_progress_and_log_line(tmp_path, caplog):
 
 def test_many_small_tensors(tmp_path):
     g = torch.Generator().manual_seed(11)
-    sd = {f"t{k}": torch.randn(16 + (k % 5) * 8, generator=g).to(torch.bfloat16) for k in range(3000)}
+    sd = {
+        f"t{k}": torch.randn(16 + (k % 5) * 8, generator=g).to(torch.bfloat16) for k in range(3000)
+    }
     path = _write(tmp_path / "small.tensors", sd)
     before = _cuda.counters()
     d = TensorDeserializer(path, device="cuda")
