@@ -161,7 +161,7 @@ class TensorDeserializer(collections.abc.Mapping):
     def _open(self, file_obj: Any):
         uri = _uri_of(file_obj)
         if uri is not None:
-            return _native.TensorFile(uri)
+            return _native.TensorFile(uri, getattr(file_obj, "_tensorizer_storage", None))
         if isinstance(file_obj, (bytes, bytearray, memoryview)):
             raise TensorizerTypeError(
                 "file_obj must be a path, URI or binary file object, not bytes"
@@ -531,7 +531,12 @@ class TensorSerializer:
             if not isinstance(file_obj, (str, os.PathLike)):
                 self._file_obj = file_obj  # closed at close(), as CoreWeave does
         kw = encryption._native_args() if encryption is not None else {}
-        self._writer = _native.TensorWriter(uri, **kw)
+        claim = getattr(file_obj, "_claim", None)
+        if claim is not None:
+            claim()  # our own S3 stream: we stream the object ourselves
+        self._writer = _native.TensorWriter(
+            uri, storage=getattr(file_obj, "_tensorizer_storage", None), **kw
+        )
 
     @property
     def total_tensor_bytes(self) -> int:

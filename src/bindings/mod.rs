@@ -3,6 +3,7 @@
 mod crypto;
 mod cuda;
 mod errors;
+mod storage;
 mod reader;
 mod writer;
 
@@ -18,5 +19,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<crate::dlpack::HostTensor>()?;
     cuda::register(m)?;
     m.add_function(wrap_pyfunction!(crypto::derive_key, m)?)?;
+    m.add_class::<storage::PyRemoteSource>()?;
+    m.add_function(wrap_pyfunction!(storage::write_all, m)?)?;
     Ok(())
 }

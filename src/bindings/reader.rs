@@ -44,10 +44,12 @@ fn path_to_py<'py>(py: Python<'py>, path: &[PathComponent], structured: bool) ->
 #[pymethods]
 impl PyTensorFile {
     #[new]
-    fn new(py: Python<'_>, uri: String) -> PyResult<Self> {
+    #[pyo3(signature = (uri, storage=None))]
+    fn new(py: Python<'_>, uri: String, storage: Option<Bound<'_, PyDict>>) -> PyResult<Self> {
+        let opts = super::storage::options_from(storage.as_ref())?;
         let file = py
             .detach(|| -> crate::error::Result<TensorFile> {
-                TensorFile::open(storage::open_source(&uri, &storage::StorageOptions::default())?)
+                TensorFile::open(storage::open_source(&uri, &opts)?)
             })
             .map_err(to_pyerr)?;
         Ok(PyTensorFile { inner: Some(Arc::new(file)) })

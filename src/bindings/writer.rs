@@ -26,8 +26,15 @@ type EntryTuple = (u16, u8, Vec<u8>, Vec<u8>, Vec<u64>, bool);
 impl PyTensorWriter {
     /// `kdf` = (opslimit, memlimit, alg, salt) when `key` was derived from a passphrase.
     #[new]
-    #[pyo3(signature = (uri, *, key=None, kdf=None))]
-    fn new(py: Python<'_>, uri: String, key: Option<Vec<u8>>, kdf: Option<(u64, u64, i32, Vec<u8>)>) -> PyResult<Self> {
+    #[pyo3(signature = (uri, *, key=None, kdf=None, storage=None))]
+    fn new(
+        py: Python<'_>,
+        uri: String,
+        key: Option<Vec<u8>>,
+        kdf: Option<(u64, u64, i32, Vec<u8>)>,
+        storage: Option<Bound<'_, pyo3::types::PyDict>>,
+    ) -> PyResult<Self> {
+        let opts = super::storage::options_from(storage.as_ref())?;
         let keys = match key {
             None => None,
             Some(k) => Some(EncryptionKeys {
@@ -35,7 +42,7 @@ impl PyTensorWriter {
                 kdf: kdf.map(|(opslimit, memlimit, alg, salt)| PwHashParams { opslimit, memlimit, alg, salt }),
             }),
         };
-        let sink = py.detach(|| storage::create_sink(&uri, &storage::StorageOptions::default())).map_err(to_pyerr)?;
+        let sink = py.detach(|| storage::create_sink(&uri, &opts)).map_err(to_pyerr)?;
         Ok(PyTensorWriter { inner: Some(Writer::new(sink, keys)) })
     }
 

@@ -1,0 +1,76 @@
+//! Storage options from Python keyword arguments (CoreWeave's `open_stream` names), and the
+//! small remote-file API behind `tensorizer_rs.stream_io.open_stream`.
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict};
+
+use super::errors::to_pyerr;
+use crate::error::Error;
+use crate::storage::{self, Source, StorageOptions};
+
+/// Build options from a dict such as `{"s3_access_key_id": ..., "s3_endpoint": ...}`.
+/// Unknown keys are an error so a typo is not silently ignored.
+pub fn options_from(d: Option<&Bound<'_, PyDict>>) -> PyResult<StorageOptions> {
+    let mut o = StorageOptions::default();
+    let Some(d) = d else { return Ok(o) };
+    for (k, v) in d.iter() {
+        let key: String = k.extract()?;
+        if v.is_none() {
+            continue;
+        }
+        match key.as_str() {
+            "s3_access_key_id" => o.s3_access_key_id = Some(v.extract()?),
+            "s3_secret_access_key" => o.s3_secret_access_key = Some(v.extract()?),
+            "s3_session_token" => o.s3_session_token = Some(v.extract()?),
+            "s3_endpoint" => o.s3_endpoint = Some(v.extract()?),
+            "s3_region_name" | "s3_region" => o.s3_region = Some(v.extract()?),
+            "s3_config_path" => o.s3_config_path = Some(v.extract::<String>()?.into()),
+            "force_http" => o.force_http = Some(v.extract()?),
+            "http_headers" => o.http_headers = v.extract()?,
+            "max_concurrency" => o.max_concurrency = Some(v.extract()?),
+            other => {
+                return Err(to_pyerr(Error::value(format!("unknown storage option {other:?}"))));
+            }
+        }
+    }
+    Ok(o)
+}
+
+/// A remote (or local) object opened for positional reads.
+#[pyclass(module = "tensorizer_rs._native", name = "RemoteSource")]
+pub struct PyRemoteSource {
+    inner: Box<dyn Source>,
+}
+
+#[pymethods]
+impl PyRemoteSource {
+    #[new]
+    #[pyo3(signature = (uri, storage=None))]
+    fn new(py: Python<'_>, uri: String, storage: Option<Bound<'_, PyDict>>) -> PyResult<Self> {
+        let opts = options_from(storage.as_ref())?;
+        let inner = py.detach(|| storage::open_source(&uri, &opts)).map_err(to_pyerr)?;
+        Ok(PyRemoteSource { inner })
+    }
+    #[getter]
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    #[getter]
+    fn name(&self) -> String {
+        self.inner.describe().to_string()
+    }
+    fn read_at<'py>(&self, py: Python<'py>, offset: u64, length: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let end = offset.saturating_add(length as u64).min(self.inner.size());
+        let n = end.saturating_sub(offset) as usize;
+        let mut buf = vec![0u8; n];
+        py.detach(|| if n > 0 { self.inner.read_at(offset, &mut buf) } else { Ok(()) }).map_err(to_pyerr)?;
+        Ok(PyBytes::new(py, &buf))
+    }
+}
+
+/// Write a whole object (side files: configs, tokenizers, keys); it appears only when complete.
+#[pyfunction]
+#[pyo3(signature = (uri, data, storage=None))]
+pub fn write_all(py: Python<'_>, uri: String, data: Vec<u8>, storage: Option<Bound<'_, PyDict>>) -> PyResult<()> {
+    let opts = options_from(storage.as_ref())?;
+    py.detach(|| storage::write_all(&uri, &opts, &data)).map_err(to_pyerr)
+}
