@@ -74,5 +74,5 @@ def run_ops(ops: list[dict], *, env: dict | None = None, timeout: float = 600) -
 
 
 def make_tiny_model(out: Path) -> Path:
-    run_script([HERE / "make_tiny_model.py", out])
+    run_script([REPO / "examples" / "make_tiny_model.py", out])
     return out
