@@ -15,7 +15,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 
 LOADERS = {
     "tensorizer-rs": (
@@ -73,14 +72,25 @@ def llama_like(total_bytes: int):
     import torch
 
     h, inter = 4096, 14336
-    layer = [("q", (h, h)), ("k", (1024, h)), ("v", (1024, h)), ("o", (h, h)), ("gate", (inter, h)),
-             ("up", (inter, h)), ("down", (h, inter)), ("ln1", (h,)), ("ln2", (h,))]
+    layer = [
+        ("q", (h, h)),
+        ("k", (1024, h)),
+        ("v", (1024, h)),
+        ("o", (h, h)),
+        ("gate", (inter, h)),
+        ("up", (inter, h)),
+        ("down", (h, inter)),
+        ("ln1", (h,)),
+        ("ln2", (h,)),
+    ]
     per_layer = sum(math.prod(shape) for _, shape in layer) * 2
     sd, used, i = {}, 0, 0
     g = torch.Generator().manual_seed(0)
     while used + per_layer <= total_bytes:
         for name, shape in layer:
-            sd[f"model.layers.{i}.{name}.weight"] = torch.randn(*shape, generator=g, dtype=torch.float32).to(torch.bfloat16)
+            sd[f"model.layers.{i}.{name}.weight"] = torch.randn(
+                *shape, generator=g, dtype=torch.float32
+            ).to(torch.bfloat16)
         used += per_layer
         i += 1
     rest = (total_bytes - used) // (2 * h)
@@ -93,14 +103,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gib", type=float, default=2.0)
     ap.add_argument("--dir", default="/tmp/tensorizer-bench")
-    ap.add_argument("--coreweave", default=os.path.join(os.path.dirname(__file__), "..", ".cache", "tz-2.12.1"))
+    ap.add_argument(
+        "--coreweave", default=os.path.join(os.path.dirname(__file__), "..", ".cache", "tz-2.12.1")
+    )
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     path = os.path.join(args.dir, "model")
     if not os.path.exists(path + ".tensors"):
         from safetensors.torch import save_file
-
         from tensorizer_rs import TensorSerializer
 
         sd = llama_like(int(args.gib * (1 << 30)))
@@ -114,24 +125,38 @@ def main() -> None:
             while f.read(64 << 20):
                 pass
     cpus = os.cpu_count() or 1
-    ceiling = max(float(subprocess.check_output([sys.executable, "-c", CEILING, path + ".tensors", str(t)]))
-                  for t in sorted({1, cpus, 2 * cpus}))
+    ceiling = max(
+        float(subprocess.check_output([sys.executable, "-c", CEILING, path + ".tensors", str(t)]))
+        for t in sorted({1, cpus, 2 * cpus})
+    )
     rows = []
     for name, code in LOADERS.items():
         env = dict(os.environ)
         if name == "coreweave":
             if not os.path.isdir(args.coreweave):
                 continue
-            env["PYTHONPATH"] = os.path.abspath(args.coreweave) + os.pathsep + env.get("PYTHONPATH", "")
+            env["PYTHONPATH"] = (
+                os.path.abspath(args.coreweave) + os.pathsep + env.get("PYTHONPATH", "")
+            )
         variants = [(name, code.replace("NUM_READERS", "None"))]
         if name == "coreweave":
-            variants.append((name + f" num_readers={2 * cpus}", code.replace("NUM_READERS", str(2 * cpus))))
+            variants.append(
+                (name + f" num_readers={2 * cpus}", code.replace("NUM_READERS", str(2 * cpus)))
+            )
         for label, body in variants:
-            script = (f"import time, json, torch\nPATH = {path!r}\n{TOUCH}t0 = time.perf_counter()\n{body}"
-                      "print(json.dumps([n, time.perf_counter() - t0]))\n")
+            script = (
+                f"import time, json, torch\nPATH = {path!r}\n{TOUCH}t0 = time.perf_counter()\n{body}"
+                "print(json.dumps([n, time.perf_counter() - t0]))\n"
+            )
             best = None
             for _ in range(args.repeat):
-                out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+                out = subprocess.run(
+                    [sys.executable, "-c", script],
+                    env=env,
+                    capture_output=True,
+                    text=True,
+                    check=False,
+                )
                 if out.returncode != 0:
                     print(out.stderr[-2000:], file=sys.stderr)
                     break
@@ -139,8 +164,10 @@ def main() -> None:
                 best = secs if best is None else min(best, secs)
             if best is not None:
                 rows.append((label, n / best / 1e9))
-    print(f"file: {size / (1 << 30):.2f} GiB, {os.cpu_count()} CPUs; page cache -> memory ceiling "
-          f"(parallel preadv): {ceiling:.2f} GB/s\n")
+    print(
+        f"file: {size / (1 << 30):.2f} GiB, {os.cpu_count()} CPUs; page cache -> memory ceiling "
+        f"(parallel preadv): {ceiling:.2f} GB/s\n"
+    )
     print("| loader | GB/s | vs ceiling |\n|---|---:|---:|")
     for label, gbs in rows:
         print(f"| {label} | {gbs:.2f} | {gbs / ceiling:.0%} |")

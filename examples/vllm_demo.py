@@ -17,7 +17,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ENGINE = {"dtype": "bfloat16", "enforce_eager": True, "max_model_len": 256, "max_num_seqs": 4, "seed": 0}
+ENGINE = {
+    "dtype": "bfloat16",
+    "enforce_eager": True,
+    "max_model_len": 256,
+    "max_num_seqs": 4,
+    "seed": 0,
+}
 
 
 def main() -> None:
@@ -26,25 +32,28 @@ def main() -> None:
     tz_dir = os.path.join(work, "tiny-llama-tensorized")
     subprocess.run([sys.executable, os.path.join(HERE, "make_tiny_model.py"), hf_dir], check=True)
 
+    from tensorizer_rs.vllm import TensorizerConfig, tensorize_vllm_model
     from vllm import LLM, SamplingParams
     from vllm.engine.arg_utils import EngineArgs
-
-    from tensorizer_rs.vllm import TensorizerConfig, tensorize_vllm_model
 
     t0 = time.perf_counter()
     tensorize_vllm_model(
         EngineArgs(model=hf_dir, **ENGINE),
         TensorizerConfig(tensorizer_uri=os.path.join(tz_dir, "model.tensors")),
     )
-    print(f"serialized to {tz_dir} in {time.perf_counter() - t0:.1f}s: {sorted(os.listdir(tz_dir))}")
+    print(
+        f"serialized to {tz_dir} in {time.perf_counter() - t0:.1f}s: {sorted(os.listdir(tz_dir))}"
+    )
 
     t0 = time.perf_counter()
     llm = LLM(tz_dir, load_format="tensorizer", **ENGINE)
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
     out = llm.generate(["w10 w20 w30 w40"], params, use_tqdm=False)[0].outputs[0]
-    print(f"engine with tensorizer-rs weights ready in {startup:.1f}s "
-          "(the loader's own 'Deserialized ... GB/s' line is in the log above)")
+    print(
+        f"engine with tensorizer-rs weights ready in {startup:.1f}s "
+        "(the loader's own 'Deserialized ... GB/s' line is in the log above)"
+    )
     print(f"generated tokens: {list(out.token_ids)}")
     print(f"generated text:   {out.text!r}")
 

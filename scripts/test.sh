@@ -75,7 +75,7 @@ phase fmt cargo fmt --all --check -- --color never
 phase clippy cargo clippy --all-targets -- -D warnings
 phase cargo cargo test
 RUFF_PATHS=()
-for d in python tests examples; do [ -e "$d" ] && RUFF_PATHS+=("$d"); done
+for d in python tests examples bench; do [ -e "$d" ] && RUFF_PATHS+=("$d"); done
 phase ruff ruff check "${RUFF_PATHS[@]}"
 if [ $BUILD_OK = 0 ]; then phase pytest run_pytest "$@"
 else printf '\n=== pytest: not run (build failed)\n'; record pytest "FAIL(build failed)" 0
