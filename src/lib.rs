@@ -5,6 +5,7 @@
 pub mod bindings;
 pub mod buffer;
 pub mod crypto;
+pub mod cuda;
 pub mod dlpack;
 pub mod error;
 pub mod format;

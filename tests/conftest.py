@@ -24,6 +24,14 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TZ_CACHE = Path(os.environ.get("TZ_CACHE", REPO_ROOT / ".cache"))
 VECTORS_DIR = Path(os.environ.get("TENSORIZER_VECTORS", REPO_ROOT.parent / "shared" / "vectors"))
 COREWEAVE_VERSIONS = ("2.12.1", "2.10.1")
+# scripts/test.sh installs this checkout's wheel here (not into the venv, which may be shared by
+# several checkouts); prefer it, in this process and in subprocesses (vLLM workers).
+SITE = REPO_ROOT / ".cache" / "site"
+if SITE.is_dir() and str(SITE) not in sys.path:
+    sys.path.insert(0, str(SITE))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(SITE), os.environ.get("PYTHONPATH", "")) if p
+    )
 
 # vLLM on a CPU-only box (see shared/vllm-cpu/recipe.sh); inherited by subprocesses too.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -153,7 +161,16 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("vector", names or ["<no vectors>"], indirect=True)
 
 
-# ----------------------------------------------------------------------------- markers
+# ----------------------------------------------------------------------------- report / markers
+def pytest_report_header(config):
+    spec = importlib.util.find_spec("tensorizer_rs")
+    have = [v for v in COREWEAVE_VERSIONS if (coreweave_dir(v) / "tensorizer").is_dir()]
+    return [
+        f"tensorizer_rs: {spec.origin if spec else 'NOT INSTALLED'}",
+        f"vectors: {VECTORS_DIR}; CoreWeave tensorizer in {TZ_CACHE}: {', '.join(have) or 'none'}",
+    ]
+
+
 def pytest_collection_modifyitems(config, items):
     gpu_items = [i for i in items if i.get_closest_marker("gpu")]
     if gpu_items:

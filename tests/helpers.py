@@ -6,7 +6,6 @@ import hashlib
 from pathlib import Path
 
 import torch
-
 from tensorizer_rs import DecryptionParams
 
 
@@ -20,7 +19,6 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 def sha256(t: torch.Tensor) -> str:
     return hashlib.sha256(tensor_bytes(t)).hexdigest()
-
 
 
 def entry_key(entry: dict):

@@ -6,9 +6,20 @@ import torch
 
 # Every dtype both CoreWeave 2.10.1 and 2.12.1 can write and read.
 DTYPES = [
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8,
-    torch.int16, torch.int32, torch.int64, torch.bool, torch.complex64, torch.complex128,
-    torch.float8_e4m3fn, torch.float8_e5m2,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.bool,
+    torch.complex64,
+    torch.complex128,
+    torch.float8_e4m3fn,
+    torch.float8_e5m2,
 ]
 
 
@@ -33,7 +44,12 @@ def dtype_tensors(seed: int = 0) -> dict:
 def nested_state_dict() -> dict:
     g = torch.Generator().manual_seed(1)
     return {
-        "model": {"layers": [{"w": torch.randn(2, 2, generator=g)}, {"w": torch.randn(3, generator=g), "b": torch.ones(1)}]},
+        "model": {
+            "layers": [
+                {"w": torch.randn(2, 2, generator=g)},
+                {"w": torch.randn(3, generator=g), "b": torch.ones(1)},
+            ]
+        },
         "plain.dotted": torch.arange(5),
         "grid": [[torch.zeros(1, dtype=torch.int8)], [torch.ones(2, dtype=torch.uint8)]],
         "名前😀": torch.tensor([1.5]),

@@ -8,7 +8,6 @@ import struct
 
 import pytest
 import torch
-
 from tensorizer_rs import (
     HashMismatchError,
     InvalidVersionError,
@@ -24,7 +23,9 @@ from tensorizer_rs import (
 def good(tmp_path):
     path = tmp_path / "good.tensors"
     with TensorSerializer(str(path)) as s:
-        s.write_state_dict({"alpha": torch.arange(10, dtype=torch.float32), "beta": torch.ones(3, 3)})
+        s.write_state_dict(
+            {"alpha": torch.arange(10, dtype=torch.float32), "beta": torch.ones(3, 3)}
+        )
     return path
 
 
@@ -48,7 +49,9 @@ def test_wrong_magic(good, tmp_path):
 
 
 def test_unknown_version_and_flags(good, tmp_path):
-    bad = _mutate(good, tmp_path / "v9.tensors", lambda d: d.__setitem__(slice(5, 9), struct.pack("<I", 9)))
+    bad = _mutate(
+        good, tmp_path / "v9.tensors", lambda d: d.__setitem__(slice(5, 9), struct.pack("<I", 9))
+    )
     with pytest.raises(InvalidVersionError, match="version 9"):
         _open(bad)
     flags = _mutate(good, tmp_path / "flags.tensors", lambda d: d.__setitem__(9, 8))
@@ -68,10 +71,18 @@ def test_truncated_files(good, tmp_path, cut):
 
 def test_absurd_lengths_do_not_allocate(good, tmp_path):
     # index length of 2^62 and a tensor count of 2^40: rejected before any allocation.
-    big_index = _mutate(good, tmp_path / "idx.tensors", lambda d: d.__setitem__(slice(65, 73), struct.pack("<Q", 1 << 62)))
+    big_index = _mutate(
+        good,
+        tmp_path / "idx.tensors",
+        lambda d: d.__setitem__(slice(65, 73), struct.pack("<Q", 1 << 62)),
+    )
     with pytest.raises(TensorizerFormatError, match="runs past the end"):
         _open(big_index)
-    many = _mutate(good, tmp_path / "count.tensors", lambda d: d.__setitem__(slice(57, 65), struct.pack("<Q", 1 << 40)))
+    many = _mutate(
+        good,
+        tmp_path / "count.tensors",
+        lambda d: d.__setitem__(slice(57, 65), struct.pack("<Q", 1 << 40)),
+    )
     with pytest.raises(TensorizerFormatError):
         _open(many)
 
@@ -100,9 +111,11 @@ def test_hash_mismatch_names_tensor(good, tmp_path):
 
 
 def test_invalid_names(tmp_path):
-    with pytest.raises(ValueError, match="empty tensor path"):
-        with TensorSerializer(str(tmp_path / "empty.tensors")) as s:
-            s.write_state_dict({"": torch.ones(1)})
+    with (
+        pytest.raises(ValueError, match="empty tensor path"),
+        TensorSerializer(str(tmp_path / "empty.tensors")) as s,
+    ):
+        s.write_state_dict({"": torch.ones(1)})
     assert not (tmp_path / "empty.tensors").exists()
     with pytest.raises(TypeError):
         TensorSerializer(str(tmp_path / "k.tensors")).write_state_dict({1: torch.ones(1)})
@@ -126,8 +139,7 @@ def test_missing_file_is_file_not_found(tmp_path):
 
 def test_failed_write_leaves_nothing(tmp_path):
     dest = tmp_path / "out.tensors"
-    with pytest.raises(TypeError):
-        with TensorSerializer(str(dest)) as s:
-            s.write_state_dict({"ok": torch.ones(4), "bad": "not a tensor"})
+    with pytest.raises(TypeError), TensorSerializer(str(dest)) as s:
+        s.write_state_dict({"ok": torch.ones(4), "bad": "not a tensor"})
     assert list(tmp_path.iterdir()) == []
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -9,19 +9,27 @@ import subprocess
 import sys
 
 import torch
-
 from tensorizer_rs import TensorSerializer
 
 
 def run(*args):
-    return subprocess.run([sys.executable, "-m", "tensorizer_rs", *map(str, args)], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "tensorizer_rs", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def test_inspect_plain_and_json(tmp_path, vector_manifests):
     v = vector_manifests["dtypes.tensors"]
     out = run("inspect", v["path"])
     assert out.returncode == 0, out.stderr
-    assert "data version 2" in out.stdout and "t_bfloat16" in out.stdout and "encrypted: no" in out.stdout
+    assert (
+        "data version 2" in out.stdout
+        and "t_bfloat16" in out.stdout
+        and "encrypted: no" in out.stdout
+    )
     info = json.loads(run("inspect", "--json", v["path"]).stdout)
     assert info["tensor_count"] == v["tensor_count"]
     assert [t["dtype"] for t in info["tensors"]] == [t["dtype"] for t in v["tensors"]]
@@ -29,10 +37,14 @@ def test_inspect_plain_and_json(tmp_path, vector_manifests):
 
 
 def test_inspect_shows_encryption(vector_manifests):
-    info = json.loads(run("inspect", "--json", vector_manifests["enc_passphrase_v4.tensors"]["path"]).stdout)
+    info = json.loads(
+        run("inspect", "--json", vector_manifests["enc_passphrase_v4.tensors"]["path"]).stdout
+    )
     assert info["encrypted"] and info["encryption"]["key"].startswith("passphrase")
     assert info["encryption"]["opslimit"] == 3 and info["encryption"]["memlimit"] == 256 << 20
-    raw = json.loads(run("inspect", "--json", vector_manifests["enc_random_v3.tensors"]["path"]).stdout)
+    raw = json.loads(
+        run("inspect", "--json", vector_manifests["enc_random_v3.tensors"]["path"]).stdout
+    )
     assert raw["encryption"]["key"] == "raw key"
 
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import run_coreweave
 from helpers import sha256
 from samples import Model, dtype_tensors, nested_state_dict
@@ -60,7 +59,7 @@ def ours(path: str) -> dict:
 def coreweave_reads(version: str, path: str) -> dict:
     proc = run_coreweave(version, READ, path)
     line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT"))
-    return json.loads(line[len("RESULT"):])
+    return json.loads(line[len("RESULT") :])
 
 
 def _write(path, fn):

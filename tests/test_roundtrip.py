@@ -8,7 +8,6 @@ import io
 import numpy as np
 import pytest
 import torch
-
 from helpers import lookup, tensor_bytes
 from samples import Model, dtype_tensors, nested_state_dict
 from tensorizer_rs import TensorDeserializer, TensorSerializer, _native
@@ -127,7 +126,12 @@ def test_mapping_filter_lazy_and_read_tensors(tmp_path):
 
 
 def test_dtype_cast_rules(tmp_path):
-    sd = {"f": torch.ones(2), "i": torch.arange(2), "b": torch.tensor([True]), "c": torch.ones(1, dtype=torch.complex64)}
+    sd = {
+        "f": torch.ones(2),
+        "i": torch.arange(2),
+        "b": torch.tensor([True]),
+        "c": torch.ones(1, dtype=torch.complex64),
+    }
     _, d = _roundtrip(tmp_path, sd, dtype=torch.bfloat16)
     assert d["f"].dtype == torch.bfloat16 and d["i"].dtype == torch.bfloat16
     assert d["b"].dtype == torch.bool and d["c"].dtype == torch.complex64
@@ -152,7 +156,10 @@ def test_numpy_inputs_and_file_objects(tmp_path):
 
 
 def test_many_tensors_grow_the_index(tmp_path):
-    sd = {f"model.layers.{i}.mlp.experts.{i % 64}.down_proj.weight": torch.full((2,), float(i)) for i in range(7000)}
+    sd = {
+        f"model.layers.{i}.mlp.experts.{i % 64}.down_proj.weight": torch.full((2,), float(i))
+        for i in range(7000)
+    }
     path, d = _roundtrip(tmp_path, sd)
     f = _native.TensorFile(path)
     assert f.index_len > 262144

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import decryption_for, entry_key, lookup, sha256
 from tensorizer_rs import (
     CryptographyError,
@@ -22,7 +21,10 @@ POSITIVE = "ok"
 
 def _ok(manifest):
     exp = manifest["expect"]
-    return all(exp[k] == POSITIVE for k in ("open", "load", "verify_hash")) or exp.get("spec_correct_reader") == POSITIVE
+    return (
+        all(exp[k] == POSITIVE for k in ("open", "load", "verify_hash"))
+        or exp.get("spec_correct_reader") == POSITIVE
+    )
 
 
 def test_header_and_index_match_manifest(vector):
@@ -60,13 +62,17 @@ def test_positive_vectors_load_exact_bytes(vector, vectors_dir, lazy):
     if not _ok(vector):
         pytest.skip("negative vector")
     enc = decryption_for(vector, Path(vectors_dir))
-    d = TensorDeserializer(vector["path"], device="cpu", verify_hash=True, lazy_load=lazy, encryption=enc)
+    d = TensorDeserializer(
+        vector["path"], device="cpu", verify_hash=True, lazy_load=lazy, encryption=enc
+    )
     _check_loaded(d, vector)
     d.close()
 
 
 def test_load_into_module_for_module_files(vector, vectors_dir):
-    if not _ok(vector) or not all(t["tensor_type"] in ("param", "buffer") for t in vector["tensors"]):
+    if not _ok(vector) or not all(
+        t["tensor_type"] in ("param", "buffer") for t in vector["tensors"]
+    ):
         pytest.skip("not a write_module file")
     root = torch.nn.Module()
     for m in vector["tensors"]:
@@ -77,12 +83,14 @@ def test_load_into_module_for_module_files(vector, vectors_dir):
                 node.add_module(part, torch.nn.Module())
             node = getattr(node, part)
     enc = decryption_for(vector, Path(vectors_dir))
-    n = TensorDeserializer(vector["path"], device="cpu", lazy_load=True, encryption=enc).load_into_module(root)
+    n = TensorDeserializer(
+        vector["path"], device="cpu", lazy_load=True, encryption=enc
+    ).load_into_module(root)
     assert n == len(vector["tensors"])
     state = dict(root.named_parameters())
     state.update(dict(root.named_buffers()))
     for m in vector["tensors"]:
-        key = m["name"][1:] if m["name"].startswith(".") else m["name"]
+        key = m["name"].removeprefix(".")
         assert sha256(state[key]) == m["sha256"], key
         assert (m["tensor_type"] == "param") == (key in dict(root.named_parameters()))
 

@@ -56,5 +56,5 @@ def resolve_torch(container: str, opaque_name: str | None):
         return base, base
     final = getattr(torch, opaque_name, None)
     if not isinstance(final, torch.dtype):
-        raise ValueError(f"unknown torch dtype 'torch.{opaque_name}' (not in this torch build)")
+        raise TypeError(f"unknown torch dtype 'torch.{opaque_name}' (not in this torch build)")
     return base, final

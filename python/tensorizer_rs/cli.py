@@ -7,7 +7,7 @@ import json
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from . import _native
 from .exceptions import TensorizerError
@@ -24,7 +24,7 @@ def _dtype_name(e: dict) -> str:
     return CONTAINER_TO_TORCH.get(e["container"], e["container"])
 
 
-def _encryption(f) -> Optional[dict]:
+def _encryption(f) -> dict | None:
     if not f.encrypted:
         return None
     for i, e in enumerate(f.entries()):
@@ -33,7 +33,13 @@ def _encryption(f) -> Optional[dict]:
             out = {"cipher": crypt["cipher"], "key": "raw key"}
             if "kdf" in crypt:
                 ops, mem, alg, salt = crypt["kdf"]
-                out.update(key="passphrase (Argon2id)", opslimit=ops, memlimit=mem, alg=alg, salt=salt.hex())
+                out.update(
+                    key="passphrase (Argon2id)",
+                    opslimit=ops,
+                    memlimit=mem,
+                    alg=alg,
+                    salt=salt.hex(),
+                )
             return out
     return {"cipher": None, "key": "unknown (no encrypted tensor data)"}
 
@@ -67,8 +73,10 @@ def cmd_inspect(args) -> int:
         json.dump(info, sys.stdout, indent=1)
         print()
         return 0
-    print(f"{args.file}: data version {f.version}, flags {f.flags}, {len(entries)} tensors, "
-          f"{convert_bytes(sum(e['nbytes'] for e in entries))}")
+    print(
+        f"{args.file}: data version {f.version}, flags {f.flags}, {len(entries)} tensors, "
+        f"{convert_bytes(sum(e['nbytes'] for e in entries))}"
+    )
     if enc:
         extra = "".join(f", {k} {enc[k]}" for k in ("opslimit", "memlimit") if k in enc)
         print(f"encrypted: {enc['cipher']}, {enc['key']}{extra}")
@@ -77,7 +85,9 @@ def cmd_inspect(args) -> int:
     width = max((len(str(t["name"])) for t in info["tensors"]), default=4)
     for t in info["tensors"]:
         meta = " (meta)" if t["meta"] else ""
-        print(f"  {str(t['name']):<{width}}  {t['type']:<10} {t['dtype']:<16} {str(t['shape']):<20} {t['bytes']}{meta}")
+        print(
+            f"  {t['name']!s:<{width}}  {t['type']:<10} {t['dtype']:<16} {t['shape']!s:<20} {t['bytes']}{meta}"
+        )
     return 0
 
 
@@ -108,7 +118,7 @@ def cmd_keygen(args) -> int:
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tensorizer-rs", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
     i = sub.add_parser("inspect", help="show a file's header and tensors")
@@ -118,7 +128,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     v = sub.add_parser("verify", help="check every tensor's stored hashes")
     v.add_argument("file")
     v.add_argument("--keyfile", help="raw 32-byte key file, for encrypted files")
-    v.add_argument("--passphrase-env", help="name of an environment variable holding the passphrase")
+    v.add_argument(
+        "--passphrase-env", help="name of an environment variable holding the passphrase"
+    )
     v.set_defaults(fn=cmd_verify)
     k = sub.add_parser("keygen", help="write a random 32-byte key file (mode 0600)")
     k.add_argument("path")

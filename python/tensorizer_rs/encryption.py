@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import enum
 import os
-from typing import Optional, Union
 
 from . import _native
 from .exceptions import TensorizerTypeError, TensorizerValueError
 
-__all__ = ["EncryptionParams", "DecryptionParams"]
+__all__ = ["DecryptionParams", "EncryptionParams"]
 
 _KEY_LEN = 32
 _SALT_LEN = 16
@@ -25,11 +24,13 @@ def _check_key(key: object) -> bytes:
         raise TensorizerTypeError(f"an encryption key must be bytes, not {type(key).__name__}")
     key = bytes(key)
     if len(key) != _KEY_LEN:
-        raise TensorizerValueError(f"an encryption key must be exactly {_KEY_LEN} bytes, got {len(key)}")
+        raise TensorizerValueError(
+            f"an encryption key must be exactly {_KEY_LEN} bytes, got {len(key)}"
+        )
     return key
 
 
-def _to_bytes(source: Union[str, bytes], encoding: str) -> bytes:
+def _to_bytes(source: str | bytes, encoding: str) -> bytes:
     data = source.encode(encoding) if isinstance(source, str) else bytes(source)
     if not data:
         raise TensorizerValueError("an encryption passphrase must not be empty")
@@ -53,26 +54,26 @@ class EncryptionParams:
 
     def __init__(self, key: bytes) -> None:
         self._key = _check_key(key)
-        self._kdf: Optional[tuple] = None
+        self._kdf: tuple | None = None
 
     def __repr__(self) -> str:  # never show key material
         kind = "passphrase" if self._kdf else "key"
         return f"<EncryptionParams ({kind})>"
 
     @classmethod
-    def random(cls) -> "EncryptionParams":
+    def random(cls) -> EncryptionParams:
         return cls(os.urandom(_KEY_LEN))
 
     @classmethod
     def from_string(
         cls,
-        source: Union[str, bytes],
-        opslimit: Optional[int] = None,
-        memlimit: Optional[int] = None,
-        salt: Optional[bytes] = None,
+        source: str | bytes,
+        opslimit: int | None = None,
+        memlimit: int | None = None,
+        salt: bytes | None = None,
         *,
         encoding: str = "utf-8",
-    ) -> "EncryptionParams":
+    ) -> EncryptionParams:
         if isinstance(opslimit, EncryptionParams.MemLimit):
             raise TensorizerTypeError("opslimit got a MemLimit value; pass an OpsLimit or an int")
         if isinstance(memlimit, EncryptionParams.OpsLimit):
@@ -112,30 +113,30 @@ class DecryptionParams:
     passphrase a file was written with."""
 
     def __init__(self) -> None:
-        self._key: Optional[bytes] = None
-        self._source: Optional[bytes] = None
+        self._key: bytes | None = None
+        self._source: bytes | None = None
 
     def __repr__(self) -> str:
         return f"<DecryptionParams ({'key' if self._key else 'passphrase'})>"
 
     @classmethod
-    def from_key(cls, key: bytes) -> "DecryptionParams":
+    def from_key(cls, key: bytes) -> DecryptionParams:
         p = cls()
         p._key = _check_key(key)
         return p
 
     @classmethod
-    def from_string(cls, source: Union[str, bytes], *, encoding: str = "utf-8") -> "DecryptionParams":
+    def from_string(cls, source: str | bytes, *, encoding: str = "utf-8") -> DecryptionParams:
         p = cls()
         p._source = _to_bytes(source, encoding)
         return p
 
     @property
-    def key(self) -> Optional[bytes]:
+    def key(self) -> bytes | None:
         return self._key
 
     @property
-    def source(self) -> Optional[bytes]:
+    def source(self) -> bytes | None:
         return self._source
 
     def _native_args(self) -> dict:

@@ -4,6 +4,7 @@ and semantics, backed by the Rust core (``tensorizer_rs._native``)."""
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import enum
 import io
 import logging
@@ -11,11 +12,11 @@ import os
 import tempfile
 import time
 import types
-from typing import Any, Callable, Iterator, Optional, Union
+from collections.abc import Iterator
+from typing import Any, Callable, Union
 
 from . import _dtypes, _native
 from .exceptions import (
-    CryptographyError,
     HashMismatchError,
     TensorizerKeyError,
     TensorizerTypeError,
@@ -23,7 +24,7 @@ from .exceptions import (
     TensorizerValueError,
 )
 
-__all__ = ["TensorSerializer", "TensorDeserializer", "TensorType", "HashMismatchError"]
+__all__ = ["HashMismatchError", "TensorDeserializer", "TensorSerializer", "TensorType"]
 
 logger = logging.getLogger("tensorizer_rs")
 
@@ -41,7 +42,7 @@ class TensorType(enum.IntEnum):
 Path = Union[str, tuple]
 
 
-def _uri_of(obj: Any) -> Optional[str]:
+def _uri_of(obj: Any) -> str | None:
     """A path or URI we can open natively, for str/PathLike and our own or real file objects."""
     if isinstance(obj, (str, os.PathLike)):
         return os.fspath(obj)
@@ -76,22 +77,27 @@ class TensorDeserializer(collections.abc.Mapping):
         self,
         file_obj: Any,
         device: Any = None,
-        filter_func: Optional[Callable[[Path], bool]] = None,
+        filter_func: Callable[[Path], bool] | None = None,
         dtype: Any = None,
         *,
         lazy_load: bool = False,
-        plaid_mode: Optional[bool] = None,
-        plaid_mode_buffers: Optional[int] = None,
-        num_readers: Optional[int] = None,
+        plaid_mode: bool | None = None,
+        plaid_mode_buffers: int | None = None,
+        num_readers: int | None = None,
         verify_hash: bool = False,
         encryption: Any = None,
+        progress: Callable[[int, float], None] | None = None,
     ) -> None:
         del plaid_mode, plaid_mode_buffers  # accepted for compatibility; no effect (as upstream)
         self._file = None
+        self._deferred = False  # an eager CUDA load waiting for its destinations (see _cuda.py)
+        self._progress = progress  # CUDA loads: called with (bytes done, GB/s)
         if num_readers is not None and (
             not isinstance(num_readers, int) or isinstance(num_readers, bool) or num_readers < 1
         ):
-            raise TensorizerTypeError(f"num_readers must be a positive int or None, got {num_readers!r}")
+            raise TensorizerTypeError(
+                f"num_readers must be a positive int or None, got {num_readers!r}"
+            )
         self._num_readers = num_readers
         self._verify_hash = bool(verify_hash)
         self._crypt = _decryption_args(encryption)
@@ -123,9 +129,14 @@ class TensorDeserializer(collections.abc.Mapping):
         self.total_bytes_read = 0
         self._seconds = 0.0
         if not lazy_load:
-            self._load(self._selected)
             self._last_yielded = len(self._selected) - 1
-            self.close()
+            if self._device.type == "cuda":
+                # Reads wait until the destinations are known: load_into_module fills the
+                # module's own tensors; any other access first loads everything (_load).
+                self._deferred = True
+            else:
+                self._load(self._selected)
+                self.close()
 
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
@@ -142,6 +153,9 @@ class TensorDeserializer(collections.abc.Mapping):
                 )
             if dev.index is None:
                 dev = torch.device("cuda", torch.cuda.current_device())
+            from . import _cuda
+
+            _cuda.check_available(dev)
         return dev
 
     def _open(self, file_obj: Any):
@@ -149,37 +163,51 @@ class TensorDeserializer(collections.abc.Mapping):
         if uri is not None:
             return _native.TensorFile(uri)
         if isinstance(file_obj, (bytes, bytearray, memoryview)):
-            raise TensorizerTypeError("file_obj must be a path, URI or binary file object, not bytes")
+            raise TensorizerTypeError(
+                "file_obj must be a path, URI or binary file object, not bytes"
+            )
         read = getattr(file_obj, "read", None)
         if read is None:
             raise TensorizerTypeError(f"cannot read tensors from {type(file_obj).__name__}")
         if isinstance(file_obj, io.TextIOBase):
             raise TensorizerValueError("file_obj must be opened in binary mode")
         # Streams without a path (BytesIO, pipes): spill to a private temp file, read natively.
-        tmp = tempfile.NamedTemporaryFile(prefix="tensorizer-rs-", suffix=".tensors", delete=False)
+        fd, tmp = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
         try:
-            with tmp:
+            with os.fdopen(fd, "wb") as out:
                 while True:
                     chunk = read(16 << 20)
                     if not chunk:
                         break
-                    tmp.write(chunk)
-            return _native.TensorFile(tmp.name)
+                    out.write(chunk)
+            return _native.TensorFile(tmp)
         finally:
-            os.unlink(tmp.name)
+            os.unlink(tmp)
 
     # -- loading ----------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._file is None:
-            raise TensorizerValueError("the TensorDeserializer is closed and this tensor was not loaded")
+            raise TensorizerValueError(
+                "the TensorDeserializer is closed and this tensor was not loaded"
+            )
 
-    def _load(self, indices: list, verify_hash: Optional[bool] = None) -> None:
+    def _load(self, indices: list, verify_hash: bool | None = None) -> None:
         todo = [i for i in indices if i not in self._cache]
         if not todo:
             return
+        deferred, self._deferred = self._deferred, False
+        if deferred:
+            todo = [i for i in self._selected if i not in self._cache]
         self._check_open()
         start = time.perf_counter()
         verify = self._verify_hash if verify_hash is None else bool(verify_hash)
+        if self._device.type == "cuda":
+            from . import _cuda
+
+            _cuda.load(self, todo, verify)
+            if deferred:
+                self.close()
+            return
         loaded = self._file.load(
             todo, num_readers=self._num_readers, verify_hash=verify, **self._crypt
         )
@@ -196,7 +224,7 @@ class TensorDeserializer(collections.abc.Mapping):
         e = self._entries[i]
         try:
             base, final = _dtypes.resolve_torch(e["container"], e["torch_dtype"])
-        except ValueError as exc:
+        except TypeError as exc:
             raise TensorizerValueError(f"{self._file.name}: tensor {e['name']!r}: {exc}") from None
         t = torch.from_dlpack(host)
         if t.dtype != base:
@@ -205,9 +233,13 @@ class TensorDeserializer(collections.abc.Mapping):
             t = t.view(final)
         requires_grad = final.is_floating_point or final.is_complex
         target = self._dtype
-        if target is not None and final != torch.bool and final != target:
-            if not (final.is_complex and not target.is_complex):
-                t = t.to(target)
+        # CoreWeave casts everything but bool; complex -> real is skipped (upstream PR #207).
+        if (
+            target is not None
+            and final not in (target, torch.bool)
+            and not (final.is_complex and not target.is_complex)
+        ):
+            t = t.to(target)
         if self._device.type != "cpu":
             t = t.to(self._device)
         return torch.nn.Parameter(t, requires_grad=requires_grad)
@@ -298,8 +330,13 @@ class TensorDeserializer(collections.abc.Mapping):
             e = self._entries[i]
             yield self._module_idx[i], e["tensor_type"], e["name"], self._cache[i]
 
-    def read_numpy_arrays(self, filter_func=None, num_tensors: int = -1, allow_raw_data: bool = False,
-                          verify_hash=None):
+    def read_numpy_arrays(
+        self,
+        filter_func=None,
+        num_tensors: int = -1,
+        allow_raw_data: bool = False,
+        verify_hash=None,
+    ):
         """Yield ``(module_idx, tensor_type, name, ndarray, is_opaque, torch_dtype|None)``."""
         import numpy as np
 
@@ -318,8 +355,13 @@ class TensorDeserializer(collections.abc.Mapping):
                 import torch
 
                 arr = arr.view(getattr(torch, _dtypes.CONTAINER_TO_TORCH[e["container"]]))
-            yield module_idx, ttype, name, np.asarray(arr.numpy()), opaque, (
-                f"torch.{e['torch_dtype']}" if opaque else None
+            yield (
+                module_idx,
+                ttype,
+                name,
+                np.asarray(arr.numpy()),
+                opaque,
+                (f"torch.{e['torch_dtype']}" if opaque else None),
             )
 
     def load_into_module(self, m, filter_func=None, verify_hash=None) -> int:
@@ -344,8 +386,22 @@ class TensorDeserializer(collections.abc.Mapping):
             name = self._entries[i]["name"]
             prefix, _, attr = name.rpartition(".")
             if prefix not in modules:
-                raise TensorizerKeyError(f"{self._name}: tensor {name!r}: module {prefix!r} not found in the model")
+                raise TensorizerKeyError(
+                    f"{self._name}: tensor {name!r}: module {prefix!r} not found in the model"
+                )
             targets.append((i, modules[prefix], attr))
+        if self._device.type == "cuda":
+            from . import _cuda
+
+            rest, self._deferred = (self._selected if self._deferred else []), False
+            verify = self._verify_hash if verify_hash is None else bool(verify_hash)
+            in_place = _cuda.load_into_module(self, targets, rest, verify)
+            with torch.no_grad():
+                for i, mod, attr in targets:
+                    if i not in in_place:
+                        self._place(mod, attr, i)
+            self.close()
+            return len(targets)
         self._load(chosen, verify_hash)
         with torch.no_grad():
             for i, mod, attr in targets:
@@ -383,6 +439,8 @@ class TensorDeserializer(collections.abc.Mapping):
 
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
+        if self._deferred and self._file is not None:
+            self._load(self._selected)  # an eager load owes its tensors before the file goes
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -394,10 +452,9 @@ class TensorDeserializer(collections.abc.Mapping):
         self.close()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
+            self._deferred = False
             self.close()
-        except Exception:
-            pass
 
     @property
     def total_file_bytes(self) -> int:
@@ -412,7 +469,7 @@ class TensorDeserializer(collections.abc.Mapping):
 
 # --------------------------------------------------------------------------------------------
 class _Item:
-    __slots__ = ("module_idx", "ttype", "name", "tensor")
+    __slots__ = ("module_idx", "name", "tensor", "ttype")
 
     def __init__(self, module_idx, ttype, name, tensor):
         self.module_idx, self.ttype, self.name, self.tensor = module_idx, ttype, name, tensor
@@ -423,7 +480,9 @@ def _encode_path(path: tuple) -> bytes:
 
     if len(path) == 1 and isinstance(path[0], str):
         return path[0].encode("utf-8")
-    return b"\x1e" + json.dumps(list(path), separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    return b"\x1e" + json.dumps(list(path), separators=(",", ":"), ensure_ascii=True).encode(
+        "ascii"
+    )
 
 
 class TensorSerializer:
@@ -439,7 +498,7 @@ class TensorSerializer:
         compress_tensors: bool = False,
         *,
         encryption: Any = None,
-        limit_cpu_concurrency: Optional[int] = None,
+        limit_cpu_concurrency: int | None = None,
     ) -> None:
         from .encryption import EncryptionParams
 
@@ -484,7 +543,9 @@ class TensorSerializer:
             raise TensorizerTypeError(f"tensor name must be a str, not {type(name).__name__}")
         self._write([_Item(int(idx), TensorType(tensor_type), (name,), tensor)])
 
-    def write_module(self, m, remove_tensors: bool = False, *, include_non_persistent_buffers: bool = True) -> None:
+    def write_module(
+        self, m, remove_tensors: bool = False, *, include_non_persistent_buffers: bool = True
+    ) -> None:
         """Write every parameter and buffer of ``m`` under CoreWeave's names (``.x`` for the
         root module). Unlike tensorizer 2.12.1, ``include_non_persistent_buffers=False`` drops
         only non-persistent buffers (upstream also drops persistent root-level buffers)."""
@@ -512,7 +573,9 @@ class TensorSerializer:
             if isinstance(obj, collections.abc.Mapping):
                 for k, v in obj.items():
                     if not isinstance(k, str):
-                        raise TensorizerTypeError(f"state dict keys must be str, got {type(k).__name__} {k!r}")
+                        raise TensorizerTypeError(
+                            f"state dict keys must be str, got {type(k).__name__} {k!r}"
+                        )
                     walk(v, path + (k,))
             elif isinstance(obj, (list, tuple)):
                 for n, v in enumerate(obj):
@@ -533,7 +596,9 @@ class TensorSerializer:
         t = item.tensor
         if isinstance(t, np.ndarray):
             if t.dtype.kind not in "biufc" or t.dtype.byteorder == ">":
-                raise TensorizerTypeError(f"tensor {item.name!r}: numpy dtype {t.dtype} cannot be serialized")
+                raise TensorizerTypeError(
+                    f"tensor {item.name!r}: numpy dtype {t.dtype} cannot be serialized"
+                )
             return t.dtype.str, tuple(t.shape), False
         import torch
 
@@ -583,7 +648,14 @@ class TensorSerializer:
         try:
             first = self._writer.add(
                 [
-                    (it.module_idx, int(it.ttype), _encode_path(it.name), stored.encode("ascii"), list(shape), meta)
+                    (
+                        it.module_idx,
+                        int(it.ttype),
+                        _encode_path(it.name),
+                        stored.encode("ascii"),
+                        list(shape),
+                        meta,
+                    )
                     for it, (stored, shape, meta) in zip(items, described)
                 ]
             )
@@ -640,7 +712,5 @@ class TensorSerializer:
             self._abort()
 
     def __del__(self) -> None:
-        try:
+        with contextlib.suppress(Exception):
             self._abort()
-        except Exception:
-            pass

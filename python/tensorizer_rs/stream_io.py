@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any, Optional
+from typing import Any
 
 from .exceptions import TensorizerValueError
 
@@ -25,17 +25,17 @@ def _scheme(uri: str) -> str:
 def open_stream(
     path_uri: Any,
     mode: str = "rb",
-    s3_access_key_id: Optional[str] = None,
-    s3_secret_access_key: Optional[str] = None,
-    s3_endpoint: Optional[str] = None,
-    s3_config_path: Optional[str] = None,
-    buffer_size: Optional[int] = None,
-    force_http: Optional[bool] = None,
+    s3_access_key_id: str | None = None,
+    s3_secret_access_key: str | None = None,
+    s3_endpoint: str | None = None,
+    s3_config_path: str | None = None,
+    buffer_size: int | None = None,
+    force_http: bool | None = None,
     *,
-    begin: Optional[int] = None,
-    end: Optional[int] = None,
-    s3_region_name: Optional[str] = None,
-    s3_signature_version: Optional[str] = None,
+    begin: int | None = None,
+    end: int | None = None,
+    s3_region_name: str | None = None,
+    s3_signature_version: str | None = None,
     certificate_handling: Any = None,
 ):
     """Open a local path or URI as a binary file object."""
@@ -44,7 +44,9 @@ def open_stream(
     if isinstance(path_uri, os.PathLike):
         path_uri = os.fspath(path_uri)
     if not isinstance(path_uri, str):
-        raise TensorizerValueError(f"path_uri must be a str or os.PathLike, not {type(path_uri).__name__}")
+        raise TensorizerValueError(
+            f"path_uri must be a str or os.PathLike, not {type(path_uri).__name__}"
+        )
     scheme = _scheme(path_uri)
     if scheme in ("http", "https", "s3"):
         raise TensorizerValueError(
@@ -52,12 +54,12 @@ def open_stream(
         )
     if scheme not in ("", "file"):
         raise TensorizerValueError(f"unsupported URI scheme {scheme!r} in {path_uri!r}")
-    path = path_uri[len("file://"):] if scheme == "file" else path_uri
+    path = path_uri[len("file://") :] if scheme == "file" else path_uri
     if any(c in mode for c in "wax"):
         parent = os.path.dirname(path)
         if parent:
             os.makedirs(parent, exist_ok=True)
-    f = open(path, mode, buffering=buffer_size or io.DEFAULT_BUFFER_SIZE)
+    f = open(path, mode, buffering=buffer_size or io.DEFAULT_BUFFER_SIZE)  # noqa: SIM115 (returned)
     if begin:
         f.seek(begin)
     return f

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Union
 
 __all__ = ["convert_bytes", "get_mem_usage", "no_init_or_tensor"]
 
 
-def convert_bytes(num: Union[int, float], decimal: bool = True) -> str:
+def convert_bytes(num: float, decimal: bool = True) -> str:
     """A human-readable size, e.g. ``1.5GB`` (decimal) or ``1.4GiB`` (binary)."""
     step = 1000.0 if decimal else 1024.0
-    units = ["B", "KB", "MB", "GB", "TB", "PB"] if decimal else ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    units = (
+        ["B", "KB", "MB", "GB", "TB", "PB"] if decimal else ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    )
     num = float(num)
     for unit in units[:-1]:
         if abs(num) < step:

@@ -1,6 +1,7 @@
 //! The Python module `tensorizer_rs._native`: a thin layer over the core. Everything torch-
 //! specific (modules, Parameters, dtype casts) lives in the Python package.
 mod crypto;
+mod cuda;
 mod errors;
 mod reader;
 mod writer;
@@ -15,6 +16,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reader::PyTensorFile>()?;
     m.add_class::<writer::PyTensorWriter>()?;
     m.add_class::<crate::dlpack::HostTensor>()?;
+    cuda::register(m)?;
     m.add_function(wrap_pyfunction!(crypto::derive_key, m)?)?;
     Ok(())
 }

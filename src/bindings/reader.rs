@@ -18,7 +18,7 @@ pub struct PyTensorFile {
 }
 
 impl PyTensorFile {
-    fn file(&self) -> PyResult<&Arc<TensorFile>> {
+    pub(crate) fn file(&self) -> PyResult<&Arc<TensorFile>> {
         self.inner
             .as_ref()
             .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("I/O operation on a closed TensorDeserializer"))

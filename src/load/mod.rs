@@ -1,6 +1,7 @@
 //! The load pipeline: open a file and parse its index (`file`), turn the wanted tensors into
 //! a list of byte ranges (`plan`), then read them in parallel, check, decrypt and place them
 //! (`exec`).
+pub mod device;
 pub mod exec;
 pub mod file;
 pub mod plan;

@@ -46,6 +46,13 @@ pub struct Plan {
 
 /// `slots[i]` is the index entry of slot `i`. Items come out in file order.
 pub fn build(entries: &[IndexEntry], slots: &[usize]) -> Plan {
+    build_sized(entries, slots, SMALL_RECORD, SEGMENT_MAX, PIECE)
+}
+
+/// [`build`] with explicit sizes: records up to `small` bytes are coalesced into segments of at
+/// most `segment_max` bytes; larger tensors are split into `piece`-byte direct reads. The GPU
+/// path sizes these to its staging buffers.
+pub fn build_sized(entries: &[IndexEntry], slots: &[usize], small: u64, segment_max: u64, piece: u64) -> Plan {
     let mut order: Vec<usize> = (0..slots.len()).collect();
     order.sort_by_key(|&s| entries[slots[s]].header_offset);
     let mut plan = Plan { items: Vec::new(), pieces: vec![0; slots.len()] };
@@ -58,9 +65,9 @@ pub fn build(entries: &[IndexEntry], slots: &[usize]) -> Plan {
     for slot in order {
         let e = &entries[slots[slot]];
         let record_end = e.data_offset + e.data_length;
-        let large = record_end - e.header_offset > SMALL_RECORD;
+        let large = record_end - e.header_offset > small;
         let read_end = if large { e.data_offset } else { record_end };
-        let fits = matches!(&seg, Some((s, end, _)) if *end == e.header_offset && read_end - s <= SEGMENT_MAX);
+        let fits = matches!(&seg, Some((s, end, _)) if *end == e.header_offset && read_end - s <= segment_max);
         if !fits {
             flush(&mut seg, &mut plan.items);
             seg = Some((e.header_offset, e.header_offset, Vec::new()));
@@ -78,7 +85,7 @@ pub fn build(entries: &[IndexEntry], slots: &[usize]) -> Plan {
             flush(&mut seg, &mut plan.items);
             let mut off = 0;
             while off < e.data_length {
-                let len = PIECE.min(e.data_length - off);
+                let len = piece.min(e.data_length - off);
                 plan.items.push(Item::Direct { slot, file_offset: e.data_offset + off, offset: off, len });
                 plan.pieces[slot] += 1;
                 off += len;

@@ -1,0 +1,590 @@
+#!/usr/bin/env python3
+"""GPU load benchmark, one command on the GPU machine (results: docs/benchmarks.md).
+
+    python3 bench/gpu_bench.py --dir /path/on/local/disk [--out DIR] [--gib 16]
+
+1. Limits: pinned host→device bandwidth (torch), page cache → host read bandwidth and cold
+   O_DIRECT disk bandwidth (16 threads, 64 MiB chunks).
+2. Writes a synthetic Llama-8B-shaped bf16 model (random data, >= --gib GiB) with our writer, the
+   same tensors as safetensors, and a file of 20,000 small tensors.
+3. Loads each to the GPU, warm (page cache) and cold (caches dropped), each in a fresh process:
+   ours (TensorDeserializer(device="cuda") and load_into_module into a model already on the GPU),
+   CoreWeave tensorizer 2.12.1 (if importable, --coreweave PATH), safetensors. Reports GB/s, the
+   ratio to the limit (warm: pinned H2D; cold: O_DIRECT disk), peak RssAnon growth and GPU memory
+   growth; a sweep of our settings (warm); and per-tensor overhead on the small file.
+
+Writes bench.json and bench.log under --out; prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+GiB = 1 << 30
+MiB = 1 << 20
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ------------------------------------------------------------------------------ helpers
+def log(*a):
+    print(*a, flush=True)
+
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+class PeakRss:
+    """Samples RssAnon every 2 ms in a thread; ``peak`` is the highest value seen."""
+
+    def __init__(self):
+        self.peak = rss_anon()
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, rss_anon())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, rss_anon())
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def llama_shapes(min_bytes: int):
+    """Llama-3-8B tensor names and shapes (bf16), with layers added until >= min_bytes."""
+    hidden, inter, kv, vocab = 4096, 14336, 1024, 128256
+    per_layer = [
+        ("self_attn.q_proj.weight", (hidden, hidden)),
+        ("self_attn.k_proj.weight", (kv, hidden)),
+        ("self_attn.v_proj.weight", (kv, hidden)),
+        ("self_attn.o_proj.weight", (hidden, hidden)),
+        ("mlp.gate_proj.weight", (inter, hidden)),
+        ("mlp.up_proj.weight", (inter, hidden)),
+        ("mlp.down_proj.weight", (hidden, inter)),
+        ("input_layernorm.weight", (hidden,)),
+        ("post_attention_layernorm.weight", (hidden,)),
+    ]
+
+    def numel(s):
+        n = 1
+        for d in s:
+            n *= d
+        return n
+
+    fixed = [
+        ("model.embed_tokens.weight", (vocab, hidden)),
+        ("model.norm.weight", (hidden,)),
+        ("lm_head.weight", (vocab, hidden)),
+    ]
+    layer_bytes = 2 * sum(numel(s) for _, s in per_layer)
+    total = 2 * sum(numel(s) for _, s in fixed)
+    layers = 32
+    while total + layers * layer_bytes < min_bytes:
+        layers += 1
+    out = [fixed[0]]
+    for i in range(layers):
+        out += [(f"model.layers.{i}.{n}", s) for n, s in per_layer]
+    out += fixed[1:]
+    return out, layers
+
+
+def build_module(shapes, device, dtype):
+    import torch
+
+    root = torch.nn.Module()
+    for name, shape in shapes:
+        *path, attr = name.split(".")
+        node = root
+        for p in path:
+            if not hasattr(node, p):
+                node.add_module(p, torch.nn.Module())
+            node = getattr(node, p)
+        node.register_parameter(
+            attr, torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
+        )
+    return root
+
+
+# ------------------------------------------------------------------------------ limits
+def measure_h2d():
+    import torch
+
+    n = 4 * GiB
+    src = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+    src.fill_(7)
+    dst = torch.empty(n, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src, non_blocking=True)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    one = n / statistics.median(times) / 1e9
+    # 64 MiB chunks over 4 streams.
+    streams = [torch.cuda.Stream() for _ in range(4)]
+    chunk = 64 * MiB
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for k in range(n // chunk):
+        with torch.cuda.stream(streams[k % 4]):
+            dst[k * chunk : (k + 1) * chunk].copy_(
+                src[k * chunk : (k + 1) * chunk], non_blocking=True
+            )
+    torch.cuda.synchronize()
+    chunked = n / (time.perf_counter() - t0) / 1e9
+    del src, dst
+    torch.cuda.empty_cache()
+    return {"pinned_h2d_gbps": one, "pinned_h2d_64MiB_4streams_gbps": chunked}
+
+
+def parallel_read(path, threads=16, chunk=64 * MiB, direct=False, limit=None):
+    import mmap
+
+    size = os.path.getsize(path)
+    if limit:
+        size = min(size, limit)
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fd = os.open(path, flags)
+    offsets = list(range(0, size, chunk))
+    lock = threading.Lock()
+    done = [0]
+
+    def work():
+        buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+        while True:
+            with lock:
+                if not offsets:
+                    return
+                off = offsets.pop(0)
+            n = os.preadv(fd, [buf], off)
+            with lock:
+                done[0] += n
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    dt = time.perf_counter() - t0
+    os.close(fd)
+    return done[0] / dt / 1e9
+
+
+# ------------------------------------------------------------------------------ writing
+def write_files(args, res):
+    import torch
+    from tensorizer_rs import TensorSerializer
+
+    shapes, layers = llama_shapes(int(args.gib * GiB))
+    res["model"] = {"layers": layers, "tensors": len(shapes)}
+    ours = os.path.join(args.dir, "model.tensors")
+    st = os.path.join(args.dir, "model.safetensors")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    m = build_module(shapes, "cuda", torch.bfloat16)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(generator=g)
+    nbytes = sum(p.nbytes for p in m.parameters())
+    res["model"]["bytes"] = nbytes
+    t0 = time.perf_counter()
+    s = TensorSerializer(ours)
+    s.write_module(m)
+    s.close()
+    res["model"]["write_ours_s"] = time.perf_counter() - t0
+    log(
+        f"wrote {ours}: {nbytes / GiB:.2f} GiB, {len(shapes)} tensors, {time.perf_counter() - t0:.1f} s"
+    )
+    if not args.skip_safetensors:
+        import shutil
+
+        free = shutil.disk_usage(args.dir).free
+        if free > nbytes + 4 * GiB:
+            from safetensors.torch import save_file
+
+            t0 = time.perf_counter()
+            sd = {k: v.detach().cpu() for k, v in m.state_dict().items()}
+            save_file(sd, st)
+            del sd
+            res["model"]["write_safetensors_s"] = time.perf_counter() - t0
+            log(f"wrote {st} in {time.perf_counter() - t0:.1f} s")
+        else:
+            log(f"skip safetensors: {free / GiB:.1f} GiB free")
+            st = None
+    del m
+    torch.cuda.empty_cache()
+    # Many small tensors.
+    small = os.path.join(args.dir, "small.tensors")
+    gen = torch.Generator().manual_seed(1)
+    sd = {
+        f"t{k}": torch.randn(64 + (k % 7) * 32, generator=gen).to(torch.bfloat16)
+        for k in range(args.small)
+    }
+    s = TensorSerializer(small)
+    s.write_state_dict(sd)
+    s.close()
+    res["small"] = {"tensors": len(sd), "bytes": sum(v.nbytes for v in sd.values())}
+    return ours, st, small
+
+
+# ------------------------------------------------------------------------------ one load (child)
+def child(args):
+    import torch
+
+    torch.cuda.init()
+    torch.empty(1, device="cuda")
+    torch.cuda.synchronize()
+    spec = json.loads(args.child)
+    kind, path = spec["loader"], spec["path"]
+    out = {"loader": kind, "cold": spec.get("cold", False)}
+    model = None
+    if kind == "ours_module" or kind == "sweep":
+        from tensorizer_rs import _native
+
+        f = _native.TensorFile(path)
+        shapes = [(e["name"], tuple(e["shape"])) for e in f.entries()]
+        f.close()
+        model = build_module(shapes, "meta", torch.bfloat16).to_empty(device="cuda")
+    if kind == "sweep":
+        return sweep(model, path, out)
+    if kind == "small":
+        return small_overhead(path, out, spec)
+    if spec.get("cold"):
+        drop_caches()
+    torch.cuda.synchronize()
+    free0 = torch.cuda.mem_get_info()[0]
+    alloc0 = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    rss0 = rss_anon()
+    counters0 = None
+    with PeakRss() as peak:
+        t0 = time.perf_counter()
+        if kind in ("ours", "ours_module"):
+            from tensorizer_rs import TensorDeserializer, _cuda
+
+            counters0 = _cuda.counters()
+            d = TensorDeserializer(path, device="cuda")
+            if model is not None:
+                d.load_into_module(model)
+            else:
+                next(iter(d.values()))  # the eager load runs at first access
+            keep = d
+        elif kind == "coreweave":
+            from tensorizer import TensorDeserializer as CW
+
+            keep = CW(path, device="cuda:0", num_readers=spec.get("num_readers"))
+        elif kind == "safetensors":
+            from safetensors.torch import load_file
+
+            keep = load_file(path, device="cuda:0")
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+    size = os.path.getsize(path)
+    out.update(
+        seconds=dt,
+        file_bytes=size,
+        gbps=size / dt / 1e9,
+        rss_anon_growth=peak.peak - rss0,
+        gpu_alloc_growth=torch.cuda.memory_allocated() - alloc0,
+        gpu_driver_growth=free0 - torch.cuda.mem_get_info()[0],
+    )
+    if counters0 is not None:
+        from tensorizer_rs import _cuda
+
+        c = _cuda.counters()
+        out["counters"] = {k: c[k] - counters0.get(k, 0) for k in c}
+        out["staging_pool_bytes"] = _cuda.staging()[0]
+        out["load_stats"] = getattr(keep, "_cuda_stats", None)
+    del keep
+    return out
+
+
+def sweep(model, path, out):
+    """Warm, in place, many settings (the file is in the page cache)."""
+    import torch
+    from tensorizer_rs import TensorDeserializer, _cuda
+
+    size = os.path.getsize(path)
+    default_pinned = _cuda.staging()[3]
+    configs = [
+        ("default", {}, None, None),
+        ("readers=8", {}, None, 8),
+        ("readers=16", {}, None, 16),
+        ("chunk=16M/256M", {}, (256 * MiB, 16 * MiB), None),
+        ("driver-pinned", {}, (256 * MiB, 8 * MiB, "driver"), None),
+        ("io=mmap", {"io": "mmap"}, None, None),
+        ("register=2", {"register_readers": 2}, None, None),
+        ("default(again)", {}, None, None),
+    ]
+    rows = []
+    for name, opts, staging, readers in configs:
+        _cuda.load_options.clear()
+        _cuda.load_options.update(opts)
+        _cuda.staging(*(staging or (256 * MiB, 8 * MiB, default_pinned)))
+        runs = []
+        for _ in range(3):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            TensorDeserializer(
+                path, device="cuda", num_readers=readers, lazy_load=True
+            ).load_into_module(model)
+            torch.cuda.synchronize()
+            runs.append(time.perf_counter() - t0)
+        rows.append({"config": name, "gbps": [size / t / 1e9 for t in runs]})
+        log(f"  sweep {name:16s} " + " ".join(f"{size / t / 1e9:6.2f}" for t in runs) + " GB/s")
+    _cuda.load_options.clear()
+    _cuda.staging(256 * MiB, 8 * MiB, default_pinned)
+    out["sweep"] = rows
+    return out
+
+
+def small_overhead(path, out, spec):
+    import torch
+    from tensorizer_rs import TensorDeserializer, _cuda
+
+    n = spec["tensors"]
+
+    def timed(device, share=True):
+        _cuda.SHARE_MAX_BYTES = (64 << 10) if share else 0
+        total, ctor, native = [], [], []
+        for _ in range(5):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            d = TensorDeserializer(path, device=device)
+            t1 = time.perf_counter()
+            next(iter(d.values()))
+            torch.cuda.synchronize()
+            t2 = time.perf_counter()
+            total.append(t2 - t0)
+            ctor.append(t1 - t0)
+            stats = getattr(d, "_cuda_stats", None)
+            native.append(stats[0]["seconds"] if stats else 0.0)
+            del d
+        us = lambda xs: statistics.median(xs) / n * 1e6
+        return {"total": us(total), "constructor": us(ctor), "native": us(native)}
+
+    out["us_per_tensor_cuda"] = timed("cuda")
+    out["us_per_tensor_cuda_no_sharing"] = timed("cuda", share=False)
+    out["us_per_tensor_cpu"] = timed("cpu")
+    try:
+        from tensorizer import TensorDeserializer as CW
+
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            CW(path, device="cuda:0")
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        out["us_per_tensor_coreweave_cuda"] = statistics.median(times) / n * 1e6
+    except Exception as e:  # noqa: BLE001
+        out["coreweave_error"] = repr(e)
+    return out
+
+
+def run_child(args, spec, timeout=240):
+    env = dict(os.environ)
+    env.update(spec.get("env", {}))
+    if spec["loader"] in ("coreweave", "small") and args.coreweave:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), args.coreweave]))
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--child", json.dumps(spec)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return {"loader": spec["loader"], "cold": spec.get("cold", False), "error": "timeout"}
+    with open(os.path.join(args.out, "bench.log"), "a") as f:
+        f.write(f"=== {spec} ({time.perf_counter() - t0:.1f} s)\n{p.stdout}\n{p.stderr[-20000:]}\n")
+    for line in p.stdout.splitlines():
+        if line.startswith("  sweep"):
+            log(line)
+    for line in reversed(p.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[7:])
+    return {"loader": spec["loader"], "cold": spec.get("cold", False), "error": p.stderr[-3000:]}
+
+
+# ------------------------------------------------------------------------------ main
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default=".")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--gib", type=float, default=16.0)
+    ap.add_argument("--small", type=int, default=20000)
+    ap.add_argument("--coreweave", default=None, help="a directory holding CoreWeave's tensorizer")
+    ap.add_argument("--skip-safetensors", action="store_true")
+    ap.add_argument("--skip-cold", action="store_true")
+    ap.add_argument("--child", default=None)
+    args = ap.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args)), flush=True)
+        return
+    os.makedirs(args.dir, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
+    import torch
+
+    res = {"started": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def save():
+        with open(os.path.join(args.out, "bench.json"), "w") as f:
+            json.dump(res, f, indent=1)
+
+    res["gpu"] = torch.cuda.get_device_name(0)
+    res["torch"] = torch.__version__
+    res["cpus"] = os.cpu_count()
+    try:
+        res["commit"] = subprocess.run(
+            ["git", "-C", HERE, "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip() or os.environ.get("BENCH_COMMIT", "")
+    except OSError:
+        res["commit"] = os.environ.get("BENCH_COMMIT", "")
+    res["commit"] = os.environ.get("BENCH_COMMIT", res["commit"])
+    log(f"GPU {res['gpu']}, torch {res['torch']}, {res['cpus']} CPUs, commit {res['commit']}")
+    res["limits"] = measure_h2d()
+    log(f"pinned H2D: {res['limits']}")
+    ours, st, small = write_files(args, res)
+    res["limits"]["page_cache_read_16t_gbps"] = parallel_read(ours, direct=False)
+    save()
+    warm_files = [ours] + ([st] if st else [])
+
+    def warm():
+        for f in warm_files:
+            parallel_read(f, direct=False)
+
+    runs = res["runs"] = []
+    warm()
+    plan = [
+        {"loader": "ours", "path": ours},
+        {"loader": "ours_module", "path": ours},
+        {"loader": "ours", "path": ours, "label": "ours(again)"},
+        {"loader": "ours_module", "path": ours, "label": "ours_module(again)"},
+    ]
+    if args.coreweave:
+        plan.append({"loader": "coreweave", "path": ours})
+        plan.append(
+            {
+                "loader": "coreweave",
+                "path": ours,
+                "num_readers": 16,
+                "label": "coreweave(readers=16)",
+            }
+        )
+    if st:
+        plan.append({"loader": "safetensors", "path": st})
+    for spec in plan:
+        r = run_child(args, spec)
+        r["label"] = spec.get("label", spec["loader"])
+        runs.append(r)
+        log(f"warm {r}")
+        save()
+    res["sweep"] = run_child(args, {"loader": "sweep", "path": ours}).get("sweep")
+    save()
+    res["small"].update(run_child(args, {"loader": "small", "path": small, "tensors": args.small}))
+    save()
+    if not args.skip_cold:
+        drop_caches()
+        res["limits"]["odirect_read_16t_64MiB_before_gbps"] = parallel_read(
+            ours, direct=True, limit=8 * GiB
+        )
+        drop_caches()
+        res["limits"]["odirect_read_16t_8MiB_before_gbps"] = parallel_read(
+            ours, direct=True, chunk=8 * MiB, limit=8 * GiB
+        )
+        log(f"limits: {res['limits']}")
+        cold = [{"loader": "ours", "path": ours}, {"loader": "ours_module", "path": ours}]
+        if args.coreweave:
+            cold.append({"loader": "coreweave", "path": ours})
+        if st:
+            cold.append({"loader": "safetensors", "path": st})
+        for spec in cold:
+            r = run_child(args, {**spec, "cold": True}, timeout=300)
+            r["label"] = spec.get("label", spec["loader"])
+            runs.append(r)
+            log(f"cold {r}")
+            save()
+    # The disk's own limit again at the end (caches are cold by now anyway).
+    drop_caches()
+    res["limits"]["odirect_read_16t_gbps"] = parallel_read(ours, direct=True)
+    log(f"limits: {res['limits']}")
+    save()
+    report(res)
+
+
+def report(res):
+    lim = res["limits"]
+    h2d = lim["pinned_h2d_gbps"]
+    disk = max(v for k, v in lim.items() if k.startswith("odirect"))
+    log("")
+    log(
+        f"{res['gpu']} | commit {res['commit']} | model {res['model']['bytes'] / GiB:.2f} GiB bf16, "
+        f"{res['model']['tensors']} tensors"
+    )
+    log(
+        f"limits: pinned H2D {h2d:.1f} GB/s (64 MiB x 4 streams {lim['pinned_h2d_64MiB_4streams_gbps']:.1f}); "
+        f"page cache->host 16 thr {lim['page_cache_read_16t_gbps']:.1f} GB/s; O_DIRECT disk (best of "
+        f"{sum(k.startswith('odirect') for k in lim)}) {disk:.2f} GB/s"
+    )
+    log(f"{'loader':<26}{'cache':<6}{'GB/s':>8}{'ratio':>8}{'RssAnon+':>11}{'GPU+':>10}")
+    for r in res["runs"]:
+        name = r.get("label", r["loader"])
+        cache = "cold" if r.get("cold") else "warm"
+        if "error" in r:
+            log(f"{name:<26}{cache:<6} ERROR {r['error'][-300:]}")
+            continue
+        limit = disk if r.get("cold") else h2d
+        log(
+            f"{name:<26}{cache:<6}{r['gbps']:8.2f}{r['gbps'] / limit:8.0%}{r['rss_anon_growth'] / MiB:9.0f}Mi"
+            f"{r['gpu_driver_growth'] / GiB:8.2f}Gi"
+        )
+    s = res["small"]
+    log(f"small file: {s.get('tensors')} tensors, us/tensor:")
+    for k in ("us_per_tensor_cuda", "us_per_tensor_cuda_no_sharing", "us_per_tensor_cpu"):
+        v = s.get(k)
+        if isinstance(v, dict):
+            log(
+                f"  {k.replace('us_per_tensor_', ''):<22} total {v['total']:6.2f}  constructor {v['constructor']:6.2f}  "
+                f"native {v['native']:6.2f}"
+            )
+    log(
+        f"  coreweave cuda total {s.get('us_per_tensor_coreweave_cuda')} {s.get('coreweave_error', '')}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,344 @@
+"""Loading straight into GPU memory.
+
+Destinations are allocated by PyTorch (``torch.empty`` on the device, so its caching allocator
+owns them) or are a module's existing parameters and buffers; the Rust core
+(``_native.cuda_load``) reads the file through a bounded pool of pinned staging buffers and
+copies into them on its own CUDA streams, ordered after PyTorch's current stream. No copy of the
+model is ever made in host memory.
+
+``dtype=`` casts happen on the GPU after the copy, a group of tensors at a time, so the extra GPU
+memory they need is bounded by ``CAST_GROUP_BYTES`` (or the largest tensor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import logging
+import time
+from typing import Any, Callable
+
+from . import _dtypes, _native
+from .exceptions import TensorizerUnsupportedError, TensorizerValueError
+
+__all__ = [
+    "available",
+    "counters",
+    "release_staging",
+    "reset_counters",
+    "staging",
+]
+
+logger = logging.getLogger("tensorizer_rs")
+
+PARAM, BUFFER = 0, 1
+#: Bound on the temporary GPU memory used by ``dtype=`` casts (raised to the largest tensor).
+CAST_GROUP_BYTES = 256 << 20
+#: New tensors up to this size share allocations (one ``torch.empty`` per shape and dtype, split
+#: with ``unbind``): per-tensor allocation dominates files of many tiny tensors.
+SHARE_MAX_BYTES = 64 << 10
+#: Bytes of one shared allocation.
+SHARE_GROUP_BYTES = 4 << 20
+#: Options passed to every native load (benchmarks and tests set ``io`` and ``register_readers``).
+load_options: dict = {}
+
+
+def available() -> tuple:
+    """``(True, None)`` if the CUDA driver is usable from the Rust core, else ``(False, why)``."""
+    return _native.cuda_available()
+
+
+def check_available(device: Any) -> None:
+    ok, why = _native.cuda_available()
+    if not ok:
+        raise TensorizerUnsupportedError(f"device {str(device)!r} requested, but {why}")
+
+
+def counters() -> dict:
+    """Process-wide counters of the GPU path (bytes through the pinned pool, copies, ...)."""
+    return dict(_native.cuda_counters())
+
+
+def reset_counters() -> None:
+    _native.cuda_reset_counters()
+
+
+def staging(
+    total_bytes: int | None = None, chunk_bytes: int | None = None, pinned: str | None = None
+) -> tuple:
+    """Read or set the pinned staging pool: ``(total_bytes, chunk_bytes, streams, pinned)``.
+    Defaults: 256 MiB in 8 MiB buffers (env ``TENSORIZER_RS_STAGING_BYTES`` / ``_CHUNK``);
+    ``pinned`` is ``"driver"`` (cuMemHostAlloc) or ``"thp"`` (huge pages, registered; env
+    ``TENSORIZER_RS_PINNED``). Buffers are whole multiples of 2 MiB."""
+    return _native.cuda_staging(total_bytes, chunk_bytes, None, pinned)
+
+
+def release_staging(device: int = 0) -> None:
+    """Free the idle pinned staging buffers of a device (they come back on the next load)."""
+    _native.cuda_release_staging(device)
+
+
+# ----------------------------------------------------------------------------------------------
+_resolved: dict = {}
+
+
+def _dtypes_of(entry: dict, target: Any):
+    """(final torch dtype as stored, dtype to return, requires_grad) under CoreWeave's rules:
+    every dtype but bool is cast to ``target``, except complex to real (upstream PR #207);
+    ``requires_grad`` follows the stored dtype."""
+    key = (entry["container"], entry["torch_dtype"], target)
+    got = _resolved.get(key)
+    if got is None:
+        _, final = _dtypes.resolve_torch(key[0], key[1])
+        out = final
+        cast = target is not None and final != target and str(final) != "torch.bool"
+        if cast and not (final.is_complex and not target.is_complex):
+            out = target
+        got = _resolved[key] = (final, out, final.is_floating_point or final.is_complex)
+    return got
+
+
+@contextlib.contextmanager
+def _gc_paused():
+    """Creating thousands of tensors in a loop triggers the cyclic GC over and over (it halves
+    the per-tensor cost of small-tensor files); nothing here makes cycles."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _stream_of(device) -> int:
+    import torch
+
+    if device.type != "cuda":
+        return 0  # tests drive the pipeline with host memory and a stand-in driver
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _ordinal(device) -> int:
+    return device.index or 0
+
+
+class _Run:
+    """One deserializer call: several native loads (casts go in groups) under one progress
+    report and one log line."""
+
+    def __init__(self, deser, verify: bool) -> None:
+        self.deser = deser
+        self.verify = verify
+        self.bytes = 0
+        self.tensors = 0
+        self.started = time.perf_counter()
+        self.stats: list = []
+        self.user = getattr(deser, "_progress", None)
+
+    def _progress(self):
+        """The native callback for the next native load: reports bytes of the whole run."""
+        if self.user is None:
+            return None
+        base = self.bytes
+
+        def report(done: int, total: int) -> None:
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            self.user(base + done, (base + done) / elapsed / 1e9)
+
+        return report
+
+    def native(self, jobs: list) -> list:
+        """Load ``[(index, tensor, data_ptr, nbytes)]`` into the tensors' memory; returns the
+        module indices."""
+        if not jobs:
+            return []
+        d = self.deser
+        targets = [(i, p, n) for i, _, p, n in jobs]
+        module_idx, stats = _native.cuda_load(
+            d._file,
+            targets,
+            _ordinal(d._device),
+            _stream_of(d._device),
+            num_readers=d._num_readers,
+            verify_hash=self.verify,
+            progress=self._progress(),
+            **d._crypt,
+            **load_options,
+        )
+        self.bytes += stats["bytes"]
+        self.tensors += len(jobs)
+        self.stats.append(stats)
+        return module_idx
+
+    def done(self) -> None:
+        d = self.deser
+        seconds = time.perf_counter() - self.started
+        d.total_tensor_bytes += self.bytes
+        d.total_bytes_read += self.bytes
+        d._seconds += seconds
+        d._cuda_stats = self.stats
+        logger.info(
+            "tensorizer_rs: loaded %d tensors (%d bytes) to %s in %.3f s, %.2f GB/s",
+            self.tensors,
+            self.bytes,
+            d._device,
+            seconds,
+            self.bytes / max(seconds, 1e-9) / 1e9,
+        )
+
+
+def _load(run: _Run, indices: list, into: dict) -> dict:
+    """Load ``indices``; ``into`` maps some of them to existing tensors (final dtype and shape,
+    contiguous, on the device) to fill in place. Returns ``{index: (module_idx, tensor)}`` with
+    new tensors (cast to the deserializer's dtype) for the rest."""
+    import torch
+
+    d = run.deser
+    entries = d._entries
+    device = d._device
+    direct, casts, fresh = [], [], []
+    for i in indices:
+        e = entries[i]
+        final, target, _ = _dtypes_of(e, d._dtype)
+        dest = into.get(i)
+        if dest is not None and dest.dtype == final:
+            direct.append((i, dest, dest.data_ptr(), e["nbytes"]))
+        elif final == target and dest is None:
+            fresh.append((i, final))
+        else:
+            casts.append((i, e, final, target, dest))
+    direct += _allocate(entries, fresh, device)
+    out = {}
+    for (i, t, _, _), idx in zip(direct, run.native(direct)):
+        out[i] = (idx, t)
+    # Casts: load a group at its stored dtype into temporaries, then cast on the GPU.
+    group, size = [], 0
+    limit = max([CAST_GROUP_BYTES] + [c[1]["nbytes"] for c in casts])
+    for n, c in enumerate(casts):
+        group.append(c)
+        size += c[1]["nbytes"]
+        if n + 1 == len(casts) or size + casts[n + 1][1]["nbytes"] > limit:
+            tmp = _allocate(entries, [(i, final) for i, _, final, _, _ in group], device)
+            idxs = run.native(tmp)
+            with torch.no_grad():
+                for (i, _e, _f, target, dest), (_, t, _, _), idx in zip(group, tmp, idxs):
+                    if dest is not None:
+                        dest.copy_(t)
+                        out[i] = (idx, dest)
+                    else:
+                        out[i] = (idx, t.to(target))
+            del tmp
+            group, size = [], 0
+    return out
+
+
+def _allocate(entries: list, wanted: list, device) -> list:
+    """New device tensors for ``wanted`` = ``[(index, dtype)]``, in that order, as
+    ``[(index, tensor, data_ptr, nbytes)]``."""
+    import torch
+
+    out, groups = {}, {}
+    for i, final in wanted:
+        e = entries[i]
+        n = e["nbytes"]
+        if 0 < n <= SHARE_MAX_BYTES:
+            groups.setdefault((final, e["shape"], n), []).append(i)
+        else:
+            t = torch.empty(e["shape"], dtype=final, device=device)
+            out[i] = (i, t, t.data_ptr(), n)
+    for (final, shape, n), idx in groups.items():
+        per = max(1, SHARE_GROUP_BYTES // n)
+        for k in range(0, len(idx), per):
+            part = idx[k : k + per]
+            if len(part) == 1:
+                t = torch.empty(shape, dtype=final, device=device)
+                out[part[0]] = (part[0], t, t.data_ptr(), n)
+                continue
+            block = torch.empty((len(part), *shape), dtype=final, device=device)
+            base = block.data_ptr()
+            for j, (i, row) in enumerate(zip(part, block.unbind(0))):
+                out[i] = (i, row, base + j * n, n)
+    return [out[i] for i, _ in wanted]
+
+
+def _parameters(deser, loaded: dict, skip=()) -> None:
+    """Cache ``loaded`` = ``{index: (module_idx, tensor)}`` as Parameters, as CoreWeave returns
+    them (``requires_grad`` from the stored dtype)."""
+    import torch
+
+    # What torch.nn.Parameter(t, requires_grad) does, without its Python-level __new__.
+    make, param = torch.Tensor._make_subclass, torch.nn.Parameter
+    entries, cache, module_idx, dtype = (
+        deser._entries,
+        deser._cache,
+        deser._module_idx,
+        deser._dtype,
+    )
+    for i, (idx, t) in loaded.items():
+        module_idx[i] = idx
+        if i not in skip:
+            cache[i] = make(param, t, _dtypes_of(entries[i], dtype)[2])
+
+
+def load(deser, indices: list, verify: bool) -> None:
+    """The deserializer's ``_load`` for CUDA devices: new tensors for ``indices``."""
+    run = _Run(deser, verify)
+    with _gc_paused():
+        _parameters(deser, _load(run, indices, {}))
+    run.done()
+
+
+def load_into_module(deser, targets: list, rest: list, verify: bool) -> set:
+    """Fill ``targets`` = ``[(index, module, attr)]`` in place where the module already holds a
+    tensor of the right shape, dtype and device; load the others (and ``rest``, tensors that an
+    eager deserializer still owes its cache) into new tensors. Returns the indices filled in
+    place; the caller registers the others. Raises on a shape mismatch before reading anything."""
+    import torch
+
+    entries = deser._entries
+    device = deser._device
+    into = {}
+    for i, mod, attr in targets:
+        e = entries[i]
+        table = mod._parameters if e["tensor_type"] == PARAM else mod._buffers
+        old = table.get(attr)
+        if old is None or old.device.type == "meta":
+            continue
+        if tuple(old.shape) != tuple(e["shape"]):
+            raise TensorizerValueError(
+                f"{deser._name}: tensor {e['name']!r}: shape {tuple(e['shape'])} in the file does "
+                f"not match {tuple(old.shape)} in the module"
+            )
+        _, target, _ = _dtypes_of(e, deser._dtype)
+        if (
+            old.device == device
+            and old.dtype == target
+            and old.is_contiguous()
+            and i not in deser._cache
+        ):
+            into[i] = old.data if isinstance(old, torch.nn.Parameter) else old
+    todo = [i for i, _, _ in targets if i not in deser._cache]
+    seen = set(todo)
+    todo += [i for i in rest if i not in deser._cache and i not in seen]
+    if todo:
+        deser._check_open()
+    run = _Run(deser, verify)
+    with _gc_paused():
+        loaded = _load(run, todo, into)
+        _parameters(deser, loaded, skip=into)
+    for i, mod, attr in targets:
+        if i in into:
+            table = mod._parameters if entries[i]["tensor_type"] == PARAM else mod._buffers
+            deser._cache[i] = table[attr]
+    run.done()
+    return set(into)
+
+
+def progress_printer(prefix: str = "tensorizer_rs") -> Callable[[int, float], None]:
+    """A ready-made ``progress`` callback that logs bytes done and the rate."""
+
+    def report(done: int, gbps: float) -> None:
+        logger.info("%s: %.2f GB loaded, %.2f GB/s", prefix, done / 1e9, gbps)
+
+    return report

@@ -1,0 +1,84 @@
+"""Type stubs for the compiled core (src/bindings)."""
+
+from typing import Any
+
+__version__: str
+
+class HostTensor:
+    """A loaded host tensor; import it once with torch.from_dlpack / numpy.from_dlpack."""
+
+    nbytes: int
+    def __dlpack__(
+        self,
+        *,
+        stream: Any = ...,
+        max_version: Any = ...,
+        dl_device: Any = ...,
+        copy: bool | None = ...,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> tuple[int, int]: ...
+
+class TensorFile:
+    """An opened .tensors file: header, index and parallel loads."""
+
+    def __init__(self, uri: str) -> None: ...
+    name: str
+    version: int
+    flags: int
+    total_data_bytes: int
+    index_len: int
+    file_size: int
+    encrypted: bool
+    def entries(self) -> list[dict[str, Any]]: ...
+    def header_info(self, i: int) -> dict[str, Any]: ...
+    def load(
+        self,
+        indices: list[int],
+        *,
+        num_readers: int | None = ...,
+        verify_hash: bool = ...,
+        key: bytes | None = ...,
+        passphrase: bytes | None = ...,
+    ) -> list[tuple[int, HostTensor]]: ...
+    def close(self) -> None: ...
+
+class TensorWriter:
+    """Declare entries, then write their bytes (by address) in parallel; commit atomically."""
+
+    def __init__(
+        self, uri: str, *, key: bytes | None = ..., kdf: tuple[int, int, int, bytes] | None = ...
+    ) -> None: ...
+    total_tensor_bytes: int
+    tensor_count: int
+    def add(self, entries: list[tuple[int, int, bytes, bytes, list[int], bool]]) -> int: ...
+    def write_many(self, items: list[tuple[int, int, int]], threads: int | None = ...) -> None: ...
+    def finish(self) -> None: ...
+    def abort(self) -> None: ...
+
+def derive_key(passphrase: bytes, opslimit: int, memlimit: int, salt: bytes) -> bytes: ...
+
+# -- CUDA (src/bindings/cuda.rs; wrapped by tensorizer_rs._cuda) --------------------------------
+def cuda_available() -> tuple[bool, str | None]: ...
+def cuda_load(
+    file: TensorFile,
+    targets: list[tuple[int, int, int]],
+    device: int,
+    stream: int,
+    *,
+    num_readers: int | None = ...,
+    verify_hash: bool = ...,
+    key: bytes | None = ...,
+    passphrase: bytes | None = ...,
+    io: str = ...,
+    register_readers: int | None = ...,
+    progress: Any = ...,
+) -> tuple[list[int], dict[str, Any]]: ...
+def cuda_counters() -> dict[str, int]: ...
+def cuda_reset_counters() -> None: ...
+def cuda_staging(
+    total_bytes: int | None = ...,
+    chunk_bytes: int | None = ...,
+    streams: int | None = ...,
+    pinned: str | None = ...,
+) -> tuple[int, int, int, str]: ...
+def cuda_release_staging(device: int) -> None: ...

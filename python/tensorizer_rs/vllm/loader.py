@@ -1,0 +1,297 @@
+"""vLLM model loaders backed by tensorizer_rs (registered by `tensorizer_rs.vllm.plugin`).
+
+`TensorizerRsLoader` serves `load_format="tensorizer"`:
+
+* files with `.vllm_tensorized_marker` (vLLM module names): the model is built, the tensors the
+  file provides are released (meta), `TensorDeserializer.load_into_module` fills them straight
+  on the target device, then `process_weights_after_loading` runs when the weights were saved
+  before it (our marker value, or `"process_weights_after_loading": true` in the extra config);
+* other files (HF names): the model is built normally and fed `model.load_weights(...)` from a
+  CPU `TensorDeserializer`, then post-processed like any vLLM load.
+
+`TensorizerRsSerializeLoader` (`load_format="tensorizer_rs_serialize"`) loads a checkpoint with
+vLLM's default loader and writes the vLLM module to a .tensors file before post-processing; it
+is what `tensorize_vllm_model` runs in every worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+from collections.abc import Generator
+
+import torch
+from torch import nn
+from vllm.model_executor.model_loader.base_loader import BaseModelLoader
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+from vllm.model_executor.model_loader.utils import (
+    initialize_model,
+    process_weights_after_loading,
+)
+
+from .config import (
+    INIT_FIELDS,
+    MARKER_ATTR,
+    MARKER_KEY,
+    PRE_PROCESSING_MARKER,
+    TensorizerConfig,
+    _probe,
+    is_valid_deserialization_uri,
+    logger,
+    validate_config,
+)
+from .serialize import serialize_vllm_model, tp_rank
+
+#: Extra-config key (top level of --model-loader-extra-config) that forces or forbids
+#: `process_weights_after_loading` for vLLM-tensorized files, whatever their marker says.
+POST_PROCESS_KEY = "process_weights_after_loading"
+#: Extra-config key of the serialize loader naming the load format that reads the source weights.
+SOURCE_FORMAT_KEY = "source_load_format"
+
+HF_LAYOUT, POST_PROCESSED, PRE_PROCESSING = "hf", "post-processed", "pre-processing"
+
+
+def release_file_tensors(model: nn.Module, names: frozenset) -> None:
+    """Swap every parameter and buffer that the file provides for a meta tensor, so the memory
+    the constructor allocated is free before the reader allocates the loaded copies.
+
+    This is the meta-device init of vLLM's loader, done afterwards: vLLM's MetaTensorMode only
+    redirects `aten::empty` calls without a `device` kwarg, and with torch 2.13 the kwarg is
+    always present, so vLLM 0.32 really builds the model on the target device. Sending every
+    allocation to meta instead (torch.device("meta")) would also hit tensors that are not
+    parameters or buffers (workspaces, values computed at init), which the file cannot restore.
+    Parameters
+    the file lacks would stay uninitialised, so they are an error, as a leftover meta tensor is
+    in vLLM; buffers the file lacks keep the value the constructor computed.
+    """
+    missing = []
+    for mod_name, module in model.named_modules():
+        for attr, t in list(module._parameters.items()):
+            if t is None:
+                continue
+            if f"{mod_name}.{attr}" in names:
+                module._parameters[attr] = nn.Parameter(
+                    torch.empty_like(t, device="meta"), requires_grad=False
+                )
+            else:
+                missing.append(f"{mod_name}.{attr}".lstrip("."))
+        for attr, t in list(module._buffers.items()):
+            if t is not None and f"{mod_name}.{attr}" in names:
+                module._buffers[attr] = torch.empty_like(t, device="meta")
+    if missing:
+        raise ValueError(
+            "The serialized model lacks parameters of the model being loaded, which would"
+            " stay uninitialised. Please check that the parameters of the model being"
+            " specified match that of the serialized model, such as its quantization."
+            f" Missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        )
+    acc = getattr(torch, "accelerator", None)
+    if acc is not None and acc.is_available():
+        acc.empty_cache()
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def target_device(vllm_config) -> torch.device:
+    """The device vLLM loads weights onto, with an explicit index for accelerators (our reader
+    must not guess it; vLLM's built-in loader calls torch.accelerator even on CPU)."""
+    load_device = vllm_config.load_config.device or vllm_config.device_config.device
+    dev = torch.device(load_device)
+    if dev.type not in ("cpu", "meta") and dev.index is None:
+        acc = getattr(torch, "accelerator", None)
+        if acc is not None and acc.is_available():
+            dev = torch.device(dev.type, acc.current_device_index())
+        elif dev.type == "cuda" and torch.cuda.is_available():
+            dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+def config_from_extra(extra) -> tuple[TensorizerConfig, dict]:
+    """Our TensorizerConfig from a LoadConfig's model_loader_extra_config (as vLLM's
+    TensorizerLoader builds it), and the remaining top-level keys."""
+    if hasattr(extra, "to_serializable"):  # a TensorizerConfig object (ours or vLLM's)
+        return TensorizerConfig(**extra.to_serializable()), {}
+    extra = dict(extra or {})
+    validate_config(extra)
+    cfg_dict = extra.get("tensorizer_config")
+    if cfg_dict is None:  # a LoadConfig built by hand, not by EngineArgs
+        cfg_dict = {k: v for k, v in extra.items() if k in INIT_FIELDS}
+    unknown = set(cfg_dict) - INIT_FIELDS
+    if unknown:  # e.g. `lora_dir` from vLLM <= 0.31
+        logger.warning("Ignoring tensorizer_config keys this loader does not know: %s", unknown)
+    cfg = TensorizerConfig(**{k: v for k, v in cfg_dict.items() if k in INIT_FIELDS})
+    return cfg, extra
+
+
+def check_no_meta_tensors(model: nn.Module) -> None:
+    left = [name for name, t in model.state_dict().items() if t.device.type == "meta"]
+    if left:
+        raise ValueError(
+            "The serialized model contains tensors on the meta device,"
+            " indicating that some tensors were not loaded properly."
+            " Please check that the parameters of the model being"
+            " specified match that of the serialized model, such as"
+            f" its quantization. Not loaded: {left[:8]}{' ...' if len(left) > 8 else ''}"
+        )
+
+
+class TensorizerRsLoader(BaseModelLoader):
+    """load_format="tensorizer" with tensorizer_rs (see the module docstring)."""
+
+    def __init__(self, load_config):
+        super().__init__(load_config)
+        self.tensorizer_config, extra = config_from_extra(load_config.model_loader_extra_config)
+        self.post_process_override = extra.get(POST_PROCESS_KEY)
+        if self.post_process_override not in (None, True, False):
+            raise ValueError(f"{POST_PROCESS_KEY} must be true, false or absent")
+        self._probed: tuple[str, str, frozenset] | None = None  # (uri, layout, names)
+
+    # ------------------------------------------------------------------ helpers
+    def _config_for_this_rank(self) -> TensorizerConfig:
+        # vLLM formats the template in place and only when TP > 1; we format a copy whenever the
+        # URI is a template, so a TP=1 file written as "model-%03d.tensors" loads too.
+        return self.tensorizer_config.for_rank(tp_rank())
+
+    def _layout(self, cfg: TensorizerConfig) -> tuple[str, frozenset]:
+        """(layout, tensor names) of the file, probed once per URI."""
+        if self._probed is None or self._probed[0] != cfg.tensorizer_uri:
+            self._probed = (cfg.tensorizer_uri, *self._probe_layout(cfg))
+        return self._probed[1], self._probed[2]
+
+    def _probe_layout(self, cfg: TensorizerConfig) -> tuple[str, frozenset]:
+        keys, value = _probe(cfg, read_marker=self.post_process_override is None)
+        if MARKER_KEY not in keys and not cfg.vllm_tensorized:
+            return HF_LAYOUT, keys
+        if cfg.vllm_tensorized:
+            logger.warning(
+                "Please note that newly serialized vLLM models are automatically "
+                "inferred as vLLM models, so setting vllm_tensorized=True is "
+                "only necessary for models serialized prior to this change."
+            )
+        if self.post_process_override is not None:
+            pre = self.post_process_override
+        else:
+            pre = value == PRE_PROCESSING_MARKER
+        return (PRE_PROCESSING if pre else POST_PROCESSED), keys
+
+    def _weights_iterator(self, cfg: TensorizerConfig) -> Generator[tuple[str, torch.Tensor]]:
+        from tensorizer_rs import TensorDeserializer
+
+        args = cfg._construct_tensorizer_args()
+        with TensorDeserializer(
+            args.source(), device="cpu", **args.deserialization_kwargs
+        ) as state:
+            yield from state.items()
+
+    def _deserialize_into(self, model: nn.Module, cfg: TensorizerConfig, device, dtype) -> None:
+        from tensorizer_rs import TensorDeserializer
+
+        if not is_valid_deserialization_uri(cfg.tensorizer_uri):
+            raise ValueError(
+                f"{cfg.tensorizer_uri} is not a valid "
+                f"tensorizer URI. Please check that the URI is correct. "
+                f"It must either point to a local existing file, or have a "
+                f"S3, HTTP or HTTPS scheme."
+            )
+        args = cfg._construct_tensorizer_args()
+        start = time.perf_counter()
+        with TensorDeserializer(
+            args.source(), device=str(device), dtype=dtype, **args.deserialization_kwargs
+        ) as deserializer:
+            deserializer.load_into_module(model)
+            nbytes = deserializer.total_tensor_bytes
+        secs = time.perf_counter() - start
+        logger.info(
+            "tensorizer_rs: deserialized %d bytes (%.3f GB) from %s onto %s in %.2f s, %.2f GB/s",
+            nbytes,
+            nbytes / 1e9,
+            cfg.tensorizer_uri,
+            device,
+            secs,
+            nbytes / 1e9 / max(secs, 1e-9),
+        )
+        check_no_meta_tensors(model)
+        if hasattr(model, MARKER_ATTR):
+            delattr(model, MARKER_ATTR)
+        # The reader hands back Parameters with requires_grad=True for float tensors (as
+        # tensorizer does); vLLM's kernels and in-place updates (e.g. _k_scale.fill_) need False.
+        for p in model.parameters():
+            p.requires_grad_(False)
+
+    # ------------------------------------------------------------------ BaseModelLoader API
+    def download_model(self, model_config) -> None:
+        self.tensorizer_config.verify_with_model_config(model_config)
+        with self._config_for_this_rank().open_stream():
+            pass
+
+    def load_weights(self, model: nn.Module, model_config) -> None:
+        """Load into an already-built model (vLLM's in-place API, also used by our load_model
+        for HF-layout files). vLLM-tensorized files replace the module's tensors as they are."""
+        cfg = self._config_for_this_rank()
+        if self._layout(cfg)[0] == HF_LAYOUT:
+            start = time.perf_counter()
+            model.load_weights(self._weights_iterator(cfg))
+            logger.info(
+                "tensorizer_rs: loaded HF-layout weights from %s in %.2f s",
+                cfg.tensorizer_uri,
+                time.perf_counter() - start,
+            )
+        else:
+            device = next(model.parameters()).device
+            self._deserialize_into(model, cfg, device, model_config.dtype)
+
+    def load_model(self, vllm_config, model_config, prefix: str = "") -> nn.Module:
+        self.tensorizer_config.verify_with_model_config(model_config)
+        self.tensorizer_config.verify_with_parallel_config(vllm_config.parallel_config)
+        cfg = self._config_for_this_rank()
+        layout, names = self._layout(cfg)
+        if layout == HF_LAYOUT:
+            # vLLM's standard path: build, load_weights (ours, above), post-process.
+            return super().load_model(vllm_config, model_config, prefix)
+
+        device = target_device(vllm_config)
+        with _default_dtype(model_config.dtype):
+            with torch.device(device):
+                model = initialize_model(
+                    vllm_config=vllm_config, model_config=model_config, prefix=prefix
+                )
+            release_file_tensors(model, names)
+            self._deserialize_into(model, cfg, device, model_config.dtype)
+            if layout == PRE_PROCESSING:
+                with torch.no_grad():
+                    process_weights_after_loading(model, model_config, device)
+        logger.info(
+            "tensorizer_rs: %s file %s (%s)",
+            layout,
+            cfg.tensorizer_uri,
+            "post-processed after loading" if layout == PRE_PROCESSING else "used as saved",
+        )
+        return model.eval()
+
+
+class TensorizerRsSerializeLoader(DefaultModelLoader):
+    """Loads a checkpoint like `load_format=<source_load_format>` (default "auto") and writes the
+    vLLM module, before `process_weights_after_loading`, to the `tensorizer_config` in the extra
+    config (one file per TP rank). The engine then comes up as usual."""
+
+    def __init__(self, load_config):
+        extra = dict(load_config.model_loader_extra_config or {})
+        self.tensorizer_config = TensorizerConfig(**extra.pop("tensorizer_config"))
+        source_format = extra.pop(SOURCE_FORMAT_KEY, "auto")
+        lc = copy.copy(load_config)
+        lc.model_loader_extra_config = extra
+        lc.load_format = source_format
+        super().__init__(lc)
+
+    def load_weights(self, model: nn.Module, model_config) -> None:
+        super().load_weights(model, model_config)
+        serialize_vllm_model(model, self.tensorizer_config, model_config)

@@ -1,0 +1,46 @@
+"""vLLM general plugin (entry point `vllm.general_plugins: tensorizer_rs`).
+
+vLLM calls `register()` once in every process it starts (front end, engine core, workers).
+It makes `load_format="tensorizer"` use tensorizer_rs, adds `load_format=
+"tensorizer_rs_serialize"` (used by `tensorize_vllm_model`), and lets vLLM fetch the config and
+tokenizer of `s3://` model dirs without runai-model-streamer (`objstore.install`). Needs vLLM >= 0.10.1 for
+`register_model_loader`; on older versions it logs a warning and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+
+logger = logging.getLogger("vllm.tensorizer_rs")
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    try:
+        from vllm.model_executor import model_loader
+    except ImportError as e:  # not a vLLM process after all
+        logger.warning("tensorizer_rs: vLLM not importable (%s); plugin not registered", e)
+        return
+    register_model_loader = getattr(model_loader, "register_model_loader", None)
+    if register_model_loader is None:
+        logger.warning(
+            "tensorizer_rs: this vLLM has no register_model_loader (needs vLLM >= 0.10.1); "
+            "load_format='tensorizer' stays vLLM's built-in loader"
+        )
+        return
+
+    from .loader import TensorizerRsLoader, TensorizerRsSerializeLoader
+    from .serialize import SERIALIZE_FORMAT
+
+    register_model_loader("tensorizer")(TensorizerRsLoader)
+    register_model_loader(SERIALIZE_FORMAT)(TensorizerRsSerializeLoader)
+    # s3:// model dirs: config/tokenizer files through our open_stream when vLLM's
+    # runai-model-streamer route is not installed.
+    from . import objstore
+
+    objstore.install()
+    _registered = True

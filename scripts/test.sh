@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The one test command:  bash scripts/test.sh [extra pytest args]
+#
+# Phases (each timed; all run even if an earlier lint phase fails; summary at the end):
+#   setup    scripts/setup-env.sh (venv, apt packages, CoreWeave tensorizer for cross-checks)
+#   build    scripts/build.sh: maturin build --release (abi3 wheel), installed with --no-deps into
+#            .cache/site, which tests/conftest.py puts first on sys.path and PYTHONPATH: a run tests
+#            exactly this checkout's build, even when several checkouts share one VENV.
+#   fmt      cargo fmt --check
+#   clippy   cargo clippy --all-targets -- -D warnings
+#   cargo    cargo test            (debug profile: the release build's dependencies are built as
+#            LTO bitcode with maturin's PyO3 env, so `cargo test --release` reuses none of them and
+#            was measured 3x slower than a debug `cargo test` here)
+#   ruff     ruff check python tests examples
+#   pytest   pytest -q -m "not gpu" (exit 5, "no tests collected", counts as a failure)
+#
+# Env: VENV (default <repo>/.venv), TENSORIZER_VECTORS (default <repo>/../shared/vectors),
+#      PYTEST_TIMEOUT (per test, default 900 s), SKIP_SETUP=1 (reuse the venv as is).
+set -uo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$REPO"
+export VENV=${VENV:-$REPO/.venv}
+PY=$VENV/bin/python
+SITE=$REPO/.cache/site
+# A fresh machine may have rustup's cargo only in ~/.cargo/bin.
+if ! command -v cargo >/dev/null 2>&1 && [ -f "$HOME/.cargo/env" ]; then
+  # shellcheck disable=SC1091
+  . "$HOME/.cargo/env"
+fi
+export PATH=$VENV/bin:$PATH
+export PYO3_PYTHON=$PY             # same interpreter for every cargo invocation (no rebuilds)
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+NAMES=() STATUS=() TIMES=()
+record() { NAMES+=("$1"); STATUS+=("$2"); TIMES+=("$3"); }
+# phase NAME CMD...: run, time, record; returns the command's status.
+phase() {
+  local name=$1 t0=$SECONDS rc
+  shift
+  printf '\n=== %s: %s\n' "$name" "$*"
+  "$@"
+  rc=$?
+  if [ $rc = 0 ]; then record "$name" ok $((SECONDS - t0)); else
+    record "$name" "FAIL($rc)" $((SECONDS - t0)); fi
+  return $rc
+}
+skip() { printf '\n=== %s: skipped (%s)\n' "$1" "$2"; record "$1" "skipped: $2" 0; }
+summary() {
+  local i failed=0
+  printf '\n=== summary (%s)\n' "$(date '+%F %T')"
+  for i in "${!NAMES[@]}"; do
+    printf '  %-8s %-28s %5d s\n' "${NAMES[$i]}" "${STATUS[$i]}" "${TIMES[$i]}"
+    case ${STATUS[$i]} in ok|skipped*) ;; *) failed=1 ;; esac
+  done
+  printf '  %-8s %-28s %5d s\n' total "$([ $failed = 0 ] && echo PASSED || echo FAILED)" "$SECONDS"
+  return $failed
+}
+
+run_pytest() {
+  local rc
+  "$PY" -m pytest -q -m "not gpu" \
+    --timeout="${PYTEST_TIMEOUT:-900}" "$@"
+  rc=$?
+  [ $rc = 5 ] && echo "pytest collected no tests: that is a failure here"
+  return $rc
+}
+
+if [ "${SKIP_SETUP:-0}" = 1 ] && [ -x "$PY" ]; then skip setup SKIP_SETUP=1
+else phase setup bash "$REPO/scripts/setup-env.sh" || { summary; exit 1; }
+fi
+phase build bash "$REPO/scripts/build.sh" --target "$SITE"
+BUILD_OK=$?
+phase fmt cargo fmt --all --check -- --color never
+phase clippy cargo clippy --all-targets -- -D warnings
+phase cargo cargo test
+RUFF_PATHS=()
+for d in python tests examples; do [ -e "$d" ] && RUFF_PATHS+=("$d"); done
+phase ruff ruff check "${RUFF_PATHS[@]}"
+if [ $BUILD_OK = 0 ]; then phase pytest run_pytest "$@"
+else printf '\n=== pytest: not run (build failed)\n'; record pytest "FAIL(build failed)" 0
+fi
+summary

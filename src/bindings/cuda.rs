@@ -1,0 +1,188 @@
+//! The GPU path's Python surface: load into device memory PyTorch owns, and the counters,
+//! sizes and availability checks around it. Private API: `tensorizer_rs._cuda` wraps it.
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::errors::to_pyerr;
+use super::reader::PyTensorFile;
+use crate::crypto::DecryptionKeys;
+use crate::cuda::{self, counters, PinnedMode, StagingConfig};
+use crate::error::{Error, Result};
+use crate::load::device::{self, DeviceOptions, DeviceTarget, IoMode};
+use crate::load::LoadOptions;
+
+pub(super) fn keys_from(key: Option<Vec<u8>>, passphrase: Option<Vec<u8>>) -> PyResult<Option<DecryptionKeys>> {
+    Ok(match (key, passphrase) {
+        (Some(k), _) => Some(DecryptionKeys::Key(
+            k.try_into().map_err(|_| to_pyerr(Error::crypto("a raw key must be exactly 32 bytes")))?,
+        )),
+        (None, Some(p)) => Some(DecryptionKeys::Passphrase(p)),
+        (None, None) => None,
+    })
+}
+
+/// `(True, None)` when the CUDA driver loads and initialises, else `(False, reason)`.
+#[pyfunction]
+fn cuda_available() -> (bool, Option<String>) {
+    match cuda::device_count() {
+        Ok(0) => (false, Some("CUDA is not available: no CUDA devices".into())),
+        Ok(_) => (true, None),
+        Err(e) => (false, Some(e.message)),
+    }
+}
+
+/// Load `targets` = `[(entry_index, device_pointer, nbytes)]` of `file` into device memory of
+/// CUDA device `device`, ordered after PyTorch's stream `stream`. Returns
+/// `(module_indices, stats)`. `progress(bytes_done, bytes_total)` is called about every 100 ms.
+#[pyfunction]
+#[pyo3(signature = (file, targets, device, stream, *, num_readers=None, verify_hash=false, key=None,
+                    passphrase=None, io=None, register_readers=None, progress=None))]
+#[allow(clippy::too_many_arguments)]
+fn cuda_load<'py>(
+    py: Python<'py>,
+    file: PyRef<'py, PyTensorFile>,
+    targets: Vec<(usize, u64, u64)>,
+    device: i32,
+    stream: u64,
+    num_readers: Option<usize>,
+    verify_hash: bool,
+    key: Option<Vec<u8>>,
+    passphrase: Option<Vec<u8>>,
+    io: Option<String>,
+    register_readers: Option<usize>,
+    progress: Option<Bound<'py, PyAny>>,
+) -> PyResult<(Vec<u16>, Bound<'py, PyDict>)> {
+    let f = file.file()?.clone();
+    drop(file);
+    let opts = DeviceOptions {
+        base: LoadOptions { num_readers, verify_hash, keys: keys_from(key, passphrase)? },
+        device,
+        stream,
+        io: IoMode::parse(&io.or_else(|| std::env::var("TENSORIZER_RS_IO").ok()).unwrap_or_else(|| DEFAULT_IO.into()))
+            .map_err(to_pyerr)?,
+        register_readers: register_readers.unwrap_or_else(default_register_readers),
+    };
+    let targets: Vec<DeviceTarget> =
+        targets.into_iter().map(|(entry, dest, nbytes)| DeviceTarget { entry, dest, nbytes }).collect();
+    let progress = progress.map(|p| p.unbind());
+    let raised: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
+    let result = py.detach(|| {
+        let mut report = |done: u64, total: u64| -> Result<()> {
+            let Some(cb) = &progress else { return Ok(()) };
+            Python::attach(|py| cb.call1(py, (done, total)).map(drop)).map_err(|e| {
+                *raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                Error::value("the progress callback raised")
+            })
+        };
+        let cb: Option<&mut dyn FnMut(u64, u64) -> Result<()>> =
+            if progress.is_some() { Some(&mut report) } else { None };
+        // A panic must not cross into Python as an abort; report it as an error.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| device::load_to_device(&f, &targets, &opts, cb)))
+            .unwrap_or_else(|_| Err(Error::io("internal error: the CUDA loader panicked")))
+    });
+    let (module_idx, stats) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            // A callback's own exception wins over our summary of it.
+            if let Some(err) = raised.into_inner().unwrap_or_else(|p| p.into_inner()) {
+                return Err(err);
+            }
+            return Err(to_pyerr(e));
+        }
+    };
+    let d = PyDict::new(py);
+    d.set_item("tensors", stats.tensors)?;
+    d.set_item("bytes", stats.bytes)?;
+    d.set_item("seconds", stats.seconds)?;
+    d.set_item("readers", stats.readers)?;
+    d.set_item("staged_bytes", stats.staged_bytes)?;
+    d.set_item("registered_bytes", stats.registered_bytes)?;
+    d.set_item("pageable_bytes", stats.pageable_bytes)?;
+    d.set_item("h2d_copies", stats.h2d_copies)?;
+    d.set_item("batched_copy_calls", stats.batched_copy_calls)?;
+    d.set_item("zero_fills", stats.zero_fills)?;
+    d.set_item("direct_read_bytes", stats.direct_read_bytes)?;
+    d.set_item("buffered_read_bytes", stats.buffered_read_bytes)?;
+    d.set_item("staging_chunk", stats.staging_chunk)?;
+    d.set_item("staging_buffers", stats.staging_buffers)?;
+    Ok((module_idx, d))
+}
+
+/// Readers that copy cached data from registered page-cache pages by default
+/// (`TENSORIZER_RS_REGISTER_READERS`; 0 turns the registered path off).
+fn default_register_readers() -> usize {
+    std::env::var("TENSORIZER_RS_REGISTER_READERS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_REGISTER_READERS)
+}
+
+const DEFAULT_REGISTER_READERS: usize = 0;
+/// How file bytes reach staging unless `io=` or `TENSORIZER_RS_IO` says otherwise.
+const DEFAULT_IO: &str = "auto";
+
+/// The process-wide counters of the GPU path.
+#[pyfunction]
+fn cuda_counters(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let d = PyDict::new(py);
+    for (k, v) in counters::as_pairs(&counters::snapshot()) {
+        d.set_item(k, v)?;
+    }
+    Ok(d)
+}
+
+#[pyfunction]
+fn cuda_reset_counters() {
+    counters::reset();
+}
+
+/// Read or change the staging pool: `(total_bytes, chunk_bytes, streams, pinned)` after the
+/// change; `pinned` is `"driver"` (cuMemHostAlloc) or `"thp"` (huge pages, registered).
+#[pyfunction]
+#[pyo3(signature = (total_bytes=None, chunk_bytes=None, streams=None, pinned=None))]
+fn cuda_staging(
+    total_bytes: Option<usize>,
+    chunk_bytes: Option<usize>,
+    streams: Option<usize>,
+    pinned: Option<&str>,
+) -> PyResult<(usize, usize, usize, &'static str)> {
+    let mut c = cuda::staging_config();
+    let pinned = match pinned {
+        None => c.pinned,
+        Some("driver") => PinnedMode::Driver,
+        Some("thp") => PinnedMode::HugePages,
+        Some(other) => {
+            return Err(to_pyerr(Error::value(format!("unknown pinned mode {other:?} (expected driver or thp)"))))
+        }
+    };
+    if total_bytes.is_some() || chunk_bytes.is_some() || streams.is_some() || pinned != c.pinned {
+        c = cuda::set_staging_config(StagingConfig {
+            total: total_bytes.unwrap_or(c.total),
+            chunk: chunk_bytes.unwrap_or(c.chunk),
+            streams: streams.unwrap_or(c.streams),
+            pinned,
+        });
+    }
+    let name = match c.pinned {
+        PinnedMode::Driver => "driver",
+        PinnedMode::HugePages => "thp",
+    };
+    Ok((c.total, c.chunk, c.streams, name))
+}
+
+/// Free the idle pinned staging buffers of device `device` (made again when needed).
+#[pyfunction]
+fn cuda_release_staging(device: i32) -> PyResult<()> {
+    cuda::Engine::get(device).map_err(to_pyerr)?.release_staging();
+    Ok(())
+}
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_load, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_counters, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_reset_counters, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_staging, m)?)?;
+    m.add_function(wrap_pyfunction!(cuda_release_staging, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! A bounded pool of pinned staging buffers. Readers check a buffer out, read file bytes into
+//! it, queue its host→device copy, and hand it back with an event recorded after that copy;
+//! the next user waits on the event before overwriting it. Buffers are allocated on demand up
+//! to the configured total and kept for later loads.
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex};
+
+use super::counters::{self, Counter};
+use super::{synchronize, Context, Event, PinnedBuf, StagingConfig, StreamHandle};
+use crate::error::Result;
+
+/// Room kept free in every buffer so an O_DIRECT read of a chunk can start and end on 4 KiB
+/// boundaries around it: a buffer of `chunk` bytes takes reads of `chunk - SLACK` bytes.
+pub const SLACK: usize = 2 * 4096;
+
+struct Slot {
+    buf: PinnedBuf,
+    event: Event,
+    /// A copy out of this buffer may still be running until `event` completes.
+    pending: bool,
+}
+
+struct State {
+    free: VecDeque<Slot>,
+    allocated: usize,
+}
+
+pub struct Pool {
+    ctx: Context,
+    cfg: StagingConfig,
+    max_buffers: usize,
+    state: Mutex<State>,
+    cond: Condvar,
+}
+
+impl Pool {
+    pub fn new(ctx: Context, cfg: StagingConfig) -> Self {
+        let max_buffers = (cfg.total / cfg.chunk).max(1);
+        Pool {
+            ctx,
+            cfg,
+            max_buffers,
+            state: Mutex::new(State { free: VecDeque::new(), allocated: 0 }),
+            cond: Condvar::new(),
+        }
+    }
+
+    pub fn config(&self) -> StagingConfig {
+        self.cfg
+    }
+
+    /// Bytes one read may fill (the buffer less the alignment slack).
+    pub fn chunk(&self) -> usize {
+        self.cfg.chunk - SLACK
+    }
+
+    pub fn max_buffers(&self) -> usize {
+        self.max_buffers
+    }
+
+    /// Check out a buffer, waiting for one if all are in use. The calling thread must have the
+    /// pool's context current.
+    pub fn acquire(self: &Arc<Self>) -> Result<Staged> {
+        let slot = loop {
+            let reused = {
+                let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                loop {
+                    if let Some(slot) = st.free.pop_front() {
+                        break Some(slot);
+                    }
+                    if st.allocated < self.max_buffers {
+                        st.allocated += 1;
+                        break None;
+                    }
+                    st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            if let Some(slot) = reused {
+                break slot;
+            }
+            match Self::make(self.cfg.chunk, self.cfg.pinned) {
+                Ok(slot) => {
+                    counters::add(Counter::StagingAllocated, slot.buf.capacity() as u64);
+                    break slot;
+                }
+                Err(e) => {
+                    let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                    st.allocated -= 1;
+                    // Out of pinned memory: make do with the buffers we have, if any.
+                    if st.allocated == 0 {
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        let mut slot = slot;
+        if slot.pending {
+            if let Err(e) = slot.event.synchronize() {
+                self.give_back(slot);
+                return Err(e);
+            }
+            slot.pending = false;
+        }
+        counters::add(Counter::StagingInUse, slot.buf.capacity() as u64);
+        Ok(Staged { pool: self.clone(), slot: Some(slot), used_on: None })
+    }
+
+    fn make(cap: usize, mode: super::PinnedMode) -> Result<Slot> {
+        Ok(Slot { buf: PinnedBuf::new(cap, mode)?, event: Event::new()?, pending: false })
+    }
+
+    fn give_back(&self, slot: Slot) {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).free.push_back(slot);
+        self.cond.notify_one();
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        // Freeing pinned memory needs a current context; wait for copies still reading it.
+        let _bound = self.ctx.bind_scoped();
+        let st = self.state.get_mut().unwrap_or_else(|p| p.into_inner());
+        for slot in st.free.drain(..) {
+            if slot.pending {
+                let _ = slot.event.synchronize();
+            }
+            counters::sub(Counter::StagingAllocated, slot.buf.capacity() as u64);
+        }
+    }
+}
+
+/// A checked-out staging buffer. Dropping it returns it to the pool, first recording an event
+/// on the stream that copies out of it (see [`Staged::used_on`]).
+pub struct Staged {
+    pool: Arc<Pool>,
+    slot: Option<Slot>,
+    used_on: Option<StreamHandle>,
+}
+
+impl Staged {
+    fn buf(&self) -> &PinnedBuf {
+        &self.slot.as_ref().expect("slot present until drop").buf
+    }
+    pub fn ptr(&self) -> *mut u8 {
+        self.buf().ptr()
+    }
+    /// Usable bytes, slack included.
+    pub fn capacity(&self) -> usize {
+        self.buf().capacity()
+    }
+    /// The buffer as a byte slice of `len` bytes. Only call while no queued copy reads it.
+    pub fn slice_mut(&mut self, len: usize) -> &mut [u8] {
+        assert!(len <= self.capacity(), "staging read larger than its buffer");
+        // SAFETY: pinned memory of `capacity` bytes, exclusively ours while checked out.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr(), len) }
+    }
+    /// Note that a copy out of this buffer was queued on `stream` (the last one wins: callers
+    /// queue all of a buffer's copies on one stream).
+    pub fn used_on(&mut self, stream: StreamHandle) {
+        self.used_on = Some(stream);
+    }
+}
+
+impl Drop for Staged {
+    fn drop(&mut self) {
+        let Some(mut slot) = self.slot.take() else { return };
+        counters::sub(Counter::StagingInUse, slot.buf.capacity() as u64);
+        if let Some(stream) = self.used_on {
+            if slot.event.record(stream).is_ok() {
+                slot.pending = true;
+            } else {
+                // Cannot track the copy: wait for the whole stream instead.
+                let _ = synchronize(stream);
+            }
+        }
+        self.pool.give_back(slot);
+    }
+}

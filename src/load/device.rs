@@ -1,0 +1,889 @@
+//! Loading tensors straight into device memory that the caller already owns (PyTorch
+//! allocations, or a module's existing parameters).
+//!
+//! The plan is the host pipeline's (`plan::build_sized`), sized to the staging buffers: small
+//! records are read together, large tensors in chunks. Reader threads check a pinned buffer
+//! out of the device's pool, read file bytes into it (through the page cache when they are
+//! cached, with O_DIRECT when they are not), queue the host→device copy on their stream and
+//! hand the buffer back; the pool's events keep a buffer from being overwritten before its copy
+//! ran. Optionally some readers skip the staging copy for cached data: they page-lock the
+//! file's own page-cache pages (`cuMemHostRegister` on a read-only mapping) and copy from them.
+//!
+//! Ordering with PyTorch: our streams first wait for an event recorded on torch's current
+//! stream (so memory torch just allocated or freed is ready), and at the end torch's stream waits
+//! for ours; the call also synchronises its streams before returning, so the bytes are in place
+//! when it returns and no copy can outlive the destination.
+//!
+//! Encrypted files and `verify_hash` go tensor by tensor: the whole tensor is decrypted and/or
+//! hashed in a staging buffer before its copy. A tensor larger than one buffer is hashed as its
+//! chunks stream past; an encrypted one that large is decrypted in a temporary host buffer.
+use std::collections::VecDeque;
+use std::fs::File;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::exec::{self, LoadOptions};
+use super::file::TensorFile;
+use super::plan::{self, Item};
+use crate::buffer::HostBuffer;
+use crate::cuda::counters::{self, Counter};
+use crate::cuda::{self, Engine, Event, Pool, Registration, Staged, StreamHandle};
+use crate::error::{Error, ErrorKind, Result};
+use crate::format::hash::RecordHasher;
+use crate::format::{IndexEntry, TensorHeader};
+
+/// One tensor to load: index entry `entry` into `nbytes` bytes of device memory at `dest`.
+#[derive(Clone, Copy, Debug)]
+pub struct DeviceTarget {
+    pub entry: usize,
+    pub dest: u64,
+    pub nbytes: u64,
+}
+
+/// How file bytes reach the staging buffers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoMode {
+    /// Per read: through the page cache when the pages are cached, O_DIRECT when they are not.
+    Auto,
+    /// Always through the page cache.
+    Buffered,
+    /// Always O_DIRECT (where the file system allows it).
+    Direct,
+    /// Like `Auto`, but cached bytes are copied out of the file's mapping with non-temporal
+    /// stores instead of `pread` (less memory traffic; a file truncated meanwhile would fault).
+    Mmap,
+}
+
+impl IoMode {
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(IoMode::Auto),
+            "buffered" => Ok(IoMode::Buffered),
+            "direct" => Ok(IoMode::Direct),
+            "mmap" => Ok(IoMode::Mmap),
+            _ => Err(Error::value(format!("unknown io mode {s:?} (expected auto, buffered, direct or mmap)"))),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct DeviceOptions {
+    /// Readers (`num_readers`), `verify_hash` and decryption keys, as for host loads.
+    pub base: LoadOptions,
+    /// CUDA device ordinal.
+    pub device: i32,
+    /// The stream handle PyTorch is using (0: the legacy default stream).
+    pub stream: u64,
+    pub io: IoMode,
+    /// How many of the readers copy cached data straight from registered page-cache pages
+    /// instead of through staging (0 disables; `usize::MAX`: all of them).
+    pub register_readers: usize,
+}
+
+impl DeviceOptions {
+    pub fn new(device: i32, stream: u64) -> Self {
+        DeviceOptions { base: LoadOptions::default(), device, stream, io: IoMode::Auto, register_readers: 0 }
+    }
+}
+
+/// What one load did.
+#[derive(Clone, Debug, Default)]
+pub struct DeviceStats {
+    pub tensors: usize,
+    pub bytes: u64,
+    pub seconds: f64,
+    pub readers: usize,
+    pub staged_bytes: u64,
+    pub registered_bytes: u64,
+    pub pageable_bytes: u64,
+    pub h2d_copies: u64,
+    pub batched_copy_calls: u64,
+    pub zero_fills: u64,
+    pub direct_read_bytes: u64,
+    pub buffered_read_bytes: u64,
+    pub staging_chunk: usize,
+    pub staging_buffers: usize,
+}
+
+/// Readers used when `num_readers` is not given. On an H200 host with 16 cores, 12 readers
+/// kept PCIe busiest (page cache → pinned → device; 16 were a little slower, 8 much slower).
+pub fn default_readers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(8).clamp(4, 12)
+}
+
+const PAGE: u64 = 4096;
+/// Reads smaller than this never use O_DIRECT (not worth the alignment dance).
+const DIRECT_MIN: usize = 256 << 10;
+/// Pieces of large tensors; a staging reader splits each into buffer-sized reads, a
+/// registering reader page-locks it whole.
+const PIECE: u64 = 64 << 20;
+/// Largest coalesced read of small records.
+const SEGMENT_MAX: u64 = 2 << 20;
+/// Registered ranges a reader keeps in flight before waiting for the oldest copy.
+const MAX_REGISTERED: usize = 2;
+
+fn align_down(x: u64) -> u64 {
+    x & !(PAGE - 1)
+}
+fn align_up(x: u64) -> u64 {
+    x.div_ceil(PAGE) * PAGE
+}
+
+/// Where bytes come from: the file's `Source`, plus, for local files, an O_DIRECT descriptor
+/// and a read-only mapping (for page-cache residency checks and registration).
+struct Io<'a> {
+    file: &'a TensorFile,
+    mode: IoMode,
+    direct: Option<File>,
+    direct_ok: AtomicBool,
+    map: Option<Mapping>,
+}
+
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `Io::open` with this length.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
+}
+
+impl<'a> Io<'a> {
+    fn open(file: &'a TensorFile, mode: IoMode) -> Self {
+        let mut io = Io { file, mode, direct: None, direct_ok: AtomicBool::new(false), map: None };
+        let path = file.name();
+        if path.contains("://") {
+            return io;
+        }
+        let Ok(plain) = File::open(path) else { return io };
+        if plain.metadata().map(|m| m.len()).ok() != Some(file.size()) || file.size() == 0 {
+            return io;
+        }
+        if mode != IoMode::Buffered {
+            io.direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok();
+            io.direct_ok.store(io.direct.is_some(), Ordering::Relaxed);
+        }
+        let len = file.size() as usize;
+        // SAFETY: a read-only shared mapping of a file we hold open; never written through.
+        let ptr =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, plain.as_raw_fd(), 0) };
+        if ptr != libc::MAP_FAILED {
+            io.map = Some(Mapping { ptr: ptr as *mut u8, len });
+        }
+        io
+    }
+
+    /// Whether every page of `offset..offset + len` is in the page cache.
+    fn resident(&self, offset: u64, len: usize) -> bool {
+        let Some(map) = &self.map else { return true };
+        let start = align_down(offset);
+        let end = (offset + len as u64).min(map.len as u64);
+        if end <= start {
+            return true;
+        }
+        let pages = (end - start).div_ceil(PAGE) as usize;
+        let mut vec = vec![0u8; pages];
+        // SAFETY: the range lies inside our mapping; `vec` has one byte per page.
+        let r = unsafe {
+            libc::mincore(map.ptr.add(start as usize) as *mut libc::c_void, (end - start) as usize, vec.as_mut_ptr())
+        };
+        r != 0 || vec.iter().all(|&b| b & 1 == 1)
+    }
+
+    fn wants_direct(&self, offset: u64, len: usize) -> bool {
+        if !self.direct_ok.load(Ordering::Relaxed) || len < DIRECT_MIN {
+            return false;
+        }
+        match self.mode {
+            IoMode::Buffered => false,
+            IoMode::Direct => true,
+            IoMode::Auto | IoMode::Mmap => !self.resident(offset, len),
+        }
+    }
+
+    /// Copy cached bytes straight out of the mapping (`IoMode::Mmap`); false if not possible.
+    fn read_mapped(&self, offset: u64, len: usize, st: &mut Staged) -> bool {
+        let Some(map) = &self.map else { return false };
+        if offset + len as u64 > map.len as u64 || !self.resident(offset, len) {
+            return false;
+        }
+        let start = align_down(offset);
+        // SAFETY: the range lies inside our read-only mapping of a file of at least that size;
+        // populating the page tables in one call is cheaper than faulting page by page.
+        unsafe {
+            libc::madvise(
+                map.ptr.add(start as usize) as *mut libc::c_void,
+                (offset + len as u64 - start) as usize,
+                libc::MADV_POPULATE_READ,
+            );
+            copy_streaming(st.slice_mut(len).as_mut_ptr(), map.ptr.add(offset as usize), len);
+        }
+        true
+    }
+
+    /// Read `offset..offset + len` into `st`; returns where in the buffer the bytes start
+    /// (non-zero after an aligned O_DIRECT read).
+    fn read(&self, offset: u64, len: usize, st: &mut Staged, tally: &Tally) -> Result<usize> {
+        if self.mode == IoMode::Mmap && self.read_mapped(offset, len, st) {
+            tally.add(Counter::BufferedRead, len as u64);
+            return Ok(0);
+        }
+        if self.wants_direct(offset, len) {
+            match self.read_direct(offset, len, st) {
+                Ok(delta) => {
+                    tally.add(Counter::DirectRead, len as u64);
+                    return Ok(delta);
+                }
+                Err(e) if e.kind == ErrorKind::Unsupported => self.direct_ok.store(false, Ordering::Relaxed),
+                Err(e) => return Err(e),
+            }
+        }
+        self.file.source().read_at(offset, st.slice_mut(len))?;
+        tally.add(Counter::BufferedRead, len as u64);
+        Ok(0)
+    }
+
+    fn read_direct(&self, offset: u64, len: usize, st: &mut Staged) -> Result<usize> {
+        let fd = self.direct.as_ref().expect("direct_ok implies a descriptor").as_raw_fd();
+        let start = align_down(offset);
+        let need = (offset + len as u64 - start) as usize;
+        let total = (align_up(offset + len as u64) - start) as usize;
+        let buf = st.slice_mut(total);
+        let mut got = 0usize;
+        while got < need {
+            // SAFETY: reading into our pinned buffer, which is page-aligned, as is `got` here.
+            let n = unsafe {
+                libc::pread(fd, buf[got..].as_mut_ptr() as *mut libc::c_void, total - got, (start + got as u64) as i64)
+            };
+            if n < 0 {
+                let err = std::io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => {
+                        return Err(Error::new(ErrorKind::Unsupported, "O_DIRECT not usable here"))
+                    }
+                    _ => return Err(Error::from(err).in_file(self.file.name())),
+                }
+            }
+            if n == 0 {
+                return Err(Error::format("file is truncated").in_file(self.file.name()));
+            }
+            got += n as usize;
+        }
+        Ok((offset - start) as usize)
+    }
+}
+
+/// `memcpy` with non-temporal stores where the CPU has AVX2: the destination (a staging
+/// buffer) is read next by the GPU, not the CPU, so filling caches with it only costs bandwidth.
+///
+/// # Safety
+/// `src` readable and `dst` writable for `len` bytes, not overlapping.
+unsafe fn copy_streaming(dst: *mut u8, src: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; the caller's contract covers the ranges.
+        unsafe { copy_streaming_avx2(dst, src, len) };
+        return;
+    }
+    // SAFETY: the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(src, dst, len) };
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_streaming_avx2(dst: *mut u8, src: *const u8, len: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): all accesses stay within `len` bytes of `src`/`dst`; stores are to
+    // 32-byte aligned addresses after the head.
+    unsafe {
+        let head = dst.align_offset(32).min(len);
+        std::ptr::copy_nonoverlapping(src, dst, head);
+        let mut i = head;
+        while i + 128 <= len {
+            let s = src.add(i) as *const __m256i;
+            let d = dst.add(i) as *mut __m256i;
+            let (a, b, c, e) = (
+                _mm256_loadu_si256(s),
+                _mm256_loadu_si256(s.add(1)),
+                _mm256_loadu_si256(s.add(2)),
+                _mm256_loadu_si256(s.add(3)),
+            );
+            _mm256_stream_si256(d, a);
+            _mm256_stream_si256(d.add(1), b);
+            _mm256_stream_si256(d.add(2), c);
+            _mm256_stream_si256(d.add(3), e);
+            i += 128;
+        }
+        while i + 32 <= len {
+            _mm256_stream_si256(dst.add(i) as *mut __m256i, _mm256_loadu_si256(src.add(i) as *const __m256i));
+            i += 32;
+        }
+        std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
+        _mm_sfence();
+    }
+}
+
+/// Per-load tallies, mirrored into the process-wide counters.
+#[derive(Default)]
+struct Tally {
+    staged: AtomicU64,
+    registered: AtomicU64,
+    pageable: AtomicU64,
+    copies: AtomicU64,
+    batch_calls: AtomicU64,
+    zero_fills: AtomicU64,
+    direct: AtomicU64,
+    buffered: AtomicU64,
+    /// Bytes whose copy (or zero fill) has been queued, for progress reports.
+    done: AtomicU64,
+}
+
+impl Tally {
+    fn add(&self, c: Counter, n: u64) {
+        let cell = match c {
+            Counter::Staged => &self.staged,
+            Counter::Registered => &self.registered,
+            Counter::Pageable => &self.pageable,
+            Counter::Copies => &self.copies,
+            Counter::BatchCalls => &self.batch_calls,
+            Counter::ZeroFills => &self.zero_fills,
+            Counter::DirectRead => &self.direct,
+            Counter::BufferedRead => &self.buffered,
+            _ => return counters::add(c, n),
+        };
+        cell.fetch_add(n, Ordering::Relaxed);
+        counters::add(c, n);
+    }
+}
+
+struct Slot {
+    entry: usize,
+    dest: u64,
+    nbytes: u64,
+    header: Mutex<Vec<u8>>,
+    remaining: AtomicUsize,
+    module_idx: AtomicU16,
+}
+
+enum Work {
+    Plan(Item),
+    /// One whole tensor, for encrypted files and hash verification.
+    Whole(usize),
+}
+
+struct Job<'a> {
+    file: &'a TensorFile,
+    io: Io<'a>,
+    opts: &'a DeviceOptions,
+    engine: &'a Engine,
+    pool: std::sync::Arc<Pool>,
+    slots: Vec<Slot>,
+    work: Vec<Work>,
+    next: AtomicUsize,
+    failed: AtomicBool,
+    first_error: Mutex<Option<Error>>,
+    tally: Tally,
+    /// Readers still running, and a signal for the coordinating thread.
+    active: Mutex<usize>,
+    wake: Condvar,
+}
+
+/// Load `targets` into device memory. Returns each target's module index, in order, and what
+/// the load did. `progress(bytes_done, bytes_total)` is called from the calling thread about
+/// every 100 ms and once at the end; an error from it stops the load.
+pub fn load_to_device(
+    file: &TensorFile,
+    targets: &[DeviceTarget],
+    opts: &DeviceOptions,
+    mut progress: Option<&mut dyn FnMut(u64, u64) -> Result<()>>,
+) -> Result<(Vec<u16>, DeviceStats)> {
+    let started = Instant::now();
+    exec::check_keys(file, opts.base.keys.as_ref())?;
+    let name = file.name().to_string();
+    let mut total = 0u64;
+    for t in targets {
+        let e = file
+            .entries
+            .get(t.entry)
+            .ok_or_else(|| Error::value(format!("no tensor at index {}", t.entry)).in_file(&name))?;
+        let want = e.expected_nbytes().map_err(|err| err.in_tensor(&e.name_lossy()).in_file(&name))?;
+        if want != t.nbytes {
+            return Err(Error::value(format!("destination holds {} bytes, the tensor needs {want}", t.nbytes))
+                .in_tensor(&e.name_lossy())
+                .in_file(&name));
+        }
+        if t.nbytes > 0 && t.dest == 0 {
+            return Err(Error::value("null destination pointer").in_tensor(&e.name_lossy()).in_file(&name));
+        }
+        total += t.nbytes;
+    }
+    let engine = Engine::get(opts.device)?;
+    let _bound = engine.ctx.bind_scoped()?;
+    let pool = engine.pool();
+    let chunk = pool.chunk() as u64;
+
+    let careful = opts.base.verify_hash || file.header.has_crypt_info();
+    let entry_ids: Vec<usize> = targets.iter().map(|t| t.entry).collect();
+    let (work, pieces) = if careful {
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        order.sort_by_key(|&s| file.entries[targets[s].entry].header_offset);
+        (order.into_iter().map(Work::Whole).collect::<Vec<_>>(), vec![1; targets.len()])
+    } else {
+        // Segments of small records stay small enough that files of many tiny tensors still
+        // spread over all readers (each record costs a header check and a copy launch).
+        let small = (chunk / 4).min(plan::SMALL_RECORD);
+        let p = plan::build_sized(&file.entries, &entry_ids, small, chunk.min(SEGMENT_MAX), PIECE.max(chunk));
+        (p.items.into_iter().map(Work::Plan).collect(), p.pieces)
+    };
+    let slots = targets
+        .iter()
+        .zip(pieces)
+        .map(|(t, pieces)| Slot {
+            entry: t.entry,
+            dest: t.dest,
+            nbytes: t.nbytes,
+            header: Mutex::new(Vec::new()),
+            remaining: AtomicUsize::new(pieces),
+            module_idx: AtomicU16::new(0),
+        })
+        .collect();
+    let readers = opts.base.num_readers.unwrap_or_else(default_readers).clamp(1, 64).min(work.len().max(1));
+    let job = Job {
+        file,
+        io: Io::open(file, opts.io),
+        opts,
+        engine: &engine,
+        pool,
+        slots,
+        work,
+        next: AtomicUsize::new(0),
+        failed: AtomicBool::new(false),
+        first_error: Mutex::new(None),
+        tally: Tally::default(),
+        active: Mutex::new(readers),
+        wake: Condvar::new(),
+    };
+
+    // Copies start only after the work already queued on torch's stream.
+    // SAFETY: the caller passes PyTorch's current stream of this device (or 0).
+    let torch_stream = unsafe { cuda::foreign_stream(opts.stream) };
+    let ordered = (|| -> Result<()> {
+        let ev = Event::new()?;
+        ev.record(torch_stream)?;
+        for s in &engine.streams {
+            ev.wait_on(s.handle())?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = ordered {
+        return Err(e.in_file(&name));
+    }
+
+    std::thread::scope(|scope| {
+        for w in 0..readers {
+            let job = &job;
+            scope.spawn(move || {
+                if let Err(e) = job.reader(w) {
+                    job.fail(e);
+                }
+                *job.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+                job.wake.notify_all();
+            });
+        }
+        let mut active = job.active.lock().unwrap_or_else(|p| p.into_inner());
+        while *active > 0 {
+            let wait = if progress.is_some() { Duration::from_millis(100) } else { Duration::from_secs(3600) };
+            active = job.wake.wait_timeout(active, wait).unwrap_or_else(|p| p.into_inner()).0;
+            if *active > 0 && !job.failed.load(Ordering::Relaxed) {
+                if let Some(cb) = progress.as_mut() {
+                    drop(active);
+                    if let Err(e) = cb(job.tally.done.load(Ordering::Relaxed), total) {
+                        job.fail(e);
+                    }
+                    active = job.active.lock().unwrap_or_else(|p| p.into_inner());
+                }
+            }
+        }
+    });
+
+    // Whatever happened, no copy may outlive this call: torch's stream waits for ours, and we
+    // wait for them too.
+    let finished = finish(&engine, torch_stream);
+    if let Some(e) = job.first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Err(e.in_file(&name));
+    }
+    finished.map_err(|e| e.in_file(&name))?;
+    if let Some(cb) = progress.as_mut() {
+        cb(total, total)?;
+    }
+    counters::add(Counter::Loads, 1);
+    counters::add(Counter::BytesToDevice, total);
+    let t = &job.tally;
+    let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let stats = DeviceStats {
+        tensors: targets.len(),
+        bytes: total,
+        seconds: started.elapsed().as_secs_f64(),
+        readers,
+        staged_bytes: get(&t.staged),
+        registered_bytes: get(&t.registered),
+        pageable_bytes: get(&t.pageable),
+        h2d_copies: get(&t.copies),
+        batched_copy_calls: get(&t.batch_calls),
+        zero_fills: get(&t.zero_fills),
+        direct_read_bytes: get(&t.direct),
+        buffered_read_bytes: get(&t.buffered),
+        staging_chunk: job.pool.chunk(),
+        staging_buffers: job.pool.max_buffers(),
+    };
+    Ok((job.slots.iter().map(|s| s.module_idx.load(Ordering::Relaxed)).collect(), stats))
+}
+
+fn finish(engine: &Engine, torch_stream: StreamHandle) -> Result<()> {
+    let mut first = None;
+    for s in &engine.streams {
+        let r = Event::new().and_then(|ev| {
+            ev.record(s.handle())?;
+            ev.wait_on(torch_stream)
+        });
+        let synced = cuda::synchronize(s.handle());
+        if first.is_none() {
+            first = r.err().or(synced.err());
+        }
+    }
+    first.map_or(Ok(()), Err)
+}
+
+/// Registered page-cache ranges whose copies may still run; dropping waits for them.
+struct Registered(VecDeque<(Registration, Event)>);
+
+impl Registered {
+    fn push(&mut self, reg: Registration, ev: Event) -> Result<()> {
+        self.0.push_back((reg, ev));
+        while self.0.len() > MAX_REGISTERED {
+            let (reg, ev) = self.0.pop_front().expect("non-empty");
+            let r = ev.synchronize();
+            drop(reg);
+            r?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        for (reg, ev) in self.0.drain(..) {
+            let _ = ev.synchronize();
+            drop(reg);
+        }
+    }
+}
+
+impl Job<'_> {
+    fn fail(&self, e: Error) {
+        self.failed.store(true, Ordering::Relaxed);
+        self.first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+    }
+
+    fn entry(&self, slot: usize) -> &IndexEntry {
+        &self.file.entries[self.slots[slot].entry]
+    }
+
+    fn reader(&self, w: usize) -> Result<()> {
+        self.engine.ctx.bind()?;
+        let stream = self.engine.streams[w % self.engine.streams.len()].handle();
+        let register = w < self.opts.register_readers && self.io.map.is_some();
+        let mut registered = Registered(VecDeque::new());
+        while !self.failed.load(Ordering::Relaxed) {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let Some(work) = self.work.get(i) else { break };
+            match work {
+                Work::Plan(Item::Segment { start, len, parts }) => {
+                    self.segment(*start, *len, parts, stream)
+                        .map_err(|e| e.in_tensor(&self.entry(parts[0].slot).name_lossy()))?;
+                }
+                Work::Plan(Item::Direct { slot, file_offset, offset, len }) => {
+                    let r = if register && self.io.resident(*file_offset, *len as usize) {
+                        self.piece_registered(*slot, *file_offset, *offset, *len, stream, &mut registered)
+                    } else {
+                        self.piece_staged(*slot, *file_offset, *offset, *len, stream)
+                    };
+                    r.and_then(|()| self.finish_piece(*slot))
+                        .map_err(|e| e.in_tensor(&self.entry(*slot).name_lossy()))?;
+                }
+                Work::Whole(slot) => {
+                    self.whole(*slot, stream).map_err(|e| e.in_tensor(&self.entry(*slot).name_lossy()))?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue a copy of `len` bytes at `src` into slot memory at `offset`.
+    fn copy(
+        &self,
+        slot: usize,
+        offset: u64,
+        src: *const u8,
+        len: usize,
+        stream: StreamHandle,
+        kind: Counter,
+    ) -> Result<()> {
+        if len == 0 {
+            return Ok(());
+        }
+        let s = &self.slots[slot];
+        debug_assert!(offset + len as u64 <= s.nbytes);
+        // SAFETY: the destination range lies inside the caller-provided device buffer (checked
+        // against the tensor's size up front); `src` is pinned, registered or pageable memory
+        // that stays untouched until the copy ran (the pool and `Registered` see to that).
+        unsafe { cuda::copy_htod(s.dest + offset, src, len, stream)? };
+        self.tally.add(kind, len as u64);
+        self.tally.add(Counter::Copies, 1);
+        self.tally.done.fetch_add(len as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn zero(&self, slot: usize, stream: StreamHandle) -> Result<()> {
+        let s = &self.slots[slot];
+        if s.nbytes > 0 {
+            // SAFETY: the slot's whole device buffer.
+            unsafe { cuda::zero_device(s.dest, s.nbytes as usize, stream)? };
+            self.tally.add(Counter::ZeroFills, 1);
+            self.tally.done.fetch_add(s.nbytes, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    fn segment(&self, start: u64, len: usize, parts: &[plan::SegmentPart], stream: StreamHandle) -> Result<()> {
+        // A segment is at most one chunk unless a single header is larger (pathological):
+        // then read it into ordinary memory.
+        let mut heap = Vec::new();
+        let mut staged = None;
+        let ptr: *const u8 = if len <= self.pool.chunk() {
+            let mut st = self.pool.acquire()?;
+            let delta = self.io.read(start, len, &mut st, &self.tally)?;
+            st.used_on(stream);
+            // SAFETY: `delta + len` bytes were just read into the buffer.
+            let p = unsafe { st.ptr().add(delta) };
+            staged = Some(st);
+            p
+        } else {
+            heap.resize(len, 0u8);
+            self.file.source().read_at(start, &mut heap)?;
+            self.tally.add(Counter::BufferedRead, len as u64);
+            heap.as_ptr()
+        };
+        // SAFETY: `len` initialised bytes, alive (staged or heap) until the end of this call.
+        let base = unsafe { std::slice::from_raw_parts(ptr, len) };
+        let kind = if staged.is_some() { Counter::Staged } else { Counter::Pageable };
+        // The segment's copies go to the driver together (one batched call where supported).
+        let (mut dsts, mut srcs, mut sizes) = (Vec::new(), Vec::new(), Vec::new());
+        for p in parts {
+            if let Some(d) = &p.data {
+                if d.is_empty() {
+                    self.zero(p.slot, stream)?;
+                } else {
+                    dsts.push(self.slots[p.slot].dest);
+                    srcs.push(base[d.clone()].as_ptr() as u64);
+                    sizes.push(d.len());
+                }
+            }
+        }
+        if !dsts.is_empty() {
+            // SAFETY: each destination is its slot's whole device buffer (sizes checked up
+            // front); the sources live in this segment's buffer until its event has passed.
+            let batched = unsafe { cuda::copy_htod_many(&mut dsts, &mut srcs, &mut sizes, self.opts.device, stream)? };
+            let bytes: usize = sizes.iter().sum();
+            self.tally.add(kind, bytes as u64);
+            self.tally.add(Counter::Copies, sizes.len() as u64);
+            if batched {
+                self.tally.add(Counter::BatchCalls, 1);
+            }
+            self.tally.done.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        for p in parts {
+            *self.slots[p.slot].header.lock().unwrap_or_else(|e| e.into_inner()) = base[p.header.clone()].to_vec();
+            self.finish_piece(p.slot).map_err(|e| e.in_tensor(&self.entry(p.slot).name_lossy()))?;
+        }
+        drop(staged);
+        Ok(())
+    }
+
+    /// `len` bytes of a large tensor's data, read chunk by chunk through staging buffers.
+    fn piece_staged(&self, slot: usize, file_offset: u64, offset: u64, len: u64, stream: StreamHandle) -> Result<()> {
+        let chunk = self.pool.chunk() as u64;
+        let mut off = 0;
+        while off < len {
+            if self.failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let n = chunk.min(len - off) as usize;
+            let mut st = self.pool.acquire()?;
+            let delta = self.io.read(file_offset + off, n, &mut st, &self.tally)?;
+            // SAFETY: `delta + n` bytes were just read into the buffer.
+            let src = unsafe { st.ptr().add(delta) };
+            st.used_on(stream);
+            self.copy(slot, offset + off, src, n, stream, Counter::Staged)?;
+            off += n as u64;
+        }
+        Ok(())
+    }
+
+    /// A cached piece copied straight from the file's page-cache pages: the whole pages are
+    /// registered and copied; the partial pages at either end go through a staging buffer (a
+    /// page may be shared with a neighbour, and one page may be registered only once).
+    fn piece_registered(
+        &self,
+        slot: usize,
+        file_offset: u64,
+        offset: u64,
+        len: u64,
+        stream: StreamHandle,
+        registered: &mut Registered,
+    ) -> Result<()> {
+        let map = self.io.map.as_ref().expect("registering readers need the mapping");
+        let (s, e) = (file_offset, file_offset + len);
+        let (ps, pe) = (align_up(s), align_down(e));
+        if pe <= ps {
+            return self.piece_staged(slot, file_offset, offset, len, stream);
+        }
+        // SAFETY: `ps..pe` lies within the mapping (the file is at least `e` bytes long).
+        let body = unsafe { map.ptr.add(ps as usize) };
+        let reg = Registration::new(body, (pe - ps) as usize)?;
+        self.copy(slot, offset + (ps - s), body, (pe - ps) as usize, stream, Counter::Registered)?;
+        let ev = Event::new()?;
+        ev.record(stream)?;
+        registered.push(reg, ev)?;
+        if ps > s {
+            self.piece_staged(slot, s, offset, ps - s, stream)?;
+        }
+        if e > pe {
+            self.piece_staged(slot, pe, offset + (pe - s), e - pe, stream)?;
+        }
+        Ok(())
+    }
+
+    fn finish_piece(&self, slot: usize) -> Result<()> {
+        let s = &self.slots[slot];
+        if s.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return Ok(());
+        }
+        let header = std::mem::take(&mut *s.header.lock().unwrap_or_else(|p| p.into_inner()));
+        // Streaming mode: no decryption or hashing here, only the header checks.
+        let module_idx = exec::finalize(self.file, self.entry(slot), &header, &mut [], &LoadOptions::default())?;
+        s.module_idx.store(module_idx, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One tensor, decrypted and/or hashed on the host before its copy.
+    fn whole(&self, slot: usize, stream: StreamHandle) -> Result<()> {
+        let e = self.entry(slot);
+        let s = &self.slots[slot];
+        let mut header = vec![0u8; (e.data_offset - e.header_offset) as usize];
+        self.file.source().read_at(e.header_offset, &mut header)?;
+        let len = e.data_length as usize;
+        let chunk = self.pool.chunk();
+        let module_idx = if len == 0 {
+            let idx = exec::finalize(self.file, e, &header, &mut [], &self.opts.base)?;
+            self.zero(slot, stream)?;
+            idx
+        } else if len <= chunk {
+            let mut st = self.pool.acquire()?;
+            let delta = self.io.read(e.data_offset, len, &mut st, &self.tally)?;
+            let data = &mut st.slice_mut(delta + len)[delta..];
+            let idx = exec::finalize(self.file, e, &header, data, &self.opts.base)?;
+            let src = data.as_ptr();
+            st.used_on(stream);
+            self.copy(slot, 0, src, len, stream, Counter::Staged)?;
+            idx
+        } else if self.file.header.has_crypt_info() {
+            // The cipher works on whole tensors here: decrypt in a temporary host buffer.
+            let mut tmp = HostBuffer::new(len, false)?;
+            self.file.source().read_at(e.data_offset, tmp.as_mut_slice())?;
+            self.tally.add(Counter::BufferedRead, len as u64);
+            let idx = exec::finalize(self.file, e, &header, tmp.as_mut_slice(), &self.opts.base)?;
+            for (k, part) in tmp.as_slice().chunks(chunk).enumerate() {
+                let mut st = self.pool.acquire()?;
+                st.slice_mut(part.len()).copy_from_slice(part);
+                st.used_on(stream);
+                self.copy(slot, (k * chunk) as u64, st.ptr(), part.len(), stream, Counter::Staged)?;
+            }
+            idx
+        } else {
+            // Hash as the chunks stream through staging.
+            let idx = exec::finalize(self.file, e, &header, &mut [], &LoadOptions::default())?;
+            let h = TensorHeader::parse(&header, e.wide_shape(), false)?;
+            if h.hashes.is_empty() {
+                return Err(Error::new(ErrorKind::HashMismatch, "no hashes stored to verify against"));
+            }
+            let mut hasher = RecordHasher::new(h.hashes.iter().map(|x| x.kind), &h.hashable(&header));
+            let mut off = 0;
+            while off < len {
+                let n = chunk.min(len - off);
+                let mut st = self.pool.acquire()?;
+                let delta = self.io.read(e.data_offset + off as u64, n, &mut st, &self.tally)?;
+                let data = &st.slice_mut(delta + n)[delta..];
+                hasher.update(data);
+                let src = data.as_ptr();
+                st.used_on(stream);
+                self.copy(slot, off as u64, src, n, stream, Counter::Staged)?;
+                off += n;
+            }
+            for (kind, digest) in hasher.finish() {
+                let stored = h.hashes.iter().find(|x| x.kind == kind).expect("hashed kinds come from the header");
+                if stored.value != digest {
+                    let name = if kind == 0 { "CRC32" } else { "SHA256" };
+                    return Err(Error::new(
+                        ErrorKind::HashMismatch,
+                        format!("{name} hash mismatch: the data is corrupted"),
+                    ));
+                }
+            }
+            idx
+        };
+        s.module_idx.store(module_idx, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streaming_copy_matches_memcpy_at_any_alignment() {
+        let src: Vec<u8> = (0..70_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for (s_off, d_off, len) in [(0, 0, 0), (1, 3, 31), (5, 0, 128), (3, 17, 4099), (0, 1, 65_000), (9, 31, 33)] {
+            let mut dst = vec![0xAAu8; len + 64];
+            // SAFETY: both ranges are in bounds.
+            unsafe { copy_streaming(dst.as_mut_ptr().add(d_off), src.as_ptr().add(s_off), len) };
+            assert_eq!(&dst[d_off..d_off + len], &src[s_off..s_off + len], "{s_off} {d_off} {len}");
+            assert!(dst[..d_off].iter().all(|&b| b == 0xAA) && dst[d_off + len..].iter().all(|&b| b == 0xAA));
+        }
+    }
+
+    #[test]
+    fn io_modes_parse() {
+        for (s, m) in
+            [("auto", IoMode::Auto), ("buffered", IoMode::Buffered), ("direct", IoMode::Direct), ("mmap", IoMode::Mmap)]
+        {
+            assert_eq!(IoMode::parse(s).unwrap(), m);
+        }
+        assert_eq!(IoMode::parse("fast").unwrap_err().kind, ErrorKind::Value);
+    }
+
+    #[test]
+    fn page_alignment_helpers() {
+        assert_eq!((align_down(4097), align_up(4097), align_up(4096), align_down(0)), (4096, 8192, 4096, 0));
+    }
+}

@@ -1,0 +1,486 @@
+"""Checks of the GPU pipeline against the stand-in driver (tests/mock_cuda/libcuda.c), where
+"device memory" is host memory. Run by tests/test_cuda_mock.py in a subprocess whose
+LD_LIBRARY_PATH finds the stand-in; prints one PASS/FAIL line per check.
+
+The pipeline is driven through ``tensorizer_rs._cuda`` with a deserializer whose device is the
+CPU, so every line of the Rust side and the placement logic on the Python side runs here; the
+few lines that choose the CUDA branch in ``serialization.py`` run only in tests/gpu.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import traceback
+from pathlib import Path
+
+import torch
+from tensorizer_rs import (
+    HashMismatchError,
+    TensorDeserializer,
+    TensorizerUnsupportedError,
+    TensorizerValueError,
+    TensorSerializer,
+    _cuda,
+    _native,
+)
+
+VECTORS = Path(os.environ["TENSORIZER_VECTORS"])
+TMP = Path(tempfile.mkdtemp(prefix="tz-mock-", dir=os.environ.get("MOCK_TMP")))
+CHECKS = []
+
+
+def check(fn):
+    CHECKS.append(fn)
+    return fn
+
+
+def raw(t: torch.Tensor) -> bytes:
+    t = t.detach().contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def sha(t) -> str:
+    return hashlib.sha256(raw(t)).hexdigest()
+
+
+def gpu_deser(path, **kw) -> TensorDeserializer:
+    """A lazy deserializer whose loads we route through the GPU pipeline by hand."""
+    return TensorDeserializer(path, device="cpu", lazy_load=True, **kw)
+
+
+def gpu_load(d, verify=False):
+    _cuda.load(d, list(d._selected), verify)
+    return {d._entries[i]["name"]: d._cache[i] for i in d._selected}
+
+
+def write(path, sd):
+    s = TensorSerializer(str(path))
+    s.write_state_dict(sd)
+    s.close()
+    return str(path)
+
+
+def big_state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "embed": torch.randn(1400, 1000, generator=g),  # 5.6 MB: several chunks
+        "norm": torch.randn(1000, generator=g).to(torch.bfloat16),
+        "ids": torch.randint(0, 1 << 40, (3000,), generator=g),
+        "mask": torch.rand(300, generator=g) > 0.5,
+        "meta": torch.empty(128, 129, device="meta"),
+        "empty": torch.empty(0, 5),
+        "scalar": torch.tensor(3.5),
+        "c": torch.randn(50, dtype=torch.complex64, generator=g),
+        "odd": torch.randn(333_333, generator=g),  # unaligned sizes and offsets
+    }
+
+
+def expected(sd):
+    return {
+        k: (torch.zeros(v.shape, dtype=v.dtype) if v.device.type == "meta" else v)
+        for k, v in sd.items()
+    }
+
+
+MODES = [
+    {"io": "buffered", "register_readers": 0},
+    {"io": "direct", "register_readers": 0},
+    {"io": "auto", "register_readers": 0},
+    {"io": "auto", "register_readers": 64},
+    {"io": "mmap", "register_readers": 0},
+]
+
+
+def small_staging():
+    _cuda.staging(4 << 20, 2 << 20)  # 2 buffers of 2 MiB: many pieces, buffers reused
+
+
+@check
+def vectors_exact_bytes():
+    small_staging()
+    index = json.loads((VECTORS / "index.json").read_text())
+    done = 0
+    for f in index["files"]:
+        m = json.loads((VECTORS / f["manifest"]).read_text())
+        exp = m["expect"]
+        if not (
+            all(exp[k] == "ok" for k in ("open", "load", "verify_hash"))
+            or exp.get("spec_correct_reader") == "ok"
+        ):
+            continue
+        if m.get("encryption"):
+            continue  # covered by encrypted_vectors
+        for mode in MODES:
+            _cuda.load_options.update(mode)
+            for verify in (False, True):
+                d = gpu_deser(VECTORS / m["file"])
+                _cuda.load(d, list(d._selected), verify)
+                for t in m["tensors"]:
+                    key = tuple(t["name"]) if isinstance(t["name"], list) else t["name"]
+                    i = d._by_path[key if isinstance(key, tuple) else (key,)]
+                    got = d._cache[i]
+                    assert str(got.dtype) == "torch." + t["dtype"], (m["file"], key, got.dtype)
+                    assert list(got.shape) == t["shape"], (m["file"], key)
+                    assert sha(got) == t["sha256"], (m["file"], key, mode, verify)
+        done += 1
+    _cuda.load_options.clear()
+    assert done >= 10, done
+
+
+@check
+def encrypted_vectors():
+    """Decryption happens in staging before the copy (skipped while the cipher is a stub)."""
+    from tensorizer_rs import DecryptionParams
+
+    small_staging()
+    for mf in sorted(VECTORS.glob("enc_*.tensors.json")):
+        m = json.loads(mf.read_text())
+        if m["expect"]["load"] != "ok":
+            continue
+        enc = m["encryption"]
+        params = (
+            DecryptionParams.from_key((VECTORS / enc["key_file"]).read_bytes())
+            if enc["kind"] == "random_key"
+            else DecryptionParams.from_string(enc["passphrase"])
+        )
+        try:
+            TensorDeserializer(VECTORS / m["file"], device="cpu", encryption=params)
+        except Exception as e:
+            if "not implemented" in str(e):
+                print(f"  (skipped {m['file']}: {e})")
+                continue
+            raise
+        for verify in (False, True):
+            d = gpu_deser(VECTORS / m["file"], encryption=params)
+            _cuda.load(d, list(d._selected), verify)
+            for t in m["tensors"]:
+                i = d._by_path[(t["name"],)]
+                assert sha(d._cache[i]) == t["sha256"], (m["file"], t["name"])
+
+
+@check
+def larger_than_pool_all_modes():
+    small_staging()
+    sd = big_state()
+    path = write(TMP / "big.tensors", sd)
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    for mode in MODES:
+        _cuda.load_options.update(mode)
+        _cuda.reset_counters()
+        out = gpu_load(gpu_deser(path))
+        for k, v in expected(sd).items():
+            assert torch.equal(out[k], v) if v.dtype != torch.bool else bool((out[k] == v).all()), (
+                k,
+                mode,
+            )
+        c = _cuda.counters()
+        moved = c["staged_bytes"] + c["registered_bytes"] + c["pageable_bytes"]
+        meta = 128 * 129 * 4
+        assert moved == total - meta, (moved, total, c)
+        assert c["zero_fills"] == 1 and c["h2d_copies"] >= 7, c
+        assert c["peak_staging_allocated"] <= 4 << 20, c
+        if mode["register_readers"]:
+            assert c["registered_bytes"] > 0, c
+        else:
+            assert c["registered_bytes"] == 0 and c["staged_bytes"] == moved, c
+        if mode["io"] == "direct":
+            assert c["direct_read_bytes"] > 2_000_000, c
+        if mode["io"] == "buffered":
+            assert c["direct_read_bytes"] == 0, c
+    _cuda.load_options.clear()
+
+
+@check
+def hash_verification():
+    small_staging()
+    d = gpu_deser(VECTORS / "corrupt_data.tensors")
+    try:
+        _cuda.load(d, list(d._selected), True)
+    except HashMismatchError as e:
+        assert "corrupt_data.tensors" in str(e), e
+    else:
+        raise AssertionError("corrupt data passed verify_hash")
+    # Tensors larger than one buffer are hashed as they stream through staging.
+    sd = big_state(1)
+    path = write(TMP / "verify.tensors", sd)
+    out = gpu_load(gpu_deser(path), verify=True)
+    assert torch.equal(out["embed"], sd["embed"])
+    # Corrupt one byte in the middle of the big tensor: only verify_hash notices.
+    e = next(e for e in _native.TensorFile(path).entries() if e["name"] == "embed")
+    data = bytearray(Path(path).read_bytes())
+    data[e["data_offset"] + e["data_length"] // 2] ^= 0xFF
+    bad = TMP / "verify_bad.tensors"
+    bad.write_bytes(bytes(data))
+    gpu_load(gpu_deser(bad))
+    try:
+        gpu_load(gpu_deser(bad), verify=True)
+    except HashMismatchError as err:
+        assert "embed" in str(err), err
+    else:
+        raise AssertionError("corruption not detected")
+
+
+@check
+def dtype_cast_on_device():
+    small_staging()
+    sd = big_state(2)
+    path = write(TMP / "cast.tensors", sd)
+    d = gpu_deser(path, dtype=torch.bfloat16)
+    out = gpu_load(d)
+    assert out["embed"].dtype == torch.bfloat16 and torch.equal(
+        out["embed"], sd["embed"].to(torch.bfloat16)
+    )
+    assert out["ids"].dtype == torch.bfloat16  # CoreWeave casts integers too
+    assert out["mask"].dtype == torch.bool  # never bool
+    assert out["c"].dtype == torch.complex64  # never complex -> real (PR #207)
+    assert out["embed"].requires_grad and not out["ids"].requires_grad
+    # The same with a tiny cast group: several native loads, same result.
+    old = _cuda.CAST_GROUP_BYTES
+    _cuda.CAST_GROUP_BYTES = 1
+    try:
+        again = gpu_load(gpu_deser(path, dtype=torch.bfloat16))
+    finally:
+        _cuda.CAST_GROUP_BYTES = old
+    for k in out:
+        assert torch.equal(out[k], again[k]), k
+
+
+class Block(torch.nn.Module):
+    def __init__(self, dtype=torch.float32, device=None):
+        super().__init__()
+        self.lin = torch.nn.Linear(300, 200, dtype=dtype, device=device)
+        self.norm = torch.nn.LayerNorm(200, dtype=dtype, device=device)
+        self.register_buffer("steps", torch.zeros(7, dtype=torch.int64, device=device))
+
+
+def targets_for(d, m):
+    mods = dict(m.named_modules())
+    out = []
+    for i in d._selected:
+        name = d._entries[i]["name"]
+        prefix, _, attr = name.rpartition(".")
+        out.append((i, mods[prefix], attr))
+    return out
+
+
+def write_module(path, m):
+    s = TensorSerializer(str(path))
+    s.write_module(m)
+    s.close()
+    return str(path)
+
+
+@check
+def load_into_module_in_place():
+    small_staging()
+    torch.manual_seed(3)
+    src = Block()
+    src.steps += 5
+    path = write_module(TMP / "module.tensors", src)
+    dst = Block()
+    ptrs = {k: v.data_ptr() for k, v in list(dst.named_parameters()) + list(dst.named_buffers())}
+    lin_weight = dst.lin.weight
+    d = gpu_deser(path)
+    _cuda.reset_counters()
+    in_place = _cuda.load_into_module(d, targets_for(d, dst), [], False)
+    assert len(in_place) == 5, in_place
+    for k, v in list(dst.named_parameters()) + list(dst.named_buffers()):
+        assert v.data_ptr() == ptrs[k], k
+    assert dst.lin.weight is lin_weight
+    for (k, a), (_, b) in zip(src.state_dict().items(), dst.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert _cuda.counters()["staged_bytes"] > 0
+
+
+@check
+def load_into_module_meta_and_cast():
+    small_staging()
+    torch.manual_seed(4)
+    src = Block()
+    path = write_module(TMP / "module2.tensors", src)
+    # Meta parameters: created (by the caller's _place) from new tensors.
+    dst = Block(device="meta")
+    d = gpu_deser(path)
+    targets = targets_for(d, dst)
+    in_place = _cuda.load_into_module(d, targets, [], False)
+    assert not in_place
+    for i, mod, attr in targets:
+        d._place(mod, attr, i)
+    assert torch.equal(dst.lin.weight, src.lin.weight) and dst.lin.weight.device.type == "cpu"
+    # bf16 module, dtype=bf16: cast after the copy, into the existing storage.
+    dst = Block(dtype=torch.bfloat16)
+    ptr = dst.lin.weight.data_ptr()
+    d = gpu_deser(path, dtype=torch.bfloat16)
+    in_place = _cuda.load_into_module(d, targets_for(d, dst), [], False)
+    assert dst.lin.weight.data_ptr() == ptr
+    assert torch.equal(dst.lin.weight, src.lin.weight.to(torch.bfloat16))
+    # CoreWeave's rule casts the int64 buffer to bf16 too, so it cannot go into the module's
+    # int64 buffer: it is loaded into a new tensor for the caller to register.
+    assert len(in_place) == 4, in_place
+
+
+@check
+def shape_mismatch_is_clear_and_early():
+    small_staging()
+    path = write_module(TMP / "module3.tensors", Block())
+
+    class Wrong(Block):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(300, 201)
+
+    dst = Wrong()
+    d = gpu_deser(path)
+    _cuda.reset_counters()
+    try:
+        _cuda.load_into_module(d, targets_for(d, dst), [], False)
+    except TensorizerValueError as e:
+        assert "shape" in str(e) and "lin.weight" in str(e), e
+    else:
+        raise AssertionError("no error")
+    assert _cuda.counters()["h2d_copies"] == 0  # nothing read first
+
+
+@check
+def concurrent_loads():
+    small_staging()
+    paths = [write(TMP / f"conc{k}.tensors", big_state(10 + k)) for k in range(2)]
+    results, errors = {}, []
+
+    def run(k):
+        try:
+            for _ in range(3):
+                results[k] = gpu_load(gpu_deser(paths[k]))
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for k in range(2):
+        sd = expected(big_state(10 + k))
+        for name, v in sd.items():
+            assert raw(results[k][name]) == raw(v), (k, name)
+
+
+@check
+def progress_callback():
+    small_staging()
+    path = write(TMP / "progress.tensors", big_state(5))
+    seen = []
+    d = TensorDeserializer(
+        path, device="cpu", lazy_load=True, progress=lambda b, r: seen.append((b, r))
+    )
+    gpu_load(d)
+    assert seen and seen[-1][0] == d.total_tensor_bytes > 0, seen
+    assert all(r >= 0 for _, r in seen)
+
+    def boom(b, r):
+        raise KeyError("stop here")
+
+    d = TensorDeserializer(path, device="cpu", lazy_load=True, progress=boom)
+    try:
+        gpu_load(d)
+    except KeyError as e:
+        assert "stop here" in str(e)
+    else:
+        raise AssertionError("callback error swallowed")
+
+
+@check
+def many_small_tensors_share_allocations():
+    small_staging()
+    g = torch.Generator().manual_seed(7)
+    sd = {f"t{k}": torch.randn(16 + (k % 3) * 8, generator=g) for k in range(600)}
+    sd["big"] = torch.randn(100_000, generator=g)  # over SHARE_MAX_BYTES: its own allocation
+    path = write(TMP / "small.tensors", sd)
+    _cuda.reset_counters()
+    out = gpu_load(gpu_deser(path))
+    batches = _cuda.counters()["batched_copy_calls"]
+    assert (batches == 0) if os.environ.get("MOCK_CUDA_NO_BATCH") else (0 < batches < 50), batches
+    for k, v in sd.items():
+        assert torch.equal(out[k], v), k
+    storages = {out[f"t{k}"].untyped_storage().data_ptr() for k in range(600)}
+    assert len(storages) <= 6, len(storages)  # one per shape (each well under 4 MiB)
+    assert out["big"].untyped_storage().data_ptr() not in storages
+    with torch.no_grad():
+        out["t0"].fill_(0)
+    assert torch.equal(out["t3"], sd["t3"]) and out["t0"].is_leaf and out["t0"].requires_grad
+
+
+@check
+def bad_arguments():
+    path = write(TMP / "args.tensors", {"a": torch.ones(10)})
+    f = _native.TensorFile(path)
+    buf = torch.empty(40, dtype=torch.uint8)
+    for kwargs, exc, text in [
+        ({"device": 7}, TensorizerValueError, "does not exist"),
+        ({"targets": [(0, buf.data_ptr(), 39)]}, TensorizerValueError, "needs 40"),
+        ({"targets": [(0, 0, 40)]}, TensorizerValueError, "null"),
+        ({"targets": [(5, buf.data_ptr(), 40)]}, TensorizerValueError, "no tensor"),
+        ({"io": "sideways"}, TensorizerValueError, "io mode"),
+    ]:
+        args = {"targets": [(0, buf.data_ptr(), 40)], "device": 0, **kwargs}
+        try:
+            _native.cuda_load(f, args.pop("targets"), args.pop("device"), 0, **args)
+        except exc as e:
+            assert text in str(e), (kwargs, e)
+        else:
+            raise AssertionError(f"no error for {kwargs}")
+
+
+@check
+def pool_reconfigure_and_release():
+    path = write(TMP / "pool.tensors", big_state(6))
+    for total, chunk, pinned in [
+        (4 << 20, 2 << 20, "thp"),
+        (16 << 20, 4 << 20, "driver"),
+        (2 << 20, 2 << 20, "thp"),
+    ]:
+        assert _cuda.staging(total, chunk, pinned) == (total, chunk, 4, pinned)
+        _cuda.release_staging(0)
+        _cuda.reset_counters()
+        out = gpu_load(gpu_deser(path))
+        assert torch.equal(out["embed"], big_state(6)["embed"])
+        c = _cuda.counters()
+        assert c["peak_staging_allocated"] <= total and c["staging_in_use"] == 0, c
+    _cuda.release_staging(0)
+    assert _cuda.counters()["staging_allocated"] == 0, _cuda.counters()
+
+
+def main() -> int:
+    only = set(sys.argv[1:])
+    failed = 0
+    for fn in CHECKS:
+        if only and fn.__name__ not in only:
+            continue
+        try:
+            fn()
+            print(f"PASS {fn.__name__}", flush=True)
+        except Exception:  # noqa: BLE001
+            failed += 1
+            print(f"FAIL {fn.__name__}\n{traceback.format_exc()}", flush=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    if os.environ.get("MOCK_CUDA_INIT_ERROR"):
+        ok, why = _native.cuda_available()
+        assert not ok and "CUDA" in why, why
+        try:
+            _native.cuda_load(
+                _native.TensorFile(write(TMP / "x.tensors", {"a": torch.ones(1)})), [], 0, 0
+            )
+        except TensorizerUnsupportedError as e:
+            print(f"PASS init_error: {e}")
+            sys.exit(0)
+        sys.exit(1)
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""Runs a list of vLLM operations in one process and prints one `OP_RESULT {json}` line each
+(`{"op", "name", ...result}`; an op may carry a "name" to find its result by).
+
+    python engine_ops.py '<json list of ops>'
+
+Used by tests/vllm (always in a subprocess: vLLM engines and their globals stay out of pytest).
+With VLLM_ENABLE_V1_MULTIPROCESSING=0 and TP=1 the engine runs in this process, so one import of
+vLLM serves many loads (~3 s each instead of ~30 s). Ops (keys besides "op" are arguments):
+
+* generate: model, load_format="auto", extra={} (model_loader_extra_config), tp=1,
+  extra_as_config=False (pass `TensorizerConfig(**extra)`, our class, instead of the dict)
+    -> {"tokens": [[...], [...]]} greedy tokens of PROMPTS, or {"error_type", "error"}
+* tensorize: model, config (TensorizerConfig kwargs), tp=1, generate_keyfile=True
+    -> tensorize_vllm_model(EngineArgs(model, ...), TensorizerConfig(**config))
+* write_hf: model (a safetensors dir), uri -> TensorSerializer.write_state_dict(HF weights)
+* fake_s3: root -> from now on `tensorizer_rs.stream_io.open_stream` maps s3://bucket/<key> to
+  <root>/<key> (a stand-in for an S3 server, to test vLLM's s3:// model-dir wiring)
+
+Any op that raises reports {"error_type", "error"} (the traceback goes to stderr) and the next
+op still runs.
+"""
+
+import gc
+import json
+import sys
+import traceback
+
+PROMPTS = [{"prompt_token_ids": [1, 10, 20, 30, 40]}, {"prompt_token_ids": [1, 500, 600]}]
+ENGINE_KW = {
+    "dtype": "bfloat16",
+    "enforce_eager": True,
+    "max_model_len": 256,
+    "max_num_seqs": 4,
+    "seed": 0,
+}
+
+
+def op_generate(model, load_format="auto", extra=None, tp=1, extra_as_config=False):
+    from vllm import LLM, SamplingParams
+
+    extra = dict(extra or {})  # EngineArgs edits it in place
+    if extra_as_config:
+        from tensorizer_rs.vllm import TensorizerConfig
+
+        extra = TensorizerConfig(**extra)
+    llm = LLM(
+        model=model,
+        load_format=load_format,
+        tensor_parallel_size=tp,
+        model_loader_extra_config=extra,
+        **ENGINE_KW,
+    )
+    try:
+        sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+        outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+        return {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    finally:
+        del llm
+        gc.collect()
+
+
+def op_tensorize(model, config, tp=1, generate_keyfile=True):
+    from tensorizer_rs.vllm import TensorizerConfig, tensorize_vllm_model
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = EngineArgs(model=model, tensor_parallel_size=tp, **ENGINE_KW)
+    tensorize_vllm_model(args, TensorizerConfig(**config), generate_keyfile=generate_keyfile)
+    return {}
+
+
+def op_write_hf(model, uri):
+    import glob
+
+    from safetensors.torch import load_file
+    from tensorizer_rs import TensorSerializer
+
+    state = {}
+    for f in sorted(glob.glob(f"{model}/*.safetensors")):
+        state.update(load_file(f))
+    s = TensorSerializer(uri)
+    s.write_state_dict(state)
+    s.close()
+    return {"tensors": len(state)}
+
+
+def op_fake_s3(root):
+    import tensorizer_rs.stream_io as sio
+
+    real = sio.open_stream
+
+    def fake(uri, mode="rb", **kwargs):
+        if isinstance(uri, str) and uri.startswith("s3://bucket/"):
+            return real(f"{root}/{uri[len('s3://bucket/') :]}", mode)
+        return real(uri, mode, **kwargs)
+
+    sio.open_stream = fake
+    return {}
+
+
+def main():
+    ops = json.loads(sys.argv[1])
+    for op in ops:
+        kind = op.pop("op")
+        name = op.pop("name", kind)
+        try:
+            result = globals()[f"op_{kind}"](**op)
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            traceback.print_exc()
+            result = {"error_type": type(e).__name__, "error": str(e)}
+            # leave a clean slate for the next op after a failed engine start
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+            cleanup_dist_env_and_memory()
+        print("OP_RESULT " + json.dumps({"op": kind, "name": name, **result}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
