@@ -701,7 +701,6 @@ impl Sink for S3Sink {
             return Err(e.clone());
         }
         let layout = Self::layout(&st);
-        st.end = st.end.max(end);
         let mut at = offset;
         while at < end {
             let rest = &data[(at - offset) as usize..];
@@ -726,12 +725,14 @@ impl Sink for S3Sink {
                 .in_file(&sh.shown));
             }
             if !st.parts.contains_key(&number) {
-                // Bound memory: wait while uploads (which will free some) are running.
-                while st.error.is_none() && st.uploading > 0 && st.buffered + len as usize > sh.budget {
+                // Bound memory: wait while uploads (which will free some) are running, then look
+                // again (another writer may have created or even uploaded this part meanwhile).
+                if st.uploading > 0 && st.buffered + len as usize > sh.budget {
                     st = sh.upload_done.wait(st).unwrap();
-                }
-                if let Some(e) = &st.error {
-                    return Err(e.clone());
+                    if let Some(e) = &st.error {
+                        return Err(e.clone());
+                    }
+                    continue;
                 }
                 st.parts.insert(number, PartBuf { start, data: vec![0; len as usize], written: Vec::new() });
                 st.buffered += len as usize;
@@ -748,6 +749,7 @@ impl Sink for S3Sink {
             }
             at += n as u64;
         }
+        st.end = st.end.max(end);
         Ok(())
     }
 
