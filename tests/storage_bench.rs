@@ -35,6 +35,19 @@ fn curl(url: &str, runs: usize) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// One single-stream download of the first `len` bytes with curl, in GB/s.
+fn curl_prefix(url: &str, len: usize) -> f64 {
+    let range = format!("0-{}", len - 1);
+    let out = Command::new("curl")
+        .args(["-s", "-f", "-r", &range, "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let mut it = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
+    let (bytes, secs) = (it.next().unwrap(), it.next().unwrap());
+    bytes / secs / 1e9
+}
+
 /// Best of `runs` whole-object reads with our reader, in GB/s (open included).
 fn ours(uri: &str, opts: &StorageOptions, buf: &mut [u8], runs: usize) -> f64 {
     (0..runs)
@@ -61,12 +74,12 @@ fn settings() -> Vec<(&'static str, StorageOptions)> {
     ]
 }
 
-fn report(server: &str, uri: &str, curl_url: &str, base: &StorageOptions, size: usize) {
+fn report(server: &str, uri: &str, curl_url: &str, base: &StorageOptions, size: usize, runs: usize) {
     let mut buf = vec![1u8; size];
-    println!("{server}: curl, 1 stream: {:.2} GB/s", curl(curl_url, 3));
+    println!("{server}: curl, 1 stream: {:.2} GB/s", curl(curl_url, runs));
     for (name, o) in settings() {
         let o = StorageOptions { max_concurrency: o.max_concurrency, request_size: o.request_size, ..base.clone() };
-        println!("{server}: tensorizer-rs {name}: {:.2} GB/s", ours(uri, &o, &mut buf, 3));
+        println!("{server}: tensorizer-rs {name}: {:.2} GB/s", ours(uri, &o, &mut buf, runs));
     }
 }
 
@@ -77,13 +90,34 @@ fn loopback_read_throughput() {
     let data = pattern(size, 42);
     println!("object: {} MiB, {} CPUs", size / MIB, std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0));
 
-    if let Some(nginx) = Nginx::start() {
+    let only = std::env::var("TENSORIZER_BENCH_SERVERS").unwrap_or_else(|_| "nginx,s3".into());
+    if !only.contains("nginx") {
+    } else if let Some(nginx) = Nginx::start() {
         std::fs::write(nginx.root().join("bench.bin"), &data).unwrap();
         let url = nginx.url("bench.bin");
-        report("nginx", &url, &url, &StorageOptions::default(), size);
+        report("nginx", &url, &url, &StorageOptions::default(), size, 3);
+        // Each connection capped at 10 MB/s (after a first-second burst), as object stores cap one
+        // stream: what parallel ranges buy over a single stream.
+        let slow = nginx.url("slow/bench.bin");
+        let c =
+            |c: usize| StorageOptions { max_concurrency: Some(c), request_size: Some(16 * MIB), ..Default::default() };
+        println!(
+            "nginx capped at 10 MB/s per connection: curl, 1 stream (64 MiB): {:.3} GB/s",
+            curl_prefix(&slow, 64 * MIB)
+        );
+        let mut buf = vec![1u8; size];
+        for n in [8, 32] {
+            println!(
+                "nginx capped at 10 MB/s per connection: tensorizer-rs {n} x 16 MiB: {:.3} GB/s",
+                ours(&slow, &c(n), &mut buf, 1)
+            );
+        }
     }
 
     // S3: s3s-fs if installed, else moto.
+    if !only.contains("s3") {
+        return;
+    }
     let anon = |endpoint: String| StorageOptions {
         s3_access_key_id: Some(String::new()),
         s3_secret_access_key: Some(String::new()),
@@ -120,7 +154,7 @@ fn loopback_read_throughput() {
     }
     sink.finish().unwrap();
     println!("{name}: tensorizer-rs multipart upload: {:.2} GB/s", gbps(size, t.elapsed().as_secs_f64()));
-    report(name, "s3://bench/bench.bin", &format!("{endpoint}/bench/bench.bin"), &opts, size);
+    report(name, "s3://bench/bench.bin", &format!("{endpoint}/bench/bench.bin"), &opts, size, 3);
 }
 
 fn wait_port(port: u16) {

@@ -100,6 +100,33 @@ fn multipart_write_then_parallel_ranged_reads() {
 }
 
 #[test]
+fn writers_wait_for_memory_and_out_of_order_writes_round_trip() {
+    let Some(moto) = Moto::start(true) else { return };
+    moto.create_bucket("bounded");
+    // Room for two 5 MiB parts: writers must wait for uploads to free memory.
+    let opts = StorageOptions { s3_upload_buffer: Some(10 * MIB), ..tuned(&moto) };
+    let data = pattern(40 * MIB + 99, 15);
+    let sink = create_sink("s3://bounded/m", &opts).unwrap();
+    // Four writers, each taking every fourth 1 MiB block, in descending order within a part.
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (sink, data) = (&sink, &data);
+            s.spawn(move || {
+                let blocks: Vec<usize> = (0..data.len().div_ceil(MIB)).filter(|i| i % 4 == t).collect();
+                for group in blocks.chunks(2) {
+                    for &i in group.iter().rev() {
+                        let end = ((i + 1) * MIB).min(data.len());
+                        sink.write_at((i * MIB) as u64, &data[i * MIB..end]).unwrap();
+                    }
+                }
+            });
+        }
+    });
+    sink.finish().unwrap();
+    assert!(read_all("s3://bounded/m", &opts).unwrap() == data, "read-back differs");
+}
+
+#[test]
 fn small_objects_are_one_put_and_side_files_round_trip() {
     let Some(moto) = Moto::start(true) else { return };
     moto.create_bucket("side");

@@ -5,6 +5,7 @@
 //! every response). Writes stream as a multipart upload: part 1 (the header and index, rewritten
 //! at the end) stays in memory and goes up last; later parts go up as soon as they are filled.
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -422,6 +423,8 @@ struct SinkShared {
     retry: RetryPolicy,
     budget: usize,
     upload_id: tokio::sync::OnceCell<String>,
+    /// Set by `abort`: part uploads not yet sent are skipped.
+    cancelled: AtomicBool,
     slots: tokio::sync::Semaphore,
     state: Mutex<SinkState>,
     /// Signalled whenever an upload ends (memory freed, or an error to report).
@@ -452,7 +455,14 @@ impl SinkShared {
 
     async fn upload_part(&self, number: u32, body: bytes::Bytes) -> Result<String> {
         let _slot = self.slots.acquire().await.map_err(|_| Error::io("upload closed"))?;
+        let cancelled = || Error::io("the upload was abandoned");
+        if self.cancelled.load(Ordering::Acquire) {
+            return Err(cancelled());
+        }
         let upload_id = self.upload_id().await?;
+        if self.cancelled.load(Ordering::Acquire) {
+            return Err(cancelled());
+        }
         with_retries(self.retry, || async {
             let out = self
                 .client
@@ -494,13 +504,14 @@ impl SinkShared {
     }
 
     /// Stop every upload and abort the multipart upload, so nothing stays under the key.
+    ///
+    /// Part uploads already sent are let finish rather than cancelled: a cancelled task could be
+    /// the one creating the multipart upload, which would then stay behind unseen. Once no task
+    /// runs, no part can complete after the abort.
     fn abort(&self) -> Result<()> {
+        self.cancelled.store(true, Ordering::Release);
         let tasks = std::mem::take(&mut self.state.lock().unwrap().tasks);
-        for t in &tasks {
-            t.abort();
-        }
         block_on(async {
-            // Wait until no request can still complete a part, then abort.
             for t in tasks {
                 let _ = t.await;
             }
@@ -560,6 +571,7 @@ pub(crate) fn create(uri: &str, opts: &StorageOptions) -> Result<S3Sink> {
             retry: opts.retry_policy(),
             budget: opts.s3_upload_buffer.unwrap_or(super::config::DEFAULT_UPLOAD_BUFFER),
             upload_id: tokio::sync::OnceCell::new(),
+            cancelled: AtomicBool::new(false),
             slots: tokio::sync::Semaphore::new(UPLOAD_SLOTS),
             state: Mutex::new(state),
             upload_done: Condvar::new(),
@@ -689,7 +701,6 @@ impl Sink for S3Sink {
             return Err(e.clone());
         }
         let layout = Self::layout(&st);
-        st.end = st.end.max(end);
         let mut at = offset;
         while at < end {
             let rest = &data[(at - offset) as usize..];
@@ -714,12 +725,14 @@ impl Sink for S3Sink {
                 .in_file(&sh.shown));
             }
             if !st.parts.contains_key(&number) {
-                // Bound memory: wait while uploads (which will free some) are running.
-                while st.error.is_none() && st.uploading > 0 && st.buffered + len as usize > sh.budget {
+                // Bound memory: wait while uploads (which will free some) are running, then look
+                // again (another writer may have created or even uploaded this part meanwhile).
+                if st.uploading > 0 && st.buffered + len as usize > sh.budget {
                     st = sh.upload_done.wait(st).unwrap();
-                }
-                if let Some(e) = &st.error {
-                    return Err(e.clone());
+                    if let Some(e) = &st.error {
+                        return Err(e.clone());
+                    }
+                    continue;
                 }
                 st.parts.insert(number, PartBuf { start, data: vec![0; len as usize], written: Vec::new() });
                 st.buffered += len as usize;
@@ -736,6 +749,7 @@ impl Sink for S3Sink {
             }
             at += n as u64;
         }
+        st.end = st.end.max(end);
         Ok(())
     }
 

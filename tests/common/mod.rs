@@ -146,6 +146,9 @@ http {{
         listen 127.0.0.1:{port};
         root {d}/root;
         location /moved/ {{ rewrite ^/moved/(.*)$ /$1 redirect; }}
+        # A per-connection throughput cap, as object stores have: 10 MB/s per request (nginx lets
+        # the first second's worth through at once).
+        location /slow/ {{ alias {d}/root/; limit_rate 10m; }}
     }}
 }}
 "#,
