@@ -1,0 +1,155 @@
+"""Loading and writing over HTTP and S3 from Python, against real servers on 127.0.0.1:
+a Range-capable HTTP/1.0 server and moto's S3 server with SigV4 checking."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import decryption_for, entry_key, lookup, sha256
+from tensorizer_rs import (
+    DecryptionParams,
+    EncryptionParams,
+    TensorDeserializer,
+    TensorizerError,
+    TensorSerializer,
+)
+from tensorizer_rs.stream_io import open_stream
+
+SERVERS = Path(__file__).parent / "servers"
+
+
+@pytest.fixture(scope="module")
+def http_root(tmp_path_factory, vectors_dir):
+    root = tmp_path_factory.mktemp("www")
+    for f in Path(vectors_dir).iterdir():
+        shutil.copy(f, root / f.name)
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVERS / "http_server.py"), str(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    port = int(proc.stdout.readline())
+    yield f"http://127.0.0.1:{port}", root
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="module")
+def s3():
+    proc = subprocess.Popen(
+        [sys.executable, str(SERVERS / "moto_s3.py"), "--auth"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    info = json.loads(proc.stdout.readline())
+    opts = {
+        "s3_endpoint": f"http://127.0.0.1:{info['port']}",
+        "s3_access_key_id": info["access_key"],
+        "s3_secret_access_key": info["secret_key"],
+    }
+    import boto3
+
+    boto3.client(
+        "s3",
+        endpoint_url=opts["s3_endpoint"],
+        aws_access_key_id=info["access_key"],
+        aws_secret_access_key=info["secret_key"],
+        region_name="us-east-1",
+    ).create_bucket(Bucket="models")
+    yield opts
+    proc.kill()
+    proc.wait()
+
+
+def _positive(v):
+    return all(v["expect"][k] == "ok" for k in ("open", "load", "verify_hash"))
+
+
+def _check(d, manifest):
+    for m in manifest["tensors"]:
+        t = lookup(d, entry_key(m))
+        assert sha256(t) == m["sha256"] and list(t.shape) == m["shape"], m["name"]
+
+
+def test_every_vector_over_http(http_root, vector_manifests, vectors_dir):
+    base, _ = http_root
+    for name, v in vector_manifests.items():
+        if not _positive(v):
+            continue
+        d = TensorDeserializer(
+            f"{base}/data/{name}",
+            device="cpu",
+            verify_hash=True,
+            encryption=decryption_for(v, Path(vectors_dir)),
+        )
+        _check(d, v)
+
+
+def test_http_redirect_retry_and_errors(http_root, vector_manifests):
+    base, _ = http_root
+    v = vector_manifests["dtypes.tensors"]
+    _check(TensorDeserializer(f"{base}/redirect/dtypes.tensors", device="cpu"), v)
+    _check(TensorDeserializer(f"{base}/fail500/2/dtypes.tensors", device="cpu"), v)
+    _check(TensorDeserializer(f"{base}/drop/1/dtypes.tensors", device="cpu"), v)
+    with pytest.raises(FileNotFoundError):
+        TensorDeserializer(f"{base}/data/missing.tensors", device="cpu")
+    with pytest.raises(TensorizerError, match="always500"):
+        TensorDeserializer(f"{base}/always500/dtypes.tensors", device="cpu")
+
+
+def test_s3_vectors_serialize_and_side_files(s3, vector_manifests, vectors_dir, tmp_path):
+    for name in ("dtypes.tensors", "enc_vllm_chunked.tensors", "nested_state_dict.tensors"):
+        v = vector_manifests[name]
+        with open_stream(f"s3://models/v/{name}", "wb", **s3) as f:
+            f.write(Path(v["path"]).read_bytes())
+        stream = open_stream(f"s3://models/v/{name}", "rb", **s3)
+        d = TensorDeserializer(
+            stream, device="cpu", verify_hash=True, encryption=decryption_for(v, Path(vectors_dir))
+        )
+        _check(d, v)
+    # Serialize straight to S3 (multipart, no local file), encrypted, and read it back.
+    sd = {
+        f"layer.{i}": torch.randn(1 << 20, generator=torch.Generator().manual_seed(i))
+        for i in range(6)
+    }
+    enc = EncryptionParams.random()
+    s = TensorSerializer(open_stream("s3://models/m/model.tensors", "wb+", **s3), encryption=enc)
+    s.write_state_dict(sd)
+    s.close()
+    d = TensorDeserializer(
+        open_stream("s3://models/m/model.tensors", **s3),
+        device="cpu",
+        verify_hash=True,
+        encryption=DecryptionParams.from_key(enc.key),
+    )
+    assert all(torch.equal(d[k], t) for k, t in sd.items())
+    with open_stream("s3://models/m/model.tensors", **s3) as f:
+        assert f.read(5) == b"|TZR|"
+
+
+def test_s3_errors_name_bucket_and_key(s3):
+    wrong = dict(s3, s3_secret_access_key="not-the-secret")
+    with pytest.raises(TensorizerError, match="access denied") as e:
+        TensorDeserializer(open_stream("s3://models/v/dtypes.tensors", **wrong), device="cpu")
+    assert "s3://models/v/dtypes.tensors" in str(e.value)
+    assert "not-the-secret" not in str(e.value) and s3["s3_secret_access_key"] not in str(e.value)
+    with pytest.raises(FileNotFoundError) as e:
+        TensorDeserializer(open_stream("s3://models/nope.tensors", **s3), device="cpu")
+    assert "s3://models/nope.tensors" in str(e.value)
+
+
+def test_failed_s3_write_leaves_nothing(s3):
+    target = open_stream("s3://models/fail/model.tensors", "wb+", **s3)
+    with pytest.raises(TypeError), TensorSerializer(target) as s:
+        s.write_state_dict({"ok": torch.ones(4 << 20), "bad": "not a tensor"})
+    with pytest.raises(FileNotFoundError):
+        open_stream("s3://models/fail/model.tensors", **s3)
