@@ -49,7 +49,8 @@ def main() -> None:
     llm = LLM(tz_dir, load_format="tensorizer", **ENGINE)
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    out = llm.generate(["w10 w20 w30 w40"], params, use_tqdm=False)[0].outputs[0]
+    prompt = {"prompt_token_ids": [1, 10, 20, 30, 40]}  # "<s> w10 w20 w30 w40"
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
     print(
         f"engine with tensorizer-rs weights ready in {startup:.1f}s "
         "(the loader's own 'Deserialized ... GB/s' line is in the log above)"
@@ -58,5 +59,18 @@ def main() -> None:
     print(f"generated text:   {out.text!r}")
 
 
+def serialize(hf_dir: str, tz_dir: str) -> None:
+    from tensorizer_rs.vllm import TensorizerConfig, tensorize_vllm_model
+    from vllm.engine.arg_utils import EngineArgs
+
+    tensorize_vllm_model(
+        EngineArgs(model=hf_dir, **ENGINE),
+        TensorizerConfig(tensorizer_uri=os.path.join(tz_dir, "model.tensors")),
+    )
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--serialize"]:
+        serialize(sys.argv[2], sys.argv[3])
+    else:
+        main()
