@@ -5,21 +5,10 @@ use pyo3::types::PyDict;
 
 use super::errors::to_pyerr;
 use super::reader::PyTensorFile;
-use crate::crypto::DecryptionKeys;
 use crate::cuda::{self, counters, PinnedMode, StagingConfig};
 use crate::error::{Error, Result};
 use crate::load::device::{self, DeviceOptions, DeviceTarget, IoMode};
 use crate::load::LoadOptions;
-
-pub(super) fn keys_from(key: Option<Vec<u8>>, passphrase: Option<Vec<u8>>) -> PyResult<Option<DecryptionKeys>> {
-    Ok(match (key, passphrase) {
-        (Some(k), _) => Some(DecryptionKeys::Key(
-            k.try_into().map_err(|_| to_pyerr(Error::crypto("a raw key must be exactly 32 bytes")))?,
-        )),
-        (None, Some(p)) => Some(DecryptionKeys::Passphrase(p)),
-        (None, None) => None,
-    })
-}
 
 /// `(True, None)` when the CUDA driver loads and initialises, else `(False, reason)`.
 #[pyfunction]
@@ -55,7 +44,7 @@ fn cuda_load<'py>(
     let f = file.file()?.clone();
     drop(file);
     let opts = DeviceOptions {
-        base: LoadOptions { num_readers, verify_hash, keys: keys_from(key, passphrase)? },
+        base: LoadOptions { num_readers, verify_hash, keys: super::crypto::keys_from(key, passphrase)? },
         device,
         stream,
         io: IoMode::parse(&io.or_else(|| std::env::var("TENSORIZER_RS_IO").ok()).unwrap_or_else(|| DEFAULT_IO.into()))

@@ -3,8 +3,8 @@
 mod crypto;
 mod cuda;
 mod errors;
-mod storage;
 mod reader;
+mod storage;
 mod writer;
 
 use pyo3::prelude::*;

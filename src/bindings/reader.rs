@@ -5,9 +5,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
 use super::errors::to_pyerr;
-use crate::crypto::DecryptionKeys;
 use crate::dlpack::HostTensor;
-use crate::error::Error;
 use crate::format::names::PathComponent;
 use crate::load::{self, LoadOptions, TensorFile};
 use crate::storage;
@@ -48,9 +46,7 @@ impl PyTensorFile {
     fn new(py: Python<'_>, uri: String, storage: Option<Bound<'_, PyDict>>) -> PyResult<Self> {
         let opts = super::storage::options_from(storage.as_ref())?;
         let file = py
-            .detach(|| -> crate::error::Result<TensorFile> {
-                TensorFile::open(storage::open_source(&uri, &opts)?)
-            })
+            .detach(|| -> crate::error::Result<TensorFile> { TensorFile::open(storage::open_source(&uri, &opts)?) })
             .map_err(to_pyerr)?;
         Ok(PyTensorFile { inner: Some(Arc::new(file)) })
     }
@@ -125,13 +121,7 @@ impl PyTensorFile {
         if let Some(&bad) = indices.iter().find(|&&i| i >= f.entries.len()) {
             return Err(pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {bad}")));
         }
-        let keys = match (key, passphrase) {
-            (Some(k), _) => Some(DecryptionKeys::Key(
-                k.try_into().map_err(|_| to_pyerr(Error::crypto("a raw key must be exactly 32 bytes")))?,
-            )),
-            (None, Some(p)) => Some(DecryptionKeys::Passphrase(p)),
-            (None, None) => None,
-        };
+        let keys = super::crypto::keys_from(key, passphrase)?;
         let opts = LoadOptions { num_readers, verify_hash, keys };
         let loaded = py.detach(|| load::load_to_host(&f, &indices, &opts)).map_err(to_pyerr)?;
         Ok(loaded
