@@ -112,7 +112,8 @@ def test_mapping_filter_lazy_and_read_tensors(tmp_path):
     sd = {f"t{i}": torch.full((i + 1,), float(i)) for i in range(6)}
     path, _ = _roundtrip(tmp_path, sd)
     d = TensorDeserializer(path, device="cpu", lazy_load=True, filter_func=lambda n: n != "t2")
-    assert "t0" in d and "missing" not in d
+    assert "t0" in d and "missing" not in d and "t2" not in d
+    assert list(d.keys()) == ["t0", "t1", "t3", "t4", "t5"]
     with pytest.raises(KeyError, match="Tensor missing not found"):
         d["missing"]
     first = list(d.read_tensors(num_tensors=2))

@@ -112,7 +112,11 @@ class TensorDeserializer(collections.abc.Mapping):
         ]
         self._tree: dict = {}
         self._keys: list = []
-        for e in entries:
+        chosen = set(self._selected)
+        for i, e in enumerate(entries):
+            # As in CoreWeave: filtered-out leaves disappear, emptied branches stay in keys().
+            if not isinstance(e["name"], tuple) and i not in chosen:
+                continue
             key = e["name"][0] if isinstance(e["name"], tuple) else e["name"]
             if key not in self._tree:
                 self._tree[key] = None

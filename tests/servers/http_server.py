@@ -13,6 +13,7 @@ Paths (NAME is a file under ROOT):
   /auth/NAME           401 unless "Authorization: Bearer let-me-in", then like /data/
   /__stats             JSON: requests seen per path
 """
+
 import email.utils
 import http.server
 import json

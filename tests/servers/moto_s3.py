@@ -7,6 +7,7 @@ closes or the process is killed. With --auth, requests must be SigV4-signed with
 pair (moto checks the signature: a wrong secret gives SignatureDoesNotMatch). Request lines are
 logged to stderr (werkzeug format), so tests can see the multipart calls.
 """
+
 import json
 import logging
 import sys
@@ -33,7 +34,10 @@ if "--auth" in sys.argv:
     )
     iam.create_user(UserName="tester")
     key = iam.create_access_key(UserName="tester")["AccessKey"]
-    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+    }
     iam.put_user_policy(UserName="tester", PolicyName="all", PolicyDocument=json.dumps(policy))
     settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
     info.update(access_key=key["AccessKeyId"], secret_key=key["SecretAccessKey"])
