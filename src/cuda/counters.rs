@@ -36,6 +36,7 @@ counters! {
     zero_fills: "Device zero fills queued (meta tensors).",
     direct_read_bytes: "Bytes read from disk with O_DIRECT.",
     buffered_read_bytes: "Bytes read through the page cache with pread.",
+    decrypted_in_staging: "Encrypted bytes authenticated and decrypted inside staging buffers.",
     staging_allocated: "Pinned staging bytes allocated now.",
     peak_staging_allocated: "Most pinned staging bytes allocated at once.",
     staging_in_use: "Pinned staging bytes checked out by loads now.",
@@ -66,6 +67,7 @@ pub(crate) enum Counter {
     ZeroFills,
     DirectRead,
     BufferedRead,
+    DecryptedInStaging,
     StagingAllocated,
     StagingInUse,
 }
@@ -83,6 +85,7 @@ impl Counter {
             Counter::ZeroFills => (&ALL.zero_fills, None),
             Counter::DirectRead => (&ALL.direct_read_bytes, None),
             Counter::BufferedRead => (&ALL.buffered_read_bytes, None),
+            Counter::DecryptedInStaging => (&ALL.decrypted_in_staging, None),
             Counter::StagingAllocated => (&ALL.staging_allocated, Some(&ALL.peak_staging_allocated)),
             Counter::StagingInUse => (&ALL.staging_in_use, Some(&ALL.peak_staging_in_use)),
         }

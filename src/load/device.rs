@@ -14,9 +14,12 @@
 //! for ours; the call also synchronises its streams before returning, so the bytes are in place
 //! when it returns and no copy can outlive the destination.
 //!
-//! Encrypted files and `verify_hash` go tensor by tensor: the whole tensor is decrypted and/or
-//! hashed in a staging buffer before its copy. A tensor larger than one buffer is hashed as its
-//! chunks stream past; an encrypted one that large is decrypted in a temporary host buffer.
+//! Encrypted files: large tensors are split into pieces like plain ones, and each 2 MiB cipher
+//! chunk is authenticated and decrypted in the staging buffer it was read into, right before
+//! its copy, so decryption spreads over all readers and overlaps with reads and copies. Small
+//! encrypted tensors go whole through one buffer. With `verify_hash` everything goes tensor by
+//! tensor (the hash runs over the data in order): hashed as the chunks stream past, an encrypted
+//! tensor larger than a buffer decrypted in a temporary host buffer.
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
@@ -29,6 +32,7 @@ use super::exec::{self, LoadOptions};
 use super::file::TensorFile;
 use super::plan::{self, Item};
 use crate::buffer::HostBuffer;
+use crate::crypto::{self, DecryptPlan};
 use crate::cuda::counters::{self, Counter};
 use crate::cuda::{self, Engine, Event, Pool, Registration, Staged, StreamHandle};
 use crate::error::{Error, ErrorKind, Result};
@@ -112,6 +116,16 @@ pub struct DeviceStats {
 /// kept PCIe busiest (page cache → pinned → device; 16 were a little slower, 8 much slower).
 pub fn default_readers() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(8).clamp(4, 12)
+}
+
+/// Bytes of encrypted data one staging buffer takes per read: whole cipher chunks (0: none fit).
+fn sealed_step(chunk: usize) -> usize {
+    chunk / crypto::CHUNK_SIZE * crypto::CHUNK_SIZE
+}
+
+/// Readers for encrypted files, whose load is bound by decryption: one per core.
+fn cpu_readers() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(8).clamp(4, 64)
 }
 
 const PAGE: u64 = 4096;
@@ -372,12 +386,29 @@ struct Slot {
     header: Mutex<Vec<u8>>,
     remaining: AtomicUsize,
     module_idx: AtomicU16,
+    /// Encrypted tensors loaded in pieces: how to open them, set by the first piece to start.
+    sealed: Mutex<Option<std::sync::Arc<Sealed>>>,
+}
+
+/// How the pieces of one encrypted tensor are opened.
+enum Sealed {
+    /// Cipher chunks that tile the staging buffers: each piece decrypts its own.
+    Chunks { plan: DecryptPlan, chunk: usize },
+    /// The file's cipher chunks don't line up with our pieces (a foreign chunk size, or one
+    /// MAC over the whole tensor): the first piece loads the tensor whole, the others skip.
+    Whole,
 }
 
 enum Work {
     Plan(Item),
     /// One whole tensor, for encrypted files and hash verification.
     Whole(usize),
+    /// `len` bytes at `offset` of a large encrypted tensor's data.
+    Sealed {
+        slot: usize,
+        offset: u64,
+        len: u64,
+    },
 }
 
 struct Job<'a> {
@@ -431,12 +462,35 @@ pub fn load_to_device(
     let pool = engine.pool();
     let chunk = pool.chunk() as u64;
 
-    let careful = opts.base.verify_hash || file.header.has_crypt_info();
+    let encrypted = file.header.has_crypt_info();
     let entry_ids: Vec<usize> = targets.iter().map(|t| t.entry).collect();
-    let (work, pieces) = if careful {
+    // Encrypted data is read a whole number of cipher chunks at a time.
+    let step = sealed_step(chunk as usize) as u64;
+    let (work, pieces) = if opts.base.verify_hash || (encrypted && step == 0) {
         let mut order: Vec<usize> = (0..targets.len()).collect();
         order.sort_by_key(|&s| file.entries[targets[s].entry].header_offset);
         (order.into_iter().map(Work::Whole).collect::<Vec<_>>(), vec![1; targets.len()])
+    } else if encrypted {
+        // Small tensors whole through one buffer; large ones in pieces made of `step`-sized
+        // reads, so every read but a tensor's last holds whole cipher chunks.
+        let mut order: Vec<usize> = (0..targets.len()).collect();
+        order.sort_by_key(|&s| file.entries[targets[s].entry].header_offset);
+        let piece = (PIECE / step).max(1) * step;
+        let (mut work, mut pieces) = (Vec::new(), vec![1; targets.len()]);
+        for s in order {
+            let len = targets[s].nbytes;
+            if len <= chunk {
+                work.push(Work::Whole(s));
+                continue;
+            }
+            pieces[s] = len.div_ceil(piece) as usize;
+            let mut offset = 0;
+            while offset < len {
+                work.push(Work::Sealed { slot: s, offset, len: piece.min(len - offset) });
+                offset += piece;
+            }
+        }
+        (work, pieces)
     } else {
         // Segments of small records stay small enough that files of many tiny tensors still
         // spread over all readers (each record costs a header check and a copy launch).
@@ -454,9 +508,12 @@ pub fn load_to_device(
             header: Mutex::new(Vec::new()),
             remaining: AtomicUsize::new(pieces),
             module_idx: AtomicU16::new(0),
+            sealed: Mutex::new(None),
         })
         .collect();
-    let readers = opts.base.num_readers.unwrap_or_else(default_readers).clamp(1, 64).min(work.len().max(1));
+    // Decryption is CPU-bound: encrypted loads use every core by default.
+    let default = if encrypted { cpu_readers } else { default_readers };
+    let readers = opts.base.num_readers.unwrap_or_else(default).clamp(1, 64).min(work.len().max(1));
     let job = Job {
         file,
         io: Io::open(file, opts.io),
@@ -623,6 +680,10 @@ impl Job<'_> {
                 Work::Whole(slot) => {
                     self.whole(*slot, stream).map_err(|e| e.in_tensor(&self.entry(*slot).name_lossy()))?;
                 }
+                Work::Sealed { slot, offset, len } => {
+                    self.sealed_piece(*slot, *offset, *len, stream)
+                        .map_err(|e| e.in_tensor(&self.entry(*slot).name_lossy()))?;
+                }
             }
         }
         Ok(())
@@ -779,10 +840,85 @@ impl Job<'_> {
             return Ok(());
         }
         let header = std::mem::take(&mut *s.header.lock().unwrap_or_else(|p| p.into_inner()));
-        // Streaming mode: no decryption or hashing here, only the header checks.
-        let module_idx = exec::finalize(self.file, self.entry(slot), &header, &mut [], &LoadOptions::default())?;
+        // Streaming mode: the pieces were decrypted (if at all) as they passed; only the header
+        // checks here (the keys let an encrypted header pass; with no data nothing is opened).
+        let module_idx = exec::finalize(self.file, self.entry(slot), &header, &mut [], &self.opts.base)?;
         s.module_idx.store(module_idx, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// How to open `slot`'s pieces: the first piece to get here reads the tensor's header and
+    /// plans its decryption.
+    fn sealed(&self, slot: usize) -> Result<std::sync::Arc<Sealed>> {
+        let s = &self.slots[slot];
+        let mut guard = s.sealed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sealed) = guard.as_ref() {
+            return Ok(sealed.clone());
+        }
+        let e = self.entry(slot);
+        let mut header = vec![0u8; (e.data_offset - e.header_offset) as usize];
+        self.file.source().read_at(e.header_offset, &mut header)?;
+        let h = TensorHeader::parse(&header, e.wide_shape(), true)?;
+        let info =
+            h.crypt.as_ref().ok_or_else(|| Error::format("encrypted file, but the tensor header has no crypt info"))?;
+        let keys = self
+            .opts
+            .base
+            .keys
+            .as_ref()
+            .ok_or_else(|| Error::crypto("Tensor is encrypted, but decryption was not requested"))?;
+        let step = sealed_step(self.pool.chunk());
+        let sealed = match DecryptPlan::new(keys, info, e.data_length)? {
+            Some(plan) => {
+                let cs = plan.pieces()[0].range.len();
+                // Each read must hold whole cipher chunks of this size.
+                if plan.pieces().len() > 1 && step % cs == 0 {
+                    Sealed::Chunks { plan, chunk: cs }
+                } else {
+                    Sealed::Whole
+                }
+            }
+            None => Sealed::Whole,
+        };
+        *s.header.lock().unwrap_or_else(|p| p.into_inner()) = header;
+        let sealed = std::sync::Arc::new(sealed);
+        *guard = Some(sealed.clone());
+        Ok(sealed)
+    }
+
+    /// `len` bytes at `offset` of an encrypted tensor: read into staging buffers, each cipher
+    /// chunk opened in place, then copied.
+    fn sealed_piece(&self, slot: usize, offset: u64, len: u64, stream: StreamHandle) -> Result<()> {
+        let sealed = self.sealed(slot)?;
+        let (plan, cs) = match &*sealed {
+            Sealed::Chunks { plan, chunk } => (plan, *chunk),
+            Sealed::Whole if offset == 0 => return self.whole(slot, stream),
+            Sealed::Whole => return Ok(()),
+        };
+        let e = self.entry(slot);
+        let step = sealed_step(self.pool.chunk()) as u64;
+        let mut off = 0;
+        while off < len {
+            if self.failed.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            let n = step.min(len - off) as usize;
+            let at = offset + off;
+            let mut st = self.pool.acquire()?;
+            let delta = self.io.read(e.data_offset + at, n, &mut st, &self.tally)?;
+            let data = &mut st.slice_mut(delta + n)[delta..];
+            // `at` is a multiple of `step`, hence of the cipher chunk.
+            let first = (at / cs as u64) as usize;
+            for (k, part) in data.chunks_mut(cs).enumerate() {
+                plan.open_piece(first + k, part)?;
+            }
+            counters::add(Counter::DecryptedInStaging, n as u64);
+            let src = data.as_ptr();
+            st.used_on(stream);
+            self.copy(slot, at, src, n, stream, Counter::Staged)?;
+            off += n as u64;
+        }
+        self.finish_piece(slot)
     }
 
     /// One tensor, decrypted and/or hashed on the host before its copy.

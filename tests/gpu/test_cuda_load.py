@@ -14,11 +14,15 @@ import pytest
 import torch
 from helpers import decryption_for, entry_key, lookup, sha256
 from tensorizer_rs import (
+    CryptographyError,
+    DecryptionParams,
+    EncryptionParams,
     HashMismatchError,
     TensorDeserializer,
     TensorizerValueError,
     TensorSerializer,
     _cuda,
+    _native,
 )
 
 pytestmark = pytest.mark.gpu
@@ -291,3 +295,49 @@ def test_many_small_tensors(tmp_path):
     assert after["h2d_copies"] - before["h2d_copies"] == len(sd)
     # CUDA 12.8+ drivers take a segment's copies in one call.
     assert after["batched_copy_calls"] > before["batched_copy_calls"]
+
+
+def _encrypted(tmp_path, sd):
+    enc = EncryptionParams.random()
+    s = TensorSerializer(str(tmp_path / "enc.tensors"), encryption=enc)
+    s.write_state_dict(sd)
+    s.close()
+    return str(tmp_path / "enc.tensors"), DecryptionParams.from_key(enc.key)
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["eager", "lazy"])
+def test_encrypted_pieces_decrypt_in_staging(tmp_path, lazy):
+    # 64 MiB + a 1.27 MiB odd tensor: the big one goes in pieces, each 2 MiB cipher chunk opened
+    # in the staging buffer it was read into; small ones whole.
+    sd = _state(21, scale=4)
+    sd["tail"] = torch.randn(8 * 1024 * 1024 // 4 * 3 + 12345, generator=torch.Generator())
+    path, dec = _encrypted(tmp_path, sd)
+    _cuda.reset_counters()
+    d = TensorDeserializer(path, device="cuda", encryption=dec, lazy_load=lazy)
+    _check(d, sd)
+    c = _cuda.counters()
+    big = sd["embed"].nbytes + sd["tail"].nbytes
+    assert c["decrypted_in_staging"] == big, c
+    stored = sum(v.nbytes for v in sd.values() if v.device.type != "meta")
+    assert c["staged_bytes"] == stored, c
+    # Whole-tensor mode (verify_hash) gives the same tensors.
+    _check(TensorDeserializer(path, device="cuda", encryption=dec, verify_hash=True), sd)
+
+
+@pytest.mark.parametrize("where", [0, "middle", "last"])
+def test_encrypted_pieces_tampered(tmp_path, where):
+    sd = {"a.b.c": torch.randn(6 * 1024 * 1024), "s": torch.ones(4)}
+    path, dec = _encrypted(tmp_path, sd)
+    e = next(x for x in _native.TensorFile(path).entries() if x["name"] == "a.b.c")
+    at = {0: 3, "middle": e["data_length"] // 2 + 7, "last": e["data_length"] - 1}[where]
+    data = bytearray(Path(path).read_bytes())
+    data[e["data_offset"] + at] ^= 0x10
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(CryptographyError, match="authentication failed") as err:
+        d = TensorDeserializer(path, device="cuda", encryption=dec)
+        d["a.b.c"]
+    assert "tensor 'a.b.c'" in str(err.value) and "enc.tensors" in str(err.value)
+    with pytest.raises(CryptographyError, match="authentication failed"):
+        TensorDeserializer(path, device="cuda", encryption=DecryptionParams.from_key(bytes(32)))[
+            "s"
+        ]

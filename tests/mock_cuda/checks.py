@@ -164,6 +164,64 @@ def encrypted_vectors():
 
 
 @check
+def encrypted_pieces():
+    """Large encrypted tensors go in pieces, each cipher chunk opened in its staging buffer;
+    a flipped byte anywhere fails the load with the tensor's name."""
+    from tensorizer_rs import DecryptionParams, EncryptionParams
+
+    _cuda.staging(16 << 20, 4 << 20)  # reads of one 2 MiB cipher chunk (a buffer less slack)
+    sd = big_state(5)
+    sd["long"] = torch.randn(3 * (1 << 20) + 777, generator=torch.Generator().manual_seed(9))
+    enc = EncryptionParams.random()
+    s = TensorSerializer(str(TMP / "enc.tensors"), encryption=enc)
+    s.write_state_dict(sd)
+    s.close()
+    dec = DecryptionParams.from_key(enc.key)
+    big = sd["embed"].nbytes + sd["long"].nbytes
+    for mode in MODES:
+        _cuda.load_options.update(mode)
+        _cuda.reset_counters()
+        out = gpu_load(gpu_deser(TMP / "enc.tensors", encryption=dec))
+        for k, v in expected(sd).items():
+            assert torch.equal(out[k], v), (k, mode)
+        c = _cuda.counters()
+        assert c["decrypted_in_staging"] == big, (c, mode)
+        assert c["registered_bytes"] == 0, c  # encrypted bytes always pass through staging
+    _cuda.load_options.clear()
+    # Buffers too small for a whole cipher chunk: tensors go whole, through host memory.
+    small_staging()
+    _cuda.reset_counters()
+    out = gpu_load(gpu_deser(TMP / "enc.tensors", encryption=dec))
+    assert torch.equal(out["long"], sd["long"]) and _cuda.counters()["decrypted_in_staging"] == 0
+    _cuda.staging(16 << 20, 4 << 20)
+    try:
+        _tampered(sd, dec)
+    finally:
+        small_staging()
+        _cuda.release_staging(0)
+
+
+def _tampered(sd, dec):
+    from tensorizer_rs import CryptographyError
+
+    e = next(
+        x for x in _native.TensorFile(str(TMP / "enc.tensors")).entries() if x["name"] == "long"
+    )
+    for at in (5, e["data_length"] // 2, e["data_length"] - 1):
+        data = bytearray((TMP / "enc.tensors").read_bytes())
+        data[e["data_offset"] + at] ^= 0x01
+        (TMP / "enc_bad.tensors").write_bytes(bytes(data))
+        _cuda.reset_counters()
+        try:
+            gpu_load(gpu_deser(TMP / "enc_bad.tensors", encryption=dec))
+        except CryptographyError as err:
+            assert "tensor 'long'" in str(err) and "enc_bad.tensors" in str(err), err
+            assert "authentication failed" in str(err), err
+        else:
+            raise AssertionError(f"tampered byte at {at} not detected")
+
+
+@check
 def larger_than_pool_all_modes():
     small_staging()
     sd = big_state()
