@@ -165,7 +165,9 @@ def measure_h2d():
     return {"pinned_h2d_gbps": one, "pinned_h2d_64MiB_4streams_gbps": chunked}
 
 
-def parallel_read(path, threads=16, chunk=64 * MiB, direct=False, limit=None):
+def parallel_read(path, threads=16, chunk=64 * MiB, direct=False, limit=None, pinned=False):
+    """GB/s of `threads` threads reading the file in `chunk` pieces with preadv, into anonymous
+    memory or (pinned=True) into page-locked buffers from cudaHostAlloc, as a loader stages."""
     import mmap
 
     size = os.path.getsize(path)
@@ -178,7 +180,14 @@ def parallel_read(path, threads=16, chunk=64 * MiB, direct=False, limit=None):
     done = [0]
 
     def work():
-        buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+        if pinned:
+            import torch
+
+            buf = memoryview(torch.empty(chunk, dtype=torch.uint8, pin_memory=True).numpy())
+        else:
+            buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+        os.preadv(fd, [buf[: min(4096, chunk)]], 0)  # first touch before the clock starts
+        ready.wait()
         while True:
             with lock:
                 if not offsets:
@@ -188,10 +197,12 @@ def parallel_read(path, threads=16, chunk=64 * MiB, direct=False, limit=None):
             with lock:
                 done[0] += n
 
-    t0 = time.perf_counter()
+    ready = threading.Barrier(threads + 1)
     ts = [threading.Thread(target=work) for _ in range(threads)]
     for t in ts:
         t.start()
+    ready.wait()
+    t0 = time.perf_counter()
     for t in ts:
         t.join()
     dt = time.perf_counter() - t0
@@ -273,6 +284,17 @@ def child(args):
         shapes = [(e["name"], tuple(e["shape"])) for e in f.entries()]
         f.close()
         model = build_module(shapes, "meta", torch.bfloat16).to_empty(device="cuda")
+    if kind == "vllm_path":
+        # What our vLLM loader does for a vLLM-tensorized file, minus vLLM itself: the model is
+        # built on the GPU (vLLM's initialize_model under torch.device), the file's tensors are
+        # released to meta, then filled from the file on the GPU.
+        from tensorizer_rs import _native
+
+        f = _native.TensorFile(path)
+        shapes = [(e["name"], tuple(e["shape"])) for e in f.entries()]
+        f.close()
+        model = build_module(shapes, "cuda", torch.bfloat16)
+        torch.cuda.synchronize()
     if kind == "sweep":
         return sweep(model, path, out)
     if kind == "small":
@@ -297,6 +319,13 @@ def child(args):
             else:
                 next(iter(d.values()))  # the eager load runs at first access
             keep = d
+        elif kind == "vllm_path":
+            from tensorizer_rs.vllm.fill import fill_module, release_file_tensors
+
+            release_file_tensors(model, frozenset(n for n, _ in shapes))
+            _, secs = fill_module(model, path, "cuda", torch.bfloat16, {})
+            out["fill_seconds"] = secs
+            keep = model
         elif kind == "coreweave":
             from tensorizer import TensorDeserializer as CW
 
@@ -447,6 +476,8 @@ def main():
     ap.add_argument("--coreweave", default=None, help="a directory holding CoreWeave's tensorizer")
     ap.add_argument("--skip-safetensors", action="store_true")
     ap.add_argument("--skip-cold", action="store_true")
+    ap.add_argument("--skip-sweep", action="store_true")
+    ap.add_argument("--skip-small", action="store_true")
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
@@ -480,6 +511,15 @@ def main():
     log(f"pinned H2D: {res['limits']}")
     ours, st, small = write_files(args, res)
     res["limits"]["page_cache_read_16t_gbps"] = parallel_read(ours, direct=False)
+    # Page cache -> page-locked memory, the loader's first hop: best of a few shapes.
+    pinned = {}
+    for threads, chunk in ((12, 8 * MiB), (16, 8 * MiB), (16, 64 * MiB)):
+        pinned[f"{threads}x{chunk // MiB}MiB"] = parallel_read(
+            ours, threads=threads, chunk=chunk, pinned=True
+        )
+    res["limits"]["page_cache_to_pinned"] = pinned
+    res["limits"]["page_cache_to_pinned_gbps"] = max(pinned.values())
+    log(f"page cache -> pinned: {pinned}")
     save()
     warm_files = [ours] + ([st] if st else [])
 
@@ -494,6 +534,8 @@ def main():
         {"loader": "ours_module", "path": ours},
         {"loader": "ours", "path": ours, "label": "ours(again)"},
         {"loader": "ours_module", "path": ours, "label": "ours_module(again)"},
+        {"loader": "vllm_path", "path": ours},
+        {"loader": "vllm_path", "path": ours, "label": "vllm_path(again)"},
     ]
     if args.coreweave:
         plan.append({"loader": "coreweave", "path": ours})
@@ -513,10 +555,14 @@ def main():
         runs.append(r)
         log(f"warm {r}")
         save()
-    res["sweep"] = run_child(args, {"loader": "sweep", "path": ours}).get("sweep")
-    save()
-    res["small"].update(run_child(args, {"loader": "small", "path": small, "tensors": args.small}))
-    save()
+    if not args.skip_sweep:
+        res["sweep"] = run_child(args, {"loader": "sweep", "path": ours}).get("sweep")
+        save()
+    if not args.skip_small:
+        res["small"].update(
+            run_child(args, {"loader": "small", "path": small, "tensors": args.small})
+        )
+        save()
     if not args.skip_cold:
         drop_caches()
         res["limits"]["odirect_read_16t_64MiB_before_gbps"] = parallel_read(
@@ -557,10 +603,14 @@ def report(res):
     )
     log(
         f"limits: pinned H2D {h2d:.1f} GB/s (64 MiB x 4 streams {lim['pinned_h2d_64MiB_4streams_gbps']:.1f}); "
-        f"page cache->host 16 thr {lim['page_cache_read_16t_gbps']:.1f} GB/s; O_DIRECT disk (best of "
+        f"page cache->host 16 thr {lim['page_cache_read_16t_gbps']:.1f} GB/s; "
+        f"page cache->pinned (best) {lim.get('page_cache_to_pinned_gbps', 0):.1f} GB/s; O_DIRECT disk (best of "
         f"{sum(k.startswith('odirect') for k in lim)}) {disk:.2f} GB/s"
     )
-    log(f"{'loader':<26}{'cache':<6}{'GB/s':>8}{'ratio':>8}{'RssAnon+':>11}{'GPU+':>10}")
+    cap = lim.get("page_cache_to_pinned_gbps") or h2d
+    log(
+        f"{'loader':<26}{'cache':<6}{'GB/s':>8}{'ratio':>8}{'/pinned':>8}{'RssAnon+':>11}{'GPU+':>10}"
+    )
     for r in res["runs"]:
         name = r.get("label", r["loader"])
         cache = "cold" if r.get("cold") else "warm"
@@ -568,8 +618,9 @@ def report(res):
             log(f"{name:<26}{cache:<6} ERROR {r['error'][-300:]}")
             continue
         limit = disk if r.get("cold") else h2d
+        vs_cap = "" if r.get("cold") else f"{r['gbps'] / cap:.0%}"
         log(
-            f"{name:<26}{cache:<6}{r['gbps']:8.2f}{r['gbps'] / limit:8.0%}{r['rss_anon_growth'] / MiB:9.0f}Mi"
+            f"{name:<26}{cache:<6}{r['gbps']:8.2f}{r['gbps'] / limit:8.0%}{vs_cap:>8}{r['rss_anon_growth'] / MiB:9.0f}Mi"
             f"{r['gpu_driver_growth'] / GiB:8.2f}Gi"
         )
     s = res["small"]

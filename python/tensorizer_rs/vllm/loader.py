@@ -41,6 +41,7 @@ from .config import (
     logger,
     validate_config,
 )
+from .fill import fill_module, release_file_tensors
 from .serialize import serialize_vllm_model, tp_rank
 
 #: Extra-config key (top level of --model-loader-extra-config) that forces or forbids
@@ -50,45 +51,6 @@ POST_PROCESS_KEY = "process_weights_after_loading"
 SOURCE_FORMAT_KEY = "source_load_format"
 
 HF_LAYOUT, POST_PROCESSED, PRE_PROCESSING = "hf", "post-processed", "pre-processing"
-
-
-def release_file_tensors(model: nn.Module, names: frozenset) -> None:
-    """Swap every parameter and buffer that the file provides for a meta tensor, so the memory
-    the constructor allocated is free before the reader allocates the loaded copies.
-
-    This is the meta-device init of vLLM's loader, done afterwards: vLLM's MetaTensorMode only
-    redirects `aten::empty` calls without a `device` kwarg, and with torch 2.13 the kwarg is
-    always present, so vLLM 0.32 really builds the model on the target device. Sending every
-    allocation to meta instead (torch.device("meta")) would also hit tensors that are not
-    parameters or buffers (workspaces, values computed at init), which the file cannot restore.
-    Parameters
-    the file lacks would stay uninitialised, so they are an error, as a leftover meta tensor is
-    in vLLM; buffers the file lacks keep the value the constructor computed.
-    """
-    missing = []
-    for mod_name, module in model.named_modules():
-        for attr, t in list(module._parameters.items()):
-            if t is None:
-                continue
-            if f"{mod_name}.{attr}" in names:
-                module._parameters[attr] = nn.Parameter(
-                    torch.empty_like(t, device="meta"), requires_grad=False
-                )
-            else:
-                missing.append(f"{mod_name}.{attr}".lstrip("."))
-        for attr, t in list(module._buffers.items()):
-            if t is not None and f"{mod_name}.{attr}" in names:
-                module._buffers[attr] = torch.empty_like(t, device="meta")
-    if missing:
-        raise ValueError(
-            "The serialized model lacks parameters of the model being loaded, which would"
-            " stay uninitialised. Please check that the parameters of the model being"
-            " specified match that of the serialized model, such as its quantization."
-            f" Missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}"
-        )
-    acc = getattr(torch, "accelerator", None)
-    if acc is not None and acc.is_available():
-        acc.empty_cache()
 
 
 @contextlib.contextmanager
@@ -130,18 +92,6 @@ def config_from_extra(extra) -> tuple[TensorizerConfig, dict]:
         logger.warning("Ignoring tensorizer_config keys this loader does not know: %s", unknown)
     cfg = TensorizerConfig(**{k: v for k, v in cfg_dict.items() if k in INIT_FIELDS})
     return cfg, extra
-
-
-def check_no_meta_tensors(model: nn.Module) -> None:
-    left = [name for name, t in model.state_dict().items() if t.device.type == "meta"]
-    if left:
-        raise ValueError(
-            "The serialized model contains tensors on the meta device,"
-            " indicating that some tensors were not loaded properly."
-            " Please check that the parameters of the model being"
-            " specified match that of the serialized model, such as"
-            f" its quantization. Not loaded: {left[:8]}{' ...' if len(left) > 8 else ''}"
-        )
 
 
 class TensorizerRsLoader(BaseModelLoader):
@@ -193,8 +143,6 @@ class TensorizerRsLoader(BaseModelLoader):
             yield from state.items()
 
     def _deserialize_into(self, model: nn.Module, cfg: TensorizerConfig, device, dtype) -> None:
-        from tensorizer_rs import TensorDeserializer
-
         if not is_valid_deserialization_uri(cfg.tensorizer_uri):
             raise ValueError(
                 f"{cfg.tensorizer_uri} is not a valid "
@@ -203,13 +151,7 @@ class TensorizerRsLoader(BaseModelLoader):
                 f"S3, HTTP or HTTPS scheme."
             )
         args = cfg._construct_tensorizer_args()
-        start = time.perf_counter()
-        with TensorDeserializer(
-            args.source(), device=str(device), dtype=dtype, **args.deserialization_kwargs
-        ) as deserializer:
-            deserializer.load_into_module(model)
-            nbytes = deserializer.total_tensor_bytes
-        secs = time.perf_counter() - start
+        nbytes, secs = fill_module(model, args.source(), device, dtype, args.deserialization_kwargs)
         logger.info(
             "tensorizer_rs: deserialized %d bytes (%.3f GB) from %s onto %s in %.2f s, %.2f GB/s",
             nbytes,
@@ -219,13 +161,8 @@ class TensorizerRsLoader(BaseModelLoader):
             secs,
             nbytes / 1e9 / max(secs, 1e-9),
         )
-        check_no_meta_tensors(model)
         if hasattr(model, MARKER_ATTR):
             delattr(model, MARKER_ATTR)
-        # The reader hands back Parameters with requires_grad=True for float tensors (as
-        # tensorizer does); vLLM's kernels and in-place updates (e.g. _k_scale.fill_) need False.
-        for p in model.parameters():
-            p.requires_grad_(False)
 
     # ------------------------------------------------------------------ BaseModelLoader API
     def download_model(self, model_config) -> None:
