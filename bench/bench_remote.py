@@ -1,0 +1,307 @@
+#!/usr/bin/env python3
+"""Remote load throughput over loopback, one command (results: docs/benchmarks.md).
+
+    python3 bench/bench_remote.py --dir /local/disk --nginx PATH --s3s PATH [--gib 4]
+        [--coreweave DIR] [--devices cpu,cuda] [--out DIR]
+
+1. Writes a Llama-shaped bf16 model with our writer, serves it with nginx (HTTP, Range) and
+   uploads it to s3s-fs (an S3 server that checks SigV4) with our serializer (multipart upload,
+   timed).
+2. The servers' ceilings: a reference client of N parallel `curl` processes, each fetching one
+   contiguous range to /dev/null (N = 8, 16, 32, best kept); for S3 the URL is presigned with
+   botocore, as CoreWeave tensorizer does.
+3. Loads the model, each load in a fresh process, with ours (defaults) and CoreWeave tensorizer
+   (if --coreweave names a directory holding it and its dependencies: defaults and
+   num_readers=16) to each device, and prints GB/s and the ratio to the server's ceiling.
+
+Everything runs on 127.0.0.1; the file stays in the page cache, so the servers are CPU-bound
+like the clients: the figures compare software, not networks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+GiB = 1 << 30
+KEY, SECRET, BUCKET = "benchkey", "benchsecret-0123456789", "bench"
+
+LOAD = r"""
+import json, os, sys, time
+kind, uri, device, readers = sys.argv[1:5]
+import torch
+if device.startswith("cuda"):
+    torch.empty(1, device=device)  # CUDA start-up is not part of the load
+kw = {} if readers == "-" else {"num_readers": int(readers)}
+t0 = time.perf_counter()
+if kind == "ours":
+    from tensorizer_rs import TensorDeserializer
+    d = TensorDeserializer(uri, device=device, **kw)
+    n = sum(t.numel() * t.element_size() for t in d.values())
+else:
+    import tensorizer
+    assert tensorizer.__version__, "CoreWeave tensorizer"
+    from tensorizer import TensorDeserializer
+    d = TensorDeserializer(uri, device=device, **kw)
+    n = sum(t.numel() * t.element_size() for t in d.values())
+if device.startswith("cuda"):
+    torch.cuda.synchronize()
+print("RESULT " + json.dumps({"bytes": n, "seconds": time.perf_counter() - t0}))
+"""
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
+    for _ in range(400):
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on {port}")
+
+
+def start_nginx(binary: str, root: str, work: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    conf = os.path.join(work, "nginx.conf")
+    with open(conf, "w") as f:
+        f.write(
+            f"""daemon off;
+worker_processes {os.cpu_count()};
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    client_body_temp_path {work}/body;
+    proxy_temp_path {work}/proxy;
+    fastcgi_temp_path {work}/fastcgi;
+    uwsgi_temp_path {work}/uwsgi;
+    scgi_temp_path {work}/scgi;
+    server {{
+        listen 127.0.0.1:{port};
+        root {root};
+    }}
+}}
+"""
+        )
+    proc = subprocess.Popen(
+        [binary, "-e", f"{work}/nginx-error.log", "-p", work, "-c", conf],
+        stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(work, "nginx-stderr.log"), "w"),  # noqa: SIM115
+    )
+    wait_port(port, proc, "nginx")
+    return proc, port
+
+
+def start_s3s(binary: str, root: str, work: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    os.makedirs(os.path.join(root, BUCKET), exist_ok=True)
+    proc = subprocess.Popen(
+        [binary, "--host", "127.0.0.1", "--port", str(port), "--access-key", KEY]
+        + ["--secret-key", SECRET, root],
+        stdout=subprocess.DEVNULL,
+        stderr=open(os.path.join(work, "s3s-stderr.log"), "w"),  # noqa: SIM115
+    )
+    wait_port(port, proc, "s3s-fs")
+    return proc, port
+
+
+def curl_parallel(url: str, size: int, n: int) -> float:
+    """GB/s of `n` concurrent curl processes, each fetching one contiguous range."""
+    step = -(-size // n)
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen(
+            ["curl", "-s", "-f", "-r", f"{a}-{min(a + step, size) - 1}", "-o", "/dev/null", url]
+        )
+        for a in range(0, size, step)
+    ]
+    codes = [p.wait() for p in procs]
+    dt = time.perf_counter() - t0
+    if any(codes):
+        raise RuntimeError(f"curl failed: {codes}")
+    return size / dt / 1e9
+
+
+def ceiling(url: str, size: int) -> dict:
+    got = {f"curl x{n}": curl_parallel(url, size, n) for n in (8, 16, 32)}
+    got["best"] = max(got.values())
+    return got
+
+
+def presign(endpoint: str, key: str) -> str:
+    import boto3
+    from botocore.config import Config
+
+    c = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=KEY,
+        aws_secret_access_key=SECRET,
+        region_name="us-east-1",
+        config=Config(signature_version="s3v4", s3={"addressing_style": "path"}),
+    )
+    return c.generate_presigned_url(
+        "get_object", Params={"Bucket": BUCKET, "Key": key}, ExpiresIn=3600
+    )
+
+
+def load(kind: str, uri: str, device: str, env: dict, readers="-") -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", LOAD, kind, uri, device, readers],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=900,
+        check=False,
+    )
+    for line in out.stdout.splitlines():
+        if line.startswith("RESULT "):
+            r = json.loads(line[7:])
+            r["gbps"] = r["bytes"] / r["seconds"] / 1e9
+            return r
+    return {"error": (out.stderr or out.stdout)[-800:]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", required=True)
+    ap.add_argument("--gib", type=float, default=4.0)
+    ap.add_argument("--nginx", required=True)
+    ap.add_argument("--s3s", required=True)
+    ap.add_argument("--coreweave", default=None)
+    ap.add_argument("--devices", default="cpu,cuda")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    sys.path.insert(0, HERE)
+    from bench_cpu import llama_like
+    from tensorizer_rs import TensorSerializer
+
+    www, s3root, work = (os.path.join(args.dir, d) for d in ("www", "s3", "work"))
+    for d in (www, s3root, work):
+        os.makedirs(d, exist_ok=True)
+    res = {"cpus": os.cpu_count(), "gib": args.gib, "runs": []}
+    nginx, hport = start_nginx(args.nginx, www, work)
+    s3s, sport = start_s3s(args.s3s, s3root, work)
+    endpoint = f"http://127.0.0.1:{sport}"
+    s3env = {
+        "S3_ACCESS_KEY_ID": KEY,
+        "S3_SECRET_ACCESS_KEY": SECRET,
+        "S3_ENDPOINT_URL": endpoint,
+    }
+    # CoreWeave reads the AWS chain (an http:// endpoint from the environment is allowed).
+    cwenv = {
+        "AWS_ACCESS_KEY_ID": KEY,
+        "AWS_SECRET_ACCESS_KEY": SECRET,
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    try:
+        sd = llama_like(int(args.gib * GiB))
+        local = os.path.join(www, "model.tensors")
+        with TensorSerializer(local) as s:
+            s.write_state_dict(sd)
+        size = os.path.getsize(local)
+        os.environ.update(s3env)
+        t0 = time.perf_counter()
+        with TensorSerializer(f"s3://{BUCKET}/model.tensors") as s:
+            s.write_state_dict(sd)
+        res["s3_upload_gbps"] = size / (time.perf_counter() - t0) / 1e9
+        del sd
+        for k in s3env:
+            os.environ.pop(k)
+        with open(local, "rb") as f:  # page cache warm for both servers
+            while f.read(64 << 20):
+                pass
+        s3file = os.path.join(s3root, BUCKET, "model.tensors")
+        with open(s3file, "rb") as f:
+            while f.read(64 << 20):
+                pass
+        log(
+            f"model {size / GiB:.2f} GiB; S3 upload (ours, multipart) {res['s3_upload_gbps']:.2f} GB/s"
+        )
+        http_url = f"http://127.0.0.1:{hport}/model.tensors"
+        res["ceiling"] = {"http": ceiling(http_url, size)}
+        if args.coreweave:
+            sys.path.insert(0, args.coreweave)
+        try:
+            res["ceiling"]["s3"] = ceiling(presign(endpoint, "model.tensors"), size)
+        except ImportError as e:  # boto3 travels with CoreWeave's dependencies
+            res["ceiling"]["s3"] = {"best": float("nan"), "error": str(e)}
+        log(f"ceilings: {json.dumps(res['ceiling'])}")
+        s3_uri = f"s3://{BUCKET}/model.tensors"
+        cw = {
+            "PYTHONPATH": os.pathsep.join(
+                filter(None, [args.coreweave, os.environ.get("PYTHONPATH")])
+            )
+        }
+        plan = []
+        for device in args.devices.split(","):
+            plan += [
+                ("ours", "http", http_url, device, {}, "-"),
+                ("ours", "s3", s3_uri, device, s3env, "-"),
+            ]
+            if args.coreweave:
+                plan += [
+                    ("coreweave", "http", http_url, device, cw, "-"),
+                    ("coreweave", "http", http_url, device, cw, "16"),
+                    ("coreweave", "s3", s3_uri, device, {**cw, **cwenv}, "-"),
+                    ("coreweave", "s3", s3_uri, device, {**cw, **cwenv}, "16"),
+                ]
+        for kind, proto, uri, device, env, readers in plan:
+            r = load(kind, uri, device, env, readers)
+            r.update(loader=kind, proto=proto, device=device, readers=readers)
+            if "gbps" in r:
+                r["ratio"] = r["gbps"] / res["ceiling"][proto]["best"]
+            res["runs"].append(r)
+            log(json.dumps(r))
+        res["ceiling_after"] = {"http": ceiling(http_url, size)}
+    finally:
+        nginx.terminate()
+        s3s.terminate()
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "bench-remote.json"), "w") as f:
+            json.dump(res, f, indent=1)
+    log("")
+    log(f"model {args.gib} GiB bf16 over loopback, {os.cpu_count()} CPUs")
+    log(
+        "ceilings (parallel curl, best of 8/16/32 ranges): "
+        + ", ".join(f"{p} {c['best']:.2f} GB/s" for p, c in res["ceiling"].items())
+    )
+    log("| loader | proto | device | readers | GB/s | / ceiling |\n|---|---|---|---|---:|---:|")
+    for r in res["runs"]:
+        if "gbps" in r:
+            log(
+                f"| {r['loader']} | {r['proto']} | {r['device']} | {r['readers']} | "
+                f"{r['gbps']:.2f} | {r['ratio']:.0%} |"
+            )
+        else:
+            log(
+                f"| {r['loader']} | {r['proto']} | {r['device']} | {r['readers']} | error | "
+                f"{r['error'][-200:]!r} |"
+            )
+
+
+if __name__ == "__main__":
+    main()
