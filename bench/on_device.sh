@@ -1,15 +1,44 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: install the carried wheel, run the GPU test suite, then the
-# encrypted-vs-plain load benchmark. Carry `.device` holding the wheel(s) and `vectors/`:
-#   mkdir -p .device && cp target/wheels/tensorizer_rs-*.whl .device/ && cp -r ../shared/vectors .device/
-#   device run: bash bench/on_device.sh          (logs under $OUT when set)
+# One call on the GPU machine: install the carried wheel, then run the named phases (default:
+# tests encrypted remote). Carry `.device` holding:
+#   tensorizer_rs-*.whl (a release build), vectors/ (copy of ../shared/vectors),
+#   cw/*.whl (CoreWeave tensorizer 2.12.1 and its pure-Python dependencies, for side-by-side runs),
+#   bin/nginx and bin/s3s-fs (servers for the remote benchmark; check `ldd` first).
+#   device run: bash bench/on_device.sh [tests] [encrypted] [remote] [gpu]   (logs under $OUT)
+# Phases:
+#   tests      the GPU test suite, vectors and encryption tests on CUDA
+#   encrypted  bench/bench_encrypted.py (plain vs encrypted, CPU and CUDA, one core)
+#   remote     bench/bench_remote.py (HTTP via nginx, S3 via s3s-fs; ours vs CoreWeave vs curl)
+#   gpu        bench/gpu_bench.py warm only (incl. the vLLM loader path), no sweep/small/cold
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --target "$HOME/site" .device/*.whl || exit 1
+phases=${*:-tests encrypted remote}
+python3 -m pip install -q --no-index --no-deps --target "$HOME/site" .device/tensorizer_rs-*.whl || exit 1
+if [ -d .device/cw ]; then
+  python3 -m pip install -q --no-index --no-deps --target "$HOME/cw" .device/cw/*.whl || exit 1
+fi
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1 TENSORIZER_VECTORS=$PWD/.device/vectors
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
-python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_vectors.py tests/test_encryption.py \
-  -k "not crosscheck and not coreweave" 2>&1 | tee "$OUT/gpu-tests.log" | tail -15
-python3 bench/bench_encrypted.py --dir /tmp/tzbench --gib "${GIB:-8}" 2>&1 | tee "$OUT/bench-encrypted.log"
+for phase in $phases; do
+  echo "=== $phase ($(date +%T))"
+  case $phase in
+    tests)
+      timeout 240 python3 -m pytest -q -p no:cacheprovider tests/gpu tests/test_vectors.py \
+        tests/test_encryption.py -k "not crosscheck and not coreweave" 2>&1 | tee "$OUT/gpu-tests.log" | tail -15 ;;
+    encrypted)
+      timeout 300 python3 bench/bench_encrypted.py --dir /tmp/tzbench --gib "${GIB:-6}" 2>&1 | tee "$OUT/bench-encrypted.log"
+      rm -rf /tmp/tzbench ;;
+    remote)
+      chmod +x .device/bin/* 2>/dev/null
+      timeout 300 python3 bench/bench_remote.py --dir /tmp/tzremote --gib "${REMOTE_GIB:-2}" \
+        --nginx .device/bin/nginx --s3s .device/bin/s3s-fs --coreweave "$HOME/cw" --out "$OUT" 2>&1 \
+        | tee "$OUT/bench-remote.log" | grep -v '^{'
+      rm -rf /tmp/tzremote ;;
+    gpu)
+      timeout 540 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
+        --skip-small --skip-safetensors --coreweave "$HOME/cw" 2>&1 | tee "$OUT/gpu-bench.log" | tail -30 ;;
+    *) echo "unknown phase $phase" ;;
+  esac
+done
