@@ -33,7 +33,7 @@ for phase in $phases; do
     remote)
       chmod +x .device/bin/* 2>/dev/null
       timeout 300 python3 bench/bench_remote.py --dir /tmp/tzremote --gib "${REMOTE_GIB:-2}" \
-        --nginx .device/bin/nginx --s3s .device/bin/s3s-fs --coreweave "$HOME/cw" --out "$OUT" 2>&1 \
+        --nginx .device/bin/nginx --s3s .device/bin/s3s-fs --coreweave "$HOME/cw" --out "$OUT" ${REMOTE_ARGS:-} 2>&1 \
         | tee "$OUT/bench-remote.log" | grep -v '^{'
       rm -rf /tmp/tzremote ;;
     gpu)
