@@ -170,6 +170,71 @@ def presign(endpoint: str, key: str) -> str:
     )
 
 
+PROBE = r"""
+import json, sys, threading, time
+from tensorizer_rs import _native
+url, size, callers, conc, mib = sys.argv[1], int(sys.argv[2]), *map(int, sys.argv[3:6])
+src = _native.RemoteSource(url, {"max_concurrency": conc, "request_size": mib << 20})
+step = -(-size // callers)
+def work(a):
+    src.read_at(a, min(step, size - a))
+src.read_at(0, 1 << 20)
+t0 = time.perf_counter()
+ts = [threading.Thread(target=work, args=(a,)) for a in range(0, size, step)]
+[t.start() for t in ts]
+[t.join() for t in ts]
+print("RESULT " + json.dumps(size / (time.perf_counter() - t0) / 1e9))
+"""
+
+
+def probe(url: str, size: int) -> list:
+    """Our storage layer alone (RemoteSource.read_at into new bytes), and curl doing what it
+    does: 8 MiB ranged requests, one after another on each of N connections."""
+    rows = []
+    for callers, conc, mib in (
+        (1, 32, 8),
+        (1, 64, 8),
+        (1, 16, 32),
+        (4, 32, 8),
+        (4, 64, 4),
+        (16, 64, 8),
+        (16, 16, 64),
+    ):
+        out = subprocess.run(
+            [sys.executable, "-c", PROBE, url, str(size), str(callers), str(conc), str(mib)],
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=300,
+        )
+        got = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+        gbps = json.loads(got[0][7:]) if got else out.stderr[-300:]
+        rows.append({"callers": callers, "max_concurrency": conc, "request_mib": mib, "gbps": gbps})
+        log(json.dumps(rows[-1]))
+    # curl: N connections, each fetching its share as consecutive 8 MiB ranges.
+    for n in (16, 32):
+        share = -(-size // n)
+        t0 = time.perf_counter()
+        procs = []
+        for a in range(0, size, share):
+            args = []
+            for b in range(a, min(a + share, size), 8 << 20):
+                e = min(b + (8 << 20), a + share, size) - 1
+                args += ["-r", f"{b}-{e}", "-o", "/dev/null", url]
+            procs.append(subprocess.Popen(["curl", "-s", "-f", *args]))
+        codes = [p.wait() for p in procs]
+        rows.append(
+            {
+                "curl_connections": n,
+                "request_mib": 8,
+                "codes_ok": not any(codes),
+                "gbps": size / (time.perf_counter() - t0) / 1e9,
+            }
+        )
+        log(json.dumps(rows[-1]))
+    return rows
+
+
 def load(kind: str, uri: str, device: str, env: dict, readers="-", storage=None) -> dict:
     out = subprocess.run(
         [
@@ -205,6 +270,7 @@ def main() -> None:
     ap.add_argument("--coreweave", default=None)
     ap.add_argument("--devices", default="cpu,cuda")
     ap.add_argument("--sweep", action="store_true", help="also our HTTP loads at other settings")
+    ap.add_argument("--probe", action="store_true", help="raw reads of the storage layer only")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     sys.path.insert(0, HERE)
@@ -283,6 +349,9 @@ def main() -> None:
                     ("coreweave", "s3", s3_uri, device, {**cw, **cwenv}, "-"),
                 ]
         plan = [(*p, None) for p in plan]
+        if args.probe:
+            res["probe"] = probe(http_url, size)
+            plan = []
         if args.sweep:
             for device in args.devices.split(","):
                 for readers in ("-", "16", "32") if device != "cpu" else ("-", "16"):

@@ -37,7 +37,7 @@ for phase in $phases; do
         | tee "$OUT/bench-remote.log" | grep -v '^{'
       rm -rf /tmp/tzremote ;;
     gpu)
-      timeout 540 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
+      timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
         --skip-small --skip-safetensors --coreweave "$HOME/cw" 2>&1 | tee "$OUT/gpu-bench.log" | tail -30 ;;
     *) echo "unknown phase $phase" ;;
   esac
