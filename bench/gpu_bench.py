@@ -185,9 +185,11 @@ def parallel_read(path, threads=16, chunk=64 * MiB, direct=False, limit=None, pi
 
             buf = memoryview(torch.empty(chunk, dtype=torch.uint8, pin_memory=True).numpy())
         else:
-            buf = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
-        os.preadv(fd, [buf[: min(4096, chunk)]], 0)  # first touch before the clock starts
-        ready.wait()
+            buf = memoryview(mmap.mmap(-1, chunk))  # page-aligned, as O_DIRECT needs
+        try:
+            os.preadv(fd, [buf[: min(4096, chunk)]], 0)  # first touch before the clock starts
+        finally:
+            ready.wait()  # never leave the others waiting
         while True:
             with lock:
                 if not offsets:
