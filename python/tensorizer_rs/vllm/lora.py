@@ -168,8 +168,9 @@ def _is_encrypted(source: Any) -> bool:
 def load_adapter_tensors(lora_dir: str, filter_func=None) -> dict:
     """The adapter's tensors (CPU, plain tensors) read with `TensorDeserializer`.
 
-    Errors keep their class and name the adapter dir and the file, e.g. a wrong key:
-    `CryptographyError: tensorizer_rs: cannot load LoRA adapter DIR from FILE: ... wrong key`.
+    Errors keep their class and name the file, the adapter dir and the key file, e.g.
+    `CryptographyError: tensorizer_rs: cannot read the LoRA adapter file adapter_model.tensors
+    of DIR (DIR/adapter_model.tensors, key file KEY): ... wrong key or corrupted data`.
     """
     from tensorizer_rs import DecryptionParams, TensorDeserializer
     from tensorizer_rs.exceptions import CryptographyError, TensorizerError
@@ -203,8 +204,13 @@ def load_adapter_tensors(lora_dir: str, filter_func=None) -> dict:
             if not isinstance(source, str):
                 source.close()
     except TensorizerError as e:
-        what = f" (key file {keyfile})" if keyfile and isinstance(e, CryptographyError) else ""
-        msg = f"tensorizer_rs: cannot load LoRA adapter {lora_dir} from {uri}{what}: {e}"
+        # The file's base name survives vLLM's scrubbing of paths from HTTP error messages;
+        # the full paths are in the server log.
+        what = f", key file {keyfile}" if keyfile and isinstance(e, CryptographyError) else ""
+        msg = (
+            f"tensorizer_rs: cannot read the LoRA adapter file {os.path.basename(uri)} of "
+            f"{lora_dir} ({uri}{what}): {e}"
+        )
         try:
             err = type(e)(msg)
         except Exception:  # noqa: BLE001 - a class with another constructor: keep the text
