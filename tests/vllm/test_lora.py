@@ -267,6 +267,11 @@ def test_key_errors_name_the_adapter_and_file(adapters, keys, monkeypatch):
     monkeypatch.delenv(tzlora.CONFIG_ENV)
     with pytest.raises(CryptographyError, match="is encrypted, but no key file is set"):
         tzlora.load_adapter_tensors(wrong)
+    # A missing key file is a key problem, not "adapter not found" (vLLM's FileNotFoundError).
+    monkeypatch.setenv(tzlora.CONFIG_ENV, '{"encryption_keyfile": "/nonexistent.key"}')
+    with pytest.raises(CryptographyError, match="cannot read the key file") as e:
+        tzlora.load_adapter_tensors(wrong)
+    assert not isinstance(e.value, FileNotFoundError)
     # A key applies to encrypted files only: a plain adapter loads with one configured.
     monkeypatch.setenv(tzlora.CONFIG_ENV, json.dumps({"encryption_keyfile": keys["a"]}))
     assert len(tzlora.load_adapter_tensors(adapters["plain"])) == 2 * 2 * len(TARGETS)

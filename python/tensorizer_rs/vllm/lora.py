@@ -107,12 +107,15 @@ def env_settings() -> dict:
     raw = os.environ.get(CONFIG_ENV, "").strip()
     if not raw:
         return {}
-    if raw.startswith("{"):
-        settings = json.loads(raw)
-    else:
-        with open(raw) as f:
-            settings = json.load(f)
-    return _check_fields(settings, f"{CONFIG_ENV}", allow_location=False)
+    try:
+        if raw.startswith("{"):
+            settings = json.loads(raw)
+        else:
+            with open(raw) as f:
+                settings = json.load(f)
+    except ValueError as e:
+        raise ValueError(f"{CONFIG_ENV} is neither a JSON object nor a JSON file: {e}") from e
+    return _check_fields(settings, CONFIG_ENV, allow_location=False)
 
 
 def _sidecar_settings(lora_dir: str) -> dict:
@@ -192,9 +195,11 @@ def load_adapter_tensors(lora_dir: str, filter_func=None) -> dict:
                         f"{uri} is encrypted, but no key file is set for LoRA adapters (set "
                         f"encryption_keyfile in {CONFIG_ENV} or in {SIDECAR} next to the adapter)"
                     )
-                kwargs["encryption"] = DecryptionParams.from_key(
-                    read_bytes(keyfile, args.stream_kwargs)
-                )
+                try:
+                    key = read_bytes(keyfile, args.stream_kwargs)
+                except OSError as e:  # not a FileNotFoundError: vLLM would say "no adapter"
+                    raise CryptographyError(f"cannot read the key file: {e}") from e
+                kwargs["encryption"] = DecryptionParams.from_key(key)
             start = time.perf_counter()
             with TensorDeserializer(source, device="cpu", filter_func=filter_func, **kwargs) as d:
                 # Plain tensors: the reader returns Parameters (requires_grad for floats).
