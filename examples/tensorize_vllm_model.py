@@ -17,7 +17,13 @@ Load it back (this builds an `LLM`):
     python examples/tensorize_vllm_model.py --model facebook/opt-125m \\
         deserialize --path-to-tensors s3://my-bucket/vllm/facebook/opt-125m/v1/model.tensors
 
-or serve it: `vllm serve <dir> --load-format tensorizer`. With tensorizer-rs installed, vLLM's
+or serve it: `vllm serve <dir> --load-format tensorizer`.
+
+With --lora-path PEFT_DIR_OR_HUB_ID (before the subcommand), `serialize` also writes the adapter
+next to the model (`adapter_config.json`, `adapter_model.tensors`, encrypted with --keyfile's key),
+and `deserialize` loads it with `enable_lora=True` and generates with it. Serve it with
+`vllm serve <dir> --load-format tensorizer --enable-lora --lora-modules NAME=<dir>` (a key then
+comes from TENSORIZER_RS_LORA_CONFIG; see docs/vllm.md, "LoRA adapters"). With tensorizer-rs installed, vLLM's
 load_format="tensorizer" is served by tensorizer_rs (see docs/vllm.md).
 """
 
@@ -27,8 +33,14 @@ import logging
 import os
 import uuid
 
-from tensorizer_rs.vllm import TensorizerArgs, TensorizerConfig, tensorize_vllm_model
-from vllm import LLM
+from tensorizer_rs.vllm import (
+    TensorizerArgs,
+    TensorizerConfig,
+    lora_request_from_tensorizer_config,
+    tensorize_lora_adapter,
+    tensorize_vllm_model,
+)
+from vllm import LLM, SamplingParams
 from vllm.engine.arg_utils import EngineArgs
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
@@ -51,6 +63,13 @@ def get_parser():
         "encryption."
     )
     parser = EngineArgs.add_cli_args(parser)
+    parser.add_argument(
+        "--lora-path",
+        type=str,
+        required=False,
+        help="Path to a PEFT LoRA adapter (local dir or hub id) to serialize alongside the "
+        "model, or to load with it on deserialize.",
+    )
     subparsers = parser.add_subparsers(dest="command", required=True)
 
     serialize_parser = subparsers.add_parser(
@@ -125,12 +144,28 @@ def merge_extra_config_with_tensorizer_config(extra_cfg: dict, cfg: TensorizerCo
 
 
 def deserialize(args, tensorizer_config):
-    return LLM(
+    if not args.lora_path:
+        return LLM(
+            model=args.model,
+            load_format="tensorizer",
+            tensor_parallel_size=args.tensor_parallel_size,
+            model_loader_extra_config=tensorizer_config,
+        )
+    llm = LLM(
         model=args.model,
         load_format="tensorizer",
         tensor_parallel_size=args.tensor_parallel_size,
         model_loader_extra_config=tensorizer_config,
+        enable_lora=True,
+        max_lora_rank=args.max_lora_rank,
     )
+    # The adapter serialized next to the model, read with the same settings (key file, S3).
+    lora_request = lora_request_from_tensorizer_config("lora", 1, tensorizer_config)
+    params = SamplingParams(temperature=0, max_tokens=16)
+    output = llm.generate(["Hello, my name is"], params, lora_request=lora_request)[0]
+    print("LoRA output token ids:", list(output.outputs[0].token_ids))
+    print("LoRA output:", output.outputs[0].text)
+    return llm
 
 
 def main():
@@ -175,6 +210,9 @@ def main():
         )
         merge_extra_config_with_tensorizer_config(extra_config, tensorizer_config)
         tensorize_vllm_model(engine_args, tensorizer_config)
+        if args.lora_path:
+            # Next to model.tensors, encrypted with the same key when --keyfile is given.
+            tensorize_lora_adapter(args.lora_path, tensorizer_config)
     elif args.command == "deserialize":
         tensorizer_config = TensorizerConfig(
             tensorizer_uri=args.path_to_tensors,

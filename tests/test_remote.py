@@ -3,15 +3,12 @@ a Range-capable HTTP/1.0 server and moto's S3 server with SigV4 checking."""
 
 from __future__ import annotations
 
-import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import decryption_for, entry_key, lookup, sha256
+from helpers import decryption_for, entry_key, http_server, lookup, moto_s3, sha256
 from tensorizer_rs import (
     DecryptionParams,
     EncryptionParams,
@@ -21,53 +18,20 @@ from tensorizer_rs import (
 )
 from tensorizer_rs.stream_io import open_stream
 
-SERVERS = Path(__file__).parent / "servers"
-
 
 @pytest.fixture(scope="module")
 def http_root(tmp_path_factory, vectors_dir):
     root = tmp_path_factory.mktemp("www")
     for f in Path(vectors_dir).iterdir():
         shutil.copy(f, root / f.name)
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVERS / "http_server.py"), str(root)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    port = int(proc.stdout.readline())
-    yield f"http://127.0.0.1:{port}", root
-    proc.kill()
-    proc.wait()
+    with http_server(root) as base:
+        yield base, root
 
 
 @pytest.fixture(scope="module")
 def s3():
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVERS / "moto_s3.py"), "--auth"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    info = json.loads(proc.stdout.readline())
-    opts = {
-        "s3_endpoint": f"http://127.0.0.1:{info['port']}",
-        "s3_access_key_id": info["access_key"],
-        "s3_secret_access_key": info["secret_key"],
-    }
-    import boto3
-
-    boto3.client(
-        "s3",
-        endpoint_url=opts["s3_endpoint"],
-        aws_access_key_id=info["access_key"],
-        aws_secret_access_key=info["secret_key"],
-        region_name="us-east-1",
-    ).create_bucket(Bucket="models")
-    yield opts
-    proc.kill()
-    proc.wait()
+    with moto_s3("models") as opts:
+        yield opts
 
 
 def _positive(v):

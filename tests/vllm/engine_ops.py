@@ -13,6 +13,11 @@ vLLM serves many loads (~3 s each instead of ~30 s). Ops (keys besides "op" are 
 * tensorize: model, config (TensorizerConfig kwargs), tp=1, generate_keyfile=True
     -> tensorize_vllm_model(EngineArgs(model, ...), TensorizerConfig(**config))
 * write_hf: model (a safetensors dir), uri -> TensorSerializer.write_state_dict(HF weights)
+* lora: model, adapters (list of {"name", "path"} or {"name", "tensorizer_config"}: a vLLM
+  <= 0.31 config dict for lora_request_from_tensorizer_config), load_format="auto", extra={}
+    -> {"base": tokens, "<name>": {"tokens"} or {"error_type", "error"}, ..., "base_after": tokens}
+  with LLM(enable_lora=True). Each adapter is first loaded with llm_engine.add_lora (a failure
+  is reported, not scheduled), then used in LLM.generate(lora_request=...).
 * fake_s3: root -> from now on `tensorizer_rs.stream_io.open_stream` maps s3://bucket/<key> to
   <root>/<key> (a stand-in for an S3 server, to test vLLM's s3:// model-dir wiring)
 
@@ -56,6 +61,46 @@ def op_generate(model, load_format="auto", extra=None, tp=1, extra_as_config=Fal
         return {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
     finally:
         del llm
+        gc.collect()
+
+
+def op_lora(model, adapters, load_format="auto", extra=None, max_lora_rank=8):
+    from tensorizer_rs.vllm import lora_request_from_tensorizer_config
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    llm = LLM(
+        model=model,
+        load_format=load_format,
+        model_loader_extra_config=dict(extra or {}),
+        enable_lora=True,
+        max_lora_rank=max_lora_rank,
+        **ENGINE_KW,
+    )
+    sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    def tokens(lora_request=None):
+        outs = engine[0].generate(PROMPTS, sp, use_tqdm=False, lora_request=lora_request)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    engine = [llm]
+    result = {"base": tokens()}
+    try:
+        for i, a in enumerate(adapters, start=1):
+            try:
+                if "tensorizer_config" in a:
+                    req = lora_request_from_tensorizer_config(a["name"], i, a["tensorizer_config"])
+                else:
+                    req = LoRARequest(a["name"], i, a["path"])
+                engine[0].llm_engine.add_lora(req)
+                result[a["name"]] = {"tokens": tokens(req), "path": req.lora_path}
+            except Exception as e:  # noqa: BLE001 - reported to the test
+                traceback.print_exc()
+                result[a["name"]] = {"error_type": type(e).__name__, "error": str(e)}
+        result["base_after"] = tokens()
+        return result
+    finally:
+        del llm, engine[:]
         gc.collect()
 
 

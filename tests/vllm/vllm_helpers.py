@@ -6,10 +6,16 @@ Engines always run in subprocesses (`engine_ops.py`, `vllm serve`, ...), never i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -76,3 +82,69 @@ def run_ops(ops: list[dict], *, env: dict | None = None, timeout: float = 600) -
 def make_tiny_model(out: Path) -> Path:
     run_script([REPO / "examples" / "make_tiny_model.py", out])
     return out
+
+
+def make_tiny_lora(model: Path, out: Path) -> Path:
+    """`out/st` (safetensors) and `out/bin` (.bin): the same random LoRA for `model`."""
+    run_script([HERE / "make_tiny_lora.py", model, out])
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def vllm_serve(args: list, *, env: dict, log_path: Path, timeout: float = 400):
+    """`vllm serve *args` on a free local port (front end, EngineCore and worker processes);
+    yields the base URL once /health answers, and stops the whole process group afterwards."""
+    port = free_port()
+    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", *map(str, args)]
+    cmd += ["--host", "127.0.0.1", "--port", str(port)]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                pytest.fail(f"vllm serve exited\n{log_path.read_text()[-8000:]}", pytrace=False)
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(2)
+        else:
+            pytest.fail(f"vllm serve did not come up\n{log_path.read_text()[-8000:]}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def post_json(url: str, body: dict, timeout: float = 120) -> tuple[int, dict | str]:
+    """POST a JSON body; returns (HTTP status, parsed JSON or text), also for error statuses."""
+    req = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, raw = resp.status, resp.read().decode()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read().decode()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw
+
+
+def get_json(url: str, timeout: float = 60):
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return json.load(resp)

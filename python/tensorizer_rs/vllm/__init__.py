@@ -5,8 +5,10 @@ serves `load_format="tensorizer"` with tensorizer_rs instead of CoreWeave's `ten
 This package also offers the vLLM-side helpers with vLLM's names:
 
     from tensorizer_rs.vllm import TensorizerConfig, tensorize_vllm_model, is_vllm_tensorized
+    from tensorizer_rs.vllm import tensorize_lora_adapter, lora_request_from_tensorizer_config
 
-`TensorizerConfig` and `is_vllm_tensorized` do not import vLLM; `tensorize_vllm_model` does.
+`TensorizerConfig`, `is_vllm_tensorized`, `tensorize_lora_adapter` and `prepare_lora_dir` do not
+import vLLM; `tensorize_vllm_model` and `lora_request_from_tensorizer_config` do (when called).
 See docs/vllm.md.
 """
 
@@ -18,6 +20,7 @@ from .config import (
     TensorizerConfig,
     is_vllm_tensorized,
 )
+from .lora import lora_request_from_tensorizer_config, prepare_lora_dir, tensorize_lora_adapter
 
 __all__ = [
     "BLACKLISTED_TENSORIZER_ARGS",
@@ -26,7 +29,10 @@ __all__ = [
     "TensorizerArgs",
     "TensorizerConfig",
     "is_vllm_tensorized",
+    "lora_request_from_tensorizer_config",
+    "prepare_lora_dir",
     "serialize_vllm_model",
+    "tensorize_lora_adapter",
     "tensorize_vllm_model",
 ]
 

@@ -3,7 +3,8 @@
 vLLM calls `register()` once in every process it starts (front end, engine core, workers).
 It makes `load_format="tensorizer"` use tensorizer_rs, adds `load_format=
 "tensorizer_rs_serialize"` (used by `tensorize_vllm_model`), and lets vLLM fetch the config and
-tokenizer of `s3://` model dirs without runai-model-streamer (`objstore.install`). Needs vLLM >= 0.10.1 for
+tokenizer of `s3://` model dirs without runai-model-streamer (`objstore.install`), and lets vLLM
+load tensorized LoRA adapters, local or remote (`lora.install`). Needs vLLM >= 0.10.1 for
 `register_model_loader`; on older versions it logs a warning and changes nothing.
 """
 
@@ -43,4 +44,9 @@ def register() -> None:
     from . import objstore
 
     objstore.install()
+    # LoRA adapters with adapter_model.tensors (local, s3://, http(s)://); each hook checks the
+    # signature of what it wraps and otherwise warns and leaves vLLM alone.
+    from . import lora
+
+    lora.install()
     _registered = True
