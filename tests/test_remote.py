@@ -3,7 +3,6 @@ a Range-capable HTTP/1.0 server and moto's S3 server with SigV4 checking."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -42,32 +41,9 @@ def http_root(tmp_path_factory, vectors_dir):
 
 
 @pytest.fixture(scope="module")
-def s3():
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVERS / "moto_s3.py"), "--auth"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    info = json.loads(proc.stdout.readline())
-    opts = {
-        "s3_endpoint": f"http://127.0.0.1:{info['port']}",
-        "s3_access_key_id": info["access_key"],
-        "s3_secret_access_key": info["secret_key"],
-    }
-    import boto3
-
-    boto3.client(
-        "s3",
-        endpoint_url=opts["s3_endpoint"],
-        aws_access_key_id=info["access_key"],
-        aws_secret_access_key=info["secret_key"],
-        region_name="us-east-1",
-    ).create_bucket(Bucket="models")
-    yield opts
-    proc.kill()
-    proc.wait()
+def s3(s3_server):
+    s3_server.bucket("models")
+    return s3_server.opts
 
 
 def _positive(v):
