@@ -6,10 +6,15 @@ Engines always run in subprocesses (`engine_ops.py`, `vllm serve`, ...), never i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -76,3 +81,79 @@ def run_ops(ops: list[dict], *, env: dict | None = None, timeout: float = 600) -
 def make_tiny_model(out: Path) -> Path:
     run_script([REPO / "examples" / "make_tiny_model.py", out])
     return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def vllm_serve(model: str, log_path: Path, env: dict, *args: str, timeout: float = 400):
+    """`vllm serve MODEL --load-format tensorizer ARGS` (tiny-model engine settings) on a free
+    port of 127.0.0.1; yields its base URL once /health answers, and stops it afterwards. The
+    server's output goes to `log_path` (shown when it dies or does not come up)."""
+    port = free_port()
+    cmd = [
+        str(Path(sys.executable).parent / "vllm"),
+        "serve",
+        model,
+        "--load-format",
+        "tensorizer",
+        "--dtype",
+        "bfloat16",
+        "--enforce-eager",
+        "--max-model-len",
+        "256",
+        "--max-num-seqs",
+        "4",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert proc.poll() is None, f"vllm serve exited\n{log_path.read_text()[-8000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                    break
+            except OSError:
+                time.sleep(2)
+        else:
+            pytest.fail(f"vllm serve did not come up\n{log_path.read_text()[-8000:]}")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def complete(base_url: str, model: str, prompt_token_ids: list[int], max_tokens: int = 8) -> dict:
+    """A greedy OpenAI completion request for token ids; returns the JSON answer (its choices
+    carry `token_ids`)."""
+    body = {
+        "model": model,
+        "prompt": prompt_token_ids,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    req = urllib.request.Request(
+        f"{base_url}/v1/completions",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as resp:
+        return json.load(resp)
