@@ -8,7 +8,8 @@ With VLLM_ENABLE_V1_MULTIPROCESSING=0 and TP=1 the engine runs in this process, 
 vLLM serves many loads (~3 s each instead of ~30 s). Ops (keys besides "op" are arguments):
 
 * generate: model, load_format="auto", extra={} (model_loader_extra_config), tp=1,
-  extra_as_config=False (pass `TensorizerConfig(**extra)`, our class, instead of the dict)
+  extra_as_config=False (pass `TensorizerConfig(**extra)`, our class, instead of the dict),
+  prompts=None (lists of token ids instead of PROMPTS)
     -> {"tokens": [[...], [...]], "text": [...]} greedy tokens of PROMPTS (and their text, as
     the model's tokenizer decodes them), or {"error_type", "error"}
 * tensorize: model, config (TensorizerConfig kwargs), tp=1, generate_keyfile=True
@@ -37,7 +38,7 @@ ENGINE_KW = {
 }
 
 
-def op_generate(model, load_format="auto", extra=None, tp=1, extra_as_config=False):
+def op_generate(model, load_format="auto", extra=None, tp=1, extra_as_config=False, prompts=None):
     from vllm import LLM, SamplingParams
 
     extra = dict(extra or {})  # EngineArgs edits it in place
@@ -54,7 +55,9 @@ def op_generate(model, load_format="auto", extra=None, tp=1, extra_as_config=Fal
     )
     try:
         sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-        outs = llm.generate(PROMPTS, sp, use_tqdm=False)
+        if prompts is not None:
+            prompts = [{"prompt_token_ids": ids} for ids in prompts]
+        outs = llm.generate(prompts or PROMPTS, sp, use_tqdm=False)
         return {
             "tokens": [list(o.outputs[0].token_ids) for o in outs],
             "text": [o.outputs[0].text for o in outs],
