@@ -6,6 +6,8 @@
   test can pass by reading through CoreWeave's package by mistake.
 * ``vectors_dir`` / ``vector_manifests`` / ``vector``: the golden vectors (env TENSORIZER_VECTORS,
   default ``<repo>/../shared/vectors``). A test with a ``vector`` argument runs once per manifest.
+* ``s3_server``: moto's S3 server on 127.0.0.1 with SigV4 checking (one per session; see
+  ``tests/servers/moto_s3.py``); ``S3Server.bucket(name)`` creates a bucket.
 * Markers: ``gpu`` tests skip without CUDA; ``vllm`` tests skip when vLLM is not installed.
 """
 
@@ -116,6 +118,66 @@ def _coreweave_not_loaded_by_test():
             "use run_coreweave() instead",
             pytrace=False,
         )
+
+
+# ----------------------------------------------------------------------------- S3 test server
+class S3Server:
+    """A running moto S3 server: ``endpoint`` (http://127.0.0.1:PORT) and a key pair it accepts."""
+
+    def __init__(self, endpoint: str, access_key: str, secret_key: str) -> None:
+        self.endpoint, self.access_key, self.secret_key = endpoint, access_key, secret_key
+
+    @property
+    def opts(self) -> dict:
+        """``open_stream`` / storage keyword arguments for this server."""
+        return {
+            "s3_endpoint": self.endpoint,
+            "s3_access_key_id": self.access_key,
+            "s3_secret_access_key": self.secret_key,
+        }
+
+    @property
+    def env(self) -> dict:
+        """The environment variables vLLM users set for it (read by tensorizer_rs too)."""
+        return {
+            "S3_ENDPOINT_URL": self.endpoint,
+            "S3_ACCESS_KEY_ID": self.access_key,
+            "S3_SECRET_ACCESS_KEY": self.secret_key,
+        }
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name`` (if it does not exist yet); returns the name."""
+        import boto3
+
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            region_name="us-east-1",
+        )
+        existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
+        if name not in existing:
+            client.create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a free port), requests checked against one key pair."""
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "tests" / "servers" / "moto_s3.py"), "--auth"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        info = json.loads(proc.stdout.readline())
+        yield S3Server(f"http://127.0.0.1:{info['port']}", info["access_key"], info["secret_key"])
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # ----------------------------------------------------------------------------- golden vectors

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -65,39 +64,6 @@ def http_server(root: Path):
     try:
         port = int(proc.stdout.readline())
         yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-@contextlib.contextmanager
-def moto_s3(bucket: str = "models"):
-    """moto's S3 server with SigV4 checks (tests/servers/moto_s3.py --auth) and one bucket; yields
-    `open_stream` options: s3_endpoint, s3_access_key_id, s3_secret_access_key."""
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVERS / "moto_s3.py"), "--auth"],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        info = json.loads(proc.stdout.readline())
-        opts = {
-            "s3_endpoint": f"http://127.0.0.1:{info['port']}",
-            "s3_access_key_id": info["access_key"],
-            "s3_secret_access_key": info["secret_key"],
-        }
-        import boto3
-
-        boto3.client(
-            "s3",
-            endpoint_url=opts["s3_endpoint"],
-            aws_access_key_id=info["access_key"],
-            aws_secret_access_key=info["secret_key"],
-            region_name="us-east-1",
-        ).create_bucket(Bucket=bucket)
-        yield opts
     finally:
         proc.kill()
         proc.wait()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import decryption_for, entry_key, http_server, lookup, moto_s3, sha256
+from helpers import decryption_for, entry_key, http_server, lookup, sha256
 from tensorizer_rs import (
     DecryptionParams,
     EncryptionParams,
@@ -29,9 +29,9 @@ def http_root(tmp_path_factory, vectors_dir):
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with moto_s3("models") as opts:
-        yield opts
+def s3(s3_server):
+    s3_server.bucket("models")
+    return s3_server.opts
 
 
 def _positive(v):

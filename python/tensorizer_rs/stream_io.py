@@ -2,6 +2,12 @@
 
 Local paths open as ordinary files (parent directories are created for writing). Remote URIs
 (``http(s)://``, ``s3://``) are read and written by the Rust core.
+
+Certificates (``https://`` and S3 endpoints): ``certificate_handling=CAInfo(cacert=...)`` (or
+``capath=``) trusts exactly the CAs of that PEM file (directory of PEM files); without it,
+``REQUESTS_CA_BUNDLE`` / ``CURL_CA_BUNDLE`` (``https://``) or ``AWS_CA_BUNDLE`` (``s3://``) name
+the bundle, else the system roots apply (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` replace them).
+``CAInfo(allow_untrusted=True)`` turns verification off (``https://`` only).
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ from typing import Any
 
 from .exceptions import TensorizerValueError
 
-__all__ = ["open_stream"]
+__all__ = ["CAInfo", "open_stream"]
 
 _REMOTE = ("http://", "https://", "s3://")
 
@@ -20,6 +26,52 @@ _REMOTE = ("http://", "https://", "s3://")
 def _scheme(uri: str) -> str:
     head, sep, _ = uri.partition("://")
     return head.lower() if sep else ""
+
+
+class CAInfo:
+    """Certificate settings for ``open_stream(..., certificate_handling=CAInfo(...))``, with
+    CoreWeave's signature: exactly one of ``cacert`` (a PEM file of CA certificates, like curl's
+    ``--cacert``), ``capath`` (a directory of PEM files, like ``--capath``) or
+    ``allow_untrusted=True`` (no verification, like ``--insecure``; ``https://`` only).
+
+    A bundle replaces the system roots, as in curl, requests and botocore.
+    """
+
+    __slots__ = ("allow_untrusted", "cacert", "capath")
+
+    def __init__(
+        self,
+        *,
+        cacert: str | None = None,
+        capath: str | None = None,
+        allow_untrusted: bool = False,
+    ):
+        if (cacert, capath).count(None) + (not allow_untrusted) != 2:
+            raise ValueError(
+                "Exactly one of cacert, capath, or allow_untrusted=True"
+                " must be specified. For default certificate verification"
+                " behaviour, use certificate_handling=None instead of"
+                " an explicit CAInfo instance"
+            )
+        if cacert is not None and not os.path.isfile(cacert):
+            raise ValueError(f"Invalid cacert file path {cacert!r}: not a file")
+        if capath is not None and not os.path.isdir(capath):
+            raise ValueError(f"Invalid capath directory path {capath!r}: not a directory")
+        self.cacert = None if cacert is None else os.fspath(cacert)
+        self.capath = None if capath is None else os.fspath(capath)
+        self.allow_untrusted = bool(allow_untrusted)
+
+    def storage_options(self) -> dict:
+        """The Rust core's storage options for these settings."""
+        if self.allow_untrusted:
+            return {"allow_untrusted": True}
+        return {"ca_bundle": self.cacert or self.capath}
+
+    def __repr__(self) -> str:
+        for name in ("cacert", "capath"):
+            if getattr(self, name) is not None:
+                return f"CAInfo({name}={getattr(self, name)!r})"
+        return "CAInfo(allow_untrusted=True)"
 
 
 def open_stream(
@@ -58,6 +110,15 @@ def open_stream(
             "s3_region_name": s3_region_name,
         }
         storage = {k: v for k, v in storage.items() if v is not None}
+        if certificate_handling is not None:
+            if not isinstance(certificate_handling, CAInfo):
+                raise TypeError(
+                    "certificate_handling must either be None"
+                    " (for the default certificate verification),"
+                    " or a CAInfo object,"
+                    f" not {certificate_handling.__class__.__name__}"
+                )
+            storage.update(certificate_handling.storage_options())
         if "r" in mode and "+" not in mode:
             reader = RemoteReader(path_uri, storage)
             if begin:

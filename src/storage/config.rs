@@ -7,6 +7,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use super::tls::{s3_trust, Trust};
 use crate::error::{Error, Result};
 
 /// Settings for opening remote sources and sinks. `Default` means: no explicit credentials
@@ -46,6 +47,13 @@ pub struct StorageOptions {
     /// Upper bound on the bytes an S3 sink buffers for parts being filled or uploaded (default
     /// 256 MiB; a write only waits for memory while some upload is in flight).
     pub s3_upload_buffer: Option<usize>,
+    /// Certificate authorities to trust for `https://` and S3 endpoints: a PEM file or a directory
+    /// of PEM files, used instead of the system roots. `None`: `REQUESTS_CA_BUNDLE` /
+    /// `CURL_CA_BUNDLE` (HTTPS) or `AWS_CA_BUNDLE` (S3), else the system roots (which
+    /// `SSL_CERT_FILE` / `SSL_CERT_DIR` replace). See `storage::tls`.
+    pub ca_bundle: Option<PathBuf>,
+    /// Skip certificate verification for `https://` (curl's `--insecure`); refused for S3.
+    pub allow_untrusted: bool,
 }
 
 /// Defaults, in one place.
@@ -91,6 +99,8 @@ impl fmt::Debug for StorageOptions {
             .field("max_retries", &self.max_retries)
             .field("s3_part_size", &self.s3_part_size)
             .field("s3_upload_buffer", &self.s3_upload_buffer)
+            .field("ca_bundle", &self.ca_bundle)
+            .field("allow_untrusted", &self.allow_untrusted)
             .finish()
     }
 }
@@ -127,6 +137,8 @@ pub(crate) struct S3Settings {
     pub endpoint: Option<String>,
     /// `None`: the AWS chain's region (environment, profile), else `us-east-1`.
     pub region: Option<String>,
+    /// The certificate authorities the connection trusts.
+    pub trust: Trust,
 }
 
 /// The `[default]` section of an s3cmd config file.
@@ -257,7 +269,8 @@ pub(crate) fn resolve_s3(
     }
     let endpoint = endpoint.map(|e| with_scheme(e.trim_end_matches('/'), force_http.unwrap_or(false)));
     let region = opts.s3_region.clone().filter(|r| !r.is_empty());
-    Ok(S3Settings { credentials, endpoint, region })
+    let trust = s3_trust(opts, env)?;
+    Ok(S3Settings { credentials, endpoint, region, trust })
 }
 
 /// Hosts that need virtual-hosted-style addressing (as in tensorizer); every other custom endpoint

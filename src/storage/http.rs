@@ -1,6 +1,9 @@
 //! `http://` and `https://` sources: parallel ranged GETs with reqwest (rustls), redirects followed,
 //! HTTP/1.0 servers accepted, every response checked against the ETag/Last-Modified seen at open.
-use std::sync::OnceLock;
+//! Trusted CAs: `storage::tls` (system roots, or a bundle from `ca_bundle` / `REQUESTS_CA_BUNDLE` /
+//! `CURL_CA_BUNDLE`).
+use std::collections::HashMap;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -12,29 +15,45 @@ use reqwest::{StatusCode, Url};
 
 use super::ranged::{changed, error_chain, ContentRange, Filler, Opened, RangeFetch, RangedSource, PROBE_LEN};
 use super::retry::Failure;
+use super::tls::{self, Trust};
 use super::StorageOptions;
 use crate::error::{Error, ErrorKind, Result};
 
 pub(crate) type HttpSource = RangedSource<HttpFetch>;
 
-/// One client (and connection pool) for the whole process.
-fn client() -> Result<reqwest::Client> {
-    static CLIENT: OnceLock<std::result::Result<reqwest::Client, String>> = OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            reqwest::Client::builder()
-                .user_agent(concat!("tensorizer-rs/", env!("CARGO_PKG_VERSION")))
-                .connect_timeout(Duration::from_secs(10))
-                // No byte for this long on an open connection: drop it and retry the rest.
-                .read_timeout(Duration::from_secs(60))
-                .tcp_nodelay(true)
-                .pool_idle_timeout(Duration::from_secs(60))
-                .redirect(reqwest::redirect::Policy::limited(10))
-                .build()
-                .map_err(|e| error_chain(&e))
-        })
-        .clone()
-        .map_err(|e| Error::io(format!("cannot create the HTTP client: {e}")))
+/// One client (and connection pool) per set of trusted roots, for the whole process.
+fn client(trust: &Trust) -> Result<reqwest::Client> {
+    static CLIENTS: OnceLock<Mutex<HashMap<Trust, reqwest::Client>>> = OnceLock::new();
+    let cache = CLIENTS.get_or_init(Default::default);
+    if let Some(c) = cache.lock().unwrap().get(trust) {
+        return Ok(c.clone());
+    }
+    let mut builder = reqwest::Client::builder()
+        .user_agent(concat!("tensorizer-rs/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(Duration::from_secs(10))
+        // No byte for this long on an open connection: drop it and retry the rest.
+        .read_timeout(Duration::from_secs(60))
+        .tcp_nodelay(true)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .redirect(reqwest::redirect::Policy::limited(10));
+    match trust {
+        Trust::System => {}
+        Trust::Bundle(path) => {
+            builder = builder.tls_built_in_root_certs(false);
+            for (_, certs) in tls::load_bundle(path)? {
+                for cert in certs {
+                    let cert = reqwest::Certificate::from_der(&cert)
+                        .map_err(|e| Error::value(format!("CA bundle {}: {}", path.display(), error_chain(&e))))?;
+                    builder = builder.add_root_certificate(cert);
+                }
+            }
+        }
+        Trust::Insecure => builder = builder.danger_accept_invalid_certs(true),
+    }
+    let client =
+        builder.build().map_err(|e| Error::io(format!("cannot create the HTTP client: {}", error_chain(&e))))?;
+    cache.lock().unwrap().insert(trust.clone(), client.clone());
+    Ok(client)
 }
 
 /// The URL as shown in messages: no user info, no query string (it may hold a signature).
@@ -101,6 +120,9 @@ pub struct HttpFetch {
 
 fn request_failure(e: reqwest::Error) -> Failure {
     let e = e.without_url();
+    if let Some(msg) = tls::certificate_error(&e) {
+        return Failure::fatal(Error::io(msg)); // another try would fail the same way
+    }
     let msg = error_chain(&e);
     if e.is_builder() || e.is_redirect() {
         Failure::fatal(Error::io(msg))
@@ -256,8 +278,9 @@ fn header_map(opts: &StorageOptions) -> Result<HeaderMap> {
 pub(crate) fn open(uri: &str, opts: &StorageOptions) -> Result<HttpSource> {
     let url = Url::parse(uri).map_err(|e| Error::value(format!("invalid URL: {e}")))?;
     let shown = shown_url(&url);
+    let trust = tls::http_trust(opts, &|k| std::env::var(k).ok());
     let fetch = HttpFetch {
-        client: client()?,
+        client: client(&trust).map_err(|e| e.in_file(&shown))?,
         url,
         headers: header_map(opts).map_err(|e| e.in_file(&shown))?,
         validator: Validator::default(),

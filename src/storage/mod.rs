@@ -10,6 +10,7 @@ pub mod local;
 mod ranged;
 mod retry;
 mod s3;
+mod tls;
 
 pub use config::StorageOptions;
 

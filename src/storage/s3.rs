@@ -28,6 +28,7 @@ use sha2::{Digest, Sha256};
 use super::config::{resolve_s3, wants_path_style, S3Credentials, S3Settings, MIN_PART_SIZE};
 use super::ranged::{changed, error_chain, ContentRange, Filler, Opened, RangeFetch, RangedSource, PROBE_LEN};
 use super::retry::{block_on, runtime, Backoff, Failure, RetryPolicy};
+use super::tls::{self, Trust};
 use super::{Sink, StorageOptions};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -101,6 +102,11 @@ where
         SdkError::ConstructionFailure(_) => {
             Failure::fatal(Error::io(format!("cannot build the S3 request: {}", error_chain(&err))))
         }
+        // A certificate the client does not trust: another try would fail the same way.
+        _ if tls::certificate_error(&err).is_some() => Failure::fatal(Error::io(format!(
+            "S3 request failed: {}",
+            tls::certificate_error(&err).unwrap_or_default()
+        ))),
         // Timeouts, connection failures, unparseable responses: worth another try.
         _ => Failure::transient(Error::io(format!("S3 request failed: {}", error_chain(&err)))),
     }
@@ -120,19 +126,36 @@ where
     }
 }
 
-/// The HTTP client (rustls + ring, system roots) shared by every S3 client and by the credential
-/// providers (STS, IMDS, ECS).
-fn http_client() -> aws_smithy_runtime_api::client::http::SharedHttpClient {
-    static CLIENT: OnceLock<aws_smithy_runtime_api::client::http::SharedHttpClient> = OnceLock::new();
-    CLIENT
-        .get_or_init(|| {
-            use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider};
-            aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring)).build_https()
-        })
-        .clone()
+/// The HTTP client (rustls + ring) shared by every S3 client with the same trusted roots, and by
+/// their credential providers (STS, IMDS, ECS).
+fn http_client(trust: &Trust) -> Result<aws_smithy_runtime_api::client::http::SharedHttpClient> {
+    use aws_smithy_http_client::tls::{rustls_provider::CryptoMode, Provider, TlsContext, TrustStore};
+    use aws_smithy_runtime_api::client::http::SharedHttpClient;
+    static CLIENTS: OnceLock<Mutex<HashMap<Trust, SharedHttpClient>>> = OnceLock::new();
+    let cache = CLIENTS.get_or_init(Default::default);
+    if let Some(c) = cache.lock().unwrap().get(trust) {
+        return Ok(c.clone());
+    }
+    let mut builder = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring));
+    if let Trust::Bundle(path) = trust {
+        // Every certificate was checked as the SDK will parse it (it panics on bad ones).
+        let mut store = TrustStore::empty();
+        for (pem, _) in tls::load_bundle(path)? {
+            store = store.with_pem_certificate(pem);
+        }
+        let ctx = TlsContext::builder()
+            .with_trust_store(store)
+            .build()
+            .map_err(|e| Error::value(format!("CA bundle {}: {}", path.display(), error_chain(&e))))?;
+        builder = builder.tls_context(ctx);
+    }
+    let client = builder.build_https();
+    cache.lock().unwrap().insert(trust.clone(), client.clone());
+    Ok(client)
 }
 
 async fn build_client(settings: &S3Settings) -> Result<Client> {
+    let http_client = http_client(&settings.trust)?;
     let region = match &settings.region {
         Some(r) => Region::new(r.clone()),
         // Environment, then profile, then us-east-1; never instance metadata (slow off EC2).
@@ -145,7 +168,7 @@ async fn build_client(settings: &S3Settings) -> Result<Client> {
     };
     let loader = || {
         let mut l = aws_config::defaults(BehaviorVersion::latest())
-            .http_client(http_client())
+            .http_client(http_client.clone())
             .region(region.clone())
             .timeout_config(
                 TimeoutConfig::builder()
@@ -214,7 +237,7 @@ fn client_for(opts: &StorageOptions) -> Result<Client> {
         }
         other => h.update(format!("{other:?}")),
     }
-    h.update(format!("{:?}|{:?}", settings.endpoint, settings.region));
+    h.update(format!("{:?}|{:?}|{:?}", settings.endpoint, settings.region, settings.trust));
     let key: [u8; 32] = h.finalize().into();
     let cache = CLIENTS.get_or_init(Default::default);
     if let Some(c) = cache.lock().unwrap().get(&key) {

@@ -8,8 +8,10 @@ With VLLM_ENABLE_V1_MULTIPROCESSING=0 and TP=1 the engine runs in this process, 
 vLLM serves many loads (~3 s each instead of ~30 s). Ops (keys besides "op" are arguments):
 
 * generate: model, load_format="auto", extra={} (model_loader_extra_config), tp=1,
-  extra_as_config=False (pass `TensorizerConfig(**extra)`, our class, instead of the dict)
-    -> {"tokens": [[...], [...]]} greedy tokens of PROMPTS, or {"error_type", "error"}
+  extra_as_config=False (pass `TensorizerConfig(**extra)`, our class, instead of the dict),
+  prompts=None (lists of token ids instead of PROMPTS)
+    -> {"tokens": [[...], [...]], "text": [...]} greedy tokens of PROMPTS (and their text, as
+    the model's tokenizer decodes them), or {"error_type", "error"}
 * tensorize: model, config (TensorizerConfig kwargs), tp=1, generate_keyfile=True
     -> tensorize_vllm_model(EngineArgs(model, ...), TensorizerConfig(**config))
 * write_hf: model (a safetensors dir), uri -> TensorSerializer.write_state_dict(HF weights)
@@ -18,16 +20,17 @@ vLLM serves many loads (~3 s each instead of ~30 s). Ops (keys besides "op" are 
     -> {"base": tokens, "<name>": {"tokens"} or {"error_type", "error"}, ..., "base_after": tokens}
   with LLM(enable_lora=True). Each adapter is first loaded with llm_engine.add_lora (a failure
   is reported, not scheduled), then used in LLM.generate(lora_request=...).
-* fake_s3: root -> from now on `tensorizer_rs.stream_io.open_stream` maps s3://bucket/<key> to
-  <root>/<key> (a stand-in for an S3 server, to test vLLM's s3:// model-dir wiring)
+* env: values={name: value}, unset=[names] -> changes os.environ for the ops after it (e.g. the
+  S3_* credentials vLLM users set; the engine runs in this process)
 
-Any op that raises reports {"error_type", "error"} (the traceback goes to stderr) and the next
-op still runs.
+Every result also has "seconds" (the op's wall time). Any op that raises reports
+{"error_type", "error"} (the traceback goes to stderr) and the next op still runs.
 """
 
 import gc
 import json
 import sys
+import time
 import traceback
 
 PROMPTS = [{"prompt_token_ids": [1, 10, 20, 30, 40]}, {"prompt_token_ids": [1, 500, 600]}]
@@ -40,7 +43,7 @@ ENGINE_KW = {
 }
 
 
-def op_generate(model, load_format="auto", extra=None, tp=1, extra_as_config=False):
+def op_generate(model, load_format="auto", extra=None, tp=1, extra_as_config=False, prompts=None):
     from vllm import LLM, SamplingParams
 
     extra = dict(extra or {})  # EngineArgs edits it in place
@@ -57,8 +60,13 @@ def op_generate(model, load_format="auto", extra=None, tp=1, extra_as_config=Fal
     )
     try:
         sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
-        outs = llm.generate(PROMPTS, sp, use_tqdm=False)
-        return {"tokens": [list(o.outputs[0].token_ids) for o in outs]}
+        if prompts is not None:
+            prompts = [{"prompt_token_ids": ids} for ids in prompts]
+        outs = llm.generate(prompts or PROMPTS, sp, use_tqdm=False)
+        return {
+            "tokens": [list(o.outputs[0].token_ids) for o in outs],
+            "text": [o.outputs[0].text for o in outs],
+        }
     finally:
         del llm
         gc.collect()
@@ -128,17 +136,12 @@ def op_write_hf(model, uri):
     return {"tensors": len(state)}
 
 
-def op_fake_s3(root):
-    import tensorizer_rs.stream_io as sio
+def op_env(values=None, unset=()):
+    import os
 
-    real = sio.open_stream
-
-    def fake(uri, mode="rb", **kwargs):
-        if isinstance(uri, str) and uri.startswith("s3://bucket/"):
-            return real(f"{root}/{uri[len('s3://bucket/') :]}", mode)
-        return real(uri, mode, **kwargs)
-
-    sio.open_stream = fake
+    os.environ.update(values or {})
+    for name in unset:
+        os.environ.pop(name, None)
     return {}
 
 
@@ -147,6 +150,7 @@ def main():
     for op in ops:
         kind = op.pop("op")
         name = op.pop("name", kind)
+        start = time.perf_counter()
         try:
             result = globals()[f"op_{kind}"](**op)
         except Exception as e:  # noqa: BLE001 - reported to the test
@@ -156,6 +160,7 @@ def main():
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
             cleanup_dist_env_and_memory()
+        result["seconds"] = round(time.perf_counter() - start, 2)
         print("OP_RESULT " + json.dumps({"op": kind, "name": name, **result}), flush=True)
 
 

@@ -235,43 +235,69 @@ def test_release_file_tensors():
 
 
 # ----------------------------------------------------------------------------- s3:// model dirs
-def _fake_s3(monkeypatch, root):
-    """s3://bucket/<key> -> <root>/<key> through a stand-in open_stream (no S3 server here)."""
-    import tensorizer_rs.stream_io as sio
-
-    real = sio.open_stream
-    seen = []
-
-    def fake(uri, mode="rb", **kwargs):
-        assert uri.startswith("s3://bucket/"), uri
-        seen.append(uri)
-        return real(str(root / uri[len("s3://bucket/") :]), mode)
-
-    monkeypatch.setattr(sio, "open_stream", fake)
-    return seen
+# Against the S3 test server (tests/conftest.py: s3_server), credentials from the environment as
+# vLLM users set them.
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    s3_server.bucket("objstore")
+    return s3_server
 
 
-def test_objstore_pull_files(tmp_path, monkeypatch):
+def _put(s3, uri, data: bytes):
+    from tensorizer_rs.stream_io import open_stream
+
+    with open_stream(uri, "wb", **s3.opts) as f:
+        f.write(data)
+
+
+def test_objstore_pull_files(tmp_path, s3_env, caplog):
     from tensorizer_rs.vllm.objstore import pull_files
 
-    src = tmp_path / "src" / "m"
-    src.mkdir(parents=True)
     for name in ("config.json", "tokenizer.json", "model.safetensors", "custom.txt"):
-        (src / name).write_text(name)
+        _put(s3_env, f"s3://objstore/m/{name}", name.encode())
     dest = tmp_path / "dest"
     dest.mkdir()
-    seen = _fake_s3(monkeypatch, tmp_path / "src")
-    got = pull_files("s3://bucket/m/", str(dest), allow_pattern=["*.json", "*.model"])
+    got = pull_files("s3://objstore/m/", str(dest), allow_pattern=["*.json", "*.model"])
     assert got == ["config.json", "tokenizer.json"]
     assert sorted(p.name for p in dest.iterdir()) == ["config.json", "tokenizer.json"]
-    assert all(u.endswith((".json", ".model")) for u in seen)
-    assert pull_files("s3://bucket/m", str(dest), ignore_pattern=["*.json"]) == []
-    with pytest.raises(OSError, match="config.json"):
-        pull_files("s3://bucket/nothing", str(dest))
+    assert (dest / "tokenizer.json").read_bytes() == b"tokenizer.json"
+    assert pull_files("s3://objstore/m", str(dest), ignore_pattern=["*.json"]) == []
+    assert pull_files("s3://objstore/m", str(dest), skip={"config.json"}) == ["tokenizer.json"]
+    with pytest.raises(FileNotFoundError, match="s3://objstore/nothing/config.json"):
+        pull_files("s3://objstore/nothing", str(dest))
+
+
+def test_objstore_credentials(tmp_path, s3_env, monkeypatch):
+    """Wrong credentials: a clear error at config.json (no secret in it); explicit storage
+    options (the extra config's, see storage_options_of) win over the environment."""
+    from tensorizer_rs.vllm.objstore import pull_files, storage_options_of
+
+    _put(s3_env, "s3://objstore/c/config.json", b"{}")
+    monkeypatch.setenv("S3_SECRET_ACCESS_KEY", "wrong-secret")
+    with pytest.raises(OSError, match="access denied") as e:
+        pull_files("s3://objstore/c", str(tmp_path))
+    assert "s3://objstore/c/config.json" in str(e.value) and "S3_ACCESS_KEY_ID" in str(e.value)
+    assert "wrong-secret" not in str(e.value) and s3_env.secret_key not in str(e.value)
+    extra = {
+        "s3_access_key_id": s3_env.access_key,
+        "s3_secret_access_key": s3_env.secret_key,
+        "stream_kwargs": {"mode": "rb", "s3_endpoint": s3_env.endpoint},
+        "num_readers": 2,
+    }
+    storage = storage_options_of(extra)
+    assert storage == {
+        "s3_access_key_id": s3_env.access_key,
+        "s3_secret_access_key": s3_env.secret_key,
+        "s3_endpoint": s3_env.endpoint,
+    }
+    assert storage_options_of(TensorizerConfig(tensorizer_uri="s3://x/m.tensors")) == {}
+    assert pull_files("s3://objstore/c", str(tmp_path), storage=storage) == ["config.json"]
 
 
 @pytest.mark.vllm
-def test_objstore_patches_vllm_object_storage_model(tmp_path, monkeypatch):
+def test_objstore_patches_vllm_object_storage_model(tmp_path, s3_env, monkeypatch):
     from tensorizer_rs.vllm import objstore
     from vllm.transformers_utils import runai_utils
 
@@ -282,11 +308,12 @@ def test_objstore_patches_vllm_object_storage_model(tmp_path, monkeypatch):
     )
     assert objstore.install()
     assert not objstore.install()  # once
-    src = tmp_path / "src" / "m"
-    src.mkdir(parents=True)
-    (src / "config.json").write_text("{}")
-    _fake_s3(monkeypatch, tmp_path / "src")
+    _put(s3_env, "s3://objstore/v/config.json", b"{}")
+    _put(s3_env, "s3://objstore/v/tokenizer.json", b"{}")
     monkeypatch.setenv("VLLM_ASSETS_CACHE", str(tmp_path / "cache"))
-    osm = runai_utils.ObjectStorageModel(url="s3://bucket/m")
-    osm.pull_files("s3://bucket/m", allow_pattern=["*.json"])
+    osm = runai_utils.ObjectStorageModel(url="s3://objstore/v")
+    osm.pull_files("s3://objstore/v", allow_pattern=["config.json"])
     assert os.listdir(osm.dir) == ["config.json"]
+    osm.pull_files("s3://objstore/v", ignore_pattern=["*.tensors"])
+    assert sorted(os.listdir(osm.dir)) == ["config.json", "tokenizer.json"]
+    assert osm._tensorizer_rs_fetched == {"config.json", "tokenizer.json"}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import http_server, moto_s3
+from helpers import http_server
 from safetensors.torch import load_file
 from tensorizer_rs import (
     CryptographyError,
@@ -84,9 +84,9 @@ def keys(work) -> dict:
 
 
 @pytest.fixture(scope="module")
-def s3():
-    with moto_s3("models") as opts:
-        yield opts
+def s3(s3_server):
+    s3_server.bucket("models")
+    return s3_server.opts
 
 
 @pytest.fixture(scope="module")

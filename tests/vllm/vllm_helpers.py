@@ -148,3 +148,24 @@ def post_json(url: str, body: dict, timeout: float = 120) -> tuple[int, dict | s
 def get_json(url: str, timeout: float = 60):
     with urllib.request.urlopen(url, timeout=timeout) as resp:
         return json.load(resp)
+
+
+#: Engine settings of the tiny test model for `vllm serve`.
+TINY_SERVE_ARGS = ["--dtype", "bfloat16", "--enforce-eager", "--max-model-len", "256"]
+TINY_SERVE_ARGS += ["--max-num-seqs", "4"]
+
+
+def complete(base_url: str, model: str, prompt_token_ids: list[int], max_tokens: int = 8) -> dict:
+    """A greedy OpenAI completion request for token ids; returns the JSON answer (its choices
+    carry `token_ids`)."""
+    body = {
+        "model": model,
+        "prompt": prompt_token_ids,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "return_token_ids": True,
+    }
+    status, answer = post_json(f"{base_url}/v1/completions", body, timeout=60)
+    assert status == 200, f"completion failed ({status}): {answer}"
+    return answer

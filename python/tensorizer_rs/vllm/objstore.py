@@ -12,20 +12,27 @@ vLLM 0.32 then refuses the engine config (`VllmConfig`: "To load a model from ob
 'runai_streamer_sharded'"), although its own tensorizer example documents `vllm serve s3://...
 --load-format tensorizer`. `install()` therefore also wraps `EngineArgs.create_engine_config` so
 that, for load_format "tensorizer" only, that check does not see the s3:// model as object
-storage (the weights come from `tensorizer_uri`, which vLLM derives from the s3:// `--model`).
+storage. The weights are read from `{s3 dir}/model.tensors` by our loader: vLLM derives
+`tensorizer_dir` from `model` only after replacing it with the local mirror, so the wrapper sets
+`tensorizer_uri` to the S3 location first (unless the extra config names a URI or dir itself).
 
 Our storage layer has no listing call, so this fetches a fixed list of well-known config and
 tokenizer file names (those absent are skipped); custom `*.py` code for `trust_remote_code` is not
-found this way. Credentials: vLLM's `S3_ACCESS_KEY_ID`, `S3_SECRET_ACCESS_KEY`, `S3_ENDPOINT_URL`
-when set, else open_stream's own lookup (s3cmd config, AWS env and files).
+found this way. Credentials and endpoint are those of the weights: the `s3_access_key_id`,
+`s3_secret_access_key`, `s3_endpoint` and `stream_kwargs` of the extra config when given (while
+the wrapped `create_engine_config` runs), else tensorizer_rs's own lookup, which starts with
+vLLM's `S3_ACCESS_KEY_ID`, `S3_SECRET_ACCESS_KEY` and `S3_ENDPOINT_URL` (then the s3cmd config,
+then the AWS environment and files).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fnmatch
 import importlib.util
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 from .config import logger
 
@@ -58,9 +65,21 @@ KNOWN_FILES = (
 )
 
 
-# (model_path, dest_dir) -> names already fetched in this process: vLLM pulls the same dir twice
-# (configs, then everything but weights).
-_fetched: dict[tuple[str, str], set] = {}
+#: Storage options for the pulls of the engine config being built (see `_patch_object_storage_check`):
+#: the S3 settings of load_format="tensorizer"'s extra config, so that config, tokenizer and
+#: weights are read with the same credentials and endpoint.
+_storage: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
+    "tensorizer_rs_objstore_storage", default=None
+)
+
+_CREDENTIALS_HINT = (
+    ". S3 settings come from the load format's extra config (s3_access_key_id,"
+    " s3_secret_access_key, s3_endpoint), else S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY and"
+    " S3_ENDPOINT_URL, ~/.s3cfg, then the AWS environment and files"
+)
+
+#: Fetches run concurrently (each is one small GET; most names are absent).
+_PARALLEL = 8
 
 
 def _selected(name: str, allow_pattern, ignore_pattern) -> bool:
@@ -69,46 +88,78 @@ def _selected(name: str, allow_pattern, ignore_pattern) -> bool:
     return not (ignore_pattern and any(fnmatch.fnmatch(name, p) for p in ignore_pattern))
 
 
-def _stream_kwargs() -> dict:
-    env = {
-        "s3_access_key_id": "S3_ACCESS_KEY_ID",
-        "s3_secret_access_key": "S3_SECRET_ACCESS_KEY",
-        "s3_endpoint": "S3_ENDPOINT_URL",
-    }
-    return {k: os.environ[v] for k, v in env.items() if os.environ.get(v)}
+def storage_options_of(extra) -> dict:
+    """`open_stream` keyword arguments from a load_format="tensorizer" extra config (a dict or a
+    TensorizerConfig): `s3_access_key_id`, `s3_secret_access_key`, `s3_endpoint`, then
+    `stream_kwargs`, as the weights are opened. Unset ones are left out, so tensorizer_rs's own
+    lookup fills them (`S3_ACCESS_KEY_ID`, `S3_SECRET_ACCESS_KEY`, `S3_ENDPOINT_URL`, s3cmd
+    config, AWS environment and files)."""
+    if hasattr(extra, "to_serializable"):
+        extra = extra.to_serializable()
+    extra = dict(extra or {})
+    kwargs = {k: extra.get(k) for k in ("s3_access_key_id", "s3_secret_access_key", "s3_endpoint")}
+    kwargs.update(extra.get("stream_kwargs") or {})
+    kwargs.pop("mode", None)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _fetch(uri: str, kwargs: dict) -> bytes:
+    from tensorizer_rs.stream_io import open_stream
+
+    with open_stream(uri, mode="rb", **kwargs) as f:
+        return f.read()
 
 
 def pull_files(
-    model_path: str, dest_dir: str, allow_pattern=None, ignore_pattern=None
+    model_path: str,
+    dest_dir: str,
+    allow_pattern=None,
+    ignore_pattern=None,
+    skip=frozenset(),
+    storage: dict | None = None,
 ) -> list[str]:
     """Copy the known files present under `model_path` (s3://bucket/prefix) into `dest_dir`.
 
-    Returns the names copied (files already fetched to `dest_dir` in this process are not
-    fetched again). Raises if `config.json` was wanted and could not be read (the
-    model cannot load without it), with the storage error as the cause.
+    Returns the names copied, in `KNOWN_FILES` order; names in `skip` are not fetched.
+    `storage`: `open_stream` keyword arguments (default: those of the engine config being built,
+    else none, so tensorizer_rs's credential lookup applies). A missing `config.json`, or any
+    error reading it (access denied, unreachable endpoint), raises: the model cannot load
+    without it. Other files that are absent are skipped; other errors on them are logged.
     """
-    from tensorizer_rs.stream_io import open_stream
-
     base = model_path.rstrip("/")
-    kwargs = _stream_kwargs()
-    done = _fetched.setdefault((base, os.path.abspath(dest_dir)), set())
-    copied = []
-    for name in KNOWN_FILES:
-        if name in done or not _selected(name, allow_pattern, ignore_pattern):
-            continue
+    kwargs = _storage.get() if storage is None else storage
+    kwargs = dict(kwargs or {})
+    names = [
+        n for n in KNOWN_FILES if n not in skip and _selected(n, allow_pattern, ignore_pattern)
+    ]
+
+    def fetch(name):
         try:
-            with open_stream(f"{base}/{name}", mode="rb", **kwargs) as f:
-                data = f.read()
-        except OSError as e:  # absent (404) or unreadable
+            return name, _fetch(f"{base}/{name}", kwargs), None
+        except OSError as e:
+            return name, None, e
+
+    with ThreadPoolExecutor(max_workers=_PARALLEL) as pool:
+        results = list(pool.map(fetch, names))
+    copied, failed = [], []
+    for name, data, error in results:
+        if error is not None:
             if name == "config.json":
-                raise OSError(f"could not read {base}/config.json: {e}") from e
+                missing = isinstance(error, FileNotFoundError)
+                raise (FileNotFoundError if missing else OSError)(
+                    f"could not fetch the model config of {base}: {error}"
+                    + ("" if missing else _CREDENTIALS_HINT)
+                ) from error
+            if not isinstance(error, FileNotFoundError):
+                failed.append(f"{name} ({error})")
             continue
         tmp = os.path.join(dest_dir, f".{name}.part")
         with open(tmp, "wb") as out:
             out.write(data)
         os.replace(tmp, os.path.join(dest_dir, name))
-        done.add(name)
         copied.append(name)
+    if failed:
+        logger.warning("tensorizer_rs: could not read from %s: %s", base, "; ".join(failed))
     logger.info("tensorizer_rs: fetched %s from %s", ", ".join(copied) or "nothing", base)
     return copied
 
@@ -135,7 +186,10 @@ def _patch_pull_files() -> bool:
     def patched(self, model_path: str = "", allow_pattern=None, ignore_pattern=None) -> None:
         if not model_path.lower().startswith("s3://"):
             return original(self, model_path, allow_pattern, ignore_pattern)
-        pull_files(model_path, self.dir, allow_pattern, ignore_pattern)
+        # vLLM pulls twice into one instance (configs, then everything but weights): fetch
+        # each file once per instance (a later LLM() with the same URL fetches afresh).
+        done = self.__dict__.setdefault("_tensorizer_rs_fetched", set())
+        done.update(pull_files(model_path, self.dir, allow_pattern, ignore_pattern, skip=done))
         return None
 
     patched._tensorizer_rs = True
@@ -163,8 +217,21 @@ def _patch_object_storage_check() -> bool:
             "s3://"
         ):
             return original(self, *args, **kwargs)
-        with _not_object_storage(vllm_config_module):
-            return original(self, *args, **kwargs)
+        extra = self.model_loader_extra_config
+        if hasattr(extra, "to_serializable"):  # as vLLM's create_load_config does
+            extra = extra.to_serializable()
+        extra = dict(extra or {})
+        if not extra.get("tensorizer_uri") and not extra.get("tensorizer_dir"):
+            # vLLM replaces `model` by its local mirror of the config files before it derives
+            # tensorizer_dir from it; the weights stay at {s3 dir}/model.tensors.
+            extra["tensorizer_uri"] = f"{str(self.model).rstrip('/')}/model.tensors"
+        self.model_loader_extra_config = extra
+        token = _storage.set(storage_options_of(extra))
+        try:
+            with _not_object_storage(vllm_config_module):
+                return original(self, *args, **kwargs)
+        finally:
+            _storage.reset(token)
 
     create_engine_config._tensorizer_rs = True
     create_engine_config._original = original

@@ -5,7 +5,9 @@ It makes `load_format="tensorizer"` use tensorizer_rs, adds `load_format=
 "tensorizer_rs_serialize"` (used by `tensorize_vllm_model`), and lets vLLM fetch the config and
 tokenizer of `s3://` model dirs without runai-model-streamer (`objstore.install`), and lets vLLM
 load tensorized LoRA adapters, local or remote (`lora.install`). Needs vLLM >= 0.10.1 for
-`register_model_loader`; on older versions it logs a warning and changes nothing.
+`register_model_loader`; on older versions it logs a warning and changes nothing. On vLLM's CPU
+backend it also requests the AMX permission that vLLM's attention kernel needs but does not ask
+for (`_request_amx_permission`).
 """
 
 from __future__ import annotations
@@ -49,4 +51,25 @@ def register() -> None:
     from . import lora
 
     lora.install()
+    _request_amx_permission()
     _registered = True
+
+
+def _request_amx_permission() -> None:
+    """Ask Linux for the AMX tile state (arch_prctl ARCH_REQ_XCOMP_PERM) in vLLM CPU processes.
+
+    vLLM 0.32's CPU attention kernel (`_C.abi3.so`, cpu_attn_amx.hpp) executes AMX instructions
+    (`tilezero`) without requesting that permission, which Linux >= 5.16 requires per process:
+    the worker dies with SIGILL on its first forward pass unless something else (a oneDNN
+    matmul that picked AMX, e.g. for a first batch of 5+ tokens) asked before. torch's
+    `_init_amx` makes the request (what oneDNN does); it changes nothing else.
+    """
+    try:
+        import torch
+        from vllm.platforms import current_platform
+
+        cpu = getattr(torch, "cpu", None)
+        if current_platform.is_cpu() and cpu is not None and cpu._is_amx_tile_supported():
+            cpu._init_amx()
+    except Exception as e:  # noqa: BLE001 - best effort; vLLM works without it on most inputs
+        logger.debug("tensorizer_rs: AMX permission request skipped: %s", e)

@@ -1,0 +1,313 @@
+"""HTTPS with a private CA: nginx with TLS on 127.0.0.1 (a file server, and a TLS front for the
+moto S3 server), certificates made here by a throw-away CA (Python `cryptography`, installed with
+moto by scripts/setup-env.sh).
+
+Trust comes from `CAInfo(cacert=... | capath=...)` (CoreWeave's `open_stream` option),
+`REQUESTS_CA_BUNDLE` / `CURL_CA_BUNDLE` (https://), `AWS_CA_BUNDLE` (s3://) or `SSL_CERT_FILE`;
+without the CA a load fails at once with a certificate error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from helpers import entry_key, lookup, sha256
+from tensorizer_rs import TensorDeserializer, TensorizerError
+from tensorizer_rs.stream_io import CAInfo, open_stream
+
+CA_VARS = ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "AWS_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR")
+VECTOR = "dtypes.tensors"
+
+
+@pytest.fixture(autouse=True)
+def _no_ca_env(monkeypatch):
+    """Each test starts without CA variables (a developer's environment may set them)."""
+    for var in CA_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def _pem(obj) -> bytes:
+    if isinstance(obj, x509.Certificate):
+        return obj.public_bytes(serialization.Encoding.PEM)
+    return obj.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:
+    """A CA, and a server certificate it signed for IP 127.0.0.1 only (not for "localhost")."""
+    d = tmp_path_factory.mktemp("pki")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = {"not_valid_before": now - datetime.timedelta(hours=1),
+             "not_valid_after": now + datetime.timedelta(days=1)}  # fmt: skip
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder(**valid)
+        .subject_name(_name("tensorizer-rs test CA"))
+        .issuer_name(_name("tensorizer-rs test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    server = (
+        x509.CertificateBuilder(**valid)
+        .subject_name(_name("127.0.0.1"))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key"}
+    paths["ca"].write_bytes(_pem(ca))
+    paths["cert"].write_bytes(_pem(server))
+    paths["key"].write_bytes(_pem(key))
+    capath = d / "capath"
+    capath.mkdir()
+    (capath / "README").write_text("not a certificate\n")
+    shutil.copy(paths["ca"], capath / "test-ca.pem")
+    paths["capath"] = capath
+    return paths
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for_port(port: int, proc: subprocess.Popen, log: Path) -> None:
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"nginx exited: {log.read_text()}", pytrace=False)
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    pytest.fail(f"nginx did not listen on {port}: {log.read_text()}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def nginx_tls(tmp_path_factory, pki, vectors_dir, s3_server):
+    """nginx with TLS: static files (the golden vectors) and a proxy to the S3 test server.
+    Yields {"https": base URL of the files, "s3": the S3 endpoint through TLS}."""
+    if shutil.which("nginx") is None:
+        pytest.skip("nginx is not installed (apt-get install -y nginx)")
+    d = tmp_path_factory.mktemp("nginx-tls")
+    root = d / "root"
+    shutil.copytree(vectors_dir, root)
+    (d / "tmp").mkdir()
+    files_port, s3_port = _free_port(), _free_port()
+    moto = s3_server.endpoint.removeprefix("http://")
+    user = "user root;" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+    tls = f"ssl_certificate {pki['cert']}; ssl_certificate_key {pki['key']};"
+    conf = f"""
+{user}
+daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {d}/tmp;
+    proxy_temp_path {d}/tmp;
+    fastcgi_temp_path {d}/tmp;
+    uwsgi_temp_path {d}/tmp;
+    scgi_temp_path {d}/tmp;
+    server {{
+        listen 127.0.0.1:{files_port} ssl;
+        {tls}
+        root {root};
+    }}
+    server {{
+        listen 127.0.0.1:{s3_port} ssl;
+        {tls}
+        client_max_body_size 0;
+        proxy_request_buffering off;
+        location / {{
+            proxy_pass http://{moto};
+            proxy_set_header Host $http_host;
+            proxy_http_version 1.1;
+        }}
+    }}
+}}
+"""
+    (d / "nginx.conf").write_text(conf)
+    log = d / "error.log"
+    proc = subprocess.Popen(
+        ["nginx", "-e", str(log), "-p", str(d), "-c", str(d / "nginx.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for port in (files_port, s3_port):
+            _wait_for_port(port, proc, log)
+        s3_server.bucket("tls")
+        yield {
+            "https": f"https://127.0.0.1:{files_port}",
+            "localhost": f"https://localhost:{files_port}",
+            "s3": f"https://127.0.0.1:{s3_port}",
+        }
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _check(d, manifest):
+    for m in manifest["tensors"]:
+        t = lookup(d, entry_key(m))
+        assert sha256(t) == m["sha256"] and list(t.shape) == m["shape"], m["name"]
+
+
+def _url(nginx_tls, name=VECTOR):
+    return f"{nginx_tls['https']}/{name}"
+
+
+# ----------------------------------------------------------------------------- https://
+def test_https_with_cainfo(nginx_tls, pki, vector_manifests):
+    """CAInfo(cacert=...) / CAInfo(capath=...): exact bytes and tensors over https."""
+    v = vector_manifests[VECTOR]
+    want = Path(v["path"]).read_bytes()
+    for ca in (CAInfo(cacert=str(pki["ca"])), CAInfo(capath=str(pki["capath"]))):
+        with open_stream(_url(nginx_tls), certificate_handling=ca) as f:
+            assert f.read() == want
+        stream = open_stream(_url(nginx_tls), certificate_handling=ca)
+        _check(TensorDeserializer(stream, device="cpu", verify_hash=True), v)
+
+
+@pytest.mark.parametrize("var", ["REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"])
+def test_https_ca_bundle_from_environment(nginx_tls, pki, vector_manifests, monkeypatch, var):
+    """A plain URI (no stream options) picks the bundle up from requests'/curl's variables."""
+    monkeypatch.setenv(var, str(pki["ca"]))
+    _check(TensorDeserializer(_url(nginx_tls), device="cpu"), vector_manifests[VECTOR])
+
+
+def test_https_ssl_cert_file(nginx_tls, pki, vector_manifests):
+    """SSL_CERT_FILE replaces the system roots (read when a client is first built, so in a fresh
+    process)."""
+    script = (
+        "import hashlib, sys\n"
+        "from tensorizer_rs.stream_io import open_stream\n"
+        "with open_stream(sys.argv[1]) as f: print(hashlib.sha256(f.read()).hexdigest())\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in CA_VARS}
+    env["SSL_CERT_FILE"] = str(pki["ca"])
+    proc = subprocess.run(
+        [sys.executable, "-c", script, _url(nginx_tls)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import hashlib
+
+    want = hashlib.sha256(Path(vector_manifests[VECTOR]["path"]).read_bytes()).hexdigest()
+    assert proc.stdout.strip() == want
+
+
+def test_https_without_the_ca_fails_fast_with_a_certificate_error(nginx_tls, pki):
+    start = time.perf_counter()
+    with pytest.raises(TensorizerError) as e:
+        TensorDeserializer(_url(nginx_tls), device="cpu")
+    msg = str(e.value)
+    assert "TLS certificate verification failed" in msg and "UnknownIssuer" in msg, msg
+    assert "REQUESTS_CA_BUNDLE" in msg and _url(nginx_tls) in msg
+    assert time.perf_counter() - start < 5, "certificate errors are not retried"
+    # Trusted CA, but the certificate is for 127.0.0.1, not "localhost".
+    with pytest.raises(
+        TensorizerError, match='TLS certificate verification failed.*not valid for name "localhost"'
+    ):
+        open_stream(
+            f"{nginx_tls['localhost']}/{VECTOR}", certificate_handling=CAInfo(cacert=str(pki["ca"]))
+        )
+
+
+def test_https_allow_untrusted(nginx_tls, vector_manifests):
+    stream = open_stream(_url(nginx_tls), certificate_handling=CAInfo(allow_untrusted=True))
+    _check(TensorDeserializer(stream, device="cpu"), vector_manifests[VECTOR])
+
+
+def test_bad_ca_bundles(nginx_tls, tmp_path, monkeypatch):
+    junk = tmp_path / "junk.pem"
+    junk.write_text("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n")
+    with pytest.raises(ValueError, match="junk.pem: a certificate cannot be used as a root"):
+        open_stream(_url(nginx_tls), certificate_handling=CAInfo(cacert=str(junk)))
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
+    with pytest.raises(FileNotFoundError, match="CA bundle .*missing.pem"):
+        open_stream(_url(nginx_tls))
+
+
+def test_cainfo_arguments(tmp_path):
+    with pytest.raises(ValueError, match="Exactly one of"):
+        CAInfo()
+    with pytest.raises(ValueError, match="Exactly one of"):
+        CAInfo(cacert=str(tmp_path), allow_untrusted=True)
+    with pytest.raises(ValueError, match="cacert"):
+        CAInfo(cacert=str(tmp_path / "none.pem"))
+    with pytest.raises(ValueError, match="capath"):
+        CAInfo(capath=str(tmp_path / "none"))
+    with pytest.raises(TypeError, match="CAInfo"):
+        open_stream("https://127.0.0.1:1/x", certificate_handling="/etc/ssl/cert.pem")
+
+
+# ----------------------------------------------------------------------------- s3:// over TLS
+def test_s3_over_https(nginx_tls, pki, s3_server, monkeypatch):
+    """The S3 client trusts CAInfo / AWS_CA_BUNDLE; without the CA: a certificate error, fast."""
+    opts = dict(s3_server.opts, s3_endpoint=nginx_tls["s3"])
+    data = os.urandom(3 << 20)
+    ca = CAInfo(cacert=str(pki["ca"]))
+    with open_stream("s3://tls/blob.bin", "wb", certificate_handling=ca, **opts) as f:
+        f.write(data)
+    with open_stream("s3://tls/blob.bin", certificate_handling=ca, **opts) as f:
+        assert f.read() == data
+
+    start = time.perf_counter()
+    with pytest.raises(TensorizerError, match="TLS certificate verification failed.*UnknownIssuer"):
+        open_stream("s3://tls/blob.bin", **opts)
+    assert time.perf_counter() - start < 5
+    with pytest.raises(TensorizerError, match="not supported for s3://"):
+        open_stream("s3://tls/blob.bin", certificate_handling=CAInfo(allow_untrusted=True), **opts)
+
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(pki["ca"]))
+    with open_stream("s3://tls/blob.bin", **opts) as f:
+        assert f.read() == data
