@@ -236,7 +236,9 @@ def write_files(args, res):
     log(
         f"wrote {ours}: {nbytes / GiB:.2f} GiB, {len(shapes)} tensors, {time.perf_counter() - t0:.1f} s"
     )
-    if not args.skip_safetensors:
+    if args.skip_safetensors:
+        st = None
+    else:
         import shutil
 
         free = shutil.disk_usage(args.dir).free
