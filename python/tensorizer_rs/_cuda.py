@@ -73,6 +73,12 @@ def staging(
     return _native.cuda_staging(total_bytes, chunk_bytes, None, pinned)
 
 
+def prewarm(device: Any, readers: int | None) -> None:
+    """Start making the staging buffers a load to ``device`` will use (one per reader), in the
+    background, while the caller still parses the index and allocates the destinations."""
+    _native.cuda_prewarm(_ordinal(device), readers)
+
+
 def release_staging(device: int = 0) -> None:
     """Free the idle pinned staging buffers of a device (they come back on the next load)."""
     _native.cuda_release_staging(device)

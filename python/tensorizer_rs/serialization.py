@@ -103,6 +103,11 @@ class TensorDeserializer(collections.abc.Mapping):
         self._crypt = _decryption_args(encryption)
         self._dtype = dtype
         self._device = self._resolve_device(device)
+        if self._device.type == "cuda":
+            from . import _cuda
+
+            # Page-locking staging buffers overlaps with opening the file and allocating.
+            _cuda.prewarm(self._device, num_readers)
         self._file = self._open(file_obj)
         self._closed = False
         entries = self._file.entries()

@@ -166,7 +166,24 @@ fn cuda_release_staging(device: i32) -> PyResult<()> {
     Ok(())
 }
 
+/// Start making `buffers` staging buffers of device `device` in the background (a load that
+/// starts meanwhile uses them as they come); returns at once. Failures are left to the load.
+#[pyfunction]
+#[pyo3(signature = (device, buffers=None))]
+fn cuda_prewarm(device: i32, buffers: Option<usize>) {
+    let buffers = buffers.unwrap_or_else(crate::load::device::default_readers);
+    if !matches!(cuda::device_count(), Ok(n) if n > 0) {
+        return;
+    }
+    std::thread::spawn(move || {
+        if let Ok(engine) = cuda::Engine::get(device) {
+            engine.pool().prewarm(buffers);
+        }
+    });
+}
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(cuda_prewarm, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_available, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_load, m)?)?;
     m.add_function(wrap_pyfunction!(cuda_counters, m)?)?;

@@ -105,6 +105,35 @@ impl Pool {
         Ok(Staged { pool: self.clone(), slot: Some(slot), used_on: None })
     }
 
+    /// Allocate idle buffers until `n` exist (at most the pool's bound), one thread each, so a
+    /// load that starts meanwhile finds them made: the first load of a process otherwise pays
+    /// for page-locking its buffers one reader at a time. Errors leave the pool as it was.
+    pub fn prewarm(self: &Arc<Self>, n: usize) {
+        let todo = {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let want = n.min(self.max_buffers).saturating_sub(st.allocated);
+            st.allocated += want;
+            want
+        };
+        std::thread::scope(|s| {
+            for _ in 0..todo {
+                s.spawn(|| {
+                    let made = self.ctx.bind().and_then(|()| Self::make(self.cfg.chunk, self.cfg.pinned));
+                    match made {
+                        Ok(slot) => {
+                            counters::add(Counter::StagingAllocated, slot.buf.capacity() as u64);
+                            self.give_back(slot);
+                        }
+                        Err(_) => {
+                            self.state.lock().unwrap_or_else(|p| p.into_inner()).allocated -= 1;
+                            self.cond.notify_one();
+                        }
+                    }
+                });
+            }
+        });
+    }
+
     fn make(cap: usize, mode: super::PinnedMode) -> Result<Slot> {
         Ok(Slot { buf: PinnedBuf::new(cap, mode)?, event: Event::new()?, pending: false })
     }
