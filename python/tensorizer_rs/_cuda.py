@@ -37,6 +37,10 @@ CAST_GROUP_BYTES = 256 << 20
 #: New tensors up to this size share allocations (one ``torch.empty`` per shape and dtype, split
 #: with ``unbind``): per-tensor allocation dominates files of many tiny tensors.
 SHARE_MAX_BYTES = 64 << 10
+#: New tensors of at least this many bytes in all are allocated while the first part of them
+#: (``OVERLAP_HEAD`` of the bytes) loads, so torch's allocations overlap with the copies.
+OVERLAP_MIN_BYTES = 256 << 20
+OVERLAP_HEAD = 0.25
 #: Bytes of one shared allocation.
 SHARE_GROUP_BYTES = 4 << 20
 #: Options passed to every native load (benchmarks and tests set ``io`` and ``register_readers``).
@@ -154,7 +158,7 @@ class _Run:
 
         return report
 
-    def native(self, jobs: list) -> list:
+    def native(self, jobs: list, stream: int | None = None) -> list:
         """Load ``[(index, tensor, data_ptr, nbytes)]`` into the tensors' memory; returns the
         module indices."""
         if not jobs:
@@ -165,7 +169,7 @@ class _Run:
             d._file,
             targets,
             _ordinal(d._device),
-            _stream_of(d._device),
+            _stream_of(d._device) if stream is None else stream,
             num_readers=d._num_readers,
             verify_hash=self.verify,
             progress=self._progress(),
@@ -214,9 +218,8 @@ def _load(run: _Run, indices: list, into: dict) -> dict:
             fresh.append((i, final))
         else:
             casts.append((i, e, final, target, dest))
-    direct += _allocate(entries, fresh, device)
     out = {}
-    for (i, t, _, _), idx in zip(direct, run.native(direct)):
+    for (i, t, _, _), idx in _load_fresh(run, direct, fresh):
         out[i] = (idx, t)
     # Casts: load a group at its stored dtype into temporaries, then cast on the GPU.
     group, size = [], 0
@@ -237,6 +240,35 @@ def _load(run: _Run, indices: list, into: dict) -> dict:
             del tmp
             group, size = [], 0
     return out
+
+
+def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
+    """Load ``direct`` jobs plus new tensors for ``fresh`` = ``[(index, dtype)]``; returns
+    ``[(job, module_idx)]``. With many bytes of new tensors, the later ones are allocated while
+    the first ones load (torch's allocations cost about a tenth of a warm load)."""
+    d = run.deser
+    entries = d._entries
+    total = sum(entries[i]["nbytes"] for i, _ in fresh)
+    if total < OVERLAP_MIN_BYTES or len(fresh) < 2:
+        jobs = direct + _allocate(entries, fresh, d._device)
+        return list(zip(jobs, run.native(jobs)))
+    cut, acc = 1, 0
+    for cut, (i, _) in enumerate(fresh, 1):
+        acc += entries[i]["nbytes"]
+        if acc >= total * OVERLAP_HEAD:
+            break
+    cut = min(cut, len(fresh) - 1)
+    first = direct + _allocate(entries, fresh[:cut], d._device)
+    stream = _stream_of(d._device)  # the caller's current stream (thread-local in torch)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tensorizer-rs-load") as ex:
+        pending = ex.submit(run.native, first, stream)
+        try:
+            rest = _allocate(entries, fresh[cut:], d._device)
+        finally:
+            done = pending.result()  # the first load's error, if any, wins
+    return list(zip(first, done)) + list(zip(rest, run.native(rest, stream)))
 
 
 def _allocate(entries: list, wanted: list, device) -> list:

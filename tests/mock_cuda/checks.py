@@ -222,6 +222,24 @@ def _tampered(sd, dec):
 
 
 @check
+def allocation_overlaps_first_load():
+    """New tensors allocated while the first part loads (a second native load) land the same."""
+    small_staging()
+    sd = big_state(3)
+    path = write(TMP / "overlap.tensors", sd)
+    old = _cuda.OVERLAP_MIN_BYTES
+    _cuda.OVERLAP_MIN_BYTES = 0
+    try:
+        _cuda.reset_counters()
+        out = gpu_load(gpu_deser(path))
+    finally:
+        _cuda.OVERLAP_MIN_BYTES = old
+    for k, v in expected(sd).items():
+        assert torch.equal(out[k], v), k
+    assert _cuda.counters()["loads"] == 2, _cuda.counters()
+
+
+@check
 def larger_than_pool_all_modes():
     small_staging()
     sd = big_state()
