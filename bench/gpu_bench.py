@@ -303,6 +303,10 @@ def child(args):
         return sweep(model, path, out)
     if kind == "small":
         return small_overhead(path, out, spec)
+    if spec.get("no_overlap"):  # A/B: new tensors all allocated before the load starts
+        from tensorizer_rs import _cuda
+
+        _cuda.OVERLAP_MIN_BYTES = 1 << 62
     if spec.get("cold"):
         drop_caches()
     torch.cuda.synchronize()
@@ -540,6 +544,10 @@ def main():
         {"loader": "ours_module", "path": ours, "label": "ours_module(again)"},
         {"loader": "vllm_path", "path": ours},
         {"loader": "vllm_path", "path": ours, "label": "vllm_path(again)"},
+        {"loader": "ours", "path": ours, "no_overlap": True, "label": "ours(no overlap)"},
+        {"loader": "vllm_path", "path": ours, "no_overlap": True, "label": "vllm_path(no overlap)"},
+        {"loader": "ours", "path": ours, "label": "ours(3rd)"},
+        {"loader": "ours", "path": ours, "no_overlap": True, "label": "ours(no overlap, 2nd)"},
     ]
     if args.coreweave:
         plan.append({"loader": "coreweave", "path": ours})
