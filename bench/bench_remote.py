@@ -354,10 +354,14 @@ def main() -> None:
             plan = []
         if args.sweep:
             for device in args.devices.split(","):
-                for readers in ("-", "16", "32") if device != "cpu" else ("-", "16"):
-                    for conc, mib in ((32, 8), (64, 8), (32, 16), (64, 4), (16, 16)):
-                        storage = {"max_concurrency": conc, "request_size": mib << 20}
-                        plan.append(("ours", "http", http_url, device, {}, readers, storage))
+                for storage in (
+                    {"http_direct": False},  # bodies through reqwest/hyper (the A of the A/B)
+                    {"max_concurrency": 64, "request_size": 8 << 20},
+                    {"max_concurrency": 32, "request_size": 16 << 20},
+                    {"max_concurrency": 16, "request_size": 32 << 20},
+                ):
+                    plan.append(("ours", "http", http_url, device, {}, "-", storage))
+                plan.append(("ours", "http", http_url, device, {}, "16", None))
         for kind, proto, uri, device, env, readers, storage in plan:
             r = load(kind, uri, device, env, readers, storage)
             r.update(loader=kind, proto=proto, device=device, readers=readers, storage=storage)
@@ -381,9 +385,7 @@ def main() -> None:
     log("| loader | proto | device | readers | GB/s | / ceiling |\n|---|---|---|---|---:|---:|")
     for r in res["runs"]:
         st = r.get("storage")
-        readers = r["readers"] + (
-            f", {st['max_concurrency']} x {st['request_size'] >> 20} MiB" if st else ""
-        )
+        readers = r["readers"] + (f", {json.dumps(st)}" if st else "")
         if "gbps" in r:
             log(
                 f"| {r['loader']} | {r['proto']} | {r['device']} | {readers} | "

@@ -6,6 +6,7 @@
 //! blocking calls, so callers are plain threads.
 mod config;
 mod http;
+mod http_direct;
 pub mod local;
 mod ranged;
 mod retry;
@@ -13,6 +14,7 @@ mod s3;
 mod tls;
 
 pub use config::StorageOptions;
+pub use http_direct::direct_bytes as http_direct_bytes;
 
 use crate::error::{Error, ErrorKind, Result};
 
