@@ -317,10 +317,12 @@ def test_hook_reads_tensorized_dir_like_vllm_reads_safetensors(adapters, monkeyp
     from vllm.lora import lora_model, worker_manager
 
     cls = lora_model.LoRAModel
-    monkeypatch.setattr(cls, "from_local_checkpoint", cls.__dict__["from_local_checkpoint"])
-    monkeypatch.setattr(
-        worker_manager, "get_adapter_absolute_path", worker_manager.get_adapter_absolute_path
-    )
+    # Start from vLLM's own functions, even where an earlier test in this process registered
+    # the plugin (the hooks keep what they wrap as `_original`).
+    raw = cls.__dict__["from_local_checkpoint"]
+    monkeypatch.setattr(cls, "from_local_checkpoint", getattr(raw.__func__, "_original", raw))
+    fn = worker_manager.get_adapter_absolute_path
+    monkeypatch.setattr(worker_manager, "get_adapter_absolute_path", getattr(fn, "_original", fn))
     original = cls.from_local_checkpoint
     assert tzlora._patch_from_local_checkpoint()
     assert not tzlora._patch_from_local_checkpoint()  # idempotent
