@@ -358,8 +358,11 @@ def main() -> None:
             plan = []
         if args.sweep:
             for device in args.devices.split(","):
-                # bodies through reqwest/hyper (the A of the A/B), and a second default run
-                for storage in ({"http_direct": False}, None):
+                for storage in (
+                    {"max_concurrency": 64, "request_size": 8 << 20},
+                    {"max_concurrency": 32, "request_size": 16 << 20},
+                    {"max_concurrency": 16, "request_size": 32 << 20},
+                ):
                     plan.append(("ours", "http", http_url, device, {}, "-", storage))
         for kind, proto, uri, device, env, readers, storage in plan:
             r = load(kind, uri, device, env, readers, storage)

@@ -54,9 +54,6 @@ pub struct StorageOptions {
     pub ca_bundle: Option<PathBuf>,
     /// Skip certificate verification for `https://` (curl's `--insecure`); refused for S3.
     pub allow_untrusted: bool,
-    /// Plain `http://` bodies read straight from the socket into the destination (default
-    /// on where possible: see `storage::http_direct`); `Some(false)` always uses reqwest.
-    pub http_direct: Option<bool>,
 }
 
 /// Defaults, in one place.
@@ -99,7 +96,6 @@ impl fmt::Debug for StorageOptions {
             .field("http_headers", &header_names)
             .field("max_concurrency", &self.max_concurrency)
             .field("request_size", &self.request_size)
-            .field("http_direct", &self.http_direct)
             .field("max_retries", &self.max_retries)
             .field("s3_part_size", &self.s3_part_size)
             .field("s3_upload_buffer", &self.s3_upload_buffer)

@@ -13,7 +13,6 @@ use reqwest::header::{
 };
 use reqwest::{StatusCode, Url};
 
-use super::http_direct::{Direct, Outcome};
 use super::ranged::{changed, error_chain, ContentRange, Filler, Opened, RangeFetch, RangedSource, PROBE_LEN};
 use super::retry::Failure;
 use super::tls::{self, Trust};
@@ -112,8 +111,6 @@ impl Validator {
 
 pub struct HttpFetch {
     client: reqwest::Client,
-    /// Plain-HTTP bodies straight into the destination, where possible (`http_direct`).
-    direct: Option<Direct>,
     url: Url,
     headers: HeaderMap,
     validator: Validator,
@@ -170,10 +167,6 @@ impl HttpFetch {
             .await
             .map_err(request_failure)?;
         let status = resp.status();
-        let h1 = matches!(resp.version(), reqwest::Version::HTTP_10 | reqwest::Version::HTTP_11);
-        if resp.url() != &self.url || status != StatusCode::PARTIAL_CONTENT || !h1 {
-            self.direct = None; // redirected, no ranges or not HTTP/1.x: reqwest handles it all
-        }
         self.validator = Validator::from_headers(resp.headers());
         let content_range =
             resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(ContentRange::parse);
@@ -230,16 +223,6 @@ impl RangeFetch for HttpFetch {
         filled: &'a mut usize,
     ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
-            if let (Some(direct), true) = (&self.direct, self.ranges) {
-                let mut headers = self.headers.clone();
-                if let Some((name, value)) = self.validator.condition() {
-                    headers.insert(name, value);
-                }
-                let check = |h: &HeaderMap| self.validator.check(h);
-                if let Outcome::Done = direct.fetch(offset, self.size, &headers, &check, dst, filled).await? {
-                    return Ok(());
-                }
-            }
             let mut resp = self.request(offset, dst.len() as u64).send().await.map_err(request_failure)?;
             let status = resp.status();
             let skip = match status {
@@ -296,10 +279,8 @@ pub(crate) fn open(uri: &str, opts: &StorageOptions) -> Result<HttpSource> {
     let url = Url::parse(uri).map_err(|e| Error::value(format!("invalid URL: {e}")))?;
     let shown = shown_url(&url);
     let trust = tls::http_trust(opts, &|k| std::env::var(k).ok());
-    let direct = if opts.http_direct == Some(false) { None } else { Direct::new(&url, &|k| std::env::var(k).ok()) };
     let fetch = HttpFetch {
         client: client(&trust).map_err(|e| e.in_file(&shown))?,
-        direct,
         url,
         headers: header_map(opts).map_err(|e| e.in_file(&shown))?,
         validator: Validator::default(),

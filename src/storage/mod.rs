@@ -6,7 +6,6 @@
 //! blocking calls, so callers are plain threads.
 mod config;
 mod http;
-mod http_direct;
 pub mod local;
 mod ranged;
 mod retry;
@@ -14,7 +13,6 @@ mod s3;
 mod tls;
 
 pub use config::StorageOptions;
-pub use http_direct::direct_bytes as http_direct_bytes;
 
 use crate::error::{Error, ErrorKind, Result};
 
