@@ -124,14 +124,19 @@ impl Nginx {
         std::fs::create_dir_all(d.join("root")).unwrap();
         let port = free_port();
         let user = if unsafe { libc::geteuid() } == 0 { "user root;" } else { "" };
+        // One process by default; benchmarks set TENSORIZER_NGINX_WORKERS for a real server.
+        let workers = match std::env::var("TENSORIZER_NGINX_WORKERS").ok().and_then(|v| v.parse::<usize>().ok()) {
+            Some(n) => format!("master_process on;\nworker_processes {n};"),
+            None => "master_process off;".to_string(),
+        };
         let conf = format!(
             r#"
 {user}
 daemon off;
-master_process off;
+{workers}
 pid {d}/nginx.pid;
 error_log {d}/error.log warn;
-events {{ worker_connections 1024; }}
+events {{ worker_connections 4096; }}
 http {{
     log_format ranges '$request_method $uri "$http_range" $status $body_bytes_sent $connection $connection_requests $msec $request_time';
     access_log {d}/access.log ranges;
