@@ -323,12 +323,8 @@ def main() -> None:
             plan = [p for p in plan if p[0] == "ours" and p[1] == "http"]
         if args.sweep:
             for device in args.devices.split(","):
-                for storage in (
-                    {"max_concurrency": 64, "request_size": 8 << 20},
-                    {"max_concurrency": 32, "request_size": 16 << 20},
-                    {"max_concurrency": 16, "request_size": 32 << 20},
-                ):
-                    plan.append(("ours", "http", http_url, device, {}, "-", storage))
+                for readers in ("8", "16", "32", "-"):
+                    plan.append(("ours", "http", http_url, device, {}, readers, None))
         for kind, proto, uri, device, env, readers, storage in plan:
             r = load(kind, uri, device, env, readers, storage)
             r.update(loader=kind, proto=proto, device=device, readers=readers, storage=storage)
