@@ -511,9 +511,18 @@ pub fn load_to_device(
             sealed: Mutex::new(None),
         })
         .collect();
-    // Decryption is CPU-bound: encrypted loads use every core by default. (Over HTTP, one
-    // reader per staging buffer measured no faster than this: docs/benchmarks.md.)
-    let default = if encrypted { cpu_readers } else { default_readers };
+    // Decryption is CPU-bound: encrypted loads use every core by default. Over the network each
+    // reader waits on one request per staging buffer: one reader per buffer keeps the most in
+    // flight (HTTP on the H200 host: 16.3 vs 13.0–13.8 GB/s with 12, docs/benchmarks.md).
+    let remote = file.name().contains("://");
+    let default = || {
+        let cpu = if encrypted { cpu_readers() } else { default_readers() };
+        if remote {
+            cpu.max(pool.max_buffers())
+        } else {
+            cpu
+        }
+    };
     let readers = opts.base.num_readers.unwrap_or_else(default).clamp(1, 64).min(work.len().max(1));
     let job = Job {
         file,
