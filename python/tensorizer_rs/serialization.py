@@ -107,7 +107,10 @@ class TensorDeserializer(collections.abc.Mapping):
             from . import _cuda
 
             # Page-locking staging buffers overlaps with opening the file and allocating.
-            _cuda.prewarm(self._device, num_readers)
+            # Remote loads use one reader per buffer (the whole pool), local ones fewer.
+            uri = _uri_of(file_obj)
+            remote = num_readers is None and uri is not None and "://" in uri
+            _cuda.prewarm(self._device, 1 << 16 if remote else num_readers)
         self._file = self._open(file_obj)
         self._closed = False
         entries = self._file.entries()
