@@ -41,6 +41,7 @@ from vllm_helpers import (
     get_json,
     make_tiny_lora,
     make_tiny_model,
+    op_tokens,
     post_json,
     run_ops,
     run_script,
@@ -156,12 +157,6 @@ def results(tiny_model, adapters, http_base, lora_env) -> dict:
     ]
     out = run_ops([{"op": "lora", "model": str(tiny_model), "adapters": specs}], env=lora_env)
     return out["lora"]
-
-
-def _tokens(results, name):
-    r = results[name]
-    assert "tokens" in r, f"{name} failed: {r.get('error_type')}: {r.get('error')}\n{r.get('log')}"
-    return r["tokens"]
 
 
 # ----------------------------------------------------------------------------- no engine
@@ -390,7 +385,7 @@ def test_resolver(adapters, work, s3, monkeypatch):
 
 # ----------------------------------------------------------------------------- LLM.generate
 def test_adapter_changes_the_output(results):
-    assert _tokens(results, "st") != results["base"]
+    assert op_tokens(results, "st") != results["base"]
 
 
 @pytest.mark.parametrize(
@@ -398,7 +393,7 @@ def test_adapter_changes_the_output(results):
     ["plain", "from_bin", "enc", "s3_plain", "s3_enc", "s3_st", "http_enc", "old"],
 )
 def test_llm_generate_matches_safetensors_twin(results, name):
-    assert _tokens(results, name) == _tokens(results, "st")
+    assert op_tokens(results, name) == op_tokens(results, "st")
 
 
 def test_llm_generate_read_with_our_deserializer(results, work):
@@ -430,7 +425,7 @@ def test_llm_wrong_key_is_a_clear_error(results, adapters, keys):
 def test_vllm_serve(tiny_model, adapters, http_base, lora_env, results, work):
     """--lora-modules with local, encrypted, S3 and HTTP tensorized adapters; runtime loading
     (a wrong key fails with the file named, the server keeps serving); the resolver."""
-    base_tokens, lora_tokens = results["base"][0], _tokens(results, "st")[0]
+    base_tokens, lora_tokens = results["base"][0], op_tokens(results, "st")[0]
     env = dict(
         lora_env,
         VLLM_ENABLE_V1_MULTIPROCESSING="1",

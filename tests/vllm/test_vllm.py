@@ -12,13 +12,8 @@ import io
 import json
 import os
 import re
-import signal
 import socket
 import stat
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -37,7 +32,19 @@ from tensorizer_rs.vllm import (
     TensorizerConfig,
     is_vllm_tensorized,
 )
-from vllm_helpers import HERE, REPO, make_tiny_model, run_ops, run_script, vllm_env
+from vllm_helpers import (
+    HERE,
+    REPO,
+    TINY_SERVE_ARGS,
+    complete,
+    make_tiny_model,
+    op_error,
+    op_tokens,
+    run_ops,
+    run_script,
+    vllm_env,
+    vllm_serve,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -173,25 +180,13 @@ def results(tiny_model, work, coreweave_files) -> dict:
     return run_ops(ops)
 
 
-def _tokens(results, name):
-    r = results[name]
-    assert "tokens" in r, f"{name} failed: {r.get('error_type')}: {r.get('error')}\n{r['log']}"
-    return r["tokens"]
-
-
-def _error(results, name):
-    r = results[name]
-    assert "error_type" in r, f"{name} was expected to fail, got {r}"
-    return r["error_type"], r["error"]
-
-
 # ----------------------------------------------------------------------------- serialize + load
 def test_reference_loads(results):
-    assert len(_tokens(results, "reference")) == 2
+    assert len(op_tokens(results, "reference")) == 2
 
 
 def test_serialize_loader_serves_the_checkpoint(results, work):
-    assert _tokens(results, "serialize_loader") == _tokens(results, "reference")
+    assert op_tokens(results, "serialize_loader") == op_tokens(results, "reference")
     assert (work / "direct" / "model.tensors").is_file()
 
 
@@ -215,20 +210,20 @@ def test_tensorize_vllm_model_writes_marker_and_artifacts(results, work):
 
 def test_load_vllm_tensorized_dir(results):
     """LLM(dir, load_format="tensorizer") on our tensorize_vllm_model output."""
-    assert _tokens(results, "load_dir") == _tokens(results, "reference")
+    assert op_tokens(results, "load_dir") == op_tokens(results, "reference")
     out = results["load_dir"]["out"]
     assert re.search(r"tensorizer_rs: deserialized \d+ bytes .* in [\d.]+ s, [\d.]+ GB/s", out)
     assert "pre-processing file" in out and "post-processed after loading" in out
 
 
 def test_load_with_tensorizer_config_object(results):
-    assert _tokens(results, "load_config_object") == _tokens(results, "reference")
+    assert op_tokens(results, "load_config_object") == op_tokens(results, "reference")
 
 
 def test_load_hf_layout_file(results, work):
     """A state dict with HF names (no marker) goes through model.load_weights."""
     assert not is_vllm_tensorized(TensorizerConfig(tensorizer_uri=str(work / "hf/model.tensors")))
-    assert _tokens(results, "load_hf") == _tokens(results, "reference")
+    assert op_tokens(results, "load_hf") == op_tokens(results, "reference")
 
 
 def test_load_coreweave_written_files(results, coreweave_files):
@@ -238,9 +233,9 @@ def test_load_coreweave_written_files(results, coreweave_files):
     with TensorDeserializer(builtin.tensorizer_uri, device="cpu", lazy_load=True) as t:
         assert t[MARKER_KEY].tolist() == [0]  # vLLM's marker: a meta tensor
     # vLLM's own serialize_vllm_model: meta marker, so post-processing must be asked for
-    assert _tokens(results, "load_cw_vllm_builtin") == _tokens(results, "reference")
+    assert op_tokens(results, "load_cw_vllm_builtin") == op_tokens(results, "reference")
     # CoreWeave's writer with our pre-processing marker value: recognised on its own
-    assert _tokens(results, "load_cw_pre_marker") == _tokens(results, "reference")
+    assert op_tokens(results, "load_cw_pre_marker") == op_tokens(results, "reference")
 
 
 _COREWEAVE_DIGESTS = """
@@ -279,26 +274,26 @@ def test_encrypted_roundtrip(results, work):
     key = work / "enc" / "model.key"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert len(key.read_bytes()) == 32
-    assert _tokens(results, "load_enc") == _tokens(results, "reference")
-    assert _error(results, "err_enc_no_key")[0] == "CryptographyError"
+    assert op_tokens(results, "load_enc") == op_tokens(results, "reference")
+    assert op_error(results, "err_enc_no_key")[0] == "CryptographyError"
 
 
 @needs_encryption
 def test_load_coreweave_encrypted_file(results):
-    assert _tokens(results, "load_cw_encrypted") == _tokens(results, "reference")
+    assert op_tokens(results, "load_cw_encrypted") == op_tokens(results, "reference")
 
 
 # ----------------------------------------------------------------------------- error cases
 @pytest.mark.parametrize("key", ["device", "dtype", "mode"])
 def test_blacklisted_parameter_for_loading(results, key):
-    assert _error(results, f"err_{key}") == (
+    assert op_error(results, f"err_{key}") == (
         "ValueError",
         f"{key} is not an allowed Tensorizer argument.",
     )
 
 
 def test_sharded_uri_without_template(results):
-    kind, msg = _error(results, "tensorize_template_tp2")
+    kind, msg = op_error(results, "tensorize_template_tp2")
     assert kind == "ValueError"
     assert msg == (
         "For a sharded model, tensorizer_uri should include a string format template like "
@@ -307,23 +302,23 @@ def test_sharded_uri_without_template(results):
 
 
 def test_deserialization_kwargs_reach_tensor_deserializer(results):
-    kind, msg = _error(results, "err_num_readers")
+    kind, msg = op_error(results, "err_num_readers")
     assert kind in ("TypeError", "TensorizerTypeError") and "bar" in msg, (kind, msg)
 
 
 def test_stream_kwargs_reach_open_stream(results):
-    kind, msg = _error(results, "err_stream_mode")
+    kind, msg = op_error(results, "err_stream_mode")
     assert kind in ("ValueError", "TensorizerValueError") and "foo" in msg, (kind, msg)
 
 
 def test_missing_file(results):
-    kind, _ = _error(results, "err_no_file")
+    kind, _ = op_error(results, "err_no_file")
     assert kind in ("FileNotFoundError", "TensorizerFileNotFoundError"), kind
 
 
 @pytest.mark.parametrize("fmt", ["auto", "safetensors"])
 def test_tensorizer_config_rejected_by_other_load_formats(results, fmt):
-    kind, msg = _error(results, f"err_{fmt}")
+    kind, msg = op_error(results, f"err_{fmt}")
     assert kind == "ValueError"
     assert msg.startswith(f"Unexpected extra config keys for load format {fmt}"), msg
 
@@ -338,66 +333,14 @@ def _free_port() -> int:
 def test_vllm_serve(results, work):
     """`vllm serve DIR --load-format tensorizer` (front end, EngineCore and worker processes)
     answers a completion with the reference tokens."""
-    want = _tokens(results, "reference")[0]
-    port = _free_port()
-    log_path = work / "serve.log"
+    want = op_tokens(results, "reference")[0]
+    model = str(work / "plain")
     env = vllm_env(VLLM_ENABLE_V1_MULTIPROCESSING="1")
-    cmd = [
-        str(Path(sys.executable).parent / "vllm"),
-        "serve",
-        str(work / "plain"),
-        "--load-format",
-        "tensorizer",
-        "--dtype",
-        "bfloat16",
-        "--enforce-eager",
-        "--max-model-len",
-        "256",
-        "--max-num-seqs",
-        "4",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            assert proc.poll() is None, f"vllm serve exited\n{log_path.read_text()[-8000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(2)
-        else:
-            pytest.fail(f"vllm serve did not come up\n{log_path.read_text()[-8000:]}")
-        body = {
-            "model": str(work / "plain"),
-            "prompt": [1, 10, 20, 30, 40],
-            "max_tokens": 8,
-            "temperature": 0,
-            "ignore_eos": True,
-            "return_token_ids": True,
-        }
-        req = urllib.request.Request(
-            f"http://127.0.0.1:{port}/v1/completions",
-            data=json.dumps(body).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            answer = json.load(resp)
-        assert answer["choices"][0]["token_ids"] == want, answer
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    args = [model, "--load-format", "tensorizer", *TINY_SERVE_ARGS]
+    log_path = work / "serve.log"
+    with vllm_serve(args, env=env, log_path=log_path) as url:
+        answer = complete(url, model, [1, 10, 20, 30, 40])
+    assert answer["choices"][0]["token_ids"] == want, answer
     log = log_path.read_text()
     assert "tensorizer_rs: deserialized" in log  # our loader did the load, in the worker
     assert "Registered model loader `<class 'tensorizer_rs.vllm.loader.TensorizerRsLoader'>`" in log
@@ -439,7 +382,7 @@ def test_tensor_parallel_2(tiny_model, work):
         env=env,
         timeout=900,
     )
-    ref = _tokens(results, "serialize")
+    ref = op_tokens(results, "serialize")
     dec = None
     if ENCRYPTION:
         dec = DecryptionParams.from_key(Path(cfg["encryption_keyfile"]).read_bytes())
@@ -449,7 +392,7 @@ def test_tensor_parallel_2(tiny_model, work):
         with TensorDeserializer(shard, device="cpu", lazy_load=True, encryption=dec) as t:
             # each rank holds half of the fused QKV rows
             assert t["model.layers.0.self_attn.qkv_proj.weight"].shape[0] == (128 + 2 * 64) // 2
-    assert _tokens(results, "load") == ref
+    assert op_tokens(results, "load") == ref
 
 
 # ----------------------------------------------------------------------------- example script

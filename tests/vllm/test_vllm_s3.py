@@ -19,7 +19,16 @@ import torch
 from tensorizer_rs import TensorDeserializer
 from tensorizer_rs.stream_io import open_stream
 from tensorizer_rs.vllm import MARKER_KEY, PRE_PROCESSING_MARKER
-from vllm_helpers import TINY_SERVE_ARGS, complete, make_tiny_model, run_ops, vllm_env, vllm_serve
+from vllm_helpers import (
+    TINY_SERVE_ARGS,
+    complete,
+    make_tiny_model,
+    op_error,
+    op_tokens,
+    run_ops,
+    vllm_env,
+    vllm_serve,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -90,18 +99,6 @@ def results(tiny_model, work, s3) -> dict:
     return run_ops(ops, env=_env(s3, work))
 
 
-def _tokens(results, name):
-    r = results[name]
-    assert "tokens" in r, f"{name} failed: {r.get('error_type')}: {r.get('error')}\n{r['log']}"
-    return r["tokens"]
-
-
-def _error(results, name):
-    r = results[name]
-    assert "error_type" in r, f"{name} was expected to fail, got {r}"
-    return r["error_type"], r["error"]
-
-
 def _listing(s3, prefix: str) -> dict[str, int]:
     client = boto3.client(
         "s3",
@@ -135,7 +132,7 @@ def test_tensorize_vllm_model_to_s3(results, s3):
 def test_llm_from_s3_model_dir(results):
     """LLM("s3://bucket/vllm/org/model/v1", load_format="tensorizer"): config, tokenizer and
     weights all come from S3, with S3_* credentials from the environment."""
-    assert _tokens(results, "load") == _tokens(results, "reference")
+    assert op_tokens(results, "load") == op_tokens(results, "reference")
     # the tokenizer (from S3) decodes like the reference's
     assert results["load"]["text"] == results["reference"]["text"]
     out = results["load"]["out"]
@@ -146,13 +143,13 @@ def test_llm_from_s3_model_dir(results):
 
 
 def test_llm_from_s3_encrypted_with_s3_keyfile(results):
-    assert _tokens(results, "load_enc") == _tokens(results, "reference")
+    assert op_tokens(results, "load_enc") == op_tokens(results, "reference")
     assert results["load_enc"]["text"] == results["reference"]["text"]
-    assert _error(results, "err_enc_no_key")[0] == "CryptographyError"
+    assert op_error(results, "err_enc_no_key")[0] == "CryptographyError"
 
 
 def test_wrong_credentials_fail_fast_and_clearly(results, s3):
-    kind, msg = _error(results, "err_wrong_credentials")
+    kind, msg = op_error(results, "err_wrong_credentials")
     assert "access denied" in msg and f"{MODEL_DIR}/config.json" in msg, (kind, msg)
     assert WRONG_SECRET not in msg and s3.secret_key not in msg
     assert results["err_wrong_credentials"]["seconds"] < 60
@@ -161,14 +158,14 @@ def test_wrong_credentials_fail_fast_and_clearly(results, s3):
 def test_extra_config_credentials_also_fetch_config(results):
     """Credentials given in --model-loader-extra-config (wrong ones in the environment) serve
     the config/tokenizer fetch as well as the weights."""
-    assert _tokens(results, "load_extra_credentials") == _tokens(results, "reference")
+    assert op_tokens(results, "load_extra_credentials") == op_tokens(results, "reference")
 
 
 def test_vllm_serve_s3_model_dir(results, work, s3):
     """`vllm serve s3://bucket/vllm/org/model/v1 --load-format tensorizer` (front end,
     EngineCore and worker processes) answers a completion with the reference tokens."""
-    want = _tokens(results, "reference")[0]
-    _tokens(results, "load")  # the model dir is in place
+    want = op_tokens(results, "reference")[0]
+    op_tokens(results, "load")  # the model dir is in place
     log_path = work / "serve.log"
     env = dict(_env(s3, work), VLLM_ENABLE_V1_MULTIPROCESSING="1")
     args = [MODEL_DIR, "--load-format", "tensorizer", *TINY_SERVE_ARGS]

@@ -169,3 +169,17 @@ def complete(base_url: str, model: str, prompt_token_ids: list[int], max_tokens:
     status, answer = post_json(f"{base_url}/v1/completions", body, timeout=60)
     assert status == 200, f"completion failed ({status}): {answer}"
     return answer
+
+
+def op_tokens(results: dict, name: str) -> list:
+    """The tokens of engine op `name` (from `run_ops`); a failed op fails the test with its log."""
+    r = results[name]
+    assert "tokens" in r, f"{name} failed: {r.get('error_type')}: {r.get('error')}\n{r.get('log')}"
+    return r["tokens"]
+
+
+def op_error(results: dict, name: str) -> tuple:
+    """(error type, message) of engine op `name`, which was expected to fail."""
+    r = results[name]
+    assert "error_type" in r, f"{name} was expected to fail, got {r}"
+    return r["error_type"], r["error"]
