@@ -138,12 +138,16 @@ def main() -> None:
             env["PYTHONPATH"] = (
                 os.path.abspath(args.coreweave) + os.pathsep + env.get("PYTHONPATH", "")
             )
-        variants = [(name, code.replace("NUM_READERS", "None"))]
+        variants = [(name, code.replace("NUM_READERS", "None"), {})]
         if name == "coreweave":
             variants.append(
-                (name + f" num_readers={2 * cpus}", code.replace("NUM_READERS", str(2 * cpus)))
+                (name + f" num_readers={2 * cpus}", code.replace("NUM_READERS", str(2 * cpus)), {})
             )
-        for label, body in variants:
+        if name == "tensorizer-rs":  # A/B: destination buffers without transparent huge pages
+            variants.append(
+                (name + " (4 KiB pages)", variants[0][1], {"TENSORIZER_RS_HUGEPAGES": "0"})
+            )
+        for label, body, extra in variants:
             script = (
                 f"import time, json, torch\nPATH = {path!r}\n{TOUCH}t0 = time.perf_counter()\n{body}"
                 "print(json.dumps([n, time.perf_counter() - t0]))\n"
@@ -152,7 +156,7 @@ def main() -> None:
             for _ in range(args.repeat):
                 out = subprocess.run(
                     [sys.executable, "-c", script],
-                    env=env,
+                    env={**env, **extra},
                     capture_output=True,
                     text=True,
                     check=False,

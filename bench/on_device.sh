@@ -9,6 +9,7 @@
 #   tests      the GPU test suite, vectors and encryption tests on CUDA
 #   encrypted  bench/bench_encrypted.py (plain vs encrypted, CPU and CUDA, one core)
 #   remote     bench/bench_remote.py (HTTP via nginx, S3 via s3s-fs; ours vs CoreWeave vs curl)
+#   cpu        bench/bench_cpu.py (page cache -> CPU tensors; huge-page A/B)
 #   gpu        bench/gpu_bench.py warm only (incl. the vLLM loader path), no sweep/small/cold
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
@@ -36,6 +37,9 @@ for phase in $phases; do
         --nginx .device/bin/nginx --s3s .device/bin/s3s-fs --coreweave "$HOME/cw" --out "$OUT" ${REMOTE_ARGS:-} 2>&1 \
         | tee "$OUT/bench-remote.log" | grep -v '^{'
       rm -rf /tmp/tzremote ;;
+    cpu)
+      timeout 300 python3 bench/bench_cpu.py --dir /tmp/tzcpu --gib "${CPU_GIB:-4}" --coreweave "$HOME/cw" 2>&1 | tee "$OUT/bench-cpu.log" | tail -12
+      rm -rf /tmp/tzcpu ;;
     gpu)
       timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
         --skip-small --skip-safetensors --coreweave "$HOME/cw" 2>&1 | tee "$OUT/gpu-bench.log" | tail -30 ;;

@@ -2,11 +2,20 @@
 //! through DLPack without another copy.
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
+use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 
 /// Page alignment keeps large buffers usable for O_DIRECT reads and pinned registration.
 const ALIGN: usize = 4096;
+/// Buffers this large ask for transparent huge pages, so the reads that fill them fault 2 MiB
+/// at a time instead of 4 KiB (`TENSORIZER_RS_HUGEPAGES=0` turns this off).
+const HUGE_MIN: usize = 4 << 20;
+
+fn huge_pages() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| std::env::var("TENSORIZER_RS_HUGEPAGES").map_or(true, |v| v != "0"))
+}
 
 pub struct HostBuffer {
     ptr: NonNull<u8>,
@@ -39,6 +48,12 @@ impl HostBuffer {
             }
         };
         let ptr = NonNull::new(raw).ok_or_else(|| Error::value(format!("out of memory allocating {len} bytes")))?;
+        #[cfg(target_os = "linux")]
+        if !zeroed && len >= HUGE_MIN && huge_pages() {
+            // SAFETY: advice on memory we just allocated (page-aligned); it never fails the
+            // allocation, at worst the kernel ignores it.
+            unsafe { libc::madvise(raw as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
+        }
         Ok(HostBuffer { ptr, len, align })
     }
     pub fn len(&self) -> usize {
