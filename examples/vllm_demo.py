@@ -49,11 +49,10 @@ def main() -> None:
     llm = LLM(tz_dir, load_format="tensorizer", **ENGINE)
     startup = time.perf_counter() - t0
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
-    prompt = {"prompt_token_ids": [1, 10, 20, 30, 40]}  # "<s> w10 w20 w30 w40"
-    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    out = llm.generate(["w10 w20 w30 w40"], params, use_tqdm=False)[0].outputs[0]
     print(
         f"engine with tensorizer-rs weights ready in {startup:.1f}s "
-        "(the loader's own 'Deserialized ... GB/s' line is in the log above)"
+        "(the loader's own 'tensorizer_rs: deserialized ... GB/s' line is in the log above)"
     )
     print(f"generated tokens: {list(out.token_ids)}")
     print(f"generated text:   {out.text!r}")
