@@ -145,17 +145,21 @@ class S3Server:
             "S3_SECRET_ACCESS_KEY": self.secret_key,
         }
 
-    def bucket(self, name: str) -> str:
-        """Create bucket ``name`` (if it does not exist yet); returns the name."""
+    def client(self):
+        """A boto3 S3 client for this server (test set-up and inspection only)."""
         import boto3
 
-        client = boto3.client(
+        return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
             aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key,
             region_name="us-east-1",
         )
+
+    def bucket(self, name: str) -> str:
+        """Create bucket ``name`` (if it does not exist yet); returns the name."""
+        client = self.client()
         existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
         if name not in existing:
             client.create_bucket(Bucket=name)

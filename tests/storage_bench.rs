@@ -19,33 +19,28 @@ fn gbps(bytes: usize, secs: f64) -> f64 {
     bytes as f64 / secs / 1e9
 }
 
-/// Best of `runs` single-stream downloads with curl, in GB/s.
-fn curl(url: &str, runs: usize) -> f64 {
-    (0..runs)
-        .map(|_| {
-            let out = Command::new("curl")
-                .args(["-s", "-f", "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url])
-                .output()
-                .unwrap();
-            let text = String::from_utf8_lossy(&out.stdout).to_string();
-            let mut it = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
-            let (bytes, secs) = (it.next().unwrap(), it.next().unwrap());
-            bytes / secs / 1e9
-        })
-        .fold(0.0, f64::max)
-}
-
-/// One single-stream download of the first `len` bytes with curl, in GB/s.
-fn curl_prefix(url: &str, len: usize) -> f64 {
-    let range = format!("0-{}", len - 1);
+/// GB/s of one curl download to /dev/null (`extra`: more curl arguments, e.g. a range).
+fn curl_once(url: &str, extra: &[&str]) -> f64 {
     let out = Command::new("curl")
-        .args(["-s", "-f", "-r", &range, "-o", "/dev/null", "-w", "%{size_download} %{time_total}", url])
+        .args(["-s", "-f", "-o", "/dev/null", "-w", "%{size_download} %{time_total}"])
+        .args(extra)
+        .arg(url)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let mut it = text.split_whitespace().map(|v| v.parse::<f64>().unwrap());
     let (bytes, secs) = (it.next().unwrap(), it.next().unwrap());
     bytes / secs / 1e9
+}
+
+/// Best of `runs` single-stream downloads with curl, in GB/s.
+fn curl(url: &str, runs: usize) -> f64 {
+    (0..runs).map(|_| curl_once(url, &[])).fold(0.0, f64::max)
+}
+
+/// One single-stream download of the first `len` bytes with curl, in GB/s.
+fn curl_prefix(url: &str, len: usize) -> f64 {
+    curl_once(url, &["-r", &format!("0-{}", len - 1)])
 }
 
 /// Best of `runs` whole-object reads with our reader, in GB/s (open included).

@@ -78,11 +78,8 @@ impl Pool {
             if let Some(slot) = reused {
                 break slot;
             }
-            match Self::make(self.cfg.chunk, self.cfg.pinned) {
-                Ok(slot) => {
-                    counters::add(Counter::StagingAllocated, slot.buf.capacity() as u64);
-                    break slot;
-                }
+            match self.make() {
+                Ok(slot) => break slot,
                 Err(e) => {
                     let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
                     st.allocated -= 1;
@@ -117,25 +114,22 @@ impl Pool {
         };
         std::thread::scope(|s| {
             for _ in 0..todo {
-                s.spawn(|| {
-                    let made = self.ctx.bind().and_then(|()| Self::make(self.cfg.chunk, self.cfg.pinned));
-                    match made {
-                        Ok(slot) => {
-                            counters::add(Counter::StagingAllocated, slot.buf.capacity() as u64);
-                            self.give_back(slot);
-                        }
-                        Err(_) => {
-                            self.state.lock().unwrap_or_else(|p| p.into_inner()).allocated -= 1;
-                            self.cond.notify_one();
-                        }
+                s.spawn(|| match self.ctx.bind().and_then(|()| self.make()) {
+                    Ok(slot) => self.give_back(slot),
+                    Err(_) => {
+                        self.state.lock().unwrap_or_else(|p| p.into_inner()).allocated -= 1;
+                        self.cond.notify_one();
                     }
                 });
             }
         });
     }
 
-    fn make(cap: usize, mode: super::PinnedMode) -> Result<Slot> {
-        Ok(Slot { buf: PinnedBuf::new(cap, mode)?, event: Event::new()?, pending: false })
+    /// A new buffer of this pool's size, counted in `staging_allocated`.
+    fn make(&self) -> Result<Slot> {
+        let slot = Slot { buf: PinnedBuf::new(self.cfg.chunk, self.cfg.pinned)?, event: Event::new()?, pending: false };
+        counters::add(Counter::StagingAllocated, slot.buf.capacity() as u64);
+        Ok(slot)
     }
 
     fn give_back(&self, slot: Slot) {

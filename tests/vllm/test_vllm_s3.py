@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import boto3
 import pytest
 import torch
 from tensorizer_rs import TensorDeserializer
@@ -100,14 +99,7 @@ def results(tiny_model, work, s3) -> dict:
 
 
 def _listing(s3, prefix: str) -> dict[str, int]:
-    client = boto3.client(
-        "s3",
-        endpoint_url=s3.endpoint,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
-        region_name="us-east-1",
-    )
-    out = client.list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")
+    out = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=prefix + "/")
     return {o["Key"][len(prefix) + 1 :]: o["Size"] for o in out.get("Contents", [])}
 
 
