@@ -217,6 +217,25 @@ def test_shape_mismatch_is_clear(tmp_path):
     assert _cuda.counters()["h2d_copies"] == before["h2d_copies"]
 
 
+def test_vllm_fill_in_place_where_it_fits(tmp_path):
+    """The vLLM loader's GPU part: tensors that match the file are filled where the model's
+    constructor put them (no release, no second allocation); a mismatching one is replaced."""
+    from tensorizer_rs.vllm.fill import fill_module
+
+    torch.manual_seed(8)
+    src = Block()
+    path = _write_module(tmp_path / "m.tensors", src)
+    dst = Block(device="cuda")
+    dst.lin = torch.nn.Linear(1024, 2047, device="cuda")  # the file's lin is 1024 -> 2048
+    ptrs = {k: v.data_ptr() for k, v in dst.state_dict().items()}
+    names = frozenset(src.state_dict())
+    fill_module(dst, path, "cuda", None, {}, release=names)
+    for k, v in dst.state_dict().items():
+        assert v.is_cuda and torch.equal(v.cpu(), src.state_dict()[k]), k
+        assert (v.data_ptr() == ptrs[k]) == (not k.startswith("lin.")), k
+    assert not dst.lin.weight.requires_grad
+
+
 def test_dtype_conversion_on_gpu(tmp_path):
     torch.manual_seed(6)
     src = Block()

@@ -220,7 +220,7 @@ def test_loader_reads_engine_args_extra_config(tmp_path):
 
 @pytest.mark.vllm
 def test_release_file_tensors():
-    from tensorizer_rs.vllm.loader import release_file_tensors
+    from tensorizer_rs.vllm.fill import release_file_tensors
 
     m = _Tiny()
     release_file_tensors(m, frozenset({"lin.weight", "lin.bias", ".buf"}))
@@ -232,6 +232,14 @@ def test_release_file_tensors():
 
     with pytest.raises(ValueError, match=r"Missing: \['lin.bias'\]"):
         release_file_tensors(_Tiny(), frozenset({"lin.weight", ".buf"}))
+
+    # Tensors the reader will fill in place stay where the constructor put them.
+    m = _Tiny()
+    weight = m.lin.weight
+    release_file_tensors(
+        m, frozenset({"lin.weight", "lin.bias"}), keep=lambda n, t: n == "lin.weight"
+    )
+    assert m.lin.weight is weight and m.lin.bias.is_meta
 
 
 # ----------------------------------------------------------------------------- s3:// model dirs

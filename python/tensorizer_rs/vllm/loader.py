@@ -2,9 +2,10 @@
 
 `TensorizerRsLoader` serves `load_format="tensorizer"`:
 
-* files with `.vllm_tensorized_marker` (vLLM module names): the model is built, the tensors the
-  file provides are released (meta), `TensorDeserializer.load_into_module` fills them straight
-  on the target device, then `process_weights_after_loading` runs when the weights were saved
+* files with `.vllm_tensorized_marker` (vLLM module names): the model is built, then
+  `TensorDeserializer.load_into_module` fills the tensors the file provides straight on the
+  target device (in place on CUDA where shape and dtype match; the others are released to meta
+  first and replaced), then `process_weights_after_loading` runs when the weights were saved
   before it (our marker value, or `"process_weights_after_loading": true` in the extra config);
 * other files (HF names): the model is built normally and fed `model.load_weights(...)` from a
   CPU `TensorDeserializer`, then post-processed like any vLLM load.
@@ -41,7 +42,7 @@ from .config import (
     logger,
     validate_config,
 )
-from .fill import fill_module, release_file_tensors
+from .fill import fill_module
 from .serialize import serialize_vllm_model, tp_rank
 
 #: Extra-config key (top level of --model-loader-extra-config) that forces or forbids
@@ -142,7 +143,9 @@ class TensorizerRsLoader(BaseModelLoader):
         ) as state:
             yield from state.items()
 
-    def _deserialize_into(self, model: nn.Module, cfg: TensorizerConfig, device, dtype) -> None:
+    def _deserialize_into(
+        self, model: nn.Module, cfg: TensorizerConfig, device, dtype, release=None
+    ) -> None:
         if not is_valid_deserialization_uri(cfg.tensorizer_uri):
             raise ValueError(
                 f"{cfg.tensorizer_uri} is not a valid "
@@ -151,7 +154,9 @@ class TensorizerRsLoader(BaseModelLoader):
                 f"S3, HTTP or HTTPS scheme."
             )
         args = cfg._construct_tensorizer_args()
-        nbytes, secs = fill_module(model, args.source(), device, dtype, args.deserialization_kwargs)
+        nbytes, secs = fill_module(
+            model, args.source(), device, dtype, args.deserialization_kwargs, release
+        )
         logger.info(
             "tensorizer_rs: deserialized %d bytes (%.3f GB) from %s onto %s in %.2f s, %.2f GB/s",
             nbytes,
@@ -201,8 +206,7 @@ class TensorizerRsLoader(BaseModelLoader):
                 model = initialize_model(
                     vllm_config=vllm_config, model_config=model_config, prefix=prefix
                 )
-            release_file_tensors(model, names)
-            self._deserialize_into(model, cfg, device, model_config.dtype)
+            self._deserialize_into(model, cfg, device, model_config.dtype, release=names)
             if layout == PRE_PROCESSING:
                 with torch.no_grad():
                     process_weights_after_loading(model, model_config, device)
