@@ -174,18 +174,19 @@ def presign(endpoint: str, key: str) -> str:
     )
 
 
-def probe(url: str, size: int) -> list:
+def probe(url: str, size: int, mib: int = 8) -> list:
     """The reference client issuing what our loads issue: `n` curl processes, each fetching its
-    share as consecutive 8 MiB ranges on one kept-alive connection (`--next`), to /dev/null."""
+    share as consecutive `mib` MiB ranges on one kept-alive connection (`--next`), to /dev/null."""
     rows = []
-    for n in (8, 16, 32):
+    step = mib << 20
+    for n in (16, 32):
         share = -(-size // n)
         t0 = time.perf_counter()
         procs = []
         for a in range(0, size, share):
             args = []
-            for b in range(a, min(a + share, size), 8 << 20):
-                e = min(b + (8 << 20), a + share, size) - 1
+            for b in range(a, min(a + share, size), step):
+                e = min(b + step, a + share, size) - 1
                 args += [*(["--next"] if args else []), "-s", "-f", "-r", f"{b}-{e}"]
                 args += ["-o", "/dev/null", url]
             procs.append(subprocess.Popen(["curl", *args]))
@@ -193,7 +194,7 @@ def probe(url: str, size: int) -> list:
         rows.append(
             {
                 "curl_connections": n,
-                "request_mib": 8,
+                "request_mib": mib,
                 "ok": not any(codes),
                 "gbps": size / (time.perf_counter() - t0) / 1e9,
             }
@@ -228,6 +229,51 @@ def load(kind: str, uri: str, device: str, env: dict, readers="-", storage=None)
     return {"error": (out.stderr or out.stdout)[-800:]}
 
 
+def ab(res: dict, variants: list, local: str, url: str, size: int, args) -> None:
+    """Our HTTP loads under each variant, interleaved `--repeat` times, between ceilings."""
+    with open(local, "rb") as f:  # page cache warm for the server
+        while f.read(64 << 20):
+            pass
+    res["ceiling"] = {"http": ceiling(url, size)}
+    log(f"ceiling: {json.dumps(res['ceiling'])}")
+    if args.probe:
+        res["probe"] = [r for m in args.probe_mib.split(",") for r in probe(url, size, int(m))]
+    for k in range(args.repeat):
+        for v in variants:
+            r = load(
+                "ours",
+                url,
+                v.get("device", "cuda"),
+                v.get("env", {}),
+                v.get("readers", "-"),
+                v.get("storage"),
+            )
+            r.update(
+                loader="ours",
+                proto="http",
+                label=v.get("label", ""),
+                device=v.get("device", "cuda"),
+                readers=v.get("readers", "-"),
+                storage=v.get("storage"),
+                round=k,
+            )
+            if "gbps" in r:
+                r["ratio"] = r["gbps"] / res["ceiling"]["http"]["best"]
+            res["runs"].append(r)
+            log(json.dumps(r))
+    res["ceiling_after"] = {"http": ceiling(url, size)}
+    log(f"ceiling after: {json.dumps(res['ceiling_after'])}")
+    log("| variant | device | GB/s (each round) | / ceiling (best) |\n|---|---|---|---:|")
+    for v in variants:
+        rows = [r for r in res["runs"] if r["label"] == v.get("label", "")]
+        got = [r.get("gbps", float("nan")) for r in rows]
+        log(
+            f"| {v.get('label', '')} | {v.get('device', 'cuda')} | "
+            + " / ".join(f"{g:.2f}" for g in got)
+            + f" | {max(got) / res['ceiling']['http']['best']:.0%} |"
+        )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", required=True)
@@ -240,6 +286,15 @@ def main() -> None:
     ap.add_argument(
         "--probe", action="store_true", help="curl issuing 8 MiB ranges, then our HTTP loads only"
     )
+    ap.add_argument(
+        "--variants",
+        default=None,
+        help="JSON list of our HTTP loads to A/B instead of the comparison: "
+        '[{"label": ..., "device": ..., "env": {...}, "storage": {...}, "readers": "16"}]; '
+        "run --repeat times, interleaved; no S3 server, no CoreWeave",
+    )
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--probe-mib", default="8", help="request sizes for --probe, e.g. 8,32")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     sys.path.insert(0, HERE)
@@ -250,8 +305,9 @@ def main() -> None:
     for d in (www, s3root, work):
         os.makedirs(d, exist_ok=True)
     res = {"cpus": os.cpu_count(), "gib": args.gib, "runs": []}
+    variants = json.loads(args.variants) if args.variants else None
     nginx, hport = start_nginx(args.nginx, www, work)
-    s3s, sport = start_s3s(args.s3s, s3root, work)
+    s3s, sport = (None, 0) if variants else start_s3s(args.s3s, s3root, work)
     endpoint = f"http://127.0.0.1:{sport}"
     s3env = {
         "S3_ACCESS_KEY_ID": KEY,
@@ -271,6 +327,9 @@ def main() -> None:
         with TensorSerializer(local) as s:
             s.write_state_dict(sd)
         size = os.path.getsize(local)
+        if variants:
+            del sd
+            return ab(res, variants, local, f"http://127.0.0.1:{hport}/model.tensors", size, args)
         os.environ.update(s3env)
         t0 = time.perf_counter()
         with TensorSerializer(f"s3://{BUCKET}/model.tensors") as s:
@@ -319,7 +378,9 @@ def main() -> None:
                 ]
         plan = [(*p, None) for p in plan]
         if args.probe:
-            res["probe"] = probe(http_url, size)
+            res["probe"] = [
+                r for m in args.probe_mib.split(",") for r in probe(http_url, size, int(m))
+            ]
             plan = [p for p in plan if p[0] == "ours" and p[1] == "http"]
         if args.sweep:
             for device in args.devices.split(","):
@@ -335,7 +396,8 @@ def main() -> None:
         res["ceiling_after"] = {"http": ceiling(http_url, size)}
     finally:
         nginx.terminate()
-        s3s.terminate()
+        if s3s is not None:
+            s3s.terminate()
         os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "bench-remote.json"), "w") as f:
             json.dump(res, f, indent=1)

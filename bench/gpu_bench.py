@@ -290,8 +290,9 @@ def child(args):
         model = build_module(shapes, "meta", torch.bfloat16).to_empty(device="cuda")
     if kind == "vllm_path":
         # What our vLLM loader does for a vLLM-tensorized file, minus vLLM itself: the model is
-        # built on the GPU (vLLM's initialize_model under torch.device), the file's tensors are
-        # released to meta, then filled from the file on the GPU.
+        # built on the GPU (vLLM's initialize_model under torch.device), then filled from the
+        # file in place (tensors that do not fit are released to meta and replaced first;
+        # "release_all" releases every one, as before 2026-11-28).
         from tensorizer_rs import _native
 
         f = _native.TensorFile(path)
@@ -307,6 +308,10 @@ def child(args):
         from tensorizer_rs import _cuda
 
         _cuda.OVERLAP_MIN_BYTES = 1 << 62
+    if spec.get("one_block"):  # A/B: new tensors as views of one allocation
+        from tensorizer_rs import _cuda
+
+        _cuda.ALLOC_ONE_BLOCK = True
     if spec.get("cold"):
         drop_caches()
     torch.cuda.synchronize()
@@ -330,8 +335,11 @@ def child(args):
         elif kind == "vllm_path":
             from tensorizer_rs.vllm.fill import fill_module, release_file_tensors
 
-            release_file_tensors(model, frozenset(n for n, _ in shapes))
-            _, secs = fill_module(model, path, "cuda", torch.bfloat16, {})
+            names = frozenset(n for n, _ in shapes)
+            if spec.get("release_all"):
+                release_file_tensors(model, names)
+                names = None
+            _, secs = fill_module(model, path, "cuda", torch.bfloat16, {}, release=names)
             out["fill_seconds"] = secs
             keep = model
         elif kind == "coreweave":
@@ -360,6 +368,7 @@ def child(args):
         out["counters"] = {k: c[k] - counters0.get(k, 0) for k in c}
         out["staging_pool_bytes"] = _cuda.staging()[0]
         out["load_stats"] = getattr(keep, "_cuda_stats", None)
+        out["alloc_seconds"] = getattr(keep, "_cuda_alloc_seconds", None)
     del keep
     return out
 
@@ -486,6 +495,12 @@ def main():
     ap.add_argument("--skip-cold", action="store_true")
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-small", action="store_true")
+    ap.add_argument(
+        "--ab",
+        action="store_true",
+        help="warm A/B only: new tensors (overlapped / one allocation / all first), in place, "
+        "the vLLM path (in place / release all), each twice, interleaved",
+    )
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
@@ -549,6 +564,21 @@ def main():
         {"loader": "ours", "path": ours, "label": "ours(3rd)"},
         {"loader": "ours", "path": ours, "no_overlap": True, "label": "ours(no overlap, 2nd)"},
     ]
+    if args.ab:
+        once = [
+            {"loader": "ours", "path": ours},
+            {"loader": "ours", "path": ours, "one_block": True, "label": "ours(one block)"},
+            {"loader": "ours", "path": ours, "no_overlap": True, "label": "ours(no overlap)"},
+            {"loader": "ours_module", "path": ours},
+            {"loader": "vllm_path", "path": ours},
+            {
+                "loader": "vllm_path",
+                "path": ours,
+                "release_all": True,
+                "label": "vllm_path(release all)",
+            },
+        ]
+        plan = once + [{**p, "label": p.get("label", p["loader"]) + "(2nd)"} for p in once]
     if args.coreweave:
         plan.append({"loader": "coreweave", "path": ours})
         plan.append(

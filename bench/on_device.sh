@@ -8,9 +8,11 @@
 # Phases:
 #   tests      the GPU test suite, vectors and encryption tests on CUDA
 #   encrypted  bench/bench_encrypted.py (plain vs encrypted, CPU and CUDA, one core)
-#   remote     bench/bench_remote.py (HTTP via nginx, S3 via s3s-fs; ours vs CoreWeave vs curl)
+#   remote     bench/bench_remote.py (HTTP via nginx, S3 via s3s-fs; ours vs CoreWeave vs curl;
+#              REMOTE_GIB, REMOTE_ARGS, e.g. --variants JSON for A/B runs)
 #   cpu        bench/bench_cpu.py (page cache -> CPU tensors; huge-page A/B)
-#   gpu        bench/gpu_bench.py warm only (incl. the vLLM loader path), no sweep/small/cold
+#   gpu        bench/gpu_bench.py warm only (incl. the vLLM loader path), no sweep/small/cold;
+#              GPU_ARGS, e.g. --ab
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -42,7 +44,7 @@ for phase in $phases; do
       rm -rf /tmp/tzcpu ;;
     gpu)
       timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
-        --skip-small --skip-safetensors --coreweave "$HOME/cw" 2>&1 | tee "$OUT/gpu-bench.log" | tail -30 ;;
+        --skip-small --skip-safetensors --coreweave "$HOME/cw" ${GPU_ARGS:-} 2>&1 | tee "$OUT/gpu-bench.log" | tail -30 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

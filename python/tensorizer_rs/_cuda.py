@@ -43,6 +43,8 @@ OVERLAP_MIN_BYTES = 256 << 20
 OVERLAP_HEAD = 0.25
 #: Bytes of one shared allocation.
 SHARE_GROUP_BYTES = 4 << 20
+#: A/B switch for benchmarks: all new tensors of one native load as views of one allocation.
+ALLOC_ONE_BLOCK = False
 #: Options passed to every native load (benchmarks and tests set ``io`` and ``register_readers``).
 load_options: dict = {}
 
@@ -144,6 +146,7 @@ class _Run:
         self.tensors = 0
         self.started = time.perf_counter()
         self.stats: list = []
+        self.alloc_seconds: list = []  # each `_allocate` call of the run, for benchmarks
         self.user = getattr(deser, "_progress", None)
 
     def _progress(self):
@@ -188,6 +191,7 @@ class _Run:
         d.total_bytes_read += self.bytes
         d._seconds += seconds
         d._cuda_stats = self.stats
+        d._cuda_alloc_seconds = self.alloc_seconds
         logger.info(
             "tensorizer_rs: loaded %d tensors (%d bytes) to %s in %.3f s, %.2f GB/s",
             self.tensors,
@@ -249,8 +253,16 @@ def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
     d = run.deser
     entries = d._entries
     total = sum(entries[i]["nbytes"] for i, _ in fresh)
+
+    def allocate(wanted):
+        t0 = time.perf_counter()
+        try:
+            return _allocate(entries, wanted, d._device)
+        finally:
+            run.alloc_seconds.append(time.perf_counter() - t0)
+
     if total < OVERLAP_MIN_BYTES or len(fresh) < 2:
-        jobs = direct + _allocate(entries, fresh, d._device)
+        jobs = direct + allocate(fresh)
         return list(zip(jobs, run.native(jobs)))
     cut, acc = 1, 0
     for cut, (i, _) in enumerate(fresh, 1):
@@ -258,14 +270,14 @@ def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
         if acc >= total * OVERLAP_HEAD:
             break
     cut = min(cut, len(fresh) - 1)
-    first = direct + _allocate(entries, fresh[:cut], d._device)
+    first = direct + allocate(fresh[:cut])
     stream = _stream_of(d._device)  # the caller's current stream (thread-local in torch)
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(1, thread_name_prefix="tensorizer-rs-load") as ex:
         pending = ex.submit(run.native, first, stream)
         try:
-            rest = _allocate(entries, fresh[cut:], d._device)
+            rest = allocate(fresh[cut:])
         finally:
             done = pending.result()  # the first load's error, if any, wins
     return list(zip(first, done)) + list(zip(rest, run.native(rest, stream)))
@@ -276,6 +288,8 @@ def _allocate(entries: list, wanted: list, device) -> list:
     ``[(index, tensor, data_ptr, nbytes)]``."""
     import torch
 
+    if ALLOC_ONE_BLOCK:
+        return _allocate_one_block(entries, wanted, device)
     out, groups = {}, {}
     for i, final in wanted:
         e = entries[i]
@@ -380,3 +394,26 @@ def progress_printer(prefix: str = "tensorizer_rs") -> Callable[[int, float], No
         logger.info("%s: %.2f GB loaded, %.2f GB/s", prefix, done / 1e9, gbps)
 
     return report
+
+
+def _allocate_one_block(entries: list, wanted: list, device) -> list:
+    """`_allocate` with one allocation for all: each tensor a view at a 512-byte aligned
+    offset (benchmark A/B, ``ALLOC_ONE_BLOCK``)."""
+    import torch
+
+    offsets, end = [], 0
+    for i, _ in wanted:
+        offsets.append(end)
+        end += -(-entries[i]["nbytes"] // 512) * 512
+    block = torch.empty(end, dtype=torch.uint8, device=device)
+    base = block.data_ptr()
+    out = []
+    for (i, final), off in zip(wanted, offsets):
+        e = entries[i]
+        n = e["nbytes"]
+        if n == 0:
+            t = torch.empty(e["shape"], dtype=final, device=device)
+        else:
+            t = block[off : off + n].view(final).view(e["shape"])
+        out.append((i, t, base + off, n))
+    return out
