@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -33,12 +34,16 @@ GiB = 1 << 30
 KEY, SECRET, BUCKET = "benchkey", "benchsecret-0123456789", "bench"
 
 LOAD = r"""
-import json, os, sys, time
+import json, os, resource, sys, time
 kind, uri, device, readers, storage = sys.argv[1:6]
 import torch
 if device.startswith("cuda"):
     torch.empty(1, device=device)  # CUDA start-up is not part of the load
 kw = {} if readers == "-" else {"num_readers": int(readers)}
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+c0 = cpu()
 t0 = time.perf_counter()
 if kind == "ours":
     from tensorizer_rs import TensorDeserializer
@@ -56,9 +61,17 @@ else:
     n = sum(t.numel() * t.element_size() for t in d.values())
 if device.startswith("cuda"):
     torch.cuda.synchronize()
-out = {"bytes": n, "seconds": time.perf_counter() - t0}
+out = {"bytes": n, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - c0}
 if kind == "ours":
     out["constructor_seconds"] = t_open  # CPU loads run in the constructor, CUDA ones later
+    if os.environ.get("BENCH_AGAIN"):  # a second load in the same process (warm connections)
+        del d
+        t0 = time.perf_counter()
+        d = TensorDeserializer(Source(), device=device, **kw)
+        n = sum(t.numel() * t.element_size() for t in d.values())
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        out["seconds_again"] = time.perf_counter() - t0
 print("RESULT " + json.dumps(out))
 """
 
@@ -137,6 +150,7 @@ def start_s3s(binary: str, root: str, work: str) -> tuple[subprocess.Popen, int]
 def curl_parallel(url: str, size: int, n: int) -> float:
     """GB/s of `n` concurrent curl processes, each fetching one contiguous range."""
     step = -(-size // n)
+    nginx0, kids0 = server_cpu("nginx"), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
@@ -148,6 +162,12 @@ def curl_parallel(url: str, size: int, n: int) -> float:
     dt = time.perf_counter() - t0
     if any(codes):
         raise RuntimeError(f"curl failed: {codes}")
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    curl_cpu = kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime
+    log(
+        f"curl x{n}: {size / dt / 1e9:.2f} GB/s in {dt:.3f} s, "
+        f"cpu s curl+nginx {curl_cpu:.1f}+{server_cpu('nginx') - nginx0:.1f}"
+    )
     return size / dt / 1e9
 
 
@@ -203,7 +223,23 @@ def probe(url: str, size: int, mib: int = 8) -> list:
     return rows
 
 
+def server_cpu(comm: str) -> float:
+    """CPU seconds used so far by every process named `comm` (the server's workers)."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                st = f.read()
+        except OSError:
+            continue
+        name, rest = st[st.index("(") + 1 : st.rindex(")")], st[st.rindex(")") + 2 :].split()
+        if name == comm:
+            total += int(rest[11]) + int(rest[12])
+    return total / tick
+
+
 def load(kind: str, uri: str, device: str, env: dict, readers="-", storage=None) -> dict:
+    nginx0 = server_cpu("nginx")
     out = subprocess.run(
         [
             sys.executable,
@@ -225,6 +261,9 @@ def load(kind: str, uri: str, device: str, env: dict, readers="-", storage=None)
         if line.startswith("RESULT "):
             r = json.loads(line[7:])
             r["gbps"] = r["bytes"] / r["seconds"] / 1e9
+            if "seconds_again" in r:
+                r["gbps_again"] = r["bytes"] / r["seconds_again"] / 1e9
+            r["nginx_cpu_seconds"] = server_cpu("nginx") - nginx0
             return r
     return {"error": (out.stderr or out.stdout)[-800:]}
 
@@ -267,10 +306,15 @@ def ab(res: dict, variants: list, local: str, url: str, size: int, args) -> None
     for v in variants:
         rows = [r for r in res["runs"] if r["label"] == v.get("label", "")]
         got = [r.get("gbps", float("nan")) for r in rows]
+        again = [r["gbps_again"] for r in rows if "gbps_again" in r]
+        cpu = [f"{r.get('cpu_seconds', 0):.1f}+{r.get('nginx_cpu_seconds', 0):.1f}" for r in rows]
         log(
             f"| {v.get('label', '')} | {v.get('device', 'cuda')} | "
             + " / ".join(f"{g:.2f}" for g in got)
-            + f" | {max(got) / res['ceiling']['http']['best']:.0%} |"
+            + (" (again " + " / ".join(f"{g:.2f}" for g in again) + ")" if again else "")
+            + f" | {max(got) / res['ceiling']['http']['best']:.0%} | cpu s ours+nginx "
+            + ", ".join(cpu)
+            + " |"
         )
 
 

@@ -160,9 +160,21 @@ def measure_h2d():
             )
     torch.cuda.synchronize()
     chunked = n / (time.perf_counter() - t0) / 1e9
+    # The loader's pattern: 8 MiB copies over 1 and 4 streams.
+    small = {}
+    for ns in (1, 4):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for k in range(n // (8 * MiB)):
+            with torch.cuda.stream(streams[k % ns]):
+                dst[k * 8 * MiB : (k + 1) * 8 * MiB].copy_(
+                    src[k * 8 * MiB : (k + 1) * 8 * MiB], non_blocking=True
+                )
+        torch.cuda.synchronize()
+        small[f"pinned_h2d_8MiB_{ns}streams_gbps"] = n / (time.perf_counter() - t0) / 1e9
     del src, dst
     torch.cuda.empty_cache()
-    return {"pinned_h2d_gbps": one, "pinned_h2d_64MiB_4streams_gbps": chunked}
+    return {"pinned_h2d_gbps": one, "pinned_h2d_64MiB_4streams_gbps": chunked, **small}
 
 
 def parallel_read(path, threads=16, chunk=64 * MiB, direct=False, limit=None, pinned=False):
@@ -577,6 +589,12 @@ def main():
                 "release_all": True,
                 "label": "vllm_path(release all)",
             },
+        ]
+        one = {"TENSORIZER_RS_STAGING_STREAMS": "1"}
+        once += [
+            {"loader": "ours", "path": ours, "env": one, "label": "ours(1 stream)"},
+            {"loader": "ours_module", "path": ours, "env": one, "label": "ours_module(1 stream)"},
+            {"loader": "vllm_path", "path": ours, "env": one, "label": "vllm_path(1 stream)"},
         ]
         plan = once + [{**p, "label": p.get("label", p["loader"]) + "(2nd)"} for p in once]
     if args.coreweave:

@@ -459,7 +459,7 @@ fn config_cell() -> &'static Mutex<StagingConfig> {
     CONFIG.get_or_init(|| Mutex::new(env_config()))
 }
 
-/// The defaults, overridden by `TENSORIZER_RS_STAGING_BYTES` / `TENSORIZER_RS_STAGING_CHUNK`.
+/// The defaults, overridden by `TENSORIZER_RS_STAGING_BYTES` / `_CHUNK` / `_STREAMS`.
 fn env_config() -> StagingConfig {
     let get = |k: &str| std::env::var(k).ok().and_then(|v| v.trim().parse::<usize>().ok());
     let mut c = DEFAULT_STAGING;
@@ -469,6 +469,9 @@ fn env_config() -> StagingConfig {
     }
     if let Some(v) = get("TENSORIZER_RS_STAGING_CHUNK") {
         c.chunk = v;
+    }
+    if let Some(v) = get("TENSORIZER_RS_STAGING_STREAMS") {
+        c.streams = v;
     }
     normalize(c)
 }
