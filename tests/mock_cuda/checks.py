@@ -223,20 +223,24 @@ def _tampered(sd, dec):
 
 @check
 def allocation_overlaps_first_load():
-    """New tensors allocated while the first part loads (a second native load) land the same."""
+    """New tensors allocated while the first part loads (a second native load, which may run
+    beside the first) land the same; progress counts both parts once."""
     small_staging()
     sd = big_state(3)
     path = write(TMP / "overlap.tensors", sd)
     old = _cuda.OVERLAP_MIN_BYTES
     _cuda.OVERLAP_MIN_BYTES = 0
+    seen = []
     try:
         _cuda.reset_counters()
-        out = gpu_load(gpu_deser(path))
+        out = gpu_load(gpu_deser(path, progress=lambda b, r: seen.append(b)))
     finally:
         _cuda.OVERLAP_MIN_BYTES = old
     for k, v in expected(sd).items():
         assert torch.equal(out[k], v), k
     assert _cuda.counters()["loads"] == 2, _cuda.counters()
+    total = sum(v.numel() * v.element_size() for v in sd.values())
+    assert seen and seen[-1] == total and max(seen) <= total, (seen[-3:], total)
 
 
 @check
