@@ -147,6 +147,36 @@ fn transient_failures_are_retried_and_resumed() {
 }
 
 #[test]
+fn read_stream_is_one_request_resumed_after_drops() {
+    let Some(server) = PyHttp::start() else { return };
+    let data = pattern((3 << 20) + 5, 8);
+    std::fs::write(server.dir.path().join("m"), &data).unwrap();
+    let stream = |path: &str, offset: usize| {
+        let source = open_source(&server.url(path), &fast_retries(5)).unwrap();
+        let mut got = Vec::new();
+        let mut sink = |b: &[u8]| {
+            got.extend_from_slice(b);
+            Ok(())
+        };
+        source.read_stream(offset as u64, data.len() - offset, &mut sink).unwrap();
+        assert!(got == data[offset..], "streamed bytes of {path} differ");
+    };
+    // The first MiB comes from the open probe; the rest is one request, not one per 1 MiB.
+    stream("data/m", 100);
+    assert_eq!(server.count("data/m"), 2, "the probe, then one request for the rest");
+    // The stream's connection drops mid-body twice: it resumes where the bytes stopped.
+    stream("dropmid/2/m", 100);
+    assert_eq!(server.count("dropmid/2/m"), 1 + 3, "the probe, then 2 cut-off requests and the rest");
+
+    // An error from the sink ends the read with that error, with no retry.
+    let source = open_source(&server.url("data/m"), &opts()).unwrap();
+    let mut sink = |_: &[u8]| Err(tensorizer_rs::error::Error::io("sink refused"));
+    let err = source.read_stream(2 << 20, 1 << 20, &mut sink).unwrap_err();
+    assert!(err.to_string().contains("sink refused"), "{err}");
+    assert_eq!(server.count("data/m"), 2 + 2, "a second probe and one request");
+}
+
+#[test]
 fn headers_are_sent_and_refusals_are_clear() {
     let Some(server) = PyHttp::start() else { return };
     std::fs::write(server.dir.path().join("m"), b"secret bytes").unwrap();

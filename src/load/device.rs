@@ -134,6 +134,12 @@ const DIRECT_MIN: usize = 256 << 10;
 /// Pieces of large tensors; a staging reader splits each into buffer-sized reads, a
 /// registering reader page-locks it whole.
 const PIECE: u64 = 64 << 20;
+/// Pieces of large tensors in remote files: each is one ranged request, streamed through
+/// staging buffers (`TENSORIZER_RS_REMOTE_PIECE` overrides it, for benchmarks).
+fn remote_piece(chunk: u64) -> u64 {
+    let env = std::env::var("TENSORIZER_RS_REMOTE_PIECE").ok().and_then(|v| v.trim().parse::<u64>().ok());
+    env.unwrap_or(PIECE).max(chunk)
+}
 /// Largest coalesced read of small records.
 const SEGMENT_MAX: u64 = 2 << 20;
 /// Registered ranges a reader keeps in flight before waiting for the oldest copy.
@@ -423,6 +429,8 @@ struct Job<'a> {
     failed: AtomicBool,
     first_error: Mutex<Option<Error>>,
     tally: Tally,
+    /// An HTTP(S) or S3 source: large pieces are streamed, one request each.
+    remote: bool,
     /// Readers still running, and a signal for the coordinating thread.
     active: Mutex<usize>,
     wake: Condvar,
@@ -495,7 +503,8 @@ pub fn load_to_device(
         // Segments of small records stay small enough that files of many tiny tensors still
         // spread over all readers (each record costs a header check and a copy launch).
         let small = (chunk / 4).min(plan::SMALL_RECORD);
-        let p = plan::build_sized(&file.entries, &entry_ids, small, chunk.min(SEGMENT_MAX), PIECE.max(chunk));
+        let piece = if file.name().contains("://") { remote_piece(chunk) } else { PIECE.max(chunk) };
+        let p = plan::build_sized(&file.entries, &entry_ids, small, chunk.min(SEGMENT_MAX), piece);
         (p.items.into_iter().map(Work::Plan).collect(), p.pieces)
     };
     let slots = targets
@@ -536,6 +545,7 @@ pub fn load_to_device(
         failed: AtomicBool::new(false),
         first_error: Mutex::new(None),
         tally: Tally::default(),
+        remote,
         active: Mutex::new(readers),
         wake: Condvar::new(),
     };
@@ -655,6 +665,51 @@ impl Drop for Registered {
     }
 }
 
+/// The staging side of [`Job::piece_streamed`]: the buffer being filled and where it goes.
+struct Streamed<'j, 'a> {
+    job: &'j Job<'a>,
+    slot: usize,
+    stream: StreamHandle,
+    /// Offset in the tensor of the current buffer's first byte.
+    at: u64,
+    staged: Option<Staged>,
+    fill: usize,
+}
+
+impl Streamed<'_, '_> {
+    fn put(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            if self.job.failed.load(Ordering::Relaxed) {
+                return Err(Error::io("stopped: another part of the load failed"));
+            }
+            let st = match &mut self.staged {
+                Some(st) => st,
+                None => self.staged.insert(self.job.pool.acquire()?),
+            };
+            let n = bytes.len().min(self.job.pool.chunk() - self.fill);
+            // SAFETY: `fill + n` is within the buffer (at most one chunk), which no queued copy
+            // reads yet; the source slice holds `n` bytes.
+            unsafe { copy_streaming(st.ptr().add(self.fill), bytes.as_ptr(), n) };
+            self.fill += n;
+            bytes = &bytes[n..];
+            if self.fill == self.job.pool.chunk() {
+                self.flush()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Queue the copy of what the current buffer holds and give the buffer back.
+    fn flush(&mut self) -> Result<()> {
+        let Some(mut st) = self.staged.take() else { return Ok(()) };
+        let n = std::mem::take(&mut self.fill);
+        st.used_on(self.stream);
+        self.job.copy(self.slot, self.at, st.ptr(), n, self.stream, Counter::Staged)?;
+        self.at += n as u64;
+        Ok(())
+    }
+}
+
 impl Job<'_> {
     fn fail(&self, e: Error) {
         self.failed.store(true, Ordering::Relaxed);
@@ -679,7 +734,9 @@ impl Job<'_> {
                         .map_err(|e| e.in_tensor(&self.entry(parts[0].slot).name_lossy()))?;
                 }
                 Work::Plan(Item::Direct { slot, file_offset, offset, len }) => {
-                    let r = if register && self.io.resident(*file_offset, *len as usize) {
+                    let r = if self.remote {
+                        self.piece_streamed(*slot, *file_offset, *offset, *len, stream)
+                    } else if register && self.io.resident(*file_offset, *len as usize) {
                         self.piece_registered(*slot, *file_offset, *offset, *len, stream, &mut registered)
                     } else {
                         self.piece_staged(*slot, *file_offset, *offset, *len, stream)
@@ -807,6 +864,17 @@ impl Job<'_> {
             self.copy(slot, offset + off, src, n, stream, Counter::Staged)?;
             off += n as u64;
         }
+        Ok(())
+    }
+
+    /// A piece of a remote file: one request for all of it, its body copied into staging
+    /// buffers as it arrives and each buffer sent to the device as soon as it is full.
+    fn piece_streamed(&self, slot: usize, file_offset: u64, offset: u64, len: u64, stream: StreamHandle) -> Result<()> {
+        let mut out = Streamed { job: self, slot, stream, at: offset, staged: None, fill: 0 };
+        let mut sink = |bytes: &[u8]| out.put(bytes);
+        self.file.source().read_stream(file_offset, len as usize, &mut sink)?;
+        out.flush()?;
+        self.tally.add(Counter::BufferedRead, len);
         Ok(())
     }
 

@@ -13,7 +13,7 @@ use reqwest::header::{
 };
 use reqwest::{StatusCode, Url};
 
-use super::ranged::{changed, error_chain, ContentRange, Filler, Opened, RangeFetch, RangedSource, PROBE_LEN};
+use super::ranged::{changed, error_chain, ContentRange, Filler, Opened, Out, RangeFetch, RangedSource, PROBE_LEN};
 use super::retry::Failure;
 use super::tls::{self, Trust};
 use super::StorageOptions;
@@ -198,7 +198,8 @@ impl HttpFetch {
         let mut prefix = vec![0u8; size.min(PROBE_LEN) as usize];
         let mut done = prefix.is_empty();
         let mut filled = 0;
-        let mut filler = Filler::new(&mut prefix, &mut filled, 0, true);
+        let len = prefix.len();
+        let mut filler = Filler::new(Out::Buf(&mut prefix), len, &mut filled, 0, true);
         let mut resp = resp;
         while !done {
             match resp.chunk().await.map_err(request_failure)? {
@@ -219,11 +220,12 @@ impl RangeFetch for HttpFetch {
     fn fetch<'a>(
         &'a self,
         offset: u64,
-        dst: &'a mut [u8],
+        len: usize,
+        out: Out<'a>,
         filled: &'a mut usize,
     ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
-            let mut resp = self.request(offset, dst.len() as u64).send().await.map_err(request_failure)?;
+            let mut resp = self.request(offset, len as u64).send().await.map_err(request_failure)?;
             let status = resp.status();
             let skip = match status {
                 StatusCode::PARTIAL_CONTENT => {
@@ -248,7 +250,7 @@ impl RangeFetch for HttpFetch {
                 _ => return Err(status_failure(status)),
             };
             self.validator.check(resp.headers())?;
-            let mut filler = Filler::new(dst, filled, skip, status == StatusCode::OK);
+            let mut filler = Filler::new(out, len, filled, skip, status == StatusCode::OK);
             while let Some(chunk) = resp.chunk().await.map_err(request_failure)? {
                 if filler.push(&chunk)? {
                     return Ok(());

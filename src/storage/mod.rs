@@ -13,6 +13,10 @@ mod s3;
 mod tls;
 
 pub use config::StorageOptions;
+pub use ranged::ByteSink;
+
+/// Bounce buffer of the default [`Source::read_stream`].
+const STREAM_BUFFER: usize = 8 << 20;
 
 use crate::error::{Error, ErrorKind, Result};
 
@@ -26,6 +30,21 @@ pub trait Source: Send + Sync {
     /// Remote sources split a large read into concurrent ranged requests, retry each, and fail
     /// (rather than return other bytes) if the object changed since it was opened.
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// Hand `offset..offset + len` to `sink` in order, in pieces of any size, as the bytes come;
+    /// an error from `sink` ends the read with that error. Remote sources fetch the range with
+    /// one request (resumed where it stopped after a dropped connection), so a caller that
+    /// consumes bytes as they arrive pays one request per range instead of one per buffer.
+    fn read_stream(&self, offset: u64, len: usize, sink: &mut ByteSink<'_>) -> Result<()> {
+        let mut buf = vec![0u8; len.min(STREAM_BUFFER)];
+        let mut done = 0;
+        while done < len {
+            let n = (len - done).min(buf.len());
+            self.read_at(offset + done as u64, &mut buf[..n])?;
+            sink(&buf[..n])?;
+            done += n;
+        }
+        Ok(())
+    }
     /// How many concurrent `read_at` calls this source serves well (local: many; remote: many
     /// ranged requests). The pipeline uses it when the caller leaves `num_readers` unset.
     fn preferred_parallelism(&self) -> usize {

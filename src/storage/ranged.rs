@@ -15,10 +15,36 @@ pub(crate) trait RangeFetch: Send + Sync + 'static {
     /// The first request, once (no retries): learn the size, whether ranges work and what
     /// identifies this version of the object, and keep the first `PROBE_LEN` bytes.
     fn probe(&mut self) -> BoxFuture<'_, Result<Opened, Failure>>;
-    /// Fetch `[offset, offset + dst.len())` into `dst`, adding to `*filled` as bytes arrive so that
-    /// a retry can resume after them. Must not write more than `dst.len()` bytes.
-    fn fetch<'a>(&'a self, offset: u64, dst: &'a mut [u8], filled: &'a mut usize)
-        -> BoxFuture<'a, Result<(), Failure>>;
+    /// Fetch `[offset, offset + len)` into `out`, adding to `*filled` as bytes arrive so that a
+    /// retry can resume after them. Must not deliver more than `len` bytes.
+    fn fetch<'a>(
+        &'a self,
+        offset: u64,
+        len: usize,
+        out: Out<'a>,
+        filled: &'a mut usize,
+    ) -> BoxFuture<'a, Result<(), Failure>>;
+}
+
+/// Where a response body goes.
+pub(crate) enum Out<'a> {
+    /// The caller's buffer, filled from its start.
+    Buf(&'a mut [u8]),
+    /// A callback that takes the bytes in order as they arrive; its error ends the read.
+    Sink(&'a mut ByteSink<'a>),
+}
+
+/// The callback of [`Source::read_stream`](super::Source::read_stream).
+pub type ByteSink<'a> = dyn FnMut(&[u8]) -> Result<()> + Send + 'a;
+
+impl Out<'_> {
+    /// The same destination, minus the first `from` bytes (a retry's resume point).
+    fn rest(&mut self, from: usize) -> Out<'_> {
+        match self {
+            Out::Buf(b) => Out::Buf(&mut b[from..]),
+            Out::Sink(f) => Out::Sink(&mut **f),
+        }
+    }
 }
 
 /// What a backend learned when it opened the object.
@@ -94,9 +120,24 @@ impl<F: RangeFetch> RangedSource<F> {
         }
     }
 
+    fn check_range(&self, offset: u64, len: usize) -> Result<()> {
+        offset.checked_add(len as u64).filter(|&e| e <= self.size).map(|_| ()).ok_or_else(|| {
+            Error::format(format!(
+                "file is truncated: read of {len} bytes at offset {offset} runs past the end ({} bytes)",
+                self.size
+            ))
+            .in_file(&self.shown)
+        })
+    }
+
     /// Run the requests for `buf` as tasks on the runtime's workers, where the connections are
     /// driven, so each body is copied by the thread that received it; wait for all of them.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        if buf.len() <= self.request_size {
+            // One request: run it right here, no task to hand the body over to.
+            let len = buf.len();
+            return block_on(self.requests.fetch_with_retries(offset, len, Out::Buf(buf)));
+        }
         let mut tasks = Tasks(Vec::with_capacity(buf.len().div_ceil(self.request_size)));
         let mut at = offset;
         for chunk in buf.chunks_mut(self.request_size) {
@@ -108,7 +149,7 @@ impl<F: RangeFetch> RangedSource<F> {
                 let dst = dst;
                 // SAFETY: see `BufPtr`; the slices of different tasks do not overlap.
                 let dst = unsafe { std::slice::from_raw_parts_mut(dst.ptr, dst.len) };
-                requests.fetch_with_retries(start, dst).await
+                requests.fetch_with_retries(start, dst.len(), Out::Buf(dst)).await
             }));
         }
         block_on(async {
@@ -152,20 +193,19 @@ impl Drop for Tasks {
 
 impl<F: RangeFetch> Requests<F> {
     /// One request's worth, with retries; a retry asks only for the bytes still missing.
-    async fn fetch_with_retries(&self, offset: u64, dst: &mut [u8]) -> Result<()> {
+    async fn fetch_with_retries(&self, offset: u64, len: usize, mut out: Out<'_>) -> Result<()> {
         let _permit = self.in_flight.acquire().await.map_err(|_| Error::io("source closed"))?;
         let mut backoff = Backoff::new(self.retry);
         let mut filled = 0usize;
         loop {
             let before = filled;
-            match self.fetcher.fetch(offset + filled as u64, &mut dst[filled..], &mut filled).await {
-                Ok(()) if filled == dst.len() => return Ok(()),
+            match self.fetcher.fetch(offset + filled as u64, len - filled, out.rest(filled), &mut filled).await {
+                Ok(()) if filled == len => return Ok(()),
                 Ok(()) => {
                     let got = filled;
                     backoff
                         .wait(Failure::transient(Error::io(format!(
-                            "connection closed after {got} of {} bytes at offset {offset}",
-                            dst.len()
+                            "connection closed after {got} of {len} bytes at offset {offset}"
                         ))))
                         .await?
                 }
@@ -189,14 +229,7 @@ impl<F: RangeFetch> Source for RangedSource<F> {
         self.size
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
-        offset.checked_add(buf.len() as u64).filter(|&e| e <= self.size).ok_or_else(|| {
-            Error::format(format!(
-                "file is truncated: read of {} bytes at offset {offset} runs past the end ({} bytes)",
-                buf.len(),
-                self.size
-            ))
-            .in_file(&self.shown)
-        })?;
+        self.check_range(offset, buf.len())?;
         if buf.is_empty() {
             return Ok(());
         }
@@ -209,6 +242,19 @@ impl<F: RangeFetch> Source for RangedSource<F> {
             return Ok(());
         }
         self.read(offset + cached as u64, &mut buf[cached..]).map_err(|e| e.in_file(&self.shown))
+    }
+    fn read_stream(&self, offset: u64, len: usize, sink: &mut ByteSink<'_>) -> Result<()> {
+        self.check_range(offset, len)?;
+        let cached = (self.prefix.len() as u64).saturating_sub(offset).min(len as u64) as usize;
+        if cached > 0 {
+            sink(&self.prefix[offset as usize..offset as usize + cached])?;
+        }
+        if cached == len {
+            return Ok(());
+        }
+        let rest = offset + cached as u64;
+        block_on(self.requests.fetch_with_retries(rest, len - cached, Out::Sink(sink)))
+            .map_err(|e| e.in_file(&self.shown))
     }
     fn preferred_parallelism(&self) -> usize {
         // Each read_at already runs up to `max_in_flight` requests; a few callers keep them busy.
@@ -223,7 +269,9 @@ impl<F: RangeFetch> Source for RangedSource<F> {
 /// Copies a response body into `dst`: skips the first `skip` bytes (a server that ignored
 /// `Range` sends the object from offset 0), counts progress in `filled`, refuses extra bytes.
 pub(crate) struct Filler<'a> {
-    dst: &'a mut [u8],
+    out: Out<'a>,
+    /// Bytes wanted from this response.
+    len: usize,
     filled: &'a mut usize,
     got: usize,
     skip: u64,
@@ -232,8 +280,8 @@ pub(crate) struct Filler<'a> {
 }
 
 impl<'a> Filler<'a> {
-    pub fn new(dst: &'a mut [u8], filled: &'a mut usize, skip: u64, whole_object: bool) -> Self {
-        Filler { dst, filled, got: 0, skip, whole_object }
+    pub fn new(out: Out<'a>, len: usize, filled: &'a mut usize, skip: u64, whole_object: bool) -> Self {
+        Filler { out, len, filled, got: 0, skip, whole_object }
     }
 
     /// Take one body chunk; `Ok(true)` once `dst` is full.
@@ -243,26 +291,28 @@ impl<'a> Filler<'a> {
             chunk = &chunk[n..];
             self.skip -= n as u64;
         }
-        let room = self.dst.len() - self.got;
+        let room = self.len - self.got;
         if chunk.len() > room && !self.whole_object {
             return Err(Failure::fatal(Error::io("the server sent more bytes than were asked for")));
         }
         let n = chunk.len().min(room);
-        self.dst[self.got..self.got + n].copy_from_slice(&chunk[..n]);
+        match &mut self.out {
+            Out::Buf(dst) => dst[self.got..self.got + n].copy_from_slice(&chunk[..n]),
+            Out::Sink(sink) => sink(&chunk[..n]).map_err(Failure::fatal)?,
+        }
         self.got += n;
         *self.filled += n;
-        Ok(self.got == self.dst.len())
+        Ok(self.got == self.len)
     }
 
     /// The body ended; fewer bytes than asked for means the connection dropped.
     pub fn finish(&self) -> Result<(), Failure> {
-        if self.got == self.dst.len() {
+        if self.got == self.len {
             Ok(())
         } else {
             Err(Failure::transient(Error::io(format!(
                 "the connection closed after {} of {} bytes",
-                self.got,
-                self.dst.len()
+                self.got, self.len
             ))))
         }
     }
@@ -347,7 +397,7 @@ mod tests {
     fn filler_skips_counts_and_refuses_extra() {
         let mut dst = [0u8; 4];
         let mut filled = 0;
-        let mut f = Filler::new(&mut dst, &mut filled, 2, false);
+        let mut f = Filler::new(Out::Buf(&mut dst), 4, &mut filled, 2, false);
         assert!(!f.push(b"xxab").unwrap());
         assert!(f.finish().is_err());
         assert!(f.push(b"cd").unwrap());
@@ -355,5 +405,27 @@ mod tests {
         assert!(f.push(b"e").is_err());
         assert_eq!(&dst, b"abcd");
         assert_eq!(filled, 4);
+    }
+
+    #[test]
+    fn filler_streams_to_a_sink_and_stops_on_its_error() {
+        let mut seen = Vec::new();
+        let mut sink = |b: &[u8]| {
+            seen.extend_from_slice(b);
+            if seen.len() > 4 {
+                Err(Error::io("enough"))
+            } else {
+                Ok(())
+            }
+        };
+        let mut filled = 0;
+        let mut f = Filler::new(Out::Sink(&mut sink), 6, &mut filled, 1, false);
+        assert!(!f.push(b"xab").unwrap());
+        assert!(!f.push(b"cd").unwrap());
+        let err = f.push(b"ef").unwrap_err();
+        assert!(!err.retryable && err.error.message.contains("enough"));
+        assert_eq!(filled, 4);
+        drop(f);
+        assert_eq!(seen, b"abcdef");
     }
 }

@@ -26,7 +26,7 @@ use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use super::config::{resolve_s3, wants_path_style, S3Credentials, S3Settings, MIN_PART_SIZE};
-use super::ranged::{changed, error_chain, ContentRange, Filler, Opened, RangeFetch, RangedSource, PROBE_LEN};
+use super::ranged::{changed, error_chain, ContentRange, Filler, Opened, Out, RangeFetch, RangedSource, PROBE_LEN};
 use super::retry::{block_on, runtime, Backoff, Failure, RetryPolicy};
 use super::tls::{self, Trust};
 use super::{Sink, StorageOptions};
@@ -290,7 +290,8 @@ impl S3Fetch {
         let mut prefix = vec![0u8; size.min(PROBE_LEN) as usize];
         let mut done = prefix.is_empty();
         let mut filled = 0;
-        let mut filler = Filler::new(&mut prefix, &mut filled, 0, true);
+        let len = prefix.len();
+        let mut filler = Filler::new(Out::Buf(&mut prefix), len, &mut filled, 0, true);
         let mut body = out.body;
         while !done {
             match body.try_next().await.map_err(|e| Failure::transient(Error::io(error_chain(&e))))? {
@@ -311,32 +312,34 @@ impl RangeFetch for S3Fetch {
     fn fetch<'a>(
         &'a self,
         offset: u64,
-        dst: &'a mut [u8],
+        len: usize,
+        out: Out<'a>,
         filled: &'a mut usize,
     ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
-            let end = offset + dst.len() as u64 - 1;
+            let end = offset + len as u64 - 1;
             let mut req =
                 self.client.get_object().bucket(&self.bucket).key(&self.key).range(format!("bytes={offset}-{end}"));
             if let Some(etag) = &self.etag {
                 req = req.if_match(etag);
             }
-            let out = req.send().await.map_err(failure)?;
-            if let (Some(a), Some(b)) = (&self.etag, out.e_tag()) {
+            let resp = req.send().await.map_err(failure)?;
+            if let (Some(a), Some(b)) = (&self.etag, resp.e_tag()) {
                 if a != b {
                     return Err(changed(&format!("ETag {a} became {b}")));
                 }
             }
             // Without Content-Range the server sent the whole object: take our slice of it.
-            let skip = match out.content_range() {
+            let skip = match resp.content_range() {
                 Some(header) => {
                     ContentRange::check(Some(header), offset, self.size)?;
                     0
                 }
                 None => offset,
             };
-            let mut filler = Filler::new(dst, filled, skip, out.content_range().is_none());
-            let mut body = out.body;
+            let whole_object = resp.content_range().is_none();
+            let mut filler = Filler::new(out, len, filled, skip, whole_object);
+            let mut body = resp.body;
             while let Some(chunk) = body.try_next().await.map_err(|e| Failure::transient(Error::io(error_chain(&e))))? {
                 if filler.push(&chunk)? {
                     return Ok(());

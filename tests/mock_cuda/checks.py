@@ -9,13 +9,16 @@ few lines that choose the CUDA branch in ``serialization.py`` run only in tests/
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import threading
 import traceback
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -534,6 +537,62 @@ def pool_reconfigure_and_release():
         assert c["peak_staging_allocated"] <= total and c["staging_in_use"] == 0, c
     _cuda.release_staging(0)
     assert _cuda.counters()["staging_allocated"] == 0, _cuda.counters()
+
+
+@contextlib.contextmanager
+def http_server(root: Path):
+    """tests/servers/http_server.py on 127.0.0.1 (Range, injected faults, request counts)."""
+    script = Path(__file__).resolve().parents[1] / "servers" / "http_server.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(root)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        yield f"http://127.0.0.1:{int(proc.stdout.readline())}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def requests_seen(base: str) -> dict:
+    with urllib.request.urlopen(f"{base}/__stats") as r:
+        return json.loads(r.read())
+
+
+@check
+def remote_pieces_stream_through_staging():
+    """Large tensors of a URL: one ranged request per piece, its body streamed through several
+    staging buffers; exact bytes also when connections drop mid-body or the server fails."""
+    small_staging()  # 2 MiB buffers
+    g = torch.Generator().manual_seed(9)
+    sd = {**big_state(4), "big": torch.randn(6_000_000, generator=g)}  # 24 MB
+    root = TMP / "www"
+    root.mkdir(exist_ok=True)
+    write(root / "r.tensors", sd)
+    piece, chunk = 4 << 20, _cuda.staging()[1]
+    total = sum(v.numel() * v.element_size() for k, v in sd.items() if k != "meta")
+    large = [v.numel() * v.element_size() for v in sd.values() if v.device.type != "meta"]
+    pieces = sum(-(-n // piece) for n in large if n > chunk // 4)
+    os.environ["TENSORIZER_RS_REMOTE_PIECE"] = str(piece)
+    try:
+        with http_server(root) as base:
+            for path in ("data/r.tensors", "dropmid/3/r.tensors", "fail500/2/r.tensors"):
+                _cuda.reset_counters()
+                out = gpu_load(gpu_deser(f"{base}/{path}"))
+                for k, v in expected(sd).items():
+                    assert (
+                        torch.equal(out[k], v)
+                        if v.dtype != torch.bool
+                        else bool((out[k] == v).all())
+                    ), (path, k)
+                c = _cuda.counters()
+                assert c["staged_bytes"] == total, (path, c)
+            n = requests_seen(base)["/data/r.tensors"]
+            # The probe, one per piece, and the segments of small records; one request per
+            # staging buffer would take more than there are buffers' worth of bytes.
+            assert n <= 1 + pieces + len(sd), (n, pieces)
+            assert n < -(-total // chunk), (n, total)
+    finally:
+        del os.environ["TENSORIZER_RS_REMOTE_PIECE"]
 
 
 def main() -> int:

@@ -8,6 +8,8 @@ Paths (NAME is a file under ROOT):
   /norange/NAME        the file, ignoring Range (always 200 with the whole body)
   /fail500/N/NAME      500 for the first N requests to this path, then like /data/
   /drop/N/NAME         the first N requests send the headers and half the body, then close
+  /dropmid/N/NAME      like /drop/, but counting only requests for ranges after byte 0 (the
+                       open probe passes; the reads after it are cut)
   /always500/NAME      always 500
   /redirect/NAME       302 to /data/NAME
   /auth/NAME           401 unless "Authorization: Bearer let-me-in", then like /data/
@@ -53,7 +55,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         parts = self.path.lstrip("/").split("/")
         mode, rest = parts[0], parts[1:]
         limit = 0
-        if mode in ("fail500", "drop"):
+        if mode in ("fail500", "drop", "dropmid"):
             limit, rest = int(rest[0]), rest[1:]
         name = "/".join(rest)
         if mode == "redirect":
@@ -99,7 +101,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 if head:
                     return
                 f.seek(start)
-                if mode == "drop" and n <= limit:
+                if mode == "dropmid" and start > 0:
+                    with LOCK:
+                        n = COUNTS[f"mid:{self.path}"] = COUNTS.get(f"mid:{self.path}", 0) + 1
+                if (mode == "drop" or (mode == "dropmid" and start > 0)) and n <= limit:
                     self.wfile.write(f.read(length // 2))
                     self.wfile.flush()
                     self.connection.shutdown(2)
