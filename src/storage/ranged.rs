@@ -419,13 +419,14 @@ mod tests {
             }
         };
         let mut filled = 0;
-        let mut f = Filler::new(Out::Sink(&mut sink), 6, &mut filled, 1, false);
-        assert!(!f.push(b"xab").unwrap());
-        assert!(!f.push(b"cd").unwrap());
-        let err = f.push(b"ef").unwrap_err();
-        assert!(!err.retryable && err.error.message.contains("enough"));
+        {
+            let mut f = Filler::new(Out::Sink(&mut sink), 6, &mut filled, 1, false);
+            assert!(!f.push(b"xab").unwrap());
+            assert!(!f.push(b"cd").unwrap());
+            let err = f.push(b"ef").unwrap_err();
+            assert!(!err.retryable && err.error.message.contains("enough"));
+        }
         assert_eq!(filled, 4);
-        drop(f);
         assert_eq!(seen, b"abcdef");
     }
 }
