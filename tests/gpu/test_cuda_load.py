@@ -236,6 +236,36 @@ def test_vllm_fill_in_place_where_it_fits(tmp_path):
     assert not dst.lin.weight.requires_grad
 
 
+@pytest.mark.parametrize("path", ["data", "dropmid/2"])
+def test_url_to_cuda_streams_pieces(tmp_path, path):
+    """A file over HTTP (tests/servers/http_server.py): the pieces of large tensors stream
+    through the staging buffers, one request each, resumed after dropped connections."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    sd = _state(10, scale=5)  # an 80 MiB tensor: two pieces over ten staging buffers
+    _write(tmp_path / "u.tensors", sd)
+    server = Path(__file__).resolve().parents[1] / "servers" / "http_server.py"
+    proc = subprocess.Popen(
+        [sys.executable, str(server), str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        base = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+        before = _cuda.counters()
+        _check(TensorDeserializer(f"{base}/{path}/u.tensors", device="cuda"), sd)
+        after = _cuda.counters()
+        total = sum(v.nbytes for v in sd.values() if v.device.type != "meta")
+        assert after["staged_bytes"] - before["staged_bytes"] == total
+        with urllib.request.urlopen(f"{base}/__stats") as r:
+            seen = json.loads(r.read())[f"/{path}/u.tensors"]
+        assert seen < total // (8 << 20), seen  # fewer requests than staging buffers' worth
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_dtype_conversion_on_gpu(tmp_path):
     torch.manual_seed(6)
     src = Block()
