@@ -80,9 +80,6 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
         .unwrap_or_else(|| file.source().preferred_parallelism())
         .clamp(1, 64)
         .min(plan.items.len().max(1));
-    // Remote bodies are copied by the network threads: fault the destination in first, from
-    // the readers (`TENSORIZER_RS_POPULATE=0` turns it off).
-    let populate_dest = name.contains("://") && std::env::var("TENSORIZER_RS_POPULATE").as_deref() != Ok("0");
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
@@ -93,7 +90,7 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
                 while !failed.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = plan.items.get(i) else { break };
-                    if let Err(e) = run_item(file, &slots, item, opts, &mut scratch, populate_dest) {
+                    if let Err(e) = run_item(file, &slots, item, opts, &mut scratch) {
                         failed.store(true, Ordering::Relaxed);
                         first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                     }
@@ -115,14 +112,7 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
         .collect())
 }
 
-fn run_item(
-    file: &TensorFile,
-    slots: &[Slot],
-    item: &Item,
-    opts: &LoadOptions,
-    scratch: &mut Vec<u8>,
-    populate_dest: bool,
-) -> Result<()> {
+fn run_item(file: &TensorFile, slots: &[Slot], item: &Item, opts: &LoadOptions, scratch: &mut Vec<u8>) -> Result<()> {
     match item {
         Item::Segment { start, len, parts } => {
             scratch.resize(*len, 0);
@@ -141,29 +131,11 @@ fn run_item(
             let s = &slots[*slot];
             // SAFETY: disjoint piece of the slot's buffer, which outlives the scoped threads.
             let dest = unsafe { std::slice::from_raw_parts_mut(s.dest.add(*offset as usize), *len as usize) };
-            if populate_dest {
-                populate(dest);
-            }
             file.source().read_at(*file_offset, dest).map_err(|e| with_tensor(e, file, slots, *slot))?;
             finish_piece(file, slots, *slot, opts)?;
         }
     }
     Ok(())
-}
-
-/// Fault in `dest`'s pages from this (reader) thread before a remote read: otherwise the
-/// network threads that copy the bodies take the page faults (and zero the huge pages).
-fn populate(dest: &mut [u8]) {
-    #[cfg(target_os = "linux")]
-    {
-        let start = dest.as_mut_ptr() as usize;
-        let (a, b) = (start.next_multiple_of(4096), (start + dest.len()) & !4095);
-        if b > a {
-            // SAFETY: advice on whole pages inside `dest`, which we may write; an old kernel
-            // without MADV_POPULATE_WRITE refuses it and the read faults the pages in as before.
-            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_POPULATE_WRITE) };
-        }
-    }
 }
 
 fn with_tensor(e: Error, file: &TensorFile, slots: &[Slot], slot: usize) -> Error {
