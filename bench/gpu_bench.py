@@ -304,7 +304,7 @@ def child(args):
         # What our vLLM loader does for a vLLM-tensorized file, minus vLLM itself: the model is
         # built on the GPU (vLLM's initialize_model under torch.device), then filled from the
         # file in place (tensors that do not fit are released to meta and replaced first;
-        # "release_all" releases every one, as before 2026-11-28).
+        # "release_all" releases every one, as before commit 57ae1ff).
         from tensorizer_rs import _native
 
         f = _native.TensorFile(path)
