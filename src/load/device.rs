@@ -474,6 +474,7 @@ pub fn load_to_device(
     let entry_ids: Vec<usize> = targets.iter().map(|t| t.entry).collect();
     // Encrypted data is read a whole number of cipher chunks at a time.
     let step = sealed_step(chunk as usize) as u64;
+    let remote = file.name().contains("://");
     let (work, pieces) = if opts.base.verify_hash || (encrypted && step == 0) {
         let mut order: Vec<usize> = (0..targets.len()).collect();
         order.sort_by_key(|&s| file.entries[targets[s].entry].header_offset);
@@ -503,7 +504,7 @@ pub fn load_to_device(
         // Segments of small records stay small enough that files of many tiny tensors still
         // spread over all readers (each record costs a header check and a copy launch).
         let small = (chunk / 4).min(plan::SMALL_RECORD);
-        let piece = if file.name().contains("://") { remote_piece(chunk) } else { PIECE.max(chunk) };
+        let piece = if remote { remote_piece(chunk) } else { PIECE.max(chunk) };
         let p = plan::build_sized(&file.entries, &entry_ids, small, chunk.min(SEGMENT_MAX), piece);
         (p.items.into_iter().map(Work::Plan).collect(), p.pieces)
     };
@@ -521,9 +522,8 @@ pub fn load_to_device(
         })
         .collect();
     // Decryption is CPU-bound: encrypted loads use every core by default. Over the network each
-    // reader waits on one request per staging buffer: one reader per buffer keeps the most in
-    // flight (HTTP on the H200 host: 16.3 vs 13.0–13.8 GB/s with 12, docs/benchmarks.md).
-    let remote = file.name().contains("://");
+    // reader waits on one request at a time: one reader per buffer keeps the most in flight
+    // (HTTP on the H200 host: 16.3 vs 13.0–13.8 GB/s with 12, docs/benchmarks.md).
     let default = || {
         let cpu = if encrypted { cpu_readers() } else { default_readers() };
         if remote {
@@ -798,8 +798,7 @@ impl Job<'_> {
         let mut heap = Vec::new();
         let mut staged = None;
         let ptr: *const u8 = if len <= self.pool.chunk() {
-            let mut st = self.pool.acquire()?;
-            let delta = self.io.read(start, len, &mut st, &self.tally)?;
+            let (mut st, delta) = self.read_staged(start, len)?;
             st.used_on(stream);
             // SAFETY: `delta + len` bytes were just read into the buffer.
             let p = unsafe { st.ptr().add(delta) };
@@ -856,8 +855,7 @@ impl Job<'_> {
                 return Ok(());
             }
             let n = chunk.min(len - off) as usize;
-            let mut st = self.pool.acquire()?;
-            let delta = self.io.read(file_offset + off, n, &mut st, &self.tally)?;
+            let (mut st, delta) = self.read_staged(file_offset + off, n)?;
             // SAFETY: `delta + n` bytes were just read into the buffer.
             let src = unsafe { st.ptr().add(delta) };
             st.used_on(stream);
@@ -865,6 +863,37 @@ impl Job<'_> {
             off += n as u64;
         }
         Ok(())
+    }
+
+    /// Read `n <= chunk` bytes at `offset` into a staging buffer; returns it and where in it the
+    /// bytes start (non-zero after an aligned O_DIRECT read). From a remote source the buffer is
+    /// taken only once the first bytes arrive: a reader holding a buffer while it waits for one
+    /// of the source's request slots could, with enough readers, leave the slot holders
+    /// waiting for buffers forever.
+    fn read_staged(&self, offset: u64, n: usize) -> Result<(Staged, usize)> {
+        if !self.remote {
+            let mut st = self.pool.acquire()?;
+            let delta = self.io.read(offset, n, &mut st, &self.tally)?;
+            return Ok((st, delta));
+        }
+        let mut staged: Option<Staged> = None;
+        let mut fill = 0;
+        let mut sink = |bytes: &[u8]| -> Result<()> {
+            let st = match &mut staged {
+                Some(st) => st,
+                None => staged.insert(self.pool.acquire()?),
+            };
+            st.slice_mut(fill + bytes.len())[fill..].copy_from_slice(bytes);
+            fill += bytes.len();
+            Ok(())
+        };
+        self.file.source().read_stream(offset, n, &mut sink)?;
+        let st = match staged {
+            Some(st) => st,
+            None => self.pool.acquire()?,
+        };
+        self.tally.add(Counter::BufferedRead, n as u64);
+        Ok((st, 0))
     }
 
     /// A piece of a remote file: one request for all of it, its body copied into staging
@@ -982,8 +1011,7 @@ impl Job<'_> {
             }
             let n = step.min(len - off) as usize;
             let at = offset + off;
-            let mut st = self.pool.acquire()?;
-            let delta = self.io.read(e.data_offset + at, n, &mut st, &self.tally)?;
+            let (mut st, delta) = self.read_staged(e.data_offset + at, n)?;
             let data = &mut st.slice_mut(delta + n)[delta..];
             // `at` is a multiple of `step`, hence of the cipher chunk.
             let first = (at / cs as u64) as usize;
@@ -1012,8 +1040,7 @@ impl Job<'_> {
             self.zero(slot, stream)?;
             idx
         } else if len <= chunk {
-            let mut st = self.pool.acquire()?;
-            let delta = self.io.read(e.data_offset, len, &mut st, &self.tally)?;
+            let (mut st, delta) = self.read_staged(e.data_offset, len)?;
             let data = &mut st.slice_mut(delta + len)[delta..];
             let idx = exec::finalize(self.file, e, &header, data, &self.opts.base)?;
             let src = data.as_ptr();
@@ -1044,8 +1071,7 @@ impl Job<'_> {
             let mut off = 0;
             while off < len {
                 let n = chunk.min(len - off);
-                let mut st = self.pool.acquire()?;
-                let delta = self.io.read(e.data_offset + off as u64, n, &mut st, &self.tally)?;
+                let (mut st, delta) = self.read_staged(e.data_offset + off as u64, n)?;
                 let data = &st.slice_mut(delta + n)[delta..];
                 hasher.update(data);
                 let src = data.as_ptr();

@@ -20,6 +20,7 @@ import threading
 import traceback
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from tensorizer_rs import (
@@ -591,6 +592,28 @@ def remote_pieces_stream_through_staging():
             # staging buffer would take more than there are buffers' worth of bytes.
             assert n <= 1 + pieces + len(sd), (n, pieces)
             assert n < -(-total // chunk), (n, total)
+
+            # More readers than request slots and staging buffers together: no reader may
+            # hold a buffer while it waits for a slot (that could stall the load for good).
+            few = SimpleNamespace(
+                _tensorizer_uri=f"{base}/data/r.tensors",
+                _tensorizer_storage={"max_concurrency": 1},
+            )
+            done = {}
+
+            def crowded():
+                done["out"] = gpu_load(gpu_deser(few, num_readers=8))
+
+            t = threading.Thread(target=crowded, daemon=True)
+            t.start()
+            t.join(120)
+            assert "out" in done, "a load with 8 readers, 1 request slot and 2 buffers hung"
+            for k, v in expected(sd).items():
+                assert (
+                    torch.equal(done["out"][k], v)
+                    if v.dtype != torch.bool
+                    else bool((done["out"][k] == v).all())
+                ), k
     finally:
         del os.environ["TENSORIZER_RS_REMOTE_PIECE"]
 
