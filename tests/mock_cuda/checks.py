@@ -604,6 +604,29 @@ def remote_pieces_stream_through_staging():
             def crowded():
                 done["out"] = gpu_load(gpu_deser(few, num_readers=8))
 
+            # Encrypted, over HTTP: cipher chunks opened in the staging buffers (4 MiB buffers
+            # hold one 2 MiB chunk a read); verify_hash goes tensor by tensor.
+            from tensorizer_rs import DecryptionParams, EncryptionParams
+
+            enc = EncryptionParams.random()
+            s = TensorSerializer(str(root / "e.tensors"), encryption=enc)
+            s.write_state_dict(sd)
+            s.close()
+            _cuda.staging(16 << 20, 4 << 20)
+            for verify in (False, True):
+                _cuda.reset_counters()
+                d = gpu_deser(
+                    f"{base}/dropmid/2/e.tensors", encryption=DecryptionParams.from_key(enc.key)
+                )
+                out = gpu_load(d, verify=verify)
+                for k, v in expected(sd).items():
+                    assert (
+                        torch.equal(out[k], v)
+                        if v.dtype != torch.bool
+                        else bool((out[k] == v).all())
+                    ), (k, verify)
+                assert verify or _cuda.counters()["decrypted_in_staging"] > 0, _cuda.counters()
+            small_staging()
             t = threading.Thread(target=crowded, daemon=True)
             t.start()
             t.join(120)
