@@ -161,9 +161,20 @@ fn read_stream_is_one_request_resumed_after_drops() {
         source.read_stream(offset as u64, data.len() - offset, &mut sink).unwrap();
         assert!(got == data[offset..], "streamed bytes of {path} differ");
     };
-    // The first MiB comes from the open probe; the rest is one request, not one per 1 MiB.
+    // One request for the range, not one per 1 MiB; a range inside the probe's first MiB
+    // needs none.
     stream("data/m", 100);
-    assert_eq!(server.count("data/m"), 2, "the probe, then one request for the rest");
+    assert_eq!(server.count("data/m"), 2, "the probe, then one request for the range");
+    let source = open_source(&server.url("data/m"), &opts()).unwrap();
+    let mut got = Vec::new();
+    source
+        .read_stream(10, 1000, &mut |b: &[u8]| {
+            got.extend_from_slice(b);
+            Ok(())
+        })
+        .unwrap();
+    assert!(got == data[10..1010]);
+    assert_eq!(server.count("data/m"), 3, "only the second probe");
     // The stream's connection drops mid-body twice: it resumes where the bytes stopped.
     stream("dropmid/2/m", 100);
     assert_eq!(server.count("dropmid/2/m"), 1 + 3, "the probe, then 2 cut-off requests and the rest");
@@ -173,7 +184,7 @@ fn read_stream_is_one_request_resumed_after_drops() {
     let mut sink = |_: &[u8]| Err(tensorizer_rs::error::Error::io("sink refused"));
     let err = source.read_stream(2 << 20, 1 << 20, &mut sink).unwrap_err();
     assert!(err.to_string().contains("sink refused"), "{err}");
-    assert_eq!(server.count("data/m"), 2 + 2, "a second probe and one request");
+    assert_eq!(server.count("data/m"), 3 + 2, "a third probe and one request");
 }
 
 #[test]

@@ -245,16 +245,12 @@ impl<F: RangeFetch> Source for RangedSource<F> {
     }
     fn read_stream(&self, offset: u64, len: usize, sink: &mut ByteSink<'_>) -> Result<()> {
         self.check_range(offset, len)?;
-        let cached = (self.prefix.len() as u64).saturating_sub(offset).min(len as u64) as usize;
-        if cached > 0 {
-            sink(&self.prefix[offset as usize..offset as usize + cached])?;
+        // Only a range the probe holds whole is served from it: the sink must see no bytes
+        // before the request slot is taken (callers take staging buffers in the sink).
+        if offset + len as u64 <= self.prefix.len() as u64 {
+            return sink(&self.prefix[offset as usize..offset as usize + len]);
         }
-        if cached == len {
-            return Ok(());
-        }
-        let rest = offset + cached as u64;
-        block_on(self.requests.fetch_with_retries(rest, len - cached, Out::Sink(sink)))
-            .map_err(|e| e.in_file(&self.shown))
+        block_on(self.requests.fetch_with_retries(offset, len, Out::Sink(sink))).map_err(|e| e.in_file(&self.shown))
     }
     fn preferred_parallelism(&self) -> usize {
         // One caller per request in flight: a caller's read_at splits into requests, but the
