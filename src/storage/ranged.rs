@@ -130,11 +130,10 @@ impl<F: RangeFetch> RangedSource<F> {
         })
     }
 
-    /// Run the requests for `buf` as tasks on the runtime's workers, where the connections are
-    /// driven, so each body is copied by the thread that received it; wait for all of them.
+    /// Fetch `buf`: one request runs on the calling thread; several run as tasks on the
+    /// runtime's workers, concurrently, and the call waits for all of them.
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         if buf.len() <= self.request_size {
-            // One request: run it right here, no task to hand the body over to.
             let len = buf.len();
             return block_on(self.requests.fetch_with_retries(offset, len, Out::Buf(buf)));
         }
