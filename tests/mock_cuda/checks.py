@@ -91,6 +91,13 @@ def expected(sd):
     }
 
 
+def assert_loaded(out, sd, *where):
+    """Every tensor of ``sd`` (meta ones as zeros) came back with the same values."""
+    for k, v in expected(sd).items():
+        same = torch.equal(out[k], v) if v.dtype != torch.bool else bool((out[k] == v).all())
+        assert same, (*where, k)
+
+
 MODES = [
     {"io": "buffered", "register_readers": 0},
     {"io": "direct", "register_readers": 0},
@@ -256,12 +263,7 @@ def larger_than_pool_all_modes():
     for mode in MODES:
         _cuda.load_options.update(mode)
         _cuda.reset_counters()
-        out = gpu_load(gpu_deser(path))
-        for k, v in expected(sd).items():
-            assert torch.equal(out[k], v) if v.dtype != torch.bool else bool((out[k] == v).all()), (
-                k,
-                mode,
-            )
+        assert_loaded(gpu_load(gpu_deser(path)), sd, mode)
         c = _cuda.counters()
         moved = c["staged_bytes"] + c["registered_bytes"] + c["pageable_bytes"]
         meta = 128 * 129 * 4
@@ -578,13 +580,7 @@ def remote_pieces_stream_through_staging():
         with http_server(root) as base:
             for path in ("data/r.tensors", "dropmid/3/r.tensors", "fail500/2/r.tensors"):
                 _cuda.reset_counters()
-                out = gpu_load(gpu_deser(f"{base}/{path}"))
-                for k, v in expected(sd).items():
-                    assert (
-                        torch.equal(out[k], v)
-                        if v.dtype != torch.bool
-                        else bool((out[k] == v).all())
-                    ), (path, k)
+                assert_loaded(gpu_load(gpu_deser(f"{base}/{path}")), sd, path)
                 c = _cuda.counters()
                 assert c["staged_bytes"] == total, (path, c)
             n = requests_seen(base)["/data/r.tensors"]
@@ -592,17 +588,6 @@ def remote_pieces_stream_through_staging():
             # staging buffer would take more than there are buffers' worth of bytes.
             assert n <= 1 + pieces + len(sd), (n, pieces)
             assert n < -(-total // chunk), (n, total)
-
-            # More readers than request slots and staging buffers together: no reader may
-            # hold a buffer while it waits for a slot (that could stall the load for good).
-            few = SimpleNamespace(
-                _tensorizer_uri=f"{base}/data/r.tensors",
-                _tensorizer_storage={"max_concurrency": 1},
-            )
-            done = {}
-
-            def crowded():
-                done["out"] = gpu_load(gpu_deser(few, num_readers=8))
 
             # Encrypted, over HTTP: cipher chunks opened in the staging buffers (4 MiB buffers
             # hold one 2 MiB chunk a read); verify_hash goes tensor by tensor.
@@ -618,25 +603,26 @@ def remote_pieces_stream_through_staging():
                 d = gpu_deser(
                     f"{base}/dropmid/2/e.tensors", encryption=DecryptionParams.from_key(enc.key)
                 )
-                out = gpu_load(d, verify=verify)
-                for k, v in expected(sd).items():
-                    assert (
-                        torch.equal(out[k], v)
-                        if v.dtype != torch.bool
-                        else bool((out[k] == v).all())
-                    ), (k, verify)
+                assert_loaded(gpu_load(d, verify=verify), sd, verify)
                 assert verify or _cuda.counters()["decrypted_in_staging"] > 0, _cuda.counters()
+
+            # More readers than request slots and staging buffers together: no reader may
+            # hold a buffer while it waits for a slot (that could stall the load for good).
             small_staging()
+            few = SimpleNamespace(
+                _tensorizer_uri=f"{base}/data/r.tensors",
+                _tensorizer_storage={"max_concurrency": 1},
+            )
+            done = {}
+
+            def crowded():
+                done["out"] = gpu_load(gpu_deser(few, num_readers=8))
+
             t = threading.Thread(target=crowded, daemon=True)
             t.start()
             t.join(120)
             assert "out" in done, "a load with 8 readers, 1 request slot and 2 buffers hung"
-            for k, v in expected(sd).items():
-                assert (
-                    torch.equal(done["out"][k], v)
-                    if v.dtype != torch.bool
-                    else bool((done["out"][k] == v).all())
-                ), k
+            assert_loaded(done["out"], sd)
     finally:
         del os.environ["TENSORIZER_RS_REMOTE_PIECE"]
 
