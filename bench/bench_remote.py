@@ -43,6 +43,26 @@ kw = {} if readers == "-" else {"num_readers": int(readers)}
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+def threads():  # CPU seconds of the live threads, by name less its digits
+    out, tck = {}, os.sysconf("SC_CLK_TCK")
+    for t in os.listdir("/proc/self/task"):
+        try:
+            st = open(f"/proc/self/task/{t}/stat").read()
+        except OSError:
+            continue
+        name = st[st.index("(") + 1 : st.rindex(")")].rstrip("0123456789")
+        f = st[st.rindex(")") + 2 :].split()
+        out[name] = out.get(name, 0) + (int(f[11]) + int(f[12])) / tck
+    return out
+def cpu_split(before):
+    now = threads()
+    split = {k: round(v - before.get(k, 0), 3) for k, v in now.items() if v - before.get(k, 0) > 0.005}
+    if kind == "ours" and device.startswith("cuda"):
+        from tensorizer_rs import _cuda
+        c = _cuda.counters()
+        split["readers (ended)"] = round(c.get("reader_cpu_ns", 0) / 1e9, 3)
+        split["pinning (ended)"] = round(c.get("pin_cpu_ns", 0) / 1e9, 3)
+    return split
 if kind == "ours" and os.environ.get("BENCH_PREPOOL") and device.startswith("cuda"):
     from tensorizer_rs import _cuda  # staging pool pinned before the clock starts
     _cuda.prewarm(torch.device(device), 64)
@@ -55,7 +75,25 @@ if kind == "ours" and os.environ.get("BENCH_PRECONN"):
             return len(f.read(1))
     with ThreadPoolExecutor(32) as ex:
         list(ex.map(one, range(32)))
-c0 = cpu()
+model = None
+if kind == "ours" and os.environ.get("BENCH_INPLACE") and device.startswith("cuda"):
+    # vLLM's case: the model already exists on the GPU and is filled in place. Its shapes come
+    # from the local copy of the file (no request before the clock).
+    from tensorizer_rs import TensorDeserializer
+    model = torch.nn.Module()
+    for name, t in TensorDeserializer(os.environ["BENCH_LOCAL"], device="meta").items():
+        *path, attr = name.split(".")
+        node = model
+        for p in path:
+            if not hasattr(node, p):
+                node.add_module(p, torch.nn.Module())
+            node = getattr(node, p)
+        node.register_buffer(attr, torch.empty(t.shape, dtype=t.dtype, device=device))
+    torch.cuda.synchronize()
+c0, th0 = cpu(), threads()
+if kind == "ours" and device.startswith("cuda"):
+    from tensorizer_rs import _cuda
+    _cuda.reset_counters()
 t0 = time.perf_counter()
 if kind == "ours":
     from tensorizer_rs import TensorDeserializer
@@ -64,7 +102,11 @@ if kind == "ours":
         _tensorizer_storage = json.loads(storage) if storage != "-" else None
     d = TensorDeserializer(Source(), device=device, **kw)
     t_open = time.perf_counter() - t0
-    n = sum(t.numel() * t.element_size() for t in d.values())
+    if model is not None:
+        d.load_into_module(model)
+        n = sum(t.numel() * t.element_size() for t in model.buffers())
+    else:
+        n = sum(t.numel() * t.element_size() for t in d.values())
 else:
     import tensorizer
     assert tensorizer.__version__, "CoreWeave tensorizer"
@@ -74,16 +116,25 @@ else:
 if device.startswith("cuda"):
     torch.cuda.synchronize()
 out = {"bytes": n, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - c0}
+out["cpu_split"] = cpu_split(th0)
 if kind == "ours":
     out["constructor_seconds"] = t_open  # CPU loads run in the constructor, CUDA ones later
     if os.environ.get("BENCH_AGAIN"):  # a second load in the same process (warm connections)
         del d
+        c0, th0 = cpu(), threads()
+        if device.startswith("cuda"):
+            _cuda.reset_counters()
         t0 = time.perf_counter()
         d = TensorDeserializer(Source(), device=device, **kw)
-        n = sum(t.numel() * t.element_size() for t in d.values())
+        if model is not None:
+            d.load_into_module(model)
+        else:
+            n = sum(t.numel() * t.element_size() for t in d.values())
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         out["seconds_again"] = time.perf_counter() - t0
+        out["cpu_seconds_again"] = cpu() - c0
+        out["cpu_split_again"] = cpu_split(th0)
 print("RESULT " + json.dumps(out))
 """
 
@@ -295,7 +346,7 @@ def ab(res: dict, variants: list, local: str, url: str, size: int, args) -> None
                 "ours",
                 url,
                 v.get("device", "cuda"),
-                v.get("env", {}),
+                {"BENCH_LOCAL": local, **v.get("env", {})},
                 v.get("readers", "-"),
                 v.get("storage"),
             )

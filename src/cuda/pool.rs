@@ -114,13 +114,20 @@ impl Pool {
         };
         std::thread::scope(|s| {
             for _ in 0..todo {
-                s.spawn(|| match self.ctx.bind().and_then(|()| self.make()) {
-                    Ok(slot) => self.give_back(slot),
-                    Err(_) => {
-                        self.state.lock().unwrap_or_else(|p| p.into_inner()).allocated -= 1;
-                        self.cond.notify_one();
+                let pin = || {
+                    match self.ctx.bind().and_then(|()| self.make()) {
+                        Ok(slot) => self.give_back(slot),
+                        Err(_) => {
+                            self.state.lock().unwrap_or_else(|p| p.into_inner()).allocated -= 1;
+                            self.cond.notify_one();
+                        }
                     }
-                });
+                    counters::add_thread_cpu(Counter::PinCpu);
+                };
+                if std::thread::Builder::new().name("tz-pin".into()).spawn_scoped(s, pin).is_err() {
+                    // No thread to spare: the loads make this buffer when they need it.
+                    self.state.lock().unwrap_or_else(|p| p.into_inner()).allocated -= 1;
+                }
             }
         });
     }

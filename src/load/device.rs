@@ -568,13 +568,18 @@ pub fn load_to_device(
     std::thread::scope(|scope| {
         for w in 0..readers {
             let job = &job;
-            scope.spawn(move || {
+            let spawned = std::thread::Builder::new().name(format!("tz-gpu-read{w}")).spawn_scoped(scope, move || {
                 if let Err(e) = job.reader(w) {
                     job.fail(e);
                 }
+                counters::add_thread_cpu(Counter::ReaderCpu);
                 *job.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
                 job.wake.notify_all();
             });
+            if let Err(e) = spawned {
+                job.fail(Error::io(format!("cannot start a reader thread: {e}")));
+                *job.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+            }
         }
         let mut active = job.active.lock().unwrap_or_else(|p| p.into_inner());
         while *active > 0 {

@@ -84,8 +84,8 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
-        for _ in 0..readers {
-            s.spawn(|| {
+        for w in 0..readers {
+            let spawned = std::thread::Builder::new().name(format!("tz-read{w}")).spawn_scoped(s, || {
                 let mut scratch = Vec::new();
                 while !failed.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
@@ -96,6 +96,17 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
                     }
                 }
             });
+            if let Err(e) = spawned {
+                // The readers already started finish the plan; none started is an error.
+                if w == 0 {
+                    failed.store(true, Ordering::Relaxed);
+                    first_error
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(Error::io(format!("cannot start a reader thread: {e}")));
+                }
+                break;
+            }
         }
     });
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {

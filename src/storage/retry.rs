@@ -110,7 +110,12 @@ impl Backoff {
 pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).clamp(2, 16);
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4);
+        let workers = std::env::var("TENSORIZER_RS_IO_THREADS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(cores.clamp(2, 16))
+            .clamp(1, 64);
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("tensorizer-io")
