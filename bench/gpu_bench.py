@@ -594,12 +594,6 @@ def main():
                 "label": "vllm_path(release all)",
             },
         ]
-        one = {"TENSORIZER_RS_STAGING_STREAMS": "1"}
-        once += [
-            {"loader": "ours", "path": ours, "env": one, "label": "ours(1 stream)"},
-            {"loader": "ours_module", "path": ours, "env": one, "label": "ours_module(1 stream)"},
-            {"loader": "vllm_path", "path": ours, "env": one, "label": "vllm_path(1 stream)"},
-        ]
         plan = once + [{**p, "label": p.get("label", p["loader"]) + "(2nd)"} for p in once]
     if args.coreweave:
         plan.append({"loader": "coreweave", "path": ours})
