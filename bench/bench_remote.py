@@ -75,21 +75,6 @@ if kind == "ours" and os.environ.get("BENCH_PRECONN"):
             return len(f.read(1))
     with ThreadPoolExecutor(32) as ex:
         list(ex.map(one, range(32)))
-model = None
-if kind == "ours" and os.environ.get("BENCH_INPLACE") and device.startswith("cuda"):
-    # vLLM's case: the model already exists on the GPU and is filled in place. Its shapes come
-    # from the local copy of the file (no request before the clock).
-    from tensorizer_rs import TensorDeserializer
-    model = torch.nn.Module()
-    for name, t in TensorDeserializer(os.environ["BENCH_LOCAL"], device="meta").items():
-        *path, attr = name.split(".")
-        node = model
-        for p in path:
-            if not hasattr(node, p):
-                node.add_module(p, torch.nn.Module())
-            node = getattr(node, p)
-        node.register_buffer(attr, torch.empty(t.shape, dtype=t.dtype, device=device))
-    torch.cuda.synchronize()
 c0, th0 = cpu(), threads()
 if kind == "ours" and device.startswith("cuda"):
     from tensorizer_rs import _cuda
@@ -102,11 +87,7 @@ if kind == "ours":
         _tensorizer_storage = json.loads(storage) if storage != "-" else None
     d = TensorDeserializer(Source(), device=device, **kw)
     t_open = time.perf_counter() - t0
-    if model is not None:
-        d.load_into_module(model)
-        n = sum(t.numel() * t.element_size() for t in model.buffers())
-    else:
-        n = sum(t.numel() * t.element_size() for t in d.values())
+    n = sum(t.numel() * t.element_size() for t in d.values())
 else:
     import tensorizer
     assert tensorizer.__version__, "CoreWeave tensorizer"
@@ -126,10 +107,7 @@ if kind == "ours":
             _cuda.reset_counters()
         t0 = time.perf_counter()
         d = TensorDeserializer(Source(), device=device, **kw)
-        if model is not None:
-            d.load_into_module(model)
-        else:
-            n = sum(t.numel() * t.element_size() for t in d.values())
+        n = sum(t.numel() * t.element_size() for t in d.values())
         if device.startswith("cuda"):
             torch.cuda.synchronize()
         out["seconds_again"] = time.perf_counter() - t0
@@ -346,7 +324,7 @@ def ab(res: dict, variants: list, local: str, url: str, size: int, args) -> None
                 "ours",
                 url,
                 v.get("device", "cuda"),
-                {"BENCH_LOCAL": local, **v.get("env", {})},
+                v.get("env", {}),
                 v.get("readers", "-"),
                 v.get("storage"),
             )

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::{pattern, Nginx, PyHttp};
 use tensorizer_rs::error::ErrorKind;
-use tensorizer_rs::storage::{open_source, read_all, Source, StorageOptions};
+use tensorizer_rs::storage::{http_direct_bytes, open_source, read_all, Source, StorageOptions, StreamDest};
 
 fn opts() -> StorageOptions {
     StorageOptions { request_size: Some(1 << 20), max_concurrency: Some(16), ..Default::default() }
@@ -94,6 +94,105 @@ fn nginx_object_replaced_during_a_load_is_an_error() {
     let mut buf = vec![0u8; 2 << 20];
     let err = source.read_at(2 << 20, &mut buf).unwrap_err();
     assert!(err.to_string().contains("changed while it was being read"), "{err}");
+}
+
+/// A destination lending rooms of `room` bytes, as the GPU path lends staging buffers.
+struct Rooms {
+    got: Vec<u8>,
+    room: usize,
+    lent: usize,
+}
+
+impl StreamDest for Rooms {
+    fn room(&mut self) -> tensorizer_rs::error::Result<&mut [u8]> {
+        // A room lent and not written (the connection dropped) is lent again.
+        self.got.truncate(self.got.len() - self.lent);
+        let start = self.got.len();
+        self.got.resize(start + self.room, 0);
+        self.lent = self.room;
+        Ok(&mut self.got[start..])
+    }
+    fn advance(&mut self, n: usize) -> tensorizer_rs::error::Result<()> {
+        assert!(n > 0 && n <= self.lent, "advanced {n} of a {}-byte room", self.lent);
+        let end = self.got.len() - self.lent + n;
+        self.got.truncate(end);
+        self.lent = 0;
+        Ok(())
+    }
+}
+
+/// Held by the tests that read the process-wide direct-bytes counter.
+static DIRECT_COUNTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn stream_into(source: &dyn Source, offset: usize, len: usize, room: usize) -> tensorizer_rs::error::Result<Vec<u8>> {
+    let mut dest = Rooms { got: Vec::new(), room, lent: 0 };
+    source.read_stream_into(offset as u64, len, &mut dest)?;
+    Ok(dest.got)
+}
+
+#[test]
+fn plain_http_streams_from_the_socket_into_lent_buffers() {
+    let Some(nginx) = Nginx::start() else { return };
+    let _counter = DIRECT_COUNTER.lock().unwrap_or_else(|p| p.into_inner());
+    let data = pattern((24 << 20) + 77, 9);
+    std::fs::write(nginx.root().join("d.tensors"), &data).unwrap();
+    let source = open_source(&nginx.url("d.tensors"), &opts()).unwrap();
+    let before = http_direct_bytes();
+    // Rooms smaller and larger than a socket read; one request per range, connections reused.
+    for (offset, len, room) in [(3 << 20, 9 << 20, 8 << 20), (1 << 20, (23 << 20) + 77, 65_521), (5, 2 << 20, 1 << 20)]
+    {
+        let got = stream_into(&*source, offset, len, room).unwrap();
+        assert!(got == data[offset..offset + len], "range {offset}+{len} differs");
+    }
+    let direct = http_direct_bytes() - before;
+    assert!(direct >= (32 << 20) + 77 - (1 << 20), "bodies went through the direct path: {direct}");
+    let log = nginx.access_log();
+    let ranged = log.lines().filter(|l| l.starts_with("GET /d.tensors") && l.contains("\"bytes=")).count();
+    assert_eq!(ranged, 1 + 3, "the probe, then one request per range");
+
+    // Off: the same bytes through reqwest.
+    let off = StorageOptions { http_direct: Some(false), ..opts() };
+    let source = open_source(&nginx.url("d.tensors"), &off).unwrap();
+    let before = http_direct_bytes();
+    assert!(stream_into(&*source, 7, 10 << 20, 1 << 20).unwrap() == data[7..7 + (10 << 20)]);
+    assert_eq!(http_direct_bytes(), before, "http_direct=false reads through reqwest");
+
+    // The object replaced after open: the server refuses the old version (If-Match).
+    let source = open_source(&nginx.url("d.tensors"), &opts()).unwrap();
+    let path = nginx.root().join("d.tensors");
+    let tmp = nginx.root().join("d.tensors.new");
+    std::fs::write(&tmp, pattern(data.len(), 10)).unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(100);
+    std::fs::File::options().write(true).open(&tmp).unwrap().set_modified(later).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let err = stream_into(&*source, 2 << 20, 4 << 20, 1 << 20).unwrap_err();
+    assert!(err.to_string().contains("changed while it was being read"), "{err}");
+}
+
+#[test]
+fn direct_streams_resume_after_drops_and_retry_server_errors() {
+    let Some(server) = PyHttp::start() else { return };
+    let _counter = DIRECT_COUNTER.lock().unwrap_or_else(|p| p.into_inner());
+    let data = pattern((5 << 20) + 3, 11);
+    std::fs::write(server.dir.path().join("m"), &data).unwrap();
+    let before = http_direct_bytes();
+    // HTTP/1.0, connections cut mid-body twice: resumed where the bytes stopped.
+    let source = open_source(&server.url("dropmid/2/m"), &fast_retries(5)).unwrap();
+    let got = stream_into(&*source, 100, data.len() - 100, 1 << 20).unwrap();
+    assert!(got == data[100..], "streamed bytes differ after drops");
+    assert_eq!(server.count("dropmid/2/m"), 1 + 3, "the probe, then 2 cut-off requests and the rest");
+    // 500s for the reads after the probe: retried, then the bytes.
+    let source = open_source(&server.url("fail500mid/2/m"), &fast_retries(5)).unwrap();
+    let got = stream_into(&*source, 2 << 20, 3 << 20, 1 << 20).unwrap();
+    assert!(got == data[2 << 20..5 << 20]);
+    assert_eq!(server.count("fail500mid/2/m"), 1 + 2 + 1, "the probe, two 500s, then the range");
+    assert!(http_direct_bytes() - before >= (8 << 20) - 100, "read through the direct path");
+    // Always failing: a clear error after the retries, never data.
+    let source = open_source(&server.url("data/m"), &fast_retries(1)).unwrap();
+    let gone = server.dir.path().join("m");
+    std::fs::remove_file(&gone).unwrap();
+    let err = stream_into(&*source, 2 << 20, 1 << 20, 1 << 20).unwrap_err();
+    assert!(err.to_string().contains("not found") || err.to_string().contains("404"), "{err}");
 }
 
 #[test]

@@ -28,6 +28,7 @@ pub fn options_from(d: Option<&Bound<'_, PyDict>>) -> PyResult<StorageOptions> {
             "http_headers" => o.http_headers = v.extract()?,
             "max_concurrency" => o.max_concurrency = Some(v.extract()?),
             "request_size" => o.request_size = Some(v.extract()?),
+            "http_direct" => o.http_direct = Some(v.extract()?),
             "ca_bundle" => o.ca_bundle = Some(v.extract::<std::path::PathBuf>()?),
             "allow_untrusted" => o.allow_untrusted = v.extract()?,
             other => {

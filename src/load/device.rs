@@ -38,6 +38,7 @@ use crate::cuda::{self, Engine, Event, Pool, Registration, Staged, StreamHandle}
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::hash::RecordHasher;
 use crate::format::{IndexEntry, TensorHeader};
+use crate::storage::StreamDest;
 
 /// One tensor to load: index entry `entry` into `nbytes` bytes of device memory at `dest`.
 #[derive(Clone, Copy, Debug)]
@@ -681,29 +682,68 @@ struct Streamed<'j, 'a> {
     fill: usize,
 }
 
-impl Streamed<'_, '_> {
-    fn put(&mut self, mut bytes: &[u8]) -> Result<()> {
-        while !bytes.is_empty() {
-            if self.job.failed.load(Ordering::Relaxed) {
-                return Err(Error::io("stopped: another part of the load failed"));
-            }
-            let st = match &mut self.staged {
-                Some(st) => st,
-                None => self.staged.insert(self.job.pool.acquire()?),
-            };
-            let n = bytes.len().min(self.job.pool.chunk() - self.fill);
-            // SAFETY: `fill + n` is within the buffer (at most one chunk), which no queued copy
-            // reads yet; the source slice holds `n` bytes.
-            unsafe { copy_streaming(st.ptr().add(self.fill), bytes.as_ptr(), n) };
-            self.fill += n;
-            bytes = &bytes[n..];
-            if self.fill == self.job.pool.chunk() {
-                self.flush()?;
-            }
+/// A remote read of at most one buffer's worth, into a staging buffer taken when the first
+/// bytes come.
+struct OneStaged<'p> {
+    pool: &'p std::sync::Arc<Pool>,
+    staged: Option<Staged>,
+    fill: usize,
+    len: usize,
+}
+
+impl StreamDest for OneStaged<'_> {
+    fn room(&mut self) -> Result<&mut [u8]> {
+        if self.staged.is_none() {
+            self.staged = Some(self.pool.acquire()?);
+        }
+        let st = self.staged.as_mut().expect("taken above");
+        Ok(&mut st.slice_mut(self.len)[self.fill..])
+    }
+
+    fn advance(&mut self, n: usize) -> Result<()> {
+        self.fill += n;
+        Ok(())
+    }
+}
+
+/// The source writes into the current staging buffer (straight from the socket for plain
+/// HTTP); a full buffer goes to the device and the next one is taken when bytes come for it.
+impl StreamDest for Streamed<'_, '_> {
+    fn room(&mut self) -> Result<&mut [u8]> {
+        if self.job.failed.load(Ordering::Relaxed) {
+            return Err(Error::io("stopped: another part of the load failed"));
+        }
+        let chunk = self.job.pool.chunk();
+        if self.staged.is_none() {
+            self.staged = Some(self.job.pool.acquire()?);
+        }
+        let st = self.staged.as_mut().expect("taken above");
+        Ok(&mut st.slice_mut(chunk)[self.fill..])
+    }
+
+    fn advance(&mut self, n: usize) -> Result<()> {
+        self.fill += n;
+        if self.fill == self.job.pool.chunk() {
+            self.flush()?;
         }
         Ok(())
     }
 
+    fn put(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            let room = self.room()?;
+            let n = bytes.len().min(room.len());
+            // SAFETY: `room` (pinned memory no queued copy reads yet) holds at least `n` bytes,
+            // and so does the source slice.
+            unsafe { copy_streaming(room.as_mut_ptr(), bytes.as_ptr(), n) };
+            bytes = &bytes[n..];
+            self.advance(n)?;
+        }
+        Ok(())
+    }
+}
+
+impl Streamed<'_, '_> {
     /// Queue the copy of what the current buffer holds and give the buffer back.
     fn flush(&mut self) -> Result<()> {
         let Some(mut st) = self.staged.take() else { return Ok(()) };
@@ -881,19 +921,9 @@ impl Job<'_> {
             let delta = self.io.read(offset, n, &mut st, &self.tally)?;
             return Ok((st, delta));
         }
-        let mut staged: Option<Staged> = None;
-        let mut fill = 0;
-        let mut sink = |bytes: &[u8]| -> Result<()> {
-            let st = match &mut staged {
-                Some(st) => st,
-                None => staged.insert(self.pool.acquire()?),
-            };
-            st.slice_mut(fill + bytes.len())[fill..].copy_from_slice(bytes);
-            fill += bytes.len();
-            Ok(())
-        };
-        self.file.source().read_stream(offset, n, &mut sink)?;
-        let st = match staged {
+        let mut one = OneStaged { pool: &self.pool, staged: None, fill: 0, len: n };
+        self.file.source().read_stream_into(offset, n, &mut one)?;
+        let st = match one.staged {
             Some(st) => st,
             None => self.pool.acquire()?,
         };
@@ -905,8 +935,7 @@ impl Job<'_> {
     /// buffers as it arrives and each buffer sent to the device as soon as it is full.
     fn piece_streamed(&self, slot: usize, file_offset: u64, offset: u64, len: u64, stream: StreamHandle) -> Result<()> {
         let mut out = Streamed { job: self, slot, stream, at: offset, staged: None, fill: 0 };
-        let mut sink = |bytes: &[u8]| out.put(bytes);
-        self.file.source().read_stream(file_offset, len as usize, &mut sink)?;
+        self.file.source().read_stream_into(file_offset, len as usize, &mut out)?;
         out.flush()?;
         self.tally.add(Counter::BufferedRead, len);
         Ok(())

@@ -11,6 +11,7 @@ use crate::crypto::{self, DecryptionKeys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::hash::RecordHasher;
 use crate::format::{IndexEntry, TensorHeader};
+use crate::storage::SliceDest;
 
 #[derive(Clone, Default)]
 pub struct LoadOptions {
@@ -127,7 +128,7 @@ fn run_item(file: &TensorFile, slots: &[Slot], item: &Item, opts: &LoadOptions, 
     match item {
         Item::Segment { start, len, parts } => {
             scratch.resize(*len, 0);
-            file.source().read_at(*start, scratch).map_err(|e| with_tensor(e, file, slots, parts[0].slot))?;
+            read(file, *start, scratch).map_err(|e| with_tensor(e, file, slots, parts[0].slot))?;
             for p in parts {
                 let slot = &slots[p.slot];
                 *slot.header.lock().unwrap_or_else(|e| e.into_inner()) = scratch[p.header.clone()].to_vec();
@@ -142,11 +143,22 @@ fn run_item(file: &TensorFile, slots: &[Slot], item: &Item, opts: &LoadOptions, 
             let s = &slots[*slot];
             // SAFETY: disjoint piece of the slot's buffer, which outlives the scoped threads.
             let dest = unsafe { std::slice::from_raw_parts_mut(s.dest.add(*offset as usize), *len as usize) };
-            file.source().read_at(*file_offset, dest).map_err(|e| with_tensor(e, file, slots, *slot))?;
+            read(file, *file_offset, dest).map_err(|e| with_tensor(e, file, slots, *slot))?;
             finish_piece(file, slots, *slot, opts)?;
         }
     }
     Ok(())
+}
+
+/// One item's bytes: as one streamed request from sources that read straight into our buffers
+/// (plain HTTP: no copy, and no hand-off to the network threads), else with `read_at`.
+fn read(file: &TensorFile, offset: u64, buf: &mut [u8]) -> Result<()> {
+    let source = file.source();
+    if source.reads_into_buffers() {
+        source.read_stream_into(offset, buf.len(), &mut SliceDest::new(buf))
+    } else {
+        source.read_at(offset, buf)
+    }
 }
 
 fn with_tensor(e: Error, file: &TensorFile, slots: &[Slot], slot: usize) -> Error {

@@ -54,6 +54,10 @@ pub struct StorageOptions {
     pub ca_bundle: Option<PathBuf>,
     /// Skip certificate verification for `https://` (curl's `--insecure`); refused for S3.
     pub allow_untrusted: bool,
+    /// Read plain `http://` bodies from the socket straight into the load's buffers where that
+    /// is safe (`storage::http_direct`; default on, also `TENSORIZER_RS_HTTP_DIRECT=0`);
+    /// `Some(false)` sends every request through reqwest.
+    pub http_direct: Option<bool>,
 }
 
 /// Defaults, in one place.
@@ -101,6 +105,7 @@ impl fmt::Debug for StorageOptions {
             .field("s3_upload_buffer", &self.s3_upload_buffer)
             .field("ca_bundle", &self.ca_bundle)
             .field("allow_untrusted", &self.allow_untrusted)
+            .field("http_direct", &self.http_direct)
             .finish()
     }
 }

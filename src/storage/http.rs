@@ -13,6 +13,7 @@ use reqwest::header::{
 };
 use reqwest::{StatusCode, Url};
 
+use super::http_direct::{Direct, Outcome};
 use super::ranged::{changed, error_chain, ContentRange, Filler, Opened, Out, RangeFetch, RangedSource, PROBE_LEN};
 use super::retry::Failure;
 use super::tls::{self, Trust};
@@ -111,6 +112,8 @@ impl Validator {
 
 pub struct HttpFetch {
     client: reqwest::Client,
+    /// Plain-HTTP bodies read straight into lent buffers, where that is safe (`http_direct`).
+    direct: Option<Direct>,
     url: Url,
     headers: HeaderMap,
     validator: Validator,
@@ -132,7 +135,7 @@ fn request_failure(e: reqwest::Error) -> Failure {
     }
 }
 
-fn status_failure(status: StatusCode) -> Failure {
+pub(crate) fn status_failure(status: StatusCode) -> Failure {
     let code = status.as_u16();
     let text = format!("HTTP {status}");
     match code {
@@ -167,6 +170,10 @@ impl HttpFetch {
             .await
             .map_err(request_failure)?;
         let status = resp.status();
+        let h1 = matches!(resp.version(), reqwest::Version::HTTP_10 | reqwest::Version::HTTP_11);
+        if resp.url() != &self.url || status != StatusCode::PARTIAL_CONTENT || !h1 {
+            self.direct = None; // redirected, no ranges or not HTTP/1.x: reqwest handles it all
+        }
         self.validator = Validator::from_headers(resp.headers());
         let content_range =
             resp.headers().get(CONTENT_RANGE).and_then(|v| v.to_str().ok()).and_then(ContentRange::parse);
@@ -213,6 +220,10 @@ impl HttpFetch {
 }
 
 impl RangeFetch for HttpFetch {
+    fn reads_into_buffers(&self) -> bool {
+        self.direct.is_some() && self.ranges
+    }
+
     fn probe(&mut self) -> BoxFuture<'_, Result<Opened, Failure>> {
         Box::pin(self.probe_once())
     }
@@ -225,6 +236,19 @@ impl RangeFetch for HttpFetch {
         filled: &'a mut usize,
     ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
+            let mut out = out;
+            if let (Some(direct), Out::Dest(dest)) = (&self.direct, &mut out) {
+                // Streamed reads run on the caller's thread (see `read_stream_into`): the
+                // socket reads may block it.
+                let mut headers = self.headers.clone();
+                if let Some((name, value)) = self.validator.condition() {
+                    headers.insert(name, value);
+                }
+                let check = |h: &HeaderMap| self.validator.check(h);
+                if let Outcome::Done = direct.fetch(offset, len, self.size, &headers, &check, &mut **dest, filled)? {
+                    return Ok(());
+                }
+            }
             let mut resp = self.request(offset, len as u64).send().await.map_err(request_failure)?;
             let status = resp.status();
             let skip = match status {
@@ -281,8 +305,11 @@ pub(crate) fn open(uri: &str, opts: &StorageOptions) -> Result<HttpSource> {
     let url = Url::parse(uri).map_err(|e| Error::value(format!("invalid URL: {e}")))?;
     let shown = shown_url(&url);
     let trust = tls::http_trust(opts, &|k| std::env::var(k).ok());
+    let env = |k: &str| std::env::var(k).ok();
+    let direct = if opts.http_direct == Some(false) { None } else { Direct::new(&url, &env) };
     let fetch = HttpFetch {
         client: client(&trust).map_err(|e| e.in_file(&shown))?,
+        direct,
         url,
         headers: header_map(opts).map_err(|e| e.in_file(&shown))?,
         validator: Validator::default(),

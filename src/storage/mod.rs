@@ -6,6 +6,7 @@
 //! blocking calls, so callers are plain threads.
 mod config;
 mod http;
+mod http_direct;
 pub mod local;
 mod ranged;
 mod retry;
@@ -13,6 +14,7 @@ mod s3;
 mod tls;
 
 pub use config::StorageOptions;
+pub use http_direct::direct_bytes as http_direct_bytes;
 pub use ranged::ByteSink;
 
 /// Bounce buffer of the default [`Source::read_stream`].
@@ -45,10 +47,66 @@ pub trait Source: Send + Sync {
         }
         Ok(())
     }
+    /// [`Source::read_stream`] into buffers `dest` lends: a source that can (plain HTTP) reads
+    /// from the socket straight into them; others copy each piece in with [`StreamDest::put`].
+    fn read_stream_into(&self, offset: u64, len: usize, dest: &mut dyn StreamDest) -> Result<()> {
+        self.read_stream(offset, len, &mut |bytes: &[u8]| dest.put(bytes))
+    }
+    /// Whether [`Source::read_stream_into`] reads straight into the lent buffers (plain HTTP):
+    /// then one streamed request per piece beats a `read_at` split into requests whose bodies
+    /// are copied.
+    fn reads_into_buffers(&self) -> bool {
+        false
+    }
     /// How many concurrent `read_at` calls this source serves well (local: many; remote: many
     /// ranged requests). The pipeline uses it when the caller leaves `num_readers` unset.
     fn preferred_parallelism(&self) -> usize {
         8
+    }
+}
+
+/// Where the bytes of [`Source::read_stream_into`] go, in order: the source asks for room,
+/// writes the next bytes at its start and says how many.
+pub trait StreamDest: Send {
+    /// Room for the next bytes; never empty.
+    fn room(&mut self) -> Result<&mut [u8]>;
+    /// The first `n` bytes of the room last handed out hold the next bytes.
+    fn advance(&mut self, n: usize) -> Result<()>;
+    /// Copy `bytes` in through as many rooms as they need.
+    fn put(&mut self, mut bytes: &[u8]) -> Result<()> {
+        while !bytes.is_empty() {
+            let room = self.room()?;
+            let n = room.len().min(bytes.len());
+            room[..n].copy_from_slice(&bytes[..n]);
+            self.advance(n)?;
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+}
+
+/// A [`StreamDest`] over one buffer, filled from its start.
+pub struct SliceDest<'a> {
+    buf: &'a mut [u8],
+    at: usize,
+}
+
+impl<'a> SliceDest<'a> {
+    pub fn new(buf: &'a mut [u8]) -> Self {
+        SliceDest { buf, at: 0 }
+    }
+}
+
+impl StreamDest for SliceDest<'_> {
+    fn room(&mut self) -> Result<&mut [u8]> {
+        if self.at == self.buf.len() {
+            return Err(Error::io("a streamed read delivered more bytes than asked for"));
+        }
+        Ok(&mut self.buf[self.at..])
+    }
+    fn advance(&mut self, n: usize) -> Result<()> {
+        self.at += n;
+        Ok(())
     }
 }
 

@@ -7,7 +7,7 @@ use futures_util::future::{select_all, BoxFuture};
 use tokio::sync::Semaphore;
 
 use super::retry::{block_on, runtime, Backoff, Failure, RetryPolicy};
-use super::Source;
+use super::{Source, StreamDest};
 use crate::error::{Error, Result};
 
 /// One backend's way of fetching a byte range, once (no retries).
@@ -24,6 +24,10 @@ pub(crate) trait RangeFetch: Send + Sync + 'static {
         out: Out<'a>,
         filled: &'a mut usize,
     ) -> BoxFuture<'a, Result<(), Failure>>;
+    /// Whether an `Out::Dest` fetch reads from the socket straight into the lent buffers.
+    fn reads_into_buffers(&self) -> bool {
+        false
+    }
 }
 
 /// Where a response body goes.
@@ -32,6 +36,8 @@ pub(crate) enum Out<'a> {
     Buf(&'a mut [u8]),
     /// A callback that takes the bytes in order as they arrive; its error ends the read.
     Sink(&'a mut ByteSink<'a>),
+    /// Buffers lent by the caller, filled in order (see [`StreamDest`]); its error ends the read.
+    Dest(&'a mut dyn StreamDest),
 }
 
 /// The callback of [`Source::read_stream`](super::Source::read_stream).
@@ -43,6 +49,8 @@ impl Out<'_> {
         match self {
             Out::Buf(b) => Out::Buf(&mut b[from..]),
             Out::Sink(f) => Out::Sink(&mut **f),
+            // The destination keeps its own place.
+            Out::Dest(d) => Out::Dest(&mut **d),
         }
     }
 }
@@ -251,6 +259,17 @@ impl<F: RangeFetch> Source for RangedSource<F> {
         }
         block_on(self.requests.fetch_with_retries(offset, len, Out::Sink(sink))).map_err(|e| e.in_file(&self.shown))
     }
+    fn read_stream_into(&self, offset: u64, len: usize, dest: &mut dyn StreamDest) -> Result<()> {
+        self.check_range(offset, len)?;
+        if offset + len as u64 <= self.prefix.len() as u64 {
+            return dest.put(&self.prefix[offset as usize..offset as usize + len]);
+        }
+        // On the calling thread (block_on), so a fetcher may block in socket reads here.
+        block_on(self.requests.fetch_with_retries(offset, len, Out::Dest(dest))).map_err(|e| e.in_file(&self.shown))
+    }
+    fn reads_into_buffers(&self) -> bool {
+        self.requests.fetcher.reads_into_buffers()
+    }
     fn preferred_parallelism(&self) -> usize {
         // One caller per request in flight: a caller's read_at splits into requests, but the
         // caller waits for all of them before it asks for more (HTTP to the CPU on the H200
@@ -296,6 +315,7 @@ impl<'a> Filler<'a> {
         match &mut self.out {
             Out::Buf(dst) => dst[self.got..self.got + n].copy_from_slice(&chunk[..n]),
             Out::Sink(sink) => sink(&chunk[..n]).map_err(Failure::fatal)?,
+            Out::Dest(dest) => dest.put(&chunk[..n]).map_err(Failure::fatal)?,
         }
         self.got += n;
         *self.filled += n;

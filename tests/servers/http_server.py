@@ -10,6 +10,7 @@ Paths (NAME is a file under ROOT):
   /drop/N/NAME         the first N requests send the headers and half the body, then close
   /dropmid/N/NAME      like /drop/, but counting only requests for ranges after byte 0 (the
                        open probe passes; the reads after it are cut)
+  /fail500mid/N/NAME   500 for the first N requests for ranges after byte 0 (the probe passes)
   /always500/NAME      always 500
   /redirect/NAME       302 to /data/NAME
   /auth/NAME           401 unless "Authorization: Bearer let-me-in", then like /data/
@@ -55,7 +56,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         parts = self.path.lstrip("/").split("/")
         mode, rest = parts[0], parts[1:]
         limit = 0
-        if mode in ("fail500", "drop", "dropmid"):
+        if mode in ("fail500", "fail500mid", "drop", "dropmid"):
             limit, rest = int(rest[0]), rest[1:]
         name = "/".join(rest)
         if mode == "redirect":
@@ -64,7 +65,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Length", "0")
             self.end_headers()
             return
-        if mode == "always500" or (mode == "fail500" and n <= limit):
+        if mode == "fail500mid":
+            m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+            if m and int(m.group(1)) > 0:
+                with LOCK:
+                    n = COUNTS[f"mid:{self.path}"] = COUNTS.get(f"mid:{self.path}", 0) + 1
+            else:
+                n = limit + 1
+        if mode == "always500" or (mode in ("fail500", "fail500mid") and n <= limit):
             self.send_error(500, "injected failure")
             return
         if mode == "auth" and self.headers.get("Authorization") != "Bearer let-me-in":

@@ -1,0 +1,285 @@
+//! Plain `http://` ranged GETs whose bodies go from the socket straight into the buffers a
+//! streamed read lends ([`StreamDest`]), on the reading thread itself. Through reqwest each body
+//! is read by a runtime worker into hyper's buffer, handed across threads and copied once more:
+//! on the H200 host an 8 GiB load to CUDA spent 2.5 CPU-seconds in the workers and 1.5 in that
+//! second copy, on a machine the server shares (docs/benchmarks.md).
+//!
+//! Used only where it cannot change behaviour: plain HTTP/1.x, no proxy configured, no user
+//! info, the probe answered 206 from the URL itself (no redirect). A response that is not a
+//! plain 206 of the asked length (redirects, errors, chunked or coded bodies) makes the caller
+//! send the request again through reqwest, which handles it as always; nothing reaches the
+//! destination before the head has been checked. Connections are kept alive in a small pool.
+use std::io::{Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE};
+use reqwest::header::{CONTENT_ENCODING, TRANSFER_ENCODING, USER_AGENT};
+use reqwest::{StatusCode, Url};
+
+use super::http::status_failure;
+use super::ranged::{changed, ContentRange};
+use super::retry::Failure;
+use super::StreamDest;
+use crate::error::Error;
+
+/// Largest response head we accept.
+const HEAD_MAX: usize = 64 << 10;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// No byte for this long on an open connection: drop it and retry the rest (as reqwest's).
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle connections kept for later requests.
+const POOL_MAX: usize = 64;
+
+/// Body bytes read this way, process-wide: tests check which path a load took.
+static DIRECT_BYTES: AtomicU64 = AtomicU64::new(0);
+
+pub fn direct_bytes() -> u64 {
+    DIRECT_BYTES.load(Ordering::Relaxed)
+}
+
+/// What one direct request gave.
+pub(crate) enum Outcome {
+    /// The body went to the destination (`filled` counts it): the request is done.
+    Done,
+    /// The response needs reqwest's general handling; nothing went to the destination.
+    Fallback,
+}
+
+pub(crate) struct Direct {
+    /// `host:port` to connect to, and the `Host` header's value.
+    addr: String,
+    host: String,
+    target: String,
+    idle: Mutex<Vec<TcpStream>>,
+}
+
+/// Whether the environment routes plain HTTP through a proxy (reqwest would honour it).
+fn proxied(env: &dyn Fn(&str) -> Option<String>) -> bool {
+    ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"].iter().any(|k| env(k).is_some_and(|v| !v.is_empty()))
+}
+
+fn io_failure(what: &str, e: std::io::Error) -> Failure {
+    Failure::transient(Error::io(format!("{what}: {e}")))
+}
+
+impl Direct {
+    /// A direct client for `url`, or `None` where reqwest must do the work.
+    pub fn new(url: &Url, env: &dyn Fn(&str) -> Option<String>) -> Option<Self> {
+        if url.scheme() != "http" || proxied(env) || !url.username().is_empty() || url.password().is_some() {
+            return None;
+        }
+        if env("TENSORIZER_RS_HTTP_DIRECT").is_some_and(|v| v == "0") {
+            return None;
+        }
+        let host = url.host_str()?.to_string();
+        let port = url.port_or_known_default()?;
+        let mut target = url.path().to_string();
+        if let Some(q) = url.query() {
+            target.push('?');
+            target.push_str(q);
+        }
+        let host_header = match url.port() {
+            Some(p) => format!("{host}:{p}"),
+            None => host.clone(),
+        };
+        Some(Direct { addr: format!("{host}:{port}"), host: host_header, target, idle: Mutex::new(Vec::new()) })
+    }
+
+    fn connect(&self) -> Result<TcpStream, Failure> {
+        let addrs = self.addr.to_socket_addrs().map_err(|e| io_failure(&format!("cannot resolve {}", self.addr), e))?;
+        let mut last = None;
+        for a in addrs {
+            match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+                Ok(conn) => {
+                    let _ = conn.set_nodelay(true);
+                    conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| io_failure("socket", e))?;
+                    conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| io_failure("socket", e))?;
+                    return Ok(conn);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(match last {
+            Some(e) => io_failure("cannot connect", e),
+            None => Failure::transient(Error::io(format!("{} resolved to no address", self.addr))),
+        })
+    }
+
+    /// GET `offset..offset + len` of an object of `size` bytes, sending `headers`, into `dest`,
+    /// counting bytes in `filled`; `check` vets the response's headers (validators). Blocks the
+    /// calling thread.
+    #[allow(clippy::too_many_arguments)]
+    pub fn fetch(
+        &self,
+        offset: u64,
+        len: usize,
+        size: u64,
+        headers: &HeaderMap,
+        check: &dyn Fn(&HeaderMap) -> Result<(), Failure>,
+        dest: &mut dyn StreamDest,
+        filled: &mut usize,
+    ) -> Result<Outcome, Failure> {
+        let mut req =
+            format!("GET {} HTTP/1.1\r\nHost: {}\r\nRange: bytes={}-{}\r\n", self.target, self.host, offset, {
+                offset + len as u64 - 1
+            })
+            .into_bytes();
+        if !headers.contains_key(USER_AGENT) {
+            req.extend_from_slice(concat!("User-Agent: tensorizer-rs/", env!("CARGO_PKG_VERSION"), "\r\n").as_bytes());
+        }
+        for (name, value) in headers {
+            req.extend_from_slice(name.as_str().as_bytes());
+            req.extend_from_slice(b": ");
+            req.extend_from_slice(value.as_bytes());
+            req.extend_from_slice(b"\r\n");
+        }
+        req.extend_from_slice(b"\r\n");
+        // A pooled connection may have been closed by the server meanwhile: if it fails before
+        // the first response byte, try once more on a new one (nothing was lost).
+        let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let mut head = Vec::with_capacity(16 << 10);
+        let mut conn = match pooled {
+            Some(mut c) => match exchange(&mut c, &req, &mut head) {
+                Ok(()) => c,
+                Err(_) if head.is_empty() => {
+                    let mut c = self.connect()?;
+                    exchange(&mut c, &req, &mut head)?;
+                    c
+                }
+                Err(f) => return Err(f),
+            },
+            None => {
+                let mut c = self.connect()?;
+                exchange(&mut c, &req, &mut head)?;
+                c
+            }
+        };
+        let (head_len, map, keep_alive) = loop {
+            let mut hs = [httparse::EMPTY_HEADER; 64];
+            let mut resp = httparse::Response::new(&mut hs);
+            let parsed =
+                resp.parse(&head).map_err(|e| Failure::fatal(Error::io(format!("invalid HTTP response: {e}"))))?;
+            let httparse::Status::Complete(head_len) = parsed else {
+                if head.len() >= HEAD_MAX {
+                    return Err(Failure::fatal(Error::io("HTTP response head too large")));
+                }
+                read_more(&mut conn, &mut head)?;
+                continue;
+            };
+            let code = StatusCode::from_u16(resp.code.unwrap_or(0)).unwrap_or(StatusCode::BAD_GATEWAY);
+            match code {
+                StatusCode::PARTIAL_CONTENT => {}
+                StatusCode::PRECONDITION_FAILED => return Err(changed("the server refused the version seen at open")),
+                StatusCode::RANGE_NOT_SATISFIABLE => return Err(changed("the requested range no longer exists")),
+                // A whole-object 200 or a redirect: reqwest's handling.
+                c if c.is_success() || c.is_redirection() => return Ok(Outcome::Fallback),
+                c => return Err(status_failure(c)),
+            }
+            let mut map = HeaderMap::new();
+            for h in resp.headers.iter() {
+                if let (Ok(name), Ok(value)) =
+                    (HeaderName::from_bytes(h.name.as_bytes()), HeaderValue::from_bytes(h.value))
+                {
+                    map.append(name, value);
+                }
+            }
+            let close = map.get_all(CONNECTION).iter().any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+            break (head_len, map, resp.version == Some(1) && !close);
+        };
+        let coded = [TRANSFER_ENCODING, CONTENT_ENCODING]
+            .iter()
+            .any(|h| map.get(h).is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity")));
+        let length = map.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
+        if coded || length != Some(len as u64) {
+            return Ok(Outcome::Fallback);
+        }
+        ContentRange::check(map.get(CONTENT_RANGE).and_then(|v| v.to_str().ok()), offset, size)?;
+        check(&map)?;
+        // The body: what came with the head, then straight from the socket.
+        let early = &head[head_len..];
+        if early.len() > len {
+            return Err(Failure::fatal(Error::io("the server sent more bytes than were asked for")));
+        }
+        dest.put(early).map_err(Failure::fatal)?;
+        DIRECT_BYTES.fetch_add(early.len() as u64, Ordering::Relaxed);
+        let mut got = early.len();
+        *filled += got;
+        while got < len {
+            let room = dest.room().map_err(Failure::fatal)?;
+            let want = room.len().min(len - got);
+            let n = match conn.read(&mut room[..want]) {
+                Ok(0) => {
+                    return Err(Failure::transient(Error::io(format!(
+                        "the connection closed after {got} of {len} bytes"
+                    ))))
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+                    return Err(Failure::transient(Error::io(format!("no data for {} s", IO_TIMEOUT.as_secs()))))
+                }
+                Err(e) => return Err(io_failure("reading the body", e)),
+            };
+            dest.advance(n).map_err(Failure::fatal)?;
+            DIRECT_BYTES.fetch_add(n as u64, Ordering::Relaxed);
+            got += n;
+            *filled += n;
+        }
+        if keep_alive {
+            let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+            if idle.len() < POOL_MAX {
+                idle.push(conn);
+            }
+        }
+        Ok(Outcome::Done)
+    }
+}
+
+/// Send the request and read at least the start of the response into `head`.
+fn exchange(conn: &mut TcpStream, req: &[u8], head: &mut Vec<u8>) -> Result<(), Failure> {
+    conn.write_all(req).map_err(|e| io_failure("sending the request", e))?;
+    read_more(conn, head)
+}
+
+fn read_more(conn: &mut TcpStream, head: &mut Vec<u8>) -> Result<(), Failure> {
+    let mut buf = [0u8; 16 << 10];
+    let n = loop {
+        match conn.read(&mut buf) {
+            Ok(n) => break n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(io_failure("reading the response", e)),
+        }
+    };
+    if n == 0 {
+        return Err(Failure::transient(Error::io("the connection closed before a response")));
+    }
+    head.extend_from_slice(&buf[..n]);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_http_without_proxy() {
+        let none = |_: &str| None;
+        let url = |s: &str| Url::parse(s).unwrap();
+        let d = Direct::new(&url("http://127.0.0.1:8080/a/b.tensors?x=1"), &none).unwrap();
+        assert_eq!(
+            (d.addr.as_str(), d.host.as_str(), d.target.as_str()),
+            ("127.0.0.1:8080", "127.0.0.1:8080", "/a/b.tensors?x=1")
+        );
+        let d = Direct::new(&url("http://example.com/m"), &none).unwrap();
+        assert_eq!((d.addr.as_str(), d.host.as_str()), ("example.com:80", "example.com"));
+        assert!(Direct::new(&url("https://example.com/m"), &none).is_none());
+        assert!(Direct::new(&url("http://u:p@example.com/m"), &none).is_none());
+        let proxy = |k: &str| (k == "HTTP_PROXY").then(|| "http://proxy:3128".to_string());
+        assert!(Direct::new(&url("http://example.com/m"), &proxy).is_none());
+        let off = |k: &str| (k == "TENSORIZER_RS_HTTP_DIRECT").then(|| "0".to_string());
+        assert!(Direct::new(&url("http://example.com/m"), &off).is_none());
+    }
+}
