@@ -320,10 +320,6 @@ def child(args):
         from tensorizer_rs import _cuda
 
         _cuda.OVERLAP_MIN_BYTES = 1 << 62
-    if spec.get("no_reserve"):  # A/B: one cudaMalloc per new tensor, no reserved block
-        from tensorizer_rs import _cuda
-
-        _cuda.RESERVE_MIN_BYTES = 1 << 62
     if spec.get("one_block"):  # A/B: new tensors as views of one allocation
         from tensorizer_rs import _cuda
 
@@ -583,7 +579,7 @@ def main():
     if args.ab:
         once = [
             {"loader": "ours", "path": ours},
-            {"loader": "ours", "path": ours, "no_reserve": True, "label": "ours(no reserve)"},
+            {"loader": "ours", "path": ours, "no_overlap": True, "label": "ours(no overlap)"},
             {"loader": "ours", "path": ours, "one_block": True, "label": "ours(one block)"},
             {"loader": "ours_module", "path": ours},
             {"loader": "vllm_path", "path": ours},

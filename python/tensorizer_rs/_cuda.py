@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import os
 import time
 from typing import Any, Callable
 
@@ -48,11 +47,6 @@ OVERLAP_HEAD = 0.125
 SHARE_GROUP_BYTES = 4 << 20
 #: A/B switch for benchmarks: all new tensors of one native load as views of one allocation.
 ALLOC_ONE_BLOCK = False
-#: Before allocating this many bytes of new tensors, take them from the driver in one
-#: allocation and hand it back to torch's cache: the tensors are then carved out of that cached
-#: block (separate tensors, freed one by one as usual) instead of one ``cudaMalloc`` each,
-#: which stall the copies running beside them.
-RESERVE_MIN_BYTES = 256 << 20
 #: Options passed to every native load (benchmarks and tests set ``io`` and ``register_readers``).
 load_options: dict = {}
 
@@ -279,10 +273,6 @@ def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
         finally:
             run.alloc_seconds.append(time.perf_counter() - t0)
 
-    if total >= RESERVE_MIN_BYTES:
-        t0 = time.perf_counter()
-        _reserve(entries, fresh, d._device)
-        run.alloc_seconds.append(time.perf_counter() - t0)
     if total < OVERLAP_MIN_BYTES or len(fresh) < 2:
         jobs = direct + allocate(fresh)
         return list(zip(jobs, run.native(jobs)))
@@ -307,28 +297,6 @@ def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
         finally:
             done = pending.result()  # the first load's error, if any, wins
     return list(zip(first, done)) + list(zip(rest, later))
-
-
-def _reserve(entries: list, wanted: list, device) -> None:
-    """One allocation the size of the large tensors of ``wanted``, freed at once into torch's
-    caching allocator, so their allocations split it (see ``RESERVE_MIN_BYTES``). Only torch's
-    default allocator caches that way; without room for one block, nothing is reserved."""
-    import torch
-
-    if (
-        torch.device(device).type != "cuda"
-        or os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1"
-    ):
-        return
-    if "cudaMallocAsync" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""):
-        return
-    # Sizes as torch rounds them (512 bytes); tensors up to 1 MiB come from its small pool.
-    need = sum(-(-n // 512) * 512 for n in (entries[i]["nbytes"] for i, _ in wanted) if n > 1 << 20)
-    if need:
-        try:
-            torch.empty(need, dtype=torch.uint8, device=device)
-        except torch.cuda.OutOfMemoryError:
-            pass  # fragmented or nearly full: one cudaMalloc per tensor, as before
 
 
 def _allocate(entries: list, wanted: list, device) -> list:

@@ -140,31 +140,6 @@ def test_larger_than_staging_pool(tmp_path, mode):
         assert c["direct_read_bytes"] > 60 << 20, c
 
 
-@pytest.mark.parametrize("reserve", [True, False], ids=["reserved", "per-tensor"])
-def test_new_tensors_carved_from_one_reservation(tmp_path, monkeypatch, reserve):
-    """A large load takes its new tensors out of one block torch cached for it: one segment
-    from the driver instead of one per tensor, each tensor still its own storage."""
-    if not reserve:
-        monkeypatch.setattr(_cuda, "RESERVE_MIN_BYTES", 1 << 62)
-    g = torch.Generator().manual_seed(11)
-    # 24 × 16 MiB (torch gives requests over 10 MiB a segment each; smaller ones share 20 MiB)
-    sd = {f"w{i}": torch.randn(1 << 22, generator=g) for i in range(24)}
-    sd["tail"] = torch.randn(1000, generator=g)  # small pool: not reserved
-    path = _write(tmp_path / "r.tensors", sd)
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    key = "segment.large_pool.allocated"
-    before = torch.cuda.memory_stats().get(key, 0)
-    d = TensorDeserializer(path, device="cuda")
-    _check(d, sd)
-    segments = torch.cuda.memory_stats()[key] - before
-    assert segments == (1 if reserve else 24), segments
-    storages = {d[k].untyped_storage().data_ptr() for k in sd}
-    assert len(storages) == len(sd)
-    del d
-    torch.cuda.empty_cache()
-
-
 def test_torch_sees_bytes_on_its_current_stream(tmp_path):
     sd = _state(2)
     path = _write(tmp_path / "s.tensors", sd)
