@@ -70,6 +70,35 @@ def test_http_redirect_retry_and_errors(http_root, vector_manifests):
         TensorDeserializer(f"{base}/always500/dtypes.tensors", device="cpu")
 
 
+def test_plain_http_cpu_load_reads_into_the_tensors(http_root):
+    """A CPU load over plain HTTP receives the bodies straight into the tensors (one request
+    per piece); http_direct=False sends them through reqwest. Same bytes either way."""
+    from tensorizer_rs import _native
+
+    base, root = http_root
+    g = torch.Generator().manual_seed(5)
+    sd = {"big": torch.randn(3_000_000, generator=g), "small": torch.randn(1000, generator=g)}
+    s = TensorSerializer(str(root / "direct.tensors"))
+    s.write_state_dict(sd)
+    s.close()
+
+    class Source:  # a URI with storage options, as open_stream's readers carry them
+        _tensorizer_uri = f"{base}/dropmid/1/direct.tensors"
+        _tensorizer_storage = None
+
+    for direct in (True, False):
+        Source._tensorizer_storage = {"http_direct": direct}
+        before = _native.http_direct_bytes()
+        d = TensorDeserializer(Source(), device="cpu")
+        for k, v in sd.items():
+            assert torch.equal(d[k], v), (k, direct)
+        moved = _native.http_direct_bytes() - before
+        if direct:
+            assert moved >= sd["big"].numel() * 4 - (1 << 20), moved  # all but the probe's MiB
+        else:
+            assert moved == 0, moved
+
+
 def test_s3_vectors_serialize_and_side_files(s3, vector_manifests, vectors_dir, tmp_path):
     for name in ("dtypes.tensors", "enc_vllm_chunked.tensors", "nested_state_dict.tensors"):
         v = vector_manifests[name]

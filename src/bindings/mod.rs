@@ -21,5 +21,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(crypto::derive_key, m)?)?;
     m.add_class::<storage::PyRemoteSource>()?;
     m.add_function(wrap_pyfunction!(storage::write_all, m)?)?;
+    m.add_function(wrap_pyfunction!(storage::http_direct_bytes, m)?)?;
     Ok(())
 }

@@ -78,3 +78,10 @@ pub fn write_all(py: Python<'_>, uri: String, data: Vec<u8>, storage: Option<Bou
     let opts = options_from(storage.as_ref())?;
     py.detach(|| storage::write_all(&uri, &opts, &data)).map_err(to_pyerr)
 }
+
+/// Body bytes plain-HTTP reads have received straight into their buffers, process-wide (tests
+/// check which path a load took).
+#[pyfunction]
+pub fn http_direct_bytes() -> u64 {
+    storage::http_direct_bytes()
+}
