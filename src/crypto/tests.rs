@@ -54,7 +54,11 @@ fn round_trip_at_chunk_boundaries() {
         let plain = pattern(len);
         let mut data = plain.clone();
         let info = encrypt_tensor(&keys, &mut data).unwrap();
-        assert_ne!(data, plain, "len {len}: data was not encrypted");
+        // A 1-byte ciphertext equals its plaintext once in 256 (random nonce): compare only
+        // lengths where a match cannot happen by chance.
+        if len >= 16 {
+            assert_ne!(data, plain, "len {len}: data was not encrypted");
+        }
         assert_eq!(info.chunks.len(), 1);
         let (chunk_size, _, macs) = parallel_chunk(&info);
         assert_eq!(*chunk_size, CHUNK_SIZE as u64);
