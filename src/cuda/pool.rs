@@ -127,6 +127,7 @@ impl Pool {
                 if std::thread::Builder::new().name("tz-pin".into()).spawn_scoped(s, pin).is_err() {
                     // No thread to spare: the loads make this buffer when they need it.
                     self.state.lock().unwrap_or_else(|p| p.into_inner()).allocated -= 1;
+                    self.cond.notify_one();
                 }
             }
         });

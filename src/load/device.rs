@@ -525,13 +525,14 @@ pub fn load_to_device(
     // Decryption is CPU-bound: encrypted loads use every core by default. Over the network each
     // reader waits on one request at a time: one reader per buffer keeps the most in flight
     // (HTTP on the H200 host: 16.3 vs 13.0–13.8 GB/s with 12, docs/benchmarks.md), except where
-    // readers receive the bodies themselves (plain HTTP): there one per core (24.2–24.3 vs
-    // 20.4–22.8 GB/s with 32).
+    // readers receive the bodies themselves (plain HTTP): there the source's own figure, one per
+    // core (24.2–24.3 vs 20.4–22.8 GB/s with 32).
     let default = || {
-        let cpu = if encrypted { cpu_readers() } else { default_readers() };
         if remote && file.source().reads_into_buffers() {
-            cpu_readers()
-        } else if remote {
+            return file.source().preferred_parallelism();
+        }
+        let cpu = if encrypted { cpu_readers() } else { default_readers() };
+        if remote {
             cpu.max(pool.max_buffers())
         } else {
             cpu

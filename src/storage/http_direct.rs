@@ -122,11 +122,10 @@ impl Direct {
         dest: &mut dyn StreamDest,
         filled: &mut usize,
     ) -> Result<Outcome, Failure> {
+        let last = offset + len as u64 - 1;
         let mut req =
-            format!("GET {} HTTP/1.1\r\nHost: {}\r\nRange: bytes={}-{}\r\n", self.target, self.host, offset, {
-                offset + len as u64 - 1
-            })
-            .into_bytes();
+            format!("GET {} HTTP/1.1\r\nHost: {}\r\nRange: bytes={offset}-{last}\r\n", self.target, self.host)
+                .into_bytes();
         if !headers.contains_key(USER_AGENT) {
             req.extend_from_slice(concat!("User-Agent: tensorizer-rs/", env!("CARGO_PKG_VERSION"), "\r\n").as_bytes());
         }
