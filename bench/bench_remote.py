@@ -75,10 +75,47 @@ if kind == "ours" and os.environ.get("BENCH_PRECONN"):
             return len(f.read(1))
     with ThreadPoolExecutor(32) as ex:
         list(ex.map(one, range(32)))
+def timeline(ev):
+    # A load's timeline in ms from bench_start (TENSORIZER_RS_TRACE=1): when each phase began
+    # and ended, how the readers' ends spread, the pieces' and requests' durations.
+    t0 = next(e[0] for e in ev if e[2] == "bench_start")
+    ms = lambda t: round((t - t0) / 1e6, 2)
+    first, last, count = {}, {}, {}
+    for t, _th, what, _a, _b in ev:
+        first.setdefault(what, ms(t))
+        last[what] = ms(t)
+        count[what] = count.get(what, 0) + 1
+    def spans(begin, end, key=lambda e: (e[1], e[3])):
+        open_, out = {}, []
+        for e in ev:
+            if e[2] == begin:
+                open_[key(e)] = e[0]
+            elif e[2] == end and key(e) in open_:
+                out.append((e[0] - open_.pop(key(e))) / 1e6)
+        out.sort()
+        if not out:
+            return None
+        return {"n": len(out), "min": round(out[0], 2), "median": round(out[len(out) // 2], 2),
+                "max": round(out[-1], 2), "sum": round(sum(out), 1)}
+    waits = [e[3] / 1e6 for e in ev if e[2] == "staging_wait"]
+    ends = sorted(ms(e[0]) for e in ev if e[2] == "reader_end")
+    return {
+        "first": first, "last": last, "count": count,
+        "pieces_ms": spans("piece", "piece_end"),
+        "requests_ms": spans("http_request", "http_body_done"),
+        "ttfb_ms": spans("http_request", "http_head"),
+        "staging_wait_ms": round(sum(waits), 2),
+        "reader_ends_ms": ends[:3] + ["..."] + ends[-3:] if len(ends) > 6 else ends,
+    }
 c0, th0 = cpu(), threads()
 if kind == "ours" and device.startswith("cuda"):
     from tensorizer_rs import _cuda
     _cuda.reset_counters()
+TRACE = kind == "ours" and os.environ.get("TENSORIZER_RS_TRACE")
+if TRACE:
+    from tensorizer_rs import _native
+    _native.trace_take()
+    _native.trace_mark("bench_start")
 t0 = time.perf_counter()
 if kind == "ours":
     from tensorizer_rs import TensorDeserializer
@@ -87,6 +124,8 @@ if kind == "ours":
         _tensorizer_storage = json.loads(storage) if storage != "-" else None
     d = TensorDeserializer(Source(), device=device, **kw)
     t_open = time.perf_counter() - t0
+    if TRACE:
+        _native.trace_mark("bench_opened")
     n = sum(t.numel() * t.element_size() for t in d.values())
 else:
     import tensorizer
@@ -97,6 +136,9 @@ else:
 if device.startswith("cuda"):
     torch.cuda.synchronize()
 out = {"bytes": n, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - c0}
+if TRACE:
+    _native.trace_mark("bench_end")
+    out["trace"] = timeline(_native.trace_take())
 out["cpu_split"] = cpu_split(th0)
 if kind == "ours":
     out["constructor_seconds"] = t_open  # CPU loads run in the constructor, CUDA ones later

@@ -11,4 +11,5 @@ pub mod error;
 pub mod format;
 pub mod load;
 pub mod storage;
+pub mod trace;
 pub mod write;

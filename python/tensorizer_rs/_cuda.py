@@ -268,9 +268,11 @@ def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
 
     def allocate(wanted):
         t0 = time.perf_counter()
+        _native.trace_mark("alloc_start", len(wanted))
         try:
             return _allocate(entries, wanted, d._device)
         finally:
+            _native.trace_mark("alloc_end", len(wanted))
             run.alloc_seconds.append(time.perf_counter() - t0)
 
     if total < OVERLAP_MIN_BYTES or len(fresh) < 2:

@@ -22,5 +22,38 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<storage::PyRemoteSource>()?;
     m.add_function(wrap_pyfunction!(storage::write_all, m)?)?;
     m.add_function(wrap_pyfunction!(storage::http_direct_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(trace_take, m)?)?;
+    m.add_function(wrap_pyfunction!(trace_mark, m)?)?;
     Ok(())
+}
+
+/// The load timeline recorded under `TENSORIZER_RS_TRACE=1`, as `[(monotonic_ns, thread,
+/// what, a, b)]`; clears it.
+#[pyfunction]
+fn trace_take() -> Vec<crate::trace::Event> {
+    crate::trace::take()
+}
+
+/// Add a mark from Python (bench scripts, the package's allocation steps).
+#[pyfunction]
+#[pyo3(signature = (what, a=0, b=0))]
+fn trace_mark(what: &str, a: u64, b: u64) {
+    if crate::trace::enabled() {
+        // Python's few mark names are interned once, so they can be `&'static`.
+        crate::trace::mark(intern(what), a, b);
+    }
+}
+
+fn intern(s: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(n) = names.iter().find(|n| **n == s) {
+        return n;
+    }
+    if names.len() >= 256 {
+        return "(other)";
+    }
+    let n: &'static str = Box::leak(s.to_string().into_boxed_str());
+    names.push(n);
+    n
 }

@@ -72,7 +72,11 @@ impl Pool {
                         st.allocated += 1;
                         break None;
                     }
+                    let waited = crate::trace::enabled().then(crate::trace::now_ns);
                     st = self.cond.wait(st).unwrap_or_else(|p| p.into_inner());
+                    if let Some(t) = waited {
+                        crate::trace::mark("staging_wait", crate::trace::now_ns() - t, 0);
+                    }
                 }
             };
             if let Some(slot) = reused {
@@ -92,6 +96,7 @@ impl Pool {
         };
         let mut slot = slot;
         if slot.pending {
+            crate::trace::mark("staging_sync", 0, 0);
             if let Err(e) = slot.event.synchronize() {
                 self.give_back(slot);
                 return Err(e);
@@ -137,6 +142,7 @@ impl Pool {
     fn make(&self) -> Result<Slot> {
         let slot = Slot { buf: PinnedBuf::new(self.cfg.chunk, self.cfg.pinned)?, event: Event::new()?, pending: false };
         counters::add(Counter::StagingAllocated, slot.buf.capacity() as u64);
+        crate::trace::mark("staging_made", slot.buf.capacity() as u64, 0);
         Ok(slot)
     }
 

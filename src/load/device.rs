@@ -571,13 +571,16 @@ pub fn load_to_device(
         return Err(e.in_file(&name));
     }
 
+    crate::trace::mark("load_start", total, readers as u64);
     std::thread::scope(|scope| {
         for w in 0..readers {
             let job = &job;
             let spawned = std::thread::Builder::new().name(format!("tz-gpu-read{w}")).spawn_scoped(scope, move || {
+                crate::trace::mark("reader_start", w as u64, 0);
                 if let Err(e) = job.reader(w) {
                     job.fail(e);
                 }
+                crate::trace::mark("reader_end", w as u64, 0);
                 counters::add_thread_cpu(Counter::ReaderCpu);
                 *job.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
                 job.wake.notify_all();
@@ -605,7 +608,9 @@ pub fn load_to_device(
 
     // Whatever happened, no copy may outlive this call: torch's stream waits for ours, and we
     // wait for them too.
+    crate::trace::mark("readers_done", total, 0);
     let finished = finish(&engine, torch_stream);
+    crate::trace::mark("load_end", total, 0);
     if let Some(e) = job.first_error.lock().unwrap_or_else(|p| p.into_inner()).take() {
         return Err(e.in_file(&name));
     }
@@ -780,10 +785,12 @@ impl Job<'_> {
             let Some(work) = self.work.get(i) else { break };
             match work {
                 Work::Plan(Item::Segment { start, len, parts }) => {
+                    crate::trace::mark("segment", *start, *len as u64);
                     self.segment(*start, *len, parts, stream)
                         .map_err(|e| e.in_tensor(&self.entry(parts[0].slot).name_lossy()))?;
                 }
                 Work::Plan(Item::Direct { slot, file_offset, offset, len }) => {
+                    crate::trace::mark("piece", *file_offset, *len);
                     let r = if self.remote {
                         self.piece_streamed(*slot, *file_offset, *offset, *len, stream)
                     } else if register && self.io.resident(*file_offset, *len as usize) {
@@ -793,6 +800,7 @@ impl Job<'_> {
                     };
                     r.and_then(|()| self.finish_piece(*slot))
                         .map_err(|e| e.in_tensor(&self.entry(*slot).name_lossy()))?;
+                    crate::trace::mark("piece_end", *file_offset, *len);
                 }
                 Work::Whole(slot) => {
                     self.whole(*slot, stream).map_err(|e| e.in_tensor(&self.entry(*slot).name_lossy()))?;

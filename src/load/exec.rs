@@ -63,6 +63,7 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
             HostBuffer::new(nbytes as usize, meta).map_err(|err| err.in_tensor(&e.name_lossy()).in_file(&name))?;
         buffers.push(buf);
     }
+    crate::trace::mark("host_buffers_made", which.len() as u64, 0);
     let plan = plan::build(&file.entries, which);
     let slots: Vec<Slot> = which
         .iter()
@@ -88,6 +89,7 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
         for w in 0..readers {
             let spawned = std::thread::Builder::new().name(format!("tz-read{w}")).spawn_scoped(s, || {
                 let mut scratch = Vec::new();
+                crate::trace::mark("reader_start", 0, 0);
                 while !failed.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = plan.items.get(i) else { break };
@@ -96,6 +98,7 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
                         first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
                     }
                 }
+                crate::trace::mark("reader_end", 0, 0);
             });
             if let Err(e) = spawned {
                 // The readers already started finish the plan; none started is an error.
@@ -143,7 +146,9 @@ fn run_item(file: &TensorFile, slots: &[Slot], item: &Item, opts: &LoadOptions, 
             let s = &slots[*slot];
             // SAFETY: disjoint piece of the slot's buffer, which outlives the scoped threads.
             let dest = unsafe { std::slice::from_raw_parts_mut(s.dest.add(*offset as usize), *len as usize) };
+            crate::trace::mark("piece", *file_offset, *len);
             read(file, *file_offset, dest).map_err(|e| with_tensor(e, file, slots, *slot))?;
+            crate::trace::mark("piece_end", *file_offset, *len);
             finish_piece(file, slots, *slot, opts)?;
         }
     }

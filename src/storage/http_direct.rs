@@ -94,6 +94,7 @@ impl Direct {
         for a in addrs {
             match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
                 Ok(conn) => {
+                    crate::trace::mark("http_connect", 0, 0);
                     let _ = conn.set_nodelay(true);
                     conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| io_failure("socket", e))?;
                     conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| io_failure("socket", e))?;
@@ -136,6 +137,7 @@ impl Direct {
             req.extend_from_slice(b"\r\n");
         }
         req.extend_from_slice(b"\r\n");
+        crate::trace::mark("http_request", offset, len as u64);
         // A pooled connection may have been closed by the server meanwhile: if it fails before
         // the first response byte, try once more on a new one (nothing was lost).
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
@@ -197,6 +199,7 @@ impl Direct {
         }
         ContentRange::check(map.get(CONTENT_RANGE).and_then(|v| v.to_str().ok()), offset, size)?;
         check(&map)?;
+        crate::trace::mark("http_head", offset, len as u64);
         // The body: what came with the head, then straight from the socket.
         let early = &head[head_len..];
         if early.len() > len {
@@ -227,6 +230,7 @@ impl Direct {
             got += n;
             *filled += n;
         }
+        crate::trace::mark("http_body_done", offset, len as u64);
         if keep_alive {
             let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
             if idle.len() < POOL_MAX {
