@@ -138,7 +138,9 @@ if device.startswith("cuda"):
 out = {"bytes": n, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - c0}
 if TRACE:
     _native.trace_mark("bench_end")
-    out["trace"] = timeline(_native.trace_take())
+    raw = _native.trace_take()
+    out["trace"] = timeline(raw)
+    out["trace_raw"] = raw
 out["cpu_split"] = cpu_split(th0)
 if kind == "ours":
     out["constructor_seconds"] = t_open  # CPU loads run in the constructor, CUDA ones later

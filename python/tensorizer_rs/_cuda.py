@@ -184,6 +184,7 @@ class _Run:
         return module_idx
 
     def _native(self, d, targets: list, stream: int | None, key: object):
+        _native.trace_mark("native_call", len(targets))
         return _native.cuda_load(
             d._file,
             targets,

@@ -447,6 +447,7 @@ pub fn load_to_device(
     mut progress: Option<&mut dyn FnMut(u64, u64) -> Result<()>>,
 ) -> Result<(Vec<u16>, DeviceStats)> {
     let started = Instant::now();
+    crate::trace::mark("load_enter", targets.len() as u64, 0);
     exec::check_keys(file, opts.base.keys.as_ref())?;
     let name = file.name().to_string();
     let mut total = 0u64;
@@ -469,6 +470,7 @@ pub fn load_to_device(
     let engine = Engine::get(opts.device)?;
     let _bound = engine.ctx.bind_scoped()?;
     let pool = engine.pool();
+    crate::trace::mark("load_engine", 0, 0);
     let chunk = pool.chunk() as u64;
 
     let encrypted = file.header.has_crypt_info();
@@ -760,6 +762,7 @@ impl Streamed<'_, '_> {
         let n = std::mem::take(&mut self.fill);
         st.used_on(self.stream);
         self.job.copy(self.slot, self.at, st.ptr(), n, self.stream, Counter::Staged)?;
+        crate::trace::mark("flush", n as u64, 0);
         self.at += n as u64;
         Ok(())
     }
