@@ -3,6 +3,7 @@
 //! the next user waits on the event before overwriting it. Buffers are allocated on demand up
 //! to the configured total and kept for later loads.
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::counters::{self, Counter};
@@ -117,25 +118,34 @@ impl Pool {
             st.allocated += want;
             want
         };
+        let threads = prewarm_threads().unwrap_or(todo).clamp(1, todo.max(1));
+        let left = AtomicUsize::new(todo);
+        let take = || left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
+        let unreserve = || {
+            self.state.lock().unwrap_or_else(|p| p.into_inner()).allocated -= 1;
+            self.cond.notify_one();
+        };
         std::thread::scope(|s| {
-            for _ in 0..todo {
+            for _ in 0..threads.min(todo) {
                 let pin = || {
-                    match self.ctx.bind().and_then(|()| self.make()) {
-                        Ok(slot) => self.give_back(slot),
-                        Err(_) => {
-                            self.state.lock().unwrap_or_else(|p| p.into_inner()).allocated -= 1;
-                            self.cond.notify_one();
+                    let bound = self.ctx.bind();
+                    while take() {
+                        match bound.as_ref().map_err(Clone::clone).and_then(|()| self.make()) {
+                            Ok(slot) => self.give_back(slot),
+                            Err(_) => unreserve(),
                         }
                     }
                     counters::add_thread_cpu(Counter::PinCpu);
                 };
                 if std::thread::Builder::new().name("tz-pin".into()).spawn_scoped(s, pin).is_err() {
-                    // No thread to spare: the loads make this buffer when they need it.
-                    self.state.lock().unwrap_or_else(|p| p.into_inner()).allocated -= 1;
-                    self.cond.notify_one();
+                    break;
                 }
             }
         });
+        // Threads that could not start: the loads make those buffers when they need them.
+        while take() {
+            unreserve();
+        }
     }
 
     /// A new buffer of this pool's size, counted in `staging_allocated`.
@@ -150,6 +160,12 @@ impl Pool {
         self.state.lock().unwrap_or_else(|p| p.into_inner()).free.push_back(slot);
         self.cond.notify_one();
     }
+}
+
+/// Threads that page-lock a prewarm's buffers (`TENSORIZER_RS_PREWARM_THREADS`; default one
+/// per buffer).
+fn prewarm_threads() -> Option<usize> {
+    std::env::var("TENSORIZER_RS_PREWARM_THREADS").ok().and_then(|v| v.trim().parse().ok())
 }
 
 impl Drop for Pool {

@@ -146,6 +146,12 @@ const SEGMENT_MAX: u64 = 2 << 20;
 /// Registered ranges a reader keeps in flight before waiting for the oldest copy.
 const MAX_REGISTERED: usize = 2;
 
+/// Whether remote loads split their last pieces finer (`TENSORIZER_RS_TAPER=0`: no, for A/B
+/// benchmarks).
+pub(crate) fn taper() -> bool {
+    std::env::var("TENSORIZER_RS_TAPER").map_or(true, |v| v.trim() != "0")
+}
+
 fn align_down(x: u64) -> u64 {
     x & !(PAGE - 1)
 }
@@ -474,10 +480,28 @@ pub fn load_to_device(
     let chunk = pool.chunk() as u64;
 
     let encrypted = file.header.has_crypt_info();
+    let remote = file.name().contains("://");
+    // Decryption is CPU-bound: encrypted loads use every core by default. Over the network each
+    // reader waits on one request at a time: one reader per buffer keeps the most in flight
+    // (HTTP on the H200 host: 16.3 vs 13.0–13.8 GB/s with 12, docs/benchmarks.md), except where
+    // readers receive the bodies themselves (plain HTTP): there the source's own figure, one per
+    // core (24.2–24.3 vs 20.4–22.8 GB/s with 32).
+    let default = || {
+        if remote && file.source().reads_into_buffers() {
+            return file.source().preferred_parallelism();
+        }
+        let cpu = if encrypted { cpu_readers() } else { default_readers() };
+        if remote {
+            cpu.max(pool.max_buffers())
+        } else {
+            cpu
+        }
+    };
+    let wanted = opts.base.num_readers.unwrap_or_else(default).clamp(1, 64);
+
     let entry_ids: Vec<usize> = targets.iter().map(|t| t.entry).collect();
     // Encrypted data is read a whole number of cipher chunks at a time.
     let step = sealed_step(chunk as usize) as u64;
-    let remote = file.name().contains("://");
     let (work, pieces) = if opts.base.verify_hash || (encrypted && step == 0) {
         let mut order: Vec<usize> = (0..targets.len()).collect();
         order.sort_by_key(|&s| file.entries[targets[s].entry].header_offset);
@@ -508,7 +532,10 @@ pub fn load_to_device(
         // spread over all readers (each record costs a header check and a copy launch).
         let small = (chunk / 4).min(plan::SMALL_RECORD);
         let piece = if remote { remote_piece(chunk) } else { PIECE.max(chunk) };
-        let p = plan::build_sized(&file.entries, &entry_ids, small, chunk.min(SEGMENT_MAX), piece);
+        let mut p = plan::build_sized(&file.entries, &entry_ids, small, chunk.min(SEGMENT_MAX), piece);
+        if remote && taper() {
+            p.taper(wanted, chunk);
+        }
         (p.items.into_iter().map(Work::Plan).collect(), p.pieces)
     };
     let slots = targets
@@ -524,23 +551,7 @@ pub fn load_to_device(
             sealed: Mutex::new(None),
         })
         .collect();
-    // Decryption is CPU-bound: encrypted loads use every core by default. Over the network each
-    // reader waits on one request at a time: one reader per buffer keeps the most in flight
-    // (HTTP on the H200 host: 16.3 vs 13.0–13.8 GB/s with 12, docs/benchmarks.md), except where
-    // readers receive the bodies themselves (plain HTTP): there the source's own figure, one per
-    // core (24.2–24.3 vs 20.4–22.8 GB/s with 32).
-    let default = || {
-        if remote && file.source().reads_into_buffers() {
-            return file.source().preferred_parallelism();
-        }
-        let cpu = if encrypted { cpu_readers() } else { default_readers() };
-        if remote {
-            cpu.max(pool.max_buffers())
-        } else {
-            cpu
-        }
-    };
-    let readers = opts.base.num_readers.unwrap_or_else(default).clamp(1, 64).min(work.len().max(1));
+    let readers = wanted.min(work.len().max(1));
     let job = Job {
         file,
         io: Io::open(file, opts.io),
@@ -558,6 +569,7 @@ pub fn load_to_device(
         wake: Condvar::new(),
     };
 
+    crate::trace::mark("load_planned", job.work.len() as u64, 0);
     // Copies start only after the work already queued on torch's stream.
     // SAFETY: the caller passes PyTorch's current stream of this device (or 0).
     let torch_stream = unsafe { cuda::foreign_stream(opts.stream) };

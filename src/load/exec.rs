@@ -50,6 +50,9 @@ pub fn check_keys(file: &TensorFile, keys: Option<&DecryptionKeys>) -> Result<()
     .map_err(|e| e.in_file(file.name()))
 }
 
+/// The smallest piece a remote load's last pieces are split into (see [`plan::Plan::taper`]).
+const TAPER_MIN: u64 = 4 << 20;
+
 /// Load the index entries `which` into fresh host buffers, returned in the same order.
 pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> Result<Vec<LoadedTensor>> {
     check_keys(file, opts.keys.as_ref())?;
@@ -64,7 +67,11 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
         buffers.push(buf);
     }
     crate::trace::mark("host_buffers_made", which.len() as u64, 0);
-    let plan = plan::build(&file.entries, which);
+    let wanted = opts.num_readers.unwrap_or_else(|| file.source().preferred_parallelism()).clamp(1, 64);
+    let mut plan = plan::build(&file.entries, which);
+    if file.name().contains("://") && super::device::taper() {
+        plan.taper(wanted, TAPER_MIN);
+    }
     let slots: Vec<Slot> = which
         .iter()
         .zip(&buffers)
@@ -77,11 +84,7 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
             module_idx: Mutex::new(0),
         })
         .collect();
-    let readers = opts
-        .num_readers
-        .unwrap_or_else(|| file.source().preferred_parallelism())
-        .clamp(1, 64)
-        .min(plan.items.len().max(1));
+    let readers = wanted.min(plan.items.len().max(1));
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);

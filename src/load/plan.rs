@@ -44,6 +44,48 @@ pub struct Plan {
     pub pieces: Vec<usize>,
 }
 
+impl Item {
+    /// Bytes this item reads.
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Item::Segment { len, .. } => *len as u64,
+            Item::Direct { len, .. } => *len,
+        }
+    }
+}
+
+impl Plan {
+    /// Split the large pieces near the end so that `readers` taking items in order finish
+    /// together: a piece is at most `1 / (2 * readers)` of the bytes from its start to the end
+    /// of the plan (guided self-scheduling), rounded up to a multiple of `min`, and never
+    /// larger than it was. Without this the readers holding the last big pieces work alone
+    /// while the others idle (over HTTP, one 64 MiB piece is ~35 ms of one connection).
+    pub fn taper(&mut self, readers: usize, min: u64) {
+        let share = 2 * readers.max(1) as u64;
+        let min = min.max(1);
+        let mut after: u64 = self.items.iter().map(Item::bytes).sum();
+        let mut out = Vec::with_capacity(self.items.len());
+        for item in std::mem::take(&mut self.items) {
+            after -= item.bytes();
+            let Item::Direct { slot, file_offset, offset, len } = item else {
+                out.push(item);
+                continue;
+            };
+            let mut done = 0;
+            while done < len {
+                let want = ((len - done + after) / share).max(min).next_multiple_of(min);
+                let n = want.min(len - done);
+                out.push(Item::Direct { slot, file_offset: file_offset + done, offset: offset + done, len: n });
+                done += n;
+                if done < len {
+                    self.pieces[slot] += 1;
+                }
+            }
+        }
+        self.items = out;
+    }
+}
+
 /// `slots[i]` is the index entry of slot `i`. Items come out in file order.
 pub fn build(entries: &[IndexEntry], slots: &[usize]) -> Plan {
     build_sized(entries, slots, SMALL_RECORD, SEGMENT_MAX, PIECE)
@@ -94,4 +136,62 @@ pub fn build_sized(entries: &[IndexEntry], slots: &[usize], small: u64, segment_
     }
     flush(&mut seg, &mut plan.items);
     plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn directs(total: u64, piece: u64) -> Plan {
+        let mut plan = Plan { items: Vec::new(), pieces: vec![1] };
+        let mut off = 0;
+        while off < total {
+            let len = piece.min(total - off);
+            plan.items.push(Item::Direct { slot: 0, file_offset: 100 + off, offset: off, len });
+            plan.pieces[0] += 1;
+            off += len;
+        }
+        plan
+    }
+
+    #[test]
+    fn taper_shrinks_only_the_last_pieces_and_keeps_every_byte() {
+        let mut plan = directs(4096 * MIB, 64 * MIB);
+        let before = plan.items.len();
+        plan.taper(16, 8 * MIB);
+        // Contiguous, same bytes, each piece counted for the slot.
+        let mut at = 0;
+        for it in &plan.items {
+            let Item::Direct { file_offset, offset, len, .. } = *it else { panic!("a segment appeared") };
+            assert_eq!((offset, file_offset), (at, 100 + at));
+            assert!(len <= 64 * MIB && len > 0);
+            at += len;
+        }
+        assert_eq!(at, 4096 * MIB);
+        assert_eq!(plan.pieces[0], plan.items.len() + 1);
+        assert!(plan.items.len() > before);
+        let sizes: Vec<u64> = plan.items.iter().map(Item::bytes).collect();
+        // The first half keeps full pieces; in the last eighth of the bytes none is over
+        // 16 MiB; the tail is made of `min`-sized pieces.
+        assert!(sizes[..before / 2].iter().all(|&n| n == 64 * MIB));
+        let mut rest = 4096 * MIB;
+        for &n in &sizes {
+            assert!(rest > 512 * MIB || n <= 16 * MIB, "{n} bytes with {rest} to go");
+            rest -= n;
+        }
+        assert!(sizes[sizes.len() - 16..].iter().all(|&n| n == 8 * MIB));
+    }
+
+    #[test]
+    fn taper_leaves_segments_and_small_plans_alone() {
+        let mut plan = directs(24 * MIB, 8 * MIB);
+        plan.items.insert(0, Item::Segment { start: 0, len: 100, parts: Vec::new() });
+        let sizes = |p: &Plan| p.items.iter().map(Item::bytes).collect::<Vec<_>>();
+        let before = sizes(&plan);
+        plan.taper(16, 8 * MIB);
+        assert_eq!(sizes(&plan), before);
+        assert_eq!(plan.pieces[0], 4);
+    }
 }
