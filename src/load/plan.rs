@@ -71,10 +71,14 @@ impl Plan {
                 out.push(item);
                 continue;
             };
+            // Equal parts (4 KiB multiples), so no sliver is left over: a tiny request costs
+            // as much time as a large one.
+            let want = ((len + after) / share).max(min);
+            let parts = len.div_ceil(want).max(1);
+            let size = len.div_ceil(parts).next_multiple_of(4096);
             let mut done = 0;
             while done < len {
-                let want = ((len - done + after) / share).max(min).next_multiple_of(min);
-                let n = want.min(len - done);
+                let n = size.min(len - done);
                 out.push(Item::Direct { slot, file_offset: file_offset + done, offset: offset + done, len: n });
                 done += n;
                 if done < len {
@@ -174,7 +178,7 @@ mod tests {
         assert!(plan.items.len() > before);
         let sizes: Vec<u64> = plan.items.iter().map(Item::bytes).collect();
         // The first half keeps full pieces; in the last eighth of the bytes none is over
-        // 16 MiB; the tail is made of `min`-sized pieces.
+        // 16 MiB; the tail is made of `min`-sized pieces, and no piece is a sliver.
         assert!(sizes[..before / 2].iter().all(|&n| n == 64 * MIB));
         let mut rest = 4096 * MIB;
         for &n in &sizes {
@@ -182,6 +186,13 @@ mod tests {
             rest -= n;
         }
         assert!(sizes[sizes.len() - 16..].iter().all(|&n| n == 8 * MIB));
+        assert!(sizes.iter().all(|&n| n >= 8 * MIB));
+        // A piece that is not a multiple of the smallest size splits evenly.
+        let mut odd = directs(24 * MIB + 65536, 64 * MIB);
+        odd.taper(16, 8 * MIB);
+        let sizes: Vec<u64> = odd.items.iter().map(Item::bytes).collect();
+        assert_eq!(sizes.iter().sum::<u64>(), 24 * MIB + 65536);
+        assert!(sizes.iter().all(|&n| n >= 6 * MIB), "{sizes:?}");
     }
 
     #[test]

@@ -167,6 +167,7 @@ impl Direct {
                 if head.len() >= HEAD_MAX {
                     return Err(Failure::fatal(Error::io("HTTP response head too large")));
                 }
+                quickack(&conn);
                 read_more(&mut conn, &mut head)?;
                 continue;
             };
@@ -210,6 +211,9 @@ impl Direct {
         let mut got = early.len();
         *filled += got;
         while got < len {
+            if len - got <= QUICKACK_TAIL {
+                quickack(&conn);
+            }
             let room = dest.room().map_err(Failure::fatal)?;
             let want = room.len().min(len - got);
             let n = match conn.read(&mut room[..want]) {
@@ -244,7 +248,36 @@ impl Direct {
 /// Send the request and read at least the start of the response into `head`.
 fn exchange(conn: &mut TcpStream, req: &[u8], head: &mut Vec<u8>) -> Result<(), Failure> {
     conn.write_all(req).map_err(|e| io_failure("sending the request", e))?;
+    quickack(conn);
     read_more(conn, head)
+}
+
+/// The last bytes of a response within which every read first acknowledges what came.
+const QUICKACK_TAIL: usize = 256 << 10;
+
+/// Acknowledge received data now rather than after the delayed-ACK timer. A server that holds
+/// back a response's last small segment until its previous one is acknowledged (Nagle; nginx
+/// with `tcp_nopush`) otherwise waits out our delayed ACK: 40 ms for each 64 KiB response
+/// over loopback on the H200 host (docs/benchmarks.md). Linux clears the flag on its own, so
+/// it is set again before each read near a response's end. Best effort.
+fn quickack(conn: &TcpStream) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let one: libc::c_int = 1;
+        // SAFETY: a valid socket and a correctly sized option value.
+        unsafe {
+            libc::setsockopt(
+                conn.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_QUICKACK,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = conn;
 }
 
 fn read_more(conn: &mut TcpStream, head: &mut Vec<u8>) -> Result<(), Failure> {
