@@ -13,3 +13,10 @@ pub mod load;
 pub mod storage;
 pub mod trace;
 pub mod write;
+
+/// CPUs this process may use, looked up once: the lookup reads cgroup files, and a load
+/// starting while others saturate the CPU waits for each of those reads.
+pub(crate) fn cores() -> usize {
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4))
+}

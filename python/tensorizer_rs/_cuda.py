@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
+import os
 import time
 from typing import Any, Callable
 
@@ -276,13 +277,14 @@ def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
             _native.trace_mark("alloc_end", len(wanted))
             run.alloc_seconds.append(time.perf_counter() - t0)
 
-    if total < OVERLAP_MIN_BYTES or len(fresh) < 2:
+    head = float(os.environ.get("TENSORIZER_RS_OVERLAP_HEAD", OVERLAP_HEAD))  # A/B runs
+    if total < OVERLAP_MIN_BYTES or len(fresh) < 2 or head >= 1:
         jobs = direct + allocate(fresh)
         return list(zip(jobs, run.native(jobs)))
     cut, acc = 1, 0
     for cut, (i, _) in enumerate(fresh, 1):
         acc += entries[i]["nbytes"]
-        if acc >= total * OVERLAP_HEAD:
+        if acc >= total * head:
             break
     cut = min(cut, len(fresh) - 1)
     first = direct + allocate(fresh[:cut])

@@ -73,10 +73,7 @@ impl PyTensorWriter {
     ) -> PyResult<()> {
         let w = self.writer()?;
         let w: &Writer = w;
-        let threads = threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4))
-            .clamp(1, 64)
-            .min(items.len().max(1));
+        let threads = threads.unwrap_or_else(crate::cores).clamp(1, 64).min(items.len().max(1));
         let result = py.detach(|| {
             let next = std::sync::atomic::AtomicUsize::new(0);
             let err: std::sync::Mutex<Option<Error>> = std::sync::Mutex::new(None);

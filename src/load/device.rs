@@ -116,7 +116,7 @@ pub struct DeviceStats {
 /// Readers used when `num_readers` is not given. On an H200 host with 16 cores, 12 readers
 /// kept PCIe busiest (page cache → pinned → device; 16 were a little slower, 8 much slower).
 pub fn default_readers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(8).clamp(4, 12)
+    crate::cores().clamp(4, 12)
 }
 
 /// Bytes of encrypted data one staging buffer takes per read: whole cipher chunks (0: none fit).
@@ -126,7 +126,7 @@ fn sealed_step(chunk: usize) -> usize {
 
 /// Readers for encrypted files, whose load is bound by decryption: one per core.
 fn cpu_readers() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(8).clamp(4, 64)
+    crate::cores().clamp(4, 64)
 }
 
 const PAGE: u64 = 4096;

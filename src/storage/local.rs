@@ -35,7 +35,7 @@ impl Source for LocalFile {
         self.file.read_exact_at(buf, offset).map_err(|e| Error::from(e).in_file(&self.path))
     }
     fn preferred_parallelism(&self) -> usize {
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4).clamp(4, 16)
+        crate::cores().clamp(4, 16)
     }
 }
 

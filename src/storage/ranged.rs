@@ -274,8 +274,7 @@ impl<F: RangeFetch> Source for RangedSource<F> {
         // Callers that receive bodies themselves (plain HTTP) are busy while they read: one per
         // core (H200 host, 8 GiB to the CPU: 16.8 GB/s with 16, 13.9–17.1 with 32, less CPU).
         if self.reads_into_buffers() {
-            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(8);
-            return cores.clamp(4, self.max_in_flight.max(4));
+            return crate::cores().clamp(4, self.max_in_flight.max(4));
         }
         // One caller per request in flight: a caller's read_at splits into requests, but the
         // caller waits for all of them before it asks for more (HTTP to the CPU on the H200

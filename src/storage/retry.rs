@@ -110,7 +110,7 @@ impl Backoff {
 pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(4);
+        let cores = crate::cores();
         let workers = std::env::var("TENSORIZER_RS_IO_THREADS")
             .ok()
             .and_then(|v| v.parse::<usize>().ok())

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""How long page-locking staging memory takes, by size and by how many calls (GPU machine).
+
+    python3 bench/pin_probe.py
+
+Times cuMemHostRegister of huge-page-backed anonymous memory (what the staging pool does):
+32 calls of 8 MiB, 4 calls of 64 MiB and one of 256 MiB, each after faulting the pages in
+(timed apart), and cuMemAlloc of 512 MiB alone and while another thread registers memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import threading
+import time
+
+MiB = 1 << 20
+cuda = ctypes.CDLL("libcuda.so.1")
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+cuda.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+cuda.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+cuda.cuMemAlloc_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
+cuda.cuMemFree_v2.argtypes = [ctypes.c_uint64]
+
+
+def ok(r, what):
+    if r != 0:
+        raise RuntimeError(f"{what}: CUDA error {r}")
+
+
+ok(cuda.cuInit(0), "cuInit")
+dev = ctypes.c_int()
+ok(cuda.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
+ctx = ctypes.c_void_p()
+ok(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "retain")
+ok(cuda.cuCtxSetCurrent(ctx), "set current")
+
+
+def huge(n):
+    base = libc.mmap(
+        None,
+        n + 2 * MiB,
+        mmap.PROT_READ | mmap.PROT_WRITE,
+        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+        -1,
+        0,
+    )
+    p = (base + 2 * MiB - 1) & ~(2 * MiB - 1)
+    libc.madvise(p, n, 14)  # MADV_HUGEPAGE
+    return p
+
+
+def run(size, count):
+    bufs = [huge(size) for _ in range(count)]
+    t0 = time.perf_counter()
+    for p in bufs:
+        ctypes.memset(p, 0, size)
+    t1 = time.perf_counter()
+    for p in bufs:
+        ok(cuda.cuMemHostRegister_v2(p, size, 1), "register")
+    t2 = time.perf_counter()
+    for p in bufs:
+        cuda.cuMemHostUnregister(p)
+    return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+
+for size, count in ((8 * MiB, 32), (64 * MiB, 4), (256 * MiB, 1), (8 * MiB, 32), (256 * MiB, 1)):
+    fault, reg = run(size, count)
+    print(
+        f"{count:3d} x {size // MiB:4d} MiB: fault-in {fault:6.1f} ms, register {reg:6.1f} ms "
+        f"({reg / count:.2f} ms per call)"
+    )
+
+
+def alloc_ms(n=512 * MiB):
+    d = ctypes.c_uint64()
+    t0 = time.perf_counter()
+    ok(cuda.cuMemAlloc_v2(ctypes.byref(d), n), "alloc")
+    dt = (time.perf_counter() - t0) * 1e3
+    cuda.cuMemFree_v2(d)
+    return dt
+
+
+print(f"cuMemAlloc 512 MiB alone: {alloc_ms():.2f} ms, again {alloc_ms():.2f} ms")
+for size, count in ((8 * MiB, 32), (256 * MiB, 1)):
+    bufs = [huge(size) for _ in range(count)]
+    for p in bufs:
+        ctypes.memset(p, 0, size)
+    done = []
+
+    def pin(bufs=bufs, size=size, done=done):
+        ok(cuda.cuCtxSetCurrent(ctx), "set current")
+        for p in bufs:
+            ok(cuda.cuMemHostRegister_v2(p, size, 1), "register")
+        done.append(time.perf_counter())
+
+    th = threading.Thread(target=pin)
+    t0 = time.perf_counter()
+    th.start()
+    time.sleep(0.001)
+    a = alloc_ms()
+    th.join()
+    print(
+        f"cuMemAlloc 512 MiB while registering {count} x {size // MiB} MiB: {a:.2f} ms "
+        f"(registering took {(done[0] - t0) * 1e3:.1f} ms)"
+    )
+    for p in bufs:
+        cuda.cuMemHostUnregister(p)
