@@ -108,8 +108,8 @@ impl Pool {
         Ok(Staged { pool: self.clone(), slot: Some(slot), used_on: None })
     }
 
-    /// Allocate idle buffers until `n` exist (at most the pool's bound), one thread each, so a
-    /// load that starts meanwhile finds them made: the first load of a process otherwise pays
+    /// Allocate idle buffers until `n` exist (at most the pool's bound), on a few threads, so a
+    /// load that starts meanwhile takes them as they are made: the first load of a process otherwise pays
     /// for page-locking its buffers one reader at a time. Errors leave the pool as it was.
     pub fn prewarm(self: &Arc<Self>, n: usize) {
         let todo = {
@@ -118,7 +118,7 @@ impl Pool {
             st.allocated += want;
             want
         };
-        let threads = prewarm_threads().unwrap_or(todo).clamp(1, todo.max(1));
+        let threads = prewarm_threads().clamp(1, todo.max(1));
         let left = AtomicUsize::new(todo);
         let take = || left.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1)).is_ok();
         let unreserve = || {
@@ -162,10 +162,17 @@ impl Pool {
     }
 }
 
-/// Threads that page-lock a prewarm's buffers (`TENSORIZER_RS_PREWARM_THREADS`; default one
-/// per buffer).
-fn prewarm_threads() -> Option<usize> {
-    std::env::var("TENSORIZER_RS_PREWARM_THREADS").ok().and_then(|v| v.trim().parse().ok())
+/// Threads that page-lock a prewarm's buffers (`TENSORIZER_RS_PREWARM_THREADS`). Faulting in
+/// fresh pages is most of the cost (256 MiB: ~50 ms of zeroing, page-locking it ~6 ms), and a
+/// thread per buffer (32) slowed everything else starting beside it, the file's opening and
+/// torch's allocations among them: on an H100 host 8 threads had all 32 buffers ready at
+/// 13–17 ms instead of 20–39, and the constructor took 5–9 ms instead of 13–25
+/// (docs/benchmarks.md). Half the cores, 2 to 8.
+fn prewarm_threads() -> usize {
+    std::env::var("TENSORIZER_RS_PREWARM_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| (crate::cores() / 2).clamp(2, 8))
 }
 
 impl Drop for Pool {

@@ -576,6 +576,7 @@ def remote_pieces_stream_through_staging():
     large = [v.numel() * v.element_size() for v in sd.values() if v.device.type != "meta"]
     pieces = sum(-(-n // piece) for n in large if n > chunk // 4)
     os.environ["TENSORIZER_RS_REMOTE_PIECE"] = str(piece)
+    os.environ["TENSORIZER_RS_TAPER"] = "0"  # pieces as planned; the taper is checked below
     try:
         with http_server(root) as base:
             for path in ("data/r.tensors", "dropmid/3/r.tensors", "fail500/2/r.tensors"):
@@ -588,6 +589,16 @@ def remote_pieces_stream_through_staging():
             # staging buffer would take more than there are buffers' worth of bytes.
             assert n <= 1 + pieces + len(sd), (n, pieces)
             assert n < -(-total // chunk), (n, total)
+            # With the last pieces split finer (the default): the same bytes, and no piece
+            # smaller than a staging buffer, so at most one request per buffer's worth.
+            os.environ.pop("TENSORIZER_RS_TAPER")
+            before = requests_seen(base)["/data/r.tensors"]
+            for path in ("data/r.tensors", "dropmid/4/r.tensors"):
+                _cuda.reset_counters()
+                assert_loaded(gpu_load(gpu_deser(f"{base}/{path}")), sd, path)
+                assert _cuda.counters()["staged_bytes"] == total
+            tapered = requests_seen(base)["/data/r.tensors"] - before
+            assert pieces < tapered <= 1 + -(-total // chunk) + len(sd), (tapered, pieces, total)
 
             # Encrypted, over HTTP: cipher chunks opened in the staging buffers (4 MiB buffers
             # hold one 2 MiB chunk a read); verify_hash goes tensor by tensor.
@@ -625,6 +636,7 @@ def remote_pieces_stream_through_staging():
             assert_loaded(done["out"], sd)
     finally:
         del os.environ["TENSORIZER_RS_REMOTE_PIECE"]
+        os.environ.pop("TENSORIZER_RS_TAPER", None)
 
 
 def main() -> int:
