@@ -170,6 +170,31 @@ fn plain_http_streams_from_the_socket_into_lent_buffers() {
 }
 
 #[test]
+fn small_direct_responses_do_not_wait_for_a_delayed_ack() {
+    // nginx (sendfile, tcp_nopush, as distributions ship it) holds a response's last small
+    // segment until the previous full one is acknowledged; a client that delays its ACK then
+    // waits ~40 ms (Linux's shortest delayed ACK) for such a response: 64 KiB over loopback is
+    // one full segment and a few bytes. Sending one takes well under a millisecond here, so
+    // requests of 35 ms or more are counted: without the fix about half of them are.
+    let Some(nginx) = Nginx::start() else { return };
+    let data = pattern(4 << 20, 12);
+    std::fs::write(nginx.root().join("q.tensors"), &data).unwrap();
+    let source = open_source(&nginx.url("q.tensors"), &opts()).unwrap();
+    let mut slow = Vec::new();
+    for k in 0..24usize {
+        let offset = (1 << 20) + k * 120_000; // past the probe's bytes
+        let t = std::time::Instant::now();
+        let got = stream_into(&*source, offset, 65_536, 1 << 20).unwrap();
+        let took = t.elapsed();
+        assert!(got == data[offset..offset + 65_536]);
+        if took >= std::time::Duration::from_millis(35) {
+            slow.push(took);
+        }
+    }
+    assert!(slow.len() <= 3, "responses that waited on a delayed ACK: {slow:?}");
+}
+
+#[test]
 fn direct_streams_resume_after_drops_and_retry_server_errors() {
     let Some(server) = PyHttp::start() else { return };
     let _counter = DIRECT_COUNTER.lock().unwrap_or_else(|p| p.into_inner());

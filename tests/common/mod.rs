@@ -146,6 +146,7 @@ http {{
     uwsgi_temp_path {d}/tmp;
     scgi_temp_path {d}/tmp;
     sendfile on;
+    tcp_nopush on;
     keepalive_requests 100000;
     server {{
         listen 127.0.0.1:{port};
