@@ -513,6 +513,12 @@ def main():
         help="warm A/B only: new tensors (overlapped / one allocation / all first), in place, "
         "the vLLM path (in place / release all), each twice, interleaved",
     )
+    ap.add_argument(
+        "--ab-env",
+        default=None,
+        help='warm A/B of an environment, e.g. \'{"TENSORIZER_RS_PREWARM_THREADS": "32"}\': '
+        "new tensors and load_into_module with and without it, interleaved, three rounds",
+    )
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
@@ -591,7 +597,15 @@ def main():
             },
         ]
         plan = once + [{**p, "label": p.get("label", p["loader"]) + "(2nd)"} for p in once]
-    if args.coreweave:
+    if args.ab_env:
+        env = json.loads(args.ab_env)
+        plan = [
+            {"loader": loader, "path": ours, **extra, "label": loader + tag + f" #{k}"}
+            for k in range(3)
+            for loader in ("ours", "ours_module")
+            for extra, tag in (({}, ""), ({"env": env}, f" {args.ab_env}"))
+        ]
+    if args.coreweave and not args.ab_env:
         plan.append({"loader": "coreweave", "path": ours})
         plan.append(
             {
