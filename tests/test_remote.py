@@ -99,6 +99,56 @@ def test_plain_http_cpu_load_reads_into_the_tensors(http_root):
             assert moved == 0, moved
 
 
+_TRACE_CHILD = """
+import json, sys
+from tensorizer_rs import TensorDeserializer, _native
+d = TensorDeserializer(sys.argv[1], device="cpu")
+n = sum(t.numel() * t.element_size() for t in d.values())
+print(json.dumps({"bytes": n, "events": _native.trace_take()}))
+"""
+
+
+def test_trace_records_a_remote_load(http_root, tmp_path):
+    """TENSORIZER_RS_TRACE=1: the load's timeline (readers, pieces, requests) in order; unset,
+    nothing is recorded."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    base, root = http_root
+    big = torch.arange(3_000_000, dtype=torch.float32)
+    s = TensorSerializer(str(root / "trace.tensors"))
+    s.write_state_dict({"big": big, "small": torch.ones(10)})
+    s.close()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def child(trace: str) -> dict:
+        out = subprocess.run(
+            [sys.executable, "-c", _TRACE_CHILD, f"{base}/data/trace.tensors"],
+            env={**env, "TENSORIZER_RS_TRACE": trace},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    got = child("1")
+    ev = got["events"]
+    names = {e[2] for e in ev}
+    for want in ("reader_start", "reader_end", "piece", "piece_end", "http_request", "http_head"):
+        assert want in names, (want, names)
+    assert [e[0] for e in ev] == sorted(e[0] for e in ev)
+    # The big tensor's data went in pieces whose lengths add up to it, each ended on the
+    # thread that began it.
+    pieces = [e for e in ev if e[2] == "piece"]
+    assert sum(e[4] for e in pieces) == big.numel() * 4
+    for p in pieces:
+        assert any(e[2] == "piece_end" and e[1] == p[1] and e[3] == p[3] for e in ev), p
+    assert child("")["events"] == []
+
+
 def test_s3_vectors_serialize_and_side_files(s3, vector_manifests, vectors_dir, tmp_path):
     for name in ("dtypes.tensors", "enc_vllm_chunked.tensors", "nested_state_dict.tensors"):
         v = vector_manifests[name]
