@@ -109,8 +109,9 @@ impl Pool {
     }
 
     /// Allocate idle buffers until `n` exist (at most the pool's bound), on a few threads, so a
-    /// load that starts meanwhile takes them as they are made: the first load of a process otherwise pays
-    /// for page-locking its buffers one reader at a time. Errors leave the pool as it was.
+    /// load that starts meanwhile takes them as they are made: the first load of a process
+    /// otherwise pays for page-locking its buffers one reader at a time. Errors leave the pool
+    /// as it was.
     pub fn prewarm(self: &Arc<Self>, n: usize) {
         let todo = {
             let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
