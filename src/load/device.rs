@@ -146,12 +146,6 @@ const SEGMENT_MAX: u64 = 2 << 20;
 /// Registered ranges a reader keeps in flight before waiting for the oldest copy.
 const MAX_REGISTERED: usize = 2;
 
-/// Whether remote loads split their last pieces finer (`TENSORIZER_RS_TAPER=0`: no, for A/B
-/// benchmarks).
-pub(crate) fn taper() -> bool {
-    std::env::var("TENSORIZER_RS_TAPER").map_or(true, |v| v.trim() != "0")
-}
-
 fn align_down(x: u64) -> u64 {
     x & !(PAGE - 1)
 }
@@ -533,7 +527,7 @@ pub fn load_to_device(
         let small = (chunk / 4).min(plan::SMALL_RECORD);
         let piece = if remote { remote_piece(chunk) } else { PIECE.max(chunk) };
         let mut p = plan::build_sized(&file.entries, &entry_ids, small, chunk.min(SEGMENT_MAX), piece);
-        if remote && taper() {
+        if remote && plan::tapering() {
             p.taper(wanted, chunk);
         }
         (p.items.into_iter().map(Work::Plan).collect(), p.pieces)

@@ -69,7 +69,7 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
     crate::trace::mark("host_buffers_made", which.len() as u64, 0);
     let wanted = opts.num_readers.unwrap_or_else(|| file.source().preferred_parallelism()).clamp(1, 64);
     let mut plan = plan::build(&file.entries, which);
-    if file.name().contains("://") && super::device::taper() {
+    if file.name().contains("://") && plan::tapering() {
         plan.taper(wanted, TAPER_MIN);
     }
     let slots: Vec<Slot> = which

@@ -54,11 +54,17 @@ impl Item {
     }
 }
 
+/// Whether remote loads call [`Plan::taper`] (`TENSORIZER_RS_TAPER=0`: no, for A/B
+/// benchmarks).
+pub fn tapering() -> bool {
+    std::env::var("TENSORIZER_RS_TAPER").map_or(true, |v| v.trim() != "0")
+}
+
 impl Plan {
     /// Split the large pieces near the end so that `readers` taking items in order finish
     /// together: a piece is at most `1 / (2 * readers)` of the bytes from its start to the end
-    /// of the plan (guided self-scheduling), rounded up to a multiple of `min`, and never
-    /// larger than it was. Without this the readers holding the last big pieces work alone
+    /// of the plan (guided self-scheduling) but at least `min`, each split into equal parts,
+    /// and never larger than it was. Without this the readers holding the last big pieces work alone
     /// while the others idle (over HTTP, one 64 MiB piece is ~35 ms of one connection).
     pub fn taper(&mut self, readers: usize, min: u64) {
         let share = 2 * readers.max(1) as u64;

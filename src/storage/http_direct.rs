@@ -262,20 +262,7 @@ const QUICKACK_TAIL: usize = 256 << 10;
 /// it is set again before each read near a response's end. Best effort.
 fn quickack(conn: &TcpStream) {
     #[cfg(target_os = "linux")]
-    {
-        use std::os::fd::AsRawFd;
-        let one: libc::c_int = 1;
-        // SAFETY: a valid socket and a correctly sized option value.
-        unsafe {
-            libc::setsockopt(
-                conn.as_raw_fd(),
-                libc::IPPROTO_TCP,
-                libc::TCP_QUICKACK,
-                (&one as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            );
-        }
-    }
+    let _ = socket2::SockRef::from(conn).set_tcp_quickack(true);
     #[cfg(not(target_os = "linux"))]
     let _ = conn;
 }
