@@ -4,8 +4,8 @@
     python3 bench/bench_remote.py --dir /local/disk --nginx PATH --s3s PATH [--gib 4]
         [--coreweave DIR] [--devices cpu,cuda] [--out DIR]
 
-1. Writes a Llama-shaped bf16 model with our writer, serves it with nginx (HTTP, Range) and
-   uploads it to s3s-fs (an S3 server that checks SigV4) with our serializer (multipart upload,
+1. Writes a Llama-shaped bf16 model with our writer, serves it with nginx (HTTP, Range; and
+   HTTPS with --tls DIR holding cert.pem/key.pem, made with `openssl` if missing) and uploads it to s3s-fs (an S3 server that checks SigV4) with our serializer (multipart upload,
    timed).
 2. The servers' ceilings: a reference client of N parallel `curl` processes, each fetching one
    contiguous range to /dev/null (N = 8, 16, 32, best kept); for S3 the URL is presigned with
@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -107,7 +108,11 @@ def timeline(ev):
         "staging_wait_ms": round(sum(waits), 2),
         "reader_ends_ms": ends[:3] + ["..."] + ends[-3:] if len(ends) > 6 else ends,
     }
-c0, th0 = cpu(), threads()
+def vmstat():  # system-wide fault and huge-page counters (what fresh CPU tensors cost)
+    keep = ("pgfault", "thp_fault_alloc", "thp_fault_fallback", "compact_stall")
+    with open("/proc/vmstat") as f:
+        return {k: int(v) for k, v in (line.split() for line in f) if k in keep}
+c0, th0, vm0 = cpu(), threads(), vmstat()
 if kind == "ours" and device.startswith("cuda"):
     from tensorizer_rs import _cuda
     _cuda.reset_counters()
@@ -136,6 +141,7 @@ else:
 if device.startswith("cuda"):
     torch.cuda.synchronize()
 out = {"bytes": n, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - c0}
+out["vmstat"] = {k: v - vm0.get(k, 0) for k, v in vmstat().items()}
 if TRACE:
     _native.trace_mark("bench_end")
     raw = _native.trace_take()
@@ -183,8 +189,53 @@ def wait_port(port: int, proc: subprocess.Popen, what: str) -> None:
     raise RuntimeError(f"{what} did not listen on {port}")
 
 
-def start_nginx(binary: str, root: str, work: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
+def tls_files(d: str) -> tuple[str, str, str] | None:
+    """ca.pem, cert.pem and key.pem in `d`: a private CA and a certificate for 127.0.0.1 that it
+    signed (rustls refuses a CA certificate as the server's own), made with `openssl` if
+    missing; None if there are none and no openssl to make them."""
+    d = os.path.abspath(d)
+    ca, cakey, cert, key, csr = (
+        os.path.join(d, f) for f in ("ca.pem", "ca-key.pem", "cert.pem", "key.pem", "cert.csr")
+    )
+    if all(map(os.path.exists, (ca, cert, key))):
+        return ca, cert, key
+    if shutil.which("openssl") is None:
+        return None
+    os.makedirs(d, exist_ok=True)
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ext = os.path.join(d, "ext.cnf")
+    with open(ext, "w") as f:
+        f.write("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=critical,CA:FALSE\n")
+    steps = [
+        ["req", "-x509", *ec, "-days", "7", "-subj", "/CN=bench CA", "-keyout", cakey, "-out", ca],
+        ["req", *ec, "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", csr],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", cakey, "-CAcreateserial"]
+        + ["-days", "7", "-extfile", ext, "-out", cert],
+    ]
+    for step in steps:
+        if subprocess.run(["openssl", *step], capture_output=True, check=False).returncode:
+            return None
+    return ca, cert, key
+
+
+def start_nginx(
+    binary: str, root: str, work: str, tls: tuple[str, str, str] | None = None
+) -> tuple[subprocess.Popen, int, int]:
+    """nginx serving `root` over HTTP (sendfile) and, given a certificate, HTTPS (TLS 1.3;
+    nginx does not use sendfile for TLS). Returns the process and the two ports (0: none)."""
+    port, tport = free_port(), free_port() if tls else 0
+    https = (
+        f"""
+    server {{
+        listen 127.0.0.1:{tport} ssl;
+        ssl_certificate {tls[1]};
+        ssl_certificate_key {tls[2]};
+        ssl_protocols TLSv1.3;
+        root {root};
+    }}"""
+        if tls
+        else ""
+    )
     conf = os.path.join(work, "nginx.conf")
     with open(conf, "w") as f:
         f.write(
@@ -206,7 +257,7 @@ http {{
     server {{
         listen 127.0.0.1:{port};
         root {root};
-    }}
+    }}{https}
 }}
 """
         )
@@ -216,7 +267,9 @@ http {{
         stderr=open(os.path.join(work, "nginx-stderr.log"), "w"),  # noqa: SIM115
     )
     wait_port(port, proc, "nginx")
-    return proc, port
+    if tport:
+        wait_port(tport, proc, "nginx (TLS)")
+    return proc, port, tport
 
 
 def start_s3s(binary: str, root: str, work: str) -> tuple[subprocess.Popen, int]:
@@ -232,6 +285,9 @@ def start_s3s(binary: str, root: str, work: str) -> tuple[subprocess.Popen, int]
     return proc, port
 
 
+CACERT: list[str] = []  # curl's --cacert for https:// (set in main)
+
+
 def curl_parallel(url: str, size: int, n: int) -> float:
     """GB/s of `n` concurrent curl processes, each fetching one contiguous range."""
     step = -(-size // n)
@@ -239,7 +295,8 @@ def curl_parallel(url: str, size: int, n: int) -> float:
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
-            ["curl", "-s", "-f", "-r", f"{a}-{min(a + step, size) - 1}", "-o", "/dev/null", url]
+            ["curl", "-s", "-f", *CACERT, "-r", f"{a}-{min(a + step, size) - 1}", "-o", "/dev/null"]
+            + [url]
         )
         for a in range(0, size, step)
     ]
@@ -353,28 +410,42 @@ def load(kind: str, uri: str, device: str, env: dict, readers="-", storage=None)
     return {"error": (out.stderr or out.stdout)[-800:]}
 
 
-def ab(res: dict, variants: list, local: str, url: str, size: int, args) -> None:
-    """Our HTTP loads under each variant, interleaved `--repeat` times, between ceilings."""
+def both_ceilings(urls: dict, tlsenv: dict, protos: set, size: int) -> dict:
+    got = {}
+    for proto in sorted(protos):
+        CACERT[:] = ["--cacert", tlsenv["CURL_CA_BUNDLE"]] if proto == "https" else []
+        got[proto] = ceiling(urls[proto], size)
+    CACERT.clear()
+    return got
+
+
+def ab(res: dict, variants: list, local: str, urls: dict, tlsenv: dict, size: int, args) -> None:
+    """Our HTTP(S) loads under each variant (key "proto": "https" for the TLS server),
+    interleaved `--repeat` times, between ceilings."""
     with open(local, "rb") as f:  # page cache warm for the server
         while f.read(64 << 20):
             pass
-    res["ceiling"] = {"http": ceiling(url, size)}
+    protos = {v.get("proto", "http") for v in variants}
+    res["ceiling"] = both_ceilings(urls, tlsenv, protos, size)
     log(f"ceiling: {json.dumps(res['ceiling'])}")
     if args.probe:
-        res["probe"] = [r for m in args.probe_mib.split(",") for r in probe(url, size, int(m))]
+        res["probe"] = [
+            r for m in args.probe_mib.split(",") for r in probe(urls["http"], size, int(m))
+        ]
     for k in range(args.repeat):
         for v in variants:
+            proto = v.get("proto", "http")
             r = load(
                 "ours",
-                url,
+                urls[proto],
                 v.get("device", "cuda"),
-                v.get("env", {}),
+                {**(tlsenv if proto == "https" else {}), **v.get("env", {})},
                 v.get("readers", "-"),
                 v.get("storage"),
             )
             r.update(
                 loader="ours",
-                proto="http",
+                proto=proto,
                 label=v.get("label", ""),
                 device=v.get("device", "cuda"),
                 readers=v.get("readers", "-"),
@@ -382,10 +453,10 @@ def ab(res: dict, variants: list, local: str, url: str, size: int, args) -> None
                 round=k,
             )
             if "gbps" in r:
-                r["ratio"] = r["gbps"] / res["ceiling"]["http"]["best"]
+                r["ratio"] = r["gbps"] / res["ceiling"][proto]["best"]
             res["runs"].append(r)
             log(json.dumps(r))
-    res["ceiling_after"] = {"http": ceiling(url, size)}
+    res["ceiling_after"] = both_ceilings(urls, tlsenv, protos, size)
     log(f"ceiling after: {json.dumps(res['ceiling_after'])}")
     log("| variant | device | GB/s (each round) | / ceiling (best) |\n|---|---|---|---:|")
     for v in variants:
@@ -397,7 +468,7 @@ def ab(res: dict, variants: list, local: str, url: str, size: int, args) -> None
             f"| {v.get('label', '')} | {v.get('device', 'cuda')} | "
             + " / ".join(f"{g:.2f}" for g in got)
             + (" (again " + " / ".join(f"{g:.2f}" for g in again) + ")" if again else "")
-            + f" | {max(got) / res['ceiling']['http']['best']:.0%} | cpu s ours+nginx "
+            + f" | {max(got) / res['ceiling'][v.get('proto', 'http')]['best']:.0%} | cpu s ours+nginx "
             + ", ".join(cpu)
             + " |"
         )
@@ -411,6 +482,8 @@ def main() -> None:
     ap.add_argument("--s3s", required=True)
     ap.add_argument("--coreweave", default=None)
     ap.add_argument("--devices", default="cpu,cuda")
+    ap.add_argument("--protos", default="http,https,s3", help="which servers to load from")
+    ap.add_argument("--tls", default=None, help="folder for cert.pem/key.pem (HTTPS rows)")
     ap.add_argument("--sweep", action="store_true", help="also our HTTP loads at other settings")
     ap.add_argument(
         "--probe", action="store_true", help="curl issuing 8 MiB ranges, then our HTTP loads only"
@@ -435,8 +508,14 @@ def main() -> None:
         os.makedirs(d, exist_ok=True)
     res = {"cpus": os.cpu_count(), "gib": args.gib, "runs": []}
     variants = json.loads(args.variants) if args.variants else None
-    nginx, hport = start_nginx(args.nginx, www, work)
-    s3s, sport = (None, 0) if variants else start_s3s(args.s3s, s3root, work)
+    protos = args.protos.split(",")
+    tls = tls_files(args.tls or os.path.join(work, "tls")) if "https" in protos else None
+    if "https" in protos and tls is None:
+        log("no certificate and no openssl: HTTPS rows skipped")
+        protos.remove("https")
+    nginx, hport, tport = start_nginx(args.nginx, www, work, tls)
+    use_s3 = "s3" in protos and not variants
+    s3s, sport = start_s3s(args.s3s, s3root, work) if use_s3 else (None, 0)
     endpoint = f"http://127.0.0.1:{sport}"
     s3env = {
         "S3_ACCESS_KEY_ID": KEY,
@@ -450,6 +529,12 @@ def main() -> None:
         "AWS_ENDPOINT_URL": endpoint,
         "AWS_DEFAULT_REGION": "us-east-1",
     }
+    urls = {
+        "http": f"http://127.0.0.1:{hport}/model.tensors",
+        "https": f"https://127.0.0.1:{tport}/model.tensors",
+    }
+    # Our loader reads requests' variable, CoreWeave's curl subprocesses curl's.
+    tlsenv = {"REQUESTS_CA_BUNDLE": tls[0], "CURL_CA_BUNDLE": tls[0]} if tls else {}
     try:
         sd = llama_like(int(args.gib * GiB))
         local = os.path.join(www, "model.tensors")
@@ -458,33 +543,33 @@ def main() -> None:
         size = os.path.getsize(local)
         if variants:
             del sd
-            return ab(res, variants, local, f"http://127.0.0.1:{hport}/model.tensors", size, args)
-        os.environ.update(s3env)
-        t0 = time.perf_counter()
-        with TensorSerializer(f"s3://{BUCKET}/model.tensors") as s:
-            s.write_state_dict(sd)
-        res["s3_upload_gbps"] = size / (time.perf_counter() - t0) / 1e9
+            return ab(res, variants, local, urls, tlsenv, size, args)
+        if use_s3:
+            os.environ.update(s3env)
+            t0 = time.perf_counter()
+            with TensorSerializer(f"s3://{BUCKET}/model.tensors") as s:
+                s.write_state_dict(sd)
+            res["s3_upload_gbps"] = size / (time.perf_counter() - t0) / 1e9
+            for k in s3env:
+                os.environ.pop(k)
+            log(f"S3 upload (ours, multipart) {res['s3_upload_gbps']:.2f} GB/s")
         del sd
-        for k in s3env:
-            os.environ.pop(k)
-        with open(local, "rb") as f:  # page cache warm for both servers
-            while f.read(64 << 20):
-                pass
-        s3file = os.path.join(s3root, BUCKET, "model.tensors")
-        with open(s3file, "rb") as f:
-            while f.read(64 << 20):
-                pass
-        log(
-            f"model {size / GiB:.2f} GiB; S3 upload (ours, multipart) {res['s3_upload_gbps']:.2f} GB/s"
-        )
-        http_url = f"http://127.0.0.1:{hport}/model.tensors"
-        res["ceiling"] = {"http": ceiling(http_url, size)}
+        warm = [local] + ([os.path.join(s3root, BUCKET, "model.tensors")] if use_s3 else [])
+        for path in warm:  # page cache warm for the servers
+            with open(path, "rb") as f:
+                while f.read(64 << 20):
+                    pass
+        log(f"model {size / GiB:.2f} GiB")
+        http_url, https_url = urls["http"], urls["https"]
+        web = {"http", "https"} & set(protos)
+        res["ceiling"] = both_ceilings(urls, tlsenv, web, size)
         if args.coreweave:
             sys.path.insert(0, args.coreweave)
-        try:
-            res["ceiling"]["s3"] = ceiling(presign(endpoint, "model.tensors"), size)
-        except ImportError as e:  # boto3 travels with CoreWeave's dependencies
-            res["ceiling"]["s3"] = {"best": float("nan"), "error": str(e)}
+        if use_s3:
+            try:
+                res["ceiling"]["s3"] = ceiling(presign(endpoint, "model.tensors"), size)
+            except ImportError as e:  # boto3 travels with CoreWeave's dependencies
+                res["ceiling"]["s3"] = {"best": float("nan"), "error": str(e)}
         log(f"ceilings: {json.dumps(res['ceiling'])}")
         s3_uri = f"s3://{BUCKET}/model.tensors"
         cw = {
@@ -496,16 +581,19 @@ def main() -> None:
         for device in args.devices.split(","):
             plan += [
                 ("ours", "http", http_url, device, {}, "-"),
+                ("ours", "https", https_url, device, tlsenv, "-"),
                 ("ours", "s3", s3_uri, device, s3env, "-"),
             ]
             if args.coreweave:
                 plan += [
                     ("coreweave", "http", http_url, device, cw, "-"),
                     ("coreweave", "http", http_url, device, cw, "16"),
+                    ("coreweave", "https", https_url, device, {**cw, **tlsenv}, "-"),
+                    ("coreweave", "https", https_url, device, {**cw, **tlsenv}, "16"),
                     # s3s-fs sends no Accept-Ranges, so CoreWeave refuses num_readers > 1 there.
                     ("coreweave", "s3", s3_uri, device, {**cw, **cwenv}, "-"),
                 ]
-        plan = [(*p, None) for p in plan]
+        plan = [(*p, None) for p in plan if p[1] in protos]
         if args.probe:
             res["probe"] = [
                 r for m in args.probe_mib.split(",") for r in probe(http_url, size, int(m))
@@ -522,7 +610,7 @@ def main() -> None:
                 r["ratio"] = r["gbps"] / res["ceiling"][proto]["best"]
             res["runs"].append(r)
             log(json.dumps(r))
-        res["ceiling_after"] = {"http": ceiling(http_url, size)}
+        res["ceiling_after"] = both_ceilings(urls, tlsenv, web, size)
     finally:
         nginx.terminate()
         if s3s is not None:

@@ -8,7 +8,7 @@
 # Phases:
 #   tests      the GPU test suite, vectors and encryption tests on CUDA
 #   encrypted  bench/bench_encrypted.py (plain vs encrypted, CPU and CUDA, one core)
-#   remote     bench/bench_remote.py (HTTP via nginx, S3 via s3s-fs; ours vs CoreWeave vs curl;
+#   remote     bench/bench_remote.py (HTTP(S) via nginx, S3 via s3s-fs; ours vs CoreWeave vs curl;
 #              REMOTE_GIB, REMOTE_ARGS, e.g. --variants JSON for A/B runs)
 #   cpu        bench/bench_cpu.py (page cache -> CPU tensors; huge-page A/B)
 #   gpu        bench/gpu_bench.py warm only (incl. the vLLM loader path), no sweep/small/cold;
@@ -35,8 +35,9 @@ for phase in $phases; do
       rm -rf /tmp/tzbench ;;
     remote)
       chmod +x .device/bin/* 2>/dev/null
-      timeout 300 python3 bench/bench_remote.py --dir /tmp/tzremote --gib "${REMOTE_GIB:-2}" \
-        --nginx .device/bin/nginx --s3s .device/bin/s3s-fs --coreweave "$HOME/cw" --out "$OUT" ${REMOTE_ARGS:-} 2>&1 \
+      timeout 540 python3 bench/bench_remote.py --dir /tmp/tzremote --gib "${REMOTE_GIB:-2}" \
+        --nginx .device/bin/nginx --s3s .device/bin/s3s-fs --coreweave "$HOME/cw" --out "$OUT" \
+        --tls "${TLS_DIR:-.device/tls}" ${REMOTE_ARGS:-} 2>&1 \
         | tee "$OUT/bench-remote.log" | grep -v '^{'
       rm -rf /tmp/tzremote ;;
     cpu)
