@@ -12,14 +12,12 @@ memory they need is bounded by ``CAST_GROUP_BYTES`` (or the largest tensor).
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import logging
 import os
 import time
 from typing import Any, Callable
 
-from . import _dtypes, _native
+from . import _dtypes, _gc, _native
 from .exceptions import TensorizerUnsupportedError, TensorizerValueError
 
 __all__ = [
@@ -112,19 +110,6 @@ def _dtypes_of(entry: dict, target: Any):
             out = target
         got = _resolved[key] = (final, out, final.is_floating_point or final.is_complex)
     return got
-
-
-@contextlib.contextmanager
-def _gc_paused():
-    """Creating thousands of tensors in a loop triggers the cyclic GC over and over (it halves
-    the per-tensor cost of small-tensor files); nothing here makes cycles."""
-    was = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was:
-            gc.enable()
 
 
 def _stream_of(device) -> int:
@@ -357,7 +342,7 @@ def _parameters(deser, loaded: dict, skip=()) -> None:
 def load(deser, indices: list, verify: bool) -> None:
     """The deserializer's ``_load`` for CUDA devices: new tensors for ``indices``."""
     run = _Run(deser, verify)
-    with _gc_paused():
+    with _gc.paused():
         _parameters(deser, _load(run, indices, {}))
     run.done()
 
@@ -397,7 +382,7 @@ def load_into_module(deser, targets: list, rest: list, verify: bool) -> set:
     if todo:
         deser._check_open()
     run = _Run(deser, verify)
-    with _gc_paused():
+    with _gc.paused():
         loaded = _load(run, todo, into)
         _parameters(deser, loaded, skip=into)
     for i, mod, attr in targets:

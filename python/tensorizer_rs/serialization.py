@@ -15,7 +15,7 @@ import types
 from collections.abc import Iterator
 from typing import Any, Callable, Union
 
-from . import _dtypes, _native
+from . import _dtypes, _gc, _native
 from .exceptions import (
     HashMismatchError,
     TensorizerKeyError,
@@ -113,27 +113,8 @@ class TensorDeserializer(collections.abc.Mapping):
             _cuda.prewarm(self._device, 1 << 16 if remote else num_readers)
         self._file = self._open(file_obj)
         self._closed = False
-        entries = self._file.entries()
-        self._entries = entries
-        self._selected = [
-            i for i, e in enumerate(entries) if filter_func is None or filter_func(e["name"])
-        ]
-        self._tree: dict = {}
-        self._keys: list = []
-        chosen = set(self._selected)
-        for i, e in enumerate(entries):
-            # As in CoreWeave: filtered-out leaves disappear, emptied branches stay in keys().
-            if not isinstance(e["name"], tuple) and i not in chosen:
-                continue
-            key = e["name"][0] if isinstance(e["name"], tuple) else e["name"]
-            if key not in self._tree:
-                self._tree[key] = None
-                self._keys.append(key)
-        self._position = {i: n for n, i in enumerate(self._selected)}
-        self._by_path: dict = {}
-        for i in self._selected:
-            name = self._entries[i]["name"]
-            self._by_path[name if isinstance(name, tuple) else (name,)] = i
+        with _gc.paused():
+            self._index(self._file.entries(), filter_func)
         self._cache: dict[int, Any] = {}
         self._module_idx: dict[int, int] = {}
         self._last_yielded = -1
@@ -149,6 +130,30 @@ class TensorDeserializer(collections.abc.Mapping):
             else:
                 self._load(self._selected)
                 self.close()
+
+    def _index(self, entries: list, filter_func) -> None:
+        # Plain loops over a list of names: with 20,000 small tensors this is per-tensor cost.
+        self._entries = entries
+        names = [e["name"] for e in entries]
+        if filter_func is None:
+            self._selected = list(range(len(names)))
+            # As in CoreWeave: a structured name's top-level key is the first component.
+            tops = [n[0] if type(n) is tuple else n for n in names]
+        else:
+            self._selected = [i for i, n in enumerate(names) if filter_func(n)]
+            chosen = set(self._selected)
+            # Filtered-out leaves disappear, emptied branches stay in keys().
+            tops = [
+                n[0] if type(n) is tuple else n
+                for i, n in enumerate(names)
+                if type(n) is tuple or i in chosen
+            ]
+        self._tree: dict = dict.fromkeys(tops)
+        self._keys: list = list(self._tree)
+        self._position = {i: n for n, i in enumerate(self._selected)}
+        self._by_path: dict = {
+            (n if type(n) is tuple else (n,)): i for i, n in ((i, names[i]) for i in self._selected)
+        }
 
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
@@ -223,11 +228,12 @@ class TensorDeserializer(collections.abc.Mapping):
         loaded = self._file.load(
             todo, num_readers=self._num_readers, verify_hash=verify, **self._crypt
         )
-        for i, (module_idx, host) in zip(todo, loaded):
-            self._module_idx[i] = module_idx
-            self._cache[i] = self._to_tensor(i, host)
-            self.total_tensor_bytes += self._entries[i]["data_length"]
-            self.total_bytes_read += self._entries[i]["data_length"]
+        with _gc.paused():
+            for i, (module_idx, host) in zip(todo, loaded):
+                self._module_idx[i] = module_idx
+                self._cache[i] = self._to_tensor(i, host)
+                self.total_tensor_bytes += self._entries[i]["data_length"]
+                self.total_bytes_read += self._entries[i]["data_length"]
         self._seconds += time.perf_counter() - start
 
     def _to_tensor(self, i: int, host: Any):

@@ -1,6 +1,7 @@
 //! `TensorFile`: an opened `.tensors` file, its index, and parallel loads into host tensors.
 use std::sync::Arc;
 
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList, PyTuple};
 
@@ -84,22 +85,39 @@ impl PyTensorFile {
     fn entries<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
         let f = self.file()?;
         let list = PyList::empty(py);
+        // Interned keys and one set of dtype values per distinct dtype: a file of 20,000 small
+        // tensors builds 20,000 of these dictionaries in the constructor (per-tensor overhead).
+        let mut dtypes: Vec<(&[u8], [Bound<'py, PyAny>; 4])> = Vec::new();
         for (e, path) in f.entries.iter().zip(&f.paths) {
             let d = PyDict::new(py);
             let structured = e.name.first() == Some(&crate::format::names::RECORD_SEPARATOR);
-            d.set_item("name", path_to_py(py, path, structured)?)?;
-            d.set_item("name_bytes", PyBytes::new(py, &e.name))?;
-            d.set_item("tensor_type", e.tensor_type)?;
-            d.set_item("dtype", PyBytes::new(py, &e.dtype.stored))?;
-            d.set_item("container", e.dtype.container_str())?;
-            d.set_item("torch_dtype", e.dtype.torch_name.clone())?;
-            d.set_item("itemsize", e.dtype.itemsize)?;
-            d.set_item("shape", PyTuple::new(py, &e.shape)?)?;
-            d.set_item("data_length", e.data_length)?;
-            d.set_item("nbytes", e.expected_nbytes().map_err(to_pyerr)?)?;
-            d.set_item("header_offset", e.header_offset)?;
-            d.set_item("data_offset", e.data_offset)?;
-            d.set_item("entry_version", e.entry_version)?;
+            d.set_item(intern!(py, "name"), path_to_py(py, path, structured)?)?;
+            d.set_item(intern!(py, "name_bytes"), PyBytes::new(py, &e.name))?;
+            d.set_item(intern!(py, "tensor_type"), e.tensor_type)?;
+            let k = match dtypes.iter().position(|(s, _)| *s == e.dtype.stored.as_slice()) {
+                Some(k) => k,
+                None => {
+                    let values = [
+                        PyBytes::new(py, &e.dtype.stored).into_any(),
+                        e.dtype.container_str().into_pyobject(py)?.into_any(),
+                        e.dtype.torch_name.clone().into_pyobject(py)?.into_any(),
+                        e.dtype.itemsize.into_pyobject(py)?.into_any(),
+                    ];
+                    dtypes.push((&e.dtype.stored, values));
+                    dtypes.len() - 1
+                }
+            };
+            let [dtype, container, torch_dtype, itemsize] = &dtypes[k].1;
+            d.set_item(intern!(py, "dtype"), dtype)?;
+            d.set_item(intern!(py, "container"), container)?;
+            d.set_item(intern!(py, "torch_dtype"), torch_dtype)?;
+            d.set_item(intern!(py, "itemsize"), itemsize)?;
+            d.set_item(intern!(py, "shape"), PyTuple::new(py, &e.shape)?)?;
+            d.set_item(intern!(py, "data_length"), e.data_length)?;
+            d.set_item(intern!(py, "nbytes"), e.expected_nbytes().map_err(to_pyerr)?)?;
+            d.set_item(intern!(py, "header_offset"), e.header_offset)?;
+            d.set_item(intern!(py, "data_offset"), e.data_offset)?;
+            d.set_item(intern!(py, "entry_version"), e.entry_version)?;
             list.append(d)?;
         }
         Ok(list)
