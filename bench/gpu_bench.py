@@ -225,6 +225,24 @@ def parallel_read(path, threads=16, chunk=64 * MiB, direct=False, limit=None, pi
 
 
 # ------------------------------------------------------------------------------ writing
+def write_small(args, res):
+    """The many-small-tensors file (per-tensor overhead), written by our writer."""
+    import torch
+    from tensorizer_rs import TensorSerializer
+
+    small = os.path.join(args.dir, "small.tensors")
+    gen = torch.Generator().manual_seed(1)
+    sd = {
+        f"t{k}": torch.randn(64 + (k % 7) * 32, generator=gen).to(torch.bfloat16)
+        for k in range(args.small)
+    }
+    s = TensorSerializer(small)
+    s.write_state_dict(sd)
+    s.close()
+    res["small"] = {"tensors": len(sd), "bytes": sum(v.nbytes for v in sd.values())}
+    return small
+
+
 def write_files(args, res):
     import torch
     from tensorizer_rs import TensorSerializer
@@ -268,17 +286,7 @@ def write_files(args, res):
             st = None
     del m
     torch.cuda.empty_cache()
-    # Many small tensors.
-    small = os.path.join(args.dir, "small.tensors")
-    gen = torch.Generator().manual_seed(1)
-    sd = {
-        f"t{k}": torch.randn(64 + (k % 7) * 32, generator=gen).to(torch.bfloat16)
-        for k in range(args.small)
-    }
-    s = TensorSerializer(small)
-    s.write_state_dict(sd)
-    s.close()
-    res["small"] = {"tensors": len(sd), "bytes": sum(v.nbytes for v in sd.values())}
+    small = write_small(args, res)
     return ours, st, small
 
 
@@ -508,6 +516,11 @@ def main():
     ap.add_argument("--skip-sweep", action="store_true")
     ap.add_argument("--skip-small", action="store_true")
     ap.add_argument(
+        "--small-only",
+        action="store_true",
+        help="only the many-small-tensors case, three rounds (with --ab-env: with and without)",
+    )
+    ap.add_argument(
         "--ab",
         action="store_true",
         help="warm A/B only: new tensors (overlapped / one allocation / all first), in place, "
@@ -548,6 +561,20 @@ def main():
         res["commit"] = os.environ.get("BENCH_COMMIT", "")
     res["commit"] = os.environ.get("BENCH_COMMIT", res["commit"])
     log(f"GPU {res['gpu']}, torch {res['torch']}, {res['cpus']} CPUs, commit {res['commit']}")
+    if args.small_only:
+        small = write_small(args, res)
+        env = json.loads(args.ab_env) if args.ab_env else None
+        res["small_rounds"] = []
+        for k in range(3):
+            for tag, extra in [("", {})] + ([(f" {args.ab_env}", {"env": env})] if env else []):
+                r = run_child(
+                    args, {"loader": "small", "path": small, "tensors": args.small, **extra}
+                )
+                r["label"] = f"small{tag} #{k}"
+                res["small_rounds"].append(r)
+                log(f"{r['label']}: {r.get('us_per_tensor_cuda', r.get('error'))}")
+                save()
+        return
     res["limits"] = measure_h2d()
     log(f"pinned H2D: {res['limits']}")
     ours, st, small = write_files(args, res)
