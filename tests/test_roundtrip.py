@@ -3,12 +3,7 @@ grows past CoreWeave's fixed 256 KiB."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -179,42 +174,3 @@ def test_writer_refuses_duplicates_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="Conflicting tensor paths"):
         s.write_tensor(0, "x", 2, torch.ones(1))
     assert not dest.exists()
-
-
-def test_prefault_helpers_keep_every_byte(tmp_path):
-    """Helper threads fault in the destination of the pieces the readers take next
-    (TENSORIZER_RS_PREFAULT, read once per process: so in a subprocess); one reader and
-    several 32 MiB pieces per tensor, so the helpers work beside it on the same buffers."""
-    gen = torch.Generator().manual_seed(7)
-    sd = {
-        f"w{k}": torch.randint(-128, 127, (40 << 20,), dtype=torch.int8, generator=gen)
-        for k in range(3)
-    }
-    path = str(tmp_path / "big.tensors")
-    with TensorSerializer(path) as s:
-        s.write_state_dict(sd)
-    digests = {k: hashlib.sha256(tensor_bytes(v)).hexdigest() for k, v in sd.items()}
-    script = (
-        "import hashlib, json, sys\n"
-        "from tensorizer_rs import TensorDeserializer, _native\n"
-        "sys.path.insert(0, sys.argv[2])\n"
-        "from helpers import tensor_bytes\n"
-        "_native.trace_take()\n"
-        "d = TensorDeserializer(sys.argv[1], device='cpu', num_readers=1)\n"
-        "got = {k: hashlib.sha256(tensor_bytes(v)).hexdigest() for k, v in d.items()}\n"
-        "faulted = sum(e[2] == 'prefault' for e in _native.trace_take())\n"
-        "print(json.dumps([got, faulted]))\n"
-    )
-    for helpers in (0, 3):
-        env = {**os.environ, "TENSORIZER_RS_PREFAULT": str(helpers), "TENSORIZER_RS_TRACE": "1"}
-        out = subprocess.run(
-            [sys.executable, "-c", script, path, os.path.dirname(__file__)],
-            env=env,
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        got, faulted = json.loads(out.stdout.splitlines()[-1])
-        assert got == digests, helpers
-        # 6 pieces, the first taken by the reader at once: the helpers fault in some of the rest.
-        assert (faulted > 0) == (helpers > 0), (helpers, faulted)

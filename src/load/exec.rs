@@ -88,36 +88,7 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
-    // The first items go to the readers at once; helpers fault in the ones after.
-    let ahead = AtomicUsize::new(readers);
     std::thread::scope(|s| {
-        for h in 0..prefault_threads(readers, plan.items.len()) {
-            let helper = || {
-                while !failed.load(Ordering::Relaxed) {
-                    let i = ahead.fetch_add(1, Ordering::Relaxed);
-                    let Some(Item::Direct { slot, offset, len, .. }) = plan.items.get(i) else {
-                        if i >= plan.items.len() {
-                            break;
-                        }
-                        continue;
-                    };
-                    // A reader already has it: it faults its pages itself.
-                    if i < next.load(Ordering::Relaxed) {
-                        continue;
-                    }
-                    // SAFETY: in bounds of the slot's buffer, which outlives the scoped threads.
-                    let start = unsafe { slots[*slot].dest.add(*offset as usize) };
-                    crate::trace::mark("prefault", *offset, *len);
-                    if !populate(start, *len as usize) {
-                        break;
-                    }
-                }
-            };
-            // Without a helper the readers fault the pages in themselves, as they always could.
-            if std::thread::Builder::new().name(format!("tz-fault{h}")).spawn_scoped(s, helper).is_err() {
-                break;
-            }
-        }
         for w in 0..readers {
             let spawned = std::thread::Builder::new().name(format!("tz-read{w}")).spawn_scoped(s, || {
                 let mut scratch = Vec::new();
@@ -157,42 +128,6 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
             data,
         })
         .collect())
-}
-
-/// Threads that fault in the destination of the items the readers take next. Faulting in
-/// (and zeroing) fresh pages was a third of a CPU load's reader time; helpers move it onto
-/// cores the readers leave idle, e.g. while they wait on the network.
-/// `TENSORIZER_RS_PREFAULT=N` sets how many (0: none).
-fn prefault_threads(readers: usize, items: usize) -> usize {
-    static SET: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-    let set = *SET.get_or_init(|| std::env::var("TENSORIZER_RS_PREFAULT").ok().and_then(|v| v.trim().parse().ok()));
-    if items <= readers || !cfg!(target_os = "linux") {
-        return 0;
-    }
-    set.unwrap_or(DEFAULT_PREFAULT).min(8)
-}
-
-const DEFAULT_PREFAULT: usize = 0;
-
-/// Fault in the whole pages of `len` bytes at `start` for writing, without writing them.
-/// False where the kernel cannot (before Linux 5.14): the readers fault them in as they write.
-fn populate(start: *mut u8, len: usize) -> bool {
-    #[cfg(target_os = "linux")]
-    {
-        let (a, b) = ((start as usize).next_multiple_of(4096), (start as usize + len) & !4095);
-        if b > a {
-            // SAFETY: advice on whole pages inside a buffer we own and may write; it changes
-            // no contents, so readers writing the same pages meanwhile are unaffected.
-            let rc = unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_POPULATE_WRITE) };
-            return rc == 0;
-        }
-        true
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        let _ = (start, len);
-        false
-    }
 }
 
 fn run_item(file: &TensorFile, slots: &[Slot], item: &Item, opts: &LoadOptions, scratch: &mut Vec<u8>) -> Result<()> {
