@@ -107,6 +107,13 @@ def main() -> None:
         "--coreweave", default=os.path.join(os.path.dirname(__file__), "..", ".cache", "tz-2.12.1")
     )
     ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--loaders", default=None, help="comma-separated subset, e.g. tensorizer-rs")
+    ap.add_argument(
+        "--ours-env",
+        default=None,
+        help='JSON list of environments for extra tensorizer-rs rows, e.g. [{"X": "1"}] '
+        "(replaces the 4 KiB-page row)",
+    )
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     path = os.path.join(args.dir, "model")
@@ -131,6 +138,8 @@ def main() -> None:
     )
     rows = []
     for name, code in LOADERS.items():
+        if args.loaders and name not in args.loaders.split(","):
+            continue
         env = dict(os.environ)
         if name == "coreweave":
             if not os.path.isdir(args.coreweave):
@@ -143,7 +152,9 @@ def main() -> None:
             variants.append(
                 (name + f" num_readers={2 * cpus}", code.replace("NUM_READERS", str(2 * cpus)), {})
             )
-        if name == "tensorizer-rs":  # A/B: destination buffers without transparent huge pages
+        if name == "tensorizer-rs" and args.ours_env:
+            variants += [(f"{name} {e}", variants[0][1], e) for e in json.loads(args.ours_env)]
+        elif name == "tensorizer-rs":  # A/B: destination buffers without transparent huge pages
             variants.append(
                 (name + " (4 KiB pages)", variants[0][1], {"TENSORIZER_RS_HUGEPAGES": "0"})
             )

@@ -41,7 +41,7 @@ for phase in $phases; do
         | tee "$OUT/bench-remote.log" | grep -v '^{'
       rm -rf /tmp/tzremote ;;
     cpu)
-      timeout 300 python3 bench/bench_cpu.py --dir /tmp/tzcpu --gib "${CPU_GIB:-4}" --coreweave "$HOME/cw" 2>&1 | tee "$OUT/bench-cpu.log" | tail -12
+      timeout 300 python3 bench/bench_cpu.py --dir /tmp/tzcpu --gib "${CPU_GIB:-4}" --coreweave "$HOME/cw" ${CPU_ARGS:-} 2>&1 | tee "$OUT/bench-cpu.log" | tail -12
       rm -rf /tmp/tzcpu ;;
     gpu)
       timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
