@@ -100,10 +100,10 @@ def _dtypes_of(entry: dict, target: Any):
     """(final torch dtype as stored, dtype to return, requires_grad) under CoreWeave's rules:
     every dtype but bool is cast to ``target``, except complex to real (upstream PR #207);
     ``requires_grad`` follows the stored dtype."""
-    key = (entry["container"], entry["torch_dtype"], target)
+    key = (entry["dtype"], target)  # the stored dtype string decides container and torch name
     got = _resolved.get(key)
     if got is None:
-        _, final = _dtypes.resolve_torch(key[0], key[1])
+        _, final = _dtypes.resolve_torch(entry["container"], entry["torch_dtype"])
         out = final
         cast = target is not None and final != target and str(final) != "torch.bool"
         if cast and not (final.is_complex and not target.is_complex):
@@ -204,16 +204,18 @@ class _Run:
 def _load(run: _Run, indices: list, into: dict) -> dict:
     """Load ``indices``; ``into`` maps some of them to existing tensors (final dtype and shape,
     contiguous, on the device) to fill in place. Returns ``{index: (module_idx, tensor)}`` with
-    new tensors (cast to the deserializer's dtype) for the rest."""
+    new tensors (cast to the deserializer's dtype) for the rest, and ``grads = {index:
+    requires_grad}`` (from the stored dtype) for every index."""
     import torch
 
     d = run.deser
     entries = d._entries
     device = d._device
     direct, casts, fresh = [], [], []
+    grads = {}
     for i in indices:
         e = entries[i]
-        final, target, _ = _dtypes_of(e, d._dtype)
+        final, target, grads[i] = _dtypes_of(e, d._dtype)
         dest = into.get(i)
         if dest is not None and dest.dtype == final:
             direct.append((i, dest, dest.data_ptr(), e["nbytes"]))
@@ -242,7 +244,7 @@ def _load(run: _Run, indices: list, into: dict) -> dict:
                         out[i] = (idx, t.to(target))
             del tmp
             group, size = [], 0
-    return out
+    return out, grads
 
 
 def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
@@ -320,23 +322,19 @@ def _allocate(entries: list, wanted: list, device) -> list:
     return [out[i] for i, _ in wanted]
 
 
-def _parameters(deser, loaded: dict, skip=()) -> None:
-    """Cache ``loaded`` = ``{index: (module_idx, tensor)}`` as Parameters, as CoreWeave returns
-    them (``requires_grad`` from the stored dtype)."""
+def _parameters(deser, loaded: tuple, skip=()) -> None:
+    """Cache ``_load``'s tensors as Parameters, as CoreWeave returns them (``requires_grad``
+    from the stored dtype)."""
     import torch
 
     # What torch.nn.Parameter(t, requires_grad) does, without its Python-level __new__.
     make, param = torch.Tensor._make_subclass, torch.nn.Parameter
-    entries, cache, module_idx, dtype = (
-        deser._entries,
-        deser._cache,
-        deser._module_idx,
-        deser._dtype,
-    )
-    for i, (idx, t) in loaded.items():
+    cache, module_idx = deser._cache, deser._module_idx
+    out, grads = loaded
+    for i, (idx, t) in out.items():
         module_idx[i] = idx
         if i not in skip:
-            cache[i] = make(param, t, _dtypes_of(entries[i], dtype)[2])
+            cache[i] = make(param, t, grads[i])
 
 
 def load(deser, indices: list, verify: bool) -> None:
