@@ -23,7 +23,8 @@ if [ -d .device/cw ]; then
 fi
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1 TENSORIZER_VECTORS=$PWD/.device/vectors
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
-git rev-parse --short HEAD 2>/dev/null | tee "$OUT/commit.txt"
+# The checkout there may carry a stale git HEAD: pass BENCH_COMMIT=<commit here> with the call.
+echo "${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) (HEAD of the device checkout)}" | tee "$OUT/commit.txt"
 for phase in $phases; do
   echo "=== $phase ($(date +%T))"
   case $phase in
