@@ -182,6 +182,7 @@ http {{
             _wait_for_port(port, proc, log)
         s3_server.bucket("tls")
         yield {
+            "root": root,
             "https": f"https://127.0.0.1:{files_port}",
             "localhost": f"https://localhost:{files_port}",
             "s3": f"https://127.0.0.1:{s3_port}",
@@ -260,6 +261,37 @@ def test_https_without_the_ca_fails_fast_with_a_certificate_error(nginx_tls, pki
         open_stream(
             f"{nginx_tls['localhost']}/{VECTOR}", certificate_handling=CAInfo(cacert=str(pki["ca"]))
         )
+
+
+def test_https_bodies_read_into_the_tensors(nginx_tls, pki):
+    """Ranged HTTPS bodies are decrypted straight into the tensors on the reading threads
+    (rustls, the trust of the probe's client: a bundle, or allow_untrusted); http_direct=False
+    sends them through reqwest. Same bytes every way."""
+    import torch
+    from tensorizer_rs import TensorSerializer, _native
+
+    g = torch.Generator().manual_seed(11)
+    sd = {"big": torch.randn(3_000_000, generator=g), "small": torch.randn(1000, generator=g)}
+    with TensorSerializer(str(nginx_tls["root"] / "direct.tensors")) as s:
+        s.write_state_dict(sd)
+
+    class Source:  # a URI with storage options, as open_stream's readers carry them
+        _tensorizer_uri = f"{nginx_tls['https']}/direct.tensors"
+        _tensorizer_storage = None
+
+    trusts = ({"ca_bundle": str(pki["ca"])}, {"allow_untrusted": True})
+    for trust in trusts:
+        for direct in (True, False):
+            Source._tensorizer_storage = {"http_direct": direct, **trust}
+            before = _native.http_direct_bytes()
+            d = TensorDeserializer(Source(), device="cpu")
+            for k, v in sd.items():
+                assert torch.equal(d[k], v), (k, trust, direct)
+            moved = _native.http_direct_bytes() - before
+            if direct:
+                assert moved >= sd["big"].numel() * 4 - (1 << 20), (trust, moved)
+            else:
+                assert moved == 0, (trust, moved)
 
 
 def test_https_allow_untrusted(nginx_tls, vector_manifests):

@@ -306,7 +306,13 @@ pub(crate) fn open(uri: &str, opts: &StorageOptions) -> Result<HttpSource> {
     let shown = shown_url(&url);
     let trust = tls::http_trust(opts, &|k| std::env::var(k).ok());
     let env = |k: &str| std::env::var(k).ok();
-    let direct = if opts.http_direct == Some(false) { None } else { Direct::new(&url, &env) };
+    let direct = if opts.http_direct == Some(false) {
+        None
+    } else {
+        // Without a TLS configuration (it could not be built) HTTPS stays with reqwest.
+        let tls = (url.scheme() == "https").then(|| tls::client_config(&trust).ok()).flatten();
+        Direct::new(&url, &env, tls)
+    };
     let fetch = HttpFetch {
         client: client(&trust).map_err(|e| e.in_file(&shown))?,
         direct,

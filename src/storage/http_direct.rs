@@ -1,18 +1,21 @@
-//! Plain `http://` ranged GETs whose bodies go from the socket straight into the buffers a
-//! streamed read lends ([`StreamDest`]), on the reading thread itself. Through reqwest each body
+//! `http://` and `https://` ranged GETs whose bodies go from the socket (through rustls for
+//! HTTPS) straight into the buffers a streamed read lends ([`StreamDest`]), on the reading
+//! thread itself. Through reqwest each body
 //! is read by a runtime worker into hyper's buffer, handed across threads and copied once more:
 //! on the H200 host an 8 GiB load to CUDA spent 2.5 CPU-seconds in the workers and 1.5 in that
 //! second copy, on a machine the server shares (docs/benchmarks.md).
 //!
-//! Used only where it cannot change behaviour: plain HTTP/1.x, no proxy configured, no user
-//! info, the probe answered 206 from the URL itself (no redirect). A response that is not a
+//! Used only where it cannot change behaviour: HTTP/1.x, no proxy configured, no user info, the
+//! probe (through reqwest, which also settled that the server's certificate is trusted)
+//! answered 206 from the URL itself (no redirect). HTTPS uses a rustls client with reqwest's
+//! provider and roots ([`super::tls::client_config`]). A response that is not a
 //! plain 206 of the asked length (redirects, errors, chunked or coded bodies) makes the caller
 //! send the request again through reqwest, which handles it as always; nothing reaches the
 //! destination before the head has been checked. Connections are kept alive in a small pool.
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE};
@@ -53,12 +56,58 @@ pub(crate) struct Direct {
     addr: String,
     host: String,
     target: String,
-    idle: Mutex<Vec<TcpStream>>,
+    /// For `https://`: the client configuration and the name the certificate must carry.
+    tls: Option<(Arc<rustls::ClientConfig>, rustls_pki_types::ServerName<'static>)>,
+    idle: Mutex<Vec<Conn>>,
 }
 
-/// Whether the environment routes plain HTTP through a proxy (reqwest would honour it).
-fn proxied(env: &dyn Fn(&str) -> Option<String>) -> bool {
-    ["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"].iter().any(|k| env(k).is_some_and(|v| !v.is_empty()))
+/// One connection: a TCP stream, or a TLS session over one.
+enum Conn {
+    Plain(TcpStream),
+    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
+}
+
+impl Conn {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Conn::Plain(s) => s,
+            Conn::Tls(s) => &s.sock,
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.read(buf),
+            Conn::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Conn::Plain(s) => s.write(buf),
+            Conn::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Conn::Plain(s) => s.flush(),
+            Conn::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// Whether the environment routes this scheme through a proxy (reqwest would honour it).
+fn proxied(scheme: &str, env: &dyn Fn(&str) -> Option<String>) -> bool {
+    let keys: &[&str] = if scheme == "https" {
+        &["https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"]
+    } else {
+        &["http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"]
+    };
+    keys.iter().any(|k| env(k).is_some_and(|v| !v.is_empty()))
 }
 
 fn io_failure(what: &str, e: std::io::Error) -> Failure {
@@ -66,14 +115,32 @@ fn io_failure(what: &str, e: std::io::Error) -> Failure {
 }
 
 impl Direct {
-    /// A direct client for `url`, or `None` where reqwest must do the work.
-    pub fn new(url: &Url, env: &dyn Fn(&str) -> Option<String>) -> Option<Self> {
-        if url.scheme() != "http" || proxied(env) || !url.username().is_empty() || url.password().is_some() {
+    /// A direct client for `url`, or `None` where reqwest must do the work. `tls` is the
+    /// client configuration for `https://` (none: HTTPS goes through reqwest).
+    pub fn new(
+        url: &Url,
+        env: &dyn Fn(&str) -> Option<String>,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> Option<Self> {
+        let scheme = url.scheme();
+        if !matches!(scheme, "http" | "https") || proxied(scheme, env) {
+            return None;
+        }
+        if !url.username().is_empty() || url.password().is_some() {
             return None;
         }
         if env("TENSORIZER_RS_HTTP_DIRECT").is_some_and(|v| v == "0") {
             return None;
         }
+        let tls = match (scheme, tls) {
+            ("http", _) => None,
+            (_, Some(config)) => {
+                // An IP address or a DNS name (IPv6 hosts come in brackets).
+                let bare = url.host_str()?.trim_start_matches('[').trim_end_matches(']');
+                Some((config, rustls_pki_types::ServerName::try_from(bare.to_string()).ok()?))
+            }
+            _ => return None,
+        };
         let host = url.host_str()?.to_string();
         let port = url.port_or_known_default()?;
         let mut target = url.path().to_string();
@@ -85,10 +152,19 @@ impl Direct {
             Some(p) => format!("{host}:{p}"),
             None => host.clone(),
         };
-        Some(Direct { addr: format!("{host}:{port}"), host: host_header, target, idle: Mutex::new(Vec::new()) })
+        Some(Direct { addr: format!("{host}:{port}"), host: host_header, target, tls, idle: Mutex::new(Vec::new()) })
     }
 
-    fn connect(&self) -> Result<TcpStream, Failure> {
+    fn connect(&self) -> Result<Conn, Failure> {
+        let tcp = self.connect_tcp()?;
+        let Some((config, name)) = &self.tls else { return Ok(Conn::Plain(tcp)) };
+        // The handshake runs within the first write and read of the request.
+        let session = rustls::ClientConnection::new(config.clone(), name.clone())
+            .map_err(|e| Failure::fatal(Error::io(format!("TLS setup: {e}"))))?;
+        Ok(Conn::Tls(Box::new(rustls::StreamOwned::new(session, tcp))))
+    }
+
+    fn connect_tcp(&self) -> Result<TcpStream, Failure> {
         let addrs = self.addr.to_socket_addrs().map_err(|e| io_failure(&format!("cannot resolve {}", self.addr), e))?;
         let mut last = None;
         for a in addrs {
@@ -246,8 +322,8 @@ impl Direct {
 }
 
 /// Send the request and read at least the start of the response into `head`.
-fn exchange(conn: &mut TcpStream, req: &[u8], head: &mut Vec<u8>) -> Result<(), Failure> {
-    conn.write_all(req).map_err(|e| io_failure("sending the request", e))?;
+fn exchange(conn: &mut Conn, req: &[u8], head: &mut Vec<u8>) -> Result<(), Failure> {
+    conn.write_all(req).and_then(|()| conn.flush()).map_err(|e| io_failure("sending the request", e))?;
     quickack(conn);
     read_more(conn, head)
 }
@@ -260,14 +336,14 @@ const QUICKACK_TAIL: usize = 256 << 10;
 /// with `tcp_nopush`) otherwise waits out our delayed ACK: 40 ms for each 64 KiB response
 /// over loopback on the H200 host (docs/benchmarks.md). Linux clears the flag on its own, so
 /// it is set again before each read near a response's end. Best effort.
-fn quickack(conn: &TcpStream) {
+fn quickack(conn: &Conn) {
     #[cfg(target_os = "linux")]
-    let _ = socket2::SockRef::from(conn).set_tcp_quickack(true);
+    let _ = socket2::SockRef::from(conn.tcp()).set_tcp_quickack(true);
     #[cfg(not(target_os = "linux"))]
     let _ = conn;
 }
 
-fn read_more(conn: &mut TcpStream, head: &mut Vec<u8>) -> Result<(), Failure> {
+fn read_more(conn: &mut Conn, head: &mut Vec<u8>) -> Result<(), Failure> {
     let mut buf = [0u8; 16 << 10];
     let n = loop {
         match conn.read(&mut buf) {
@@ -291,18 +367,34 @@ mod tests {
     fn only_plain_http_without_proxy() {
         let none = |_: &str| None;
         let url = |s: &str| Url::parse(s).unwrap();
-        let d = Direct::new(&url("http://127.0.0.1:8080/a/b.tensors?x=1"), &none).unwrap();
+        let d = Direct::new(&url("http://127.0.0.1:8080/a/b.tensors?x=1"), &none, None).unwrap();
         assert_eq!(
             (d.addr.as_str(), d.host.as_str(), d.target.as_str()),
             ("127.0.0.1:8080", "127.0.0.1:8080", "/a/b.tensors?x=1")
         );
-        let d = Direct::new(&url("http://example.com/m"), &none).unwrap();
+        let d = Direct::new(&url("http://example.com/m"), &none, None).unwrap();
         assert_eq!((d.addr.as_str(), d.host.as_str()), ("example.com:80", "example.com"));
-        assert!(Direct::new(&url("https://example.com/m"), &none).is_none());
-        assert!(Direct::new(&url("http://u:p@example.com/m"), &none).is_none());
+        assert!(Direct::new(&url("https://example.com/m"), &none, None).is_none());
+        assert!(Direct::new(&url("http://u:p@example.com/m"), &none, None).is_none());
         let proxy = |k: &str| (k == "HTTP_PROXY").then(|| "http://proxy:3128".to_string());
-        assert!(Direct::new(&url("http://example.com/m"), &proxy).is_none());
+        assert!(Direct::new(&url("http://example.com/m"), &proxy, None).is_none());
         let off = |k: &str| (k == "TENSORIZER_RS_HTTP_DIRECT").then(|| "0".to_string());
-        assert!(Direct::new(&url("http://example.com/m"), &off).is_none());
+        assert!(Direct::new(&url("http://example.com/m"), &off, None).is_none());
+    }
+
+    #[test]
+    fn https_with_a_client_configuration() {
+        let none = |_: &str| None;
+        let url = |s: &str| Url::parse(s).unwrap();
+        let config = crate::storage::tls::client_config(&crate::storage::tls::Trust::Insecure).unwrap();
+        let d = Direct::new(&url("https://example.com/m"), &none, Some(config.clone())).unwrap();
+        assert_eq!((d.addr.as_str(), d.host.as_str()), ("example.com:443", "example.com"));
+        let d = Direct::new(&url("https://127.0.0.1:8443/m"), &none, Some(config.clone())).unwrap();
+        assert_eq!(d.addr, "127.0.0.1:8443");
+        assert!(matches!(d.tls, Some((_, rustls_pki_types::ServerName::IpAddress(_)))));
+        // An HTTPS proxy in the environment leaves https:// to reqwest; an HTTP one does not.
+        let proxy = |k: &str| (k == "HTTPS_PROXY").then(|| "http://proxy:3128".to_string());
+        assert!(Direct::new(&url("https://example.com/m"), &proxy, Some(config.clone())).is_none());
+        assert!(Direct::new(&url("http://example.com/m"), &proxy, None).is_some());
     }
 }

@@ -12,7 +12,9 @@
 //! A bundle replaces the system roots, as in requests, curl and botocore; to add a private CA,
 //! use a bundle holding the system's roots too. `allow_untrusted` (curl's `--insecure`) turns
 //! verification off, for `http(s)://` only.
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
@@ -115,6 +117,85 @@ pub(crate) fn load_bundle(path: &Path) -> Result<Vec<(Vec<u8>, Vec<CertificateDe
         return Err(Error::value(format!("CA bundle {shown} holds no PEM certificate")));
     }
     Ok(out)
+}
+
+/// A rustls client configuration trusting the same roots as reqwest's client for `trust` (for
+/// the direct HTTPS path, `http_direct`), one per set of roots for the whole process. HTTP/1.1
+/// only (no ALPN), ring as the crypto provider, like reqwest's.
+pub(crate) fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>> {
+    static CONFIGS: OnceLock<Mutex<HashMap<Trust, Arc<rustls::ClientConfig>>>> = OnceLock::new();
+    let cache = CONFIGS.get_or_init(Default::default);
+    if let Some(c) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(trust) {
+        return Ok(c.clone());
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::io(format!("TLS setup: {e}")))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let config = match trust {
+        Trust::System => {
+            // What reqwest's native roots do: unparsable system certificates are skipped.
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::Bundle(path) => {
+            for (_, certs) in load_bundle(path)? {
+                for cert in certs {
+                    roots.add(cert).map_err(|e| Error::value(format!("CA bundle {}: {e}", path.display())))?;
+                }
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        Trust::Insecure => {
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAny(provider))).with_no_client_auth()
+        }
+    };
+    let config = Arc::new(config);
+    cache.lock().unwrap_or_else(|p| p.into_inner()).insert(trust.clone(), config.clone());
+    Ok(config)
+}
+
+/// `allow_untrusted` (curl's `--insecure`): any certificate is accepted; handshake signatures
+/// are still checked against the certificate presented.
+#[derive(Debug)]
+struct AcceptAny(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAny {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// The rustls error behind `err`, looking inside `io::Error`s (nested ones too: hyper-rustls wraps
