@@ -52,18 +52,18 @@ SERVERS = Path(__file__).parent / "servers"
 
 
 @contextlib.contextmanager
-def http_server(root: Path):
+def http_server(root: Path, tls: tuple | None = None):
     """tests/servers/http_server.py serving `root` (files under /data/NAME, faults on other
-    prefixes); yields its base URL."""
+    prefixes), over TLS given `(cert, key)` PEM paths; yields its base URL."""
     proc = subprocess.Popen(
-        [sys.executable, str(SERVERS / "http_server.py"), str(root)],
+        [sys.executable, str(SERVERS / "http_server.py"), str(root), *map(str, tls or ())],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
     try:
         port = int(proc.stdout.readline())
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     finally:
         proc.kill()
         proc.wait()

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A small HTTP/1.0 file server for the storage tests, with Range support and injected faults.
 
-Usage: http_server.py ROOT  -- binds 127.0.0.1 on a free port, prints the port, serves until killed.
+Usage: http_server.py ROOT [CERT KEY]  -- binds 127.0.0.1 on a free port, prints the port,
+serves until killed; with a certificate and its key (PEM), over TLS (https://).
 
 Paths (NAME is a file under ROOT):
   /data/NAME           the file; honours "Range: bytes=a-b"; sends ETag and Last-Modified
@@ -132,5 +133,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
 server.daemon_threads = True
+if len(sys.argv) > 3:
+    import ssl
+
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(sys.argv[2], sys.argv[3])
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
 print(server.server_address[1], flush=True)
 server.serve_forever()
