@@ -41,9 +41,12 @@ fn record(t: u64, what: &'static str, a: u64, b: u64) {
     }
 }
 
-/// The marks so far, oldest first; clears them.
+/// The marks so far, oldest first; clears them. (A thread's clock reading and its turn at the
+/// lock can be overtaken by another thread's, so the order is restored here.)
 pub fn take() -> Vec<Event> {
-    std::mem::take(&mut *EVENTS.lock().unwrap_or_else(|p| p.into_inner()))
+    let mut ev = std::mem::take(&mut *EVENTS.lock().unwrap_or_else(|p| p.into_inner()));
+    ev.sort_by_key(|e| e.0);
+    ev
 }
 
 #[cfg(test)]
