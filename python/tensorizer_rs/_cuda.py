@@ -201,11 +201,11 @@ class _Run:
         )
 
 
-def _load(run: _Run, indices: list, into: dict) -> dict:
+def _load(run: _Run, indices: list, into: dict) -> tuple[dict, dict]:
     """Load ``indices``; ``into`` maps some of them to existing tensors (final dtype and shape,
-    contiguous, on the device) to fill in place. Returns ``{index: (module_idx, tensor)}`` with
-    new tensors (cast to the deserializer's dtype) for the rest, and ``grads = {index:
-    requires_grad}`` (from the stored dtype) for every index."""
+    contiguous, on the device) to fill in place. Returns ``{index: (module_idx, tensor)}``, with
+    new tensors (cast to the deserializer's dtype) for the rest, and ``{index: requires_grad}``
+    (from the stored dtype)."""
     import torch
 
     d = run.deser
@@ -322,7 +322,7 @@ def _allocate(entries: list, wanted: list, device) -> list:
     return [out[i] for i, _ in wanted]
 
 
-def _parameters(deser, loaded: tuple, skip=()) -> None:
+def _parameters(deser, loaded: tuple[dict, dict], skip=()) -> None:
     """Cache ``_load``'s tensors as Parameters, as CoreWeave returns them (``requires_grad``
     from the stored dtype)."""
     import torch

@@ -151,9 +151,8 @@ class TensorDeserializer(collections.abc.Mapping):
         self._tree: dict = dict.fromkeys(tops)
         self._keys: list = list(self._tree)
         self._position = {i: n for n, i in enumerate(self._selected)}
-        self._by_path: dict = {
-            (n if type(n) is tuple else (n,)): i for i, n in ((i, names[i]) for i in self._selected)
-        }
+        paths = [n if type(n) is tuple else (n,) for n in names]
+        self._by_path: dict = {paths[i]: i for i in self._selected}
 
     # -- construction helpers -------------------------------------------------------------
     @staticmethod

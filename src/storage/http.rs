@@ -29,28 +29,18 @@ fn client(trust: &Trust) -> Result<reqwest::Client> {
     if let Some(c) = cache.lock().unwrap().get(trust) {
         return Ok(c.clone());
     }
-    let mut builder = reqwest::Client::builder()
+    // The same rustls configuration as the direct client's (tls::client_config): one place
+    // decides which roots are trusted.
+    let tls = tls::client_config(trust)?;
+    let builder = reqwest::Client::builder()
         .user_agent(concat!("tensorizer-rs/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
         // No byte for this long on an open connection: drop it and retry the rest.
         .read_timeout(Duration::from_secs(60))
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(60))
-        .redirect(reqwest::redirect::Policy::limited(10));
-    match trust {
-        Trust::System => {}
-        Trust::Bundle(path) => {
-            builder = builder.tls_built_in_root_certs(false);
-            for (_, certs) in tls::load_bundle(path)? {
-                for cert in certs {
-                    let cert = reqwest::Certificate::from_der(&cert)
-                        .map_err(|e| Error::value(format!("CA bundle {}: {}", path.display(), error_chain(&e))))?;
-                    builder = builder.add_root_certificate(cert);
-                }
-            }
-        }
-        Trust::Insecure => builder = builder.danger_accept_invalid_certs(true),
-    }
+        .redirect(reqwest::redirect::Policy::limited(10))
+        .use_preconfigured_tls((*tls).clone());
     let client =
         builder.build().map_err(|e| Error::io(format!("cannot create the HTTP client: {}", error_chain(&e))))?;
     cache.lock().unwrap().insert(trust.clone(), client.clone());
@@ -306,15 +296,16 @@ pub(crate) fn open(uri: &str, opts: &StorageOptions) -> Result<HttpSource> {
     let shown = shown_url(&url);
     let trust = tls::http_trust(opts, &|k| std::env::var(k).ok());
     let env = |k: &str| std::env::var(k).ok();
+    let client = client(&trust).map_err(|e| e.in_file(&shown))?;
     let direct = if opts.http_direct == Some(false) {
         None
     } else {
-        // Without a TLS configuration (it could not be built) HTTPS stays with reqwest.
-        let tls = (url.scheme() == "https").then(|| tls::client_config(&trust).ok()).flatten();
-        Direct::new(&url, &env, tls)
+        // reqwest's own configuration (cached): the direct client trusts exactly what it does.
+        let tls = (url.scheme() == "https").then(|| tls::client_config(&trust)).transpose();
+        Direct::new(&url, &env, tls.map_err(|e| e.in_file(&shown))?)
     };
     let fetch = HttpFetch {
-        client: client(&trust).map_err(|e| e.in_file(&shown))?,
+        client,
         direct,
         url,
         headers: header_map(opts).map_err(|e| e.in_file(&shown))?,

@@ -119,9 +119,9 @@ pub(crate) fn load_bundle(path: &Path) -> Result<Vec<(Vec<u8>, Vec<CertificateDe
     Ok(out)
 }
 
-/// A rustls client configuration trusting the same roots as reqwest's client for `trust` (for
-/// the direct HTTPS path, `http_direct`), one per set of roots for the whole process. HTTP/1.1
-/// only (no ALPN), ring as the crypto provider, like reqwest's.
+/// The rustls client configuration for `trust`, one per set of roots for the whole process:
+/// reqwest's client is built on it and the direct HTTPS path (`http_direct`) uses it as is.
+/// HTTP/1.1 only (no ALPN), ring as the crypto provider.
 pub(crate) fn client_config(trust: &Trust) -> Result<Arc<rustls::ClientConfig>> {
     static CONFIGS: OnceLock<Mutex<HashMap<Trust, Arc<rustls::ClientConfig>>>> = OnceLock::new();
     let cache = CONFIGS.get_or_init(Default::default);
