@@ -70,6 +70,28 @@ def test_http_redirect_retry_and_errors(http_root, vector_manifests):
         TensorDeserializer(f"{base}/always500/dtypes.tensors", device="cpu")
 
 
+def test_http_wrong_range_is_refused(http_root):
+    """A server that answers a ranged request with other bytes than asked for (a 206 starting
+    one byte later) fails the load clearly, through the direct client and through reqwest;
+    never shifted bytes in a tensor."""
+    base, root = http_root
+    sd = {"w": torch.arange(600_000, dtype=torch.float32)}
+    s = TensorSerializer(str(root / "shifted.tensors"))
+    s.write_state_dict(sd)
+    s.close()
+
+    class Source:
+        _tensorizer_uri = f"{base}/shifted/shifted.tensors"
+        _tensorizer_storage = None
+
+    for direct in (True, False):
+        Source._tensorizer_storage = {"http_direct": direct}
+        with pytest.raises(TensorizerError, match="different range") as e:
+            d = TensorDeserializer(Source(), device="cpu")
+            d["w"]
+        assert "shifted.tensors" in str(e.value), (direct, e.value)
+
+
 def test_plain_http_cpu_load_reads_into_the_tensors(http_root):
     """A CPU load over plain HTTP receives the bodies straight into the tensors (one request
     per piece); http_direct=False sends them through reqwest. Same bytes either way."""

@@ -15,6 +15,8 @@ Paths (NAME is a file under ROOT):
   /always500/NAME      always 500
   /redirect/NAME       302 to /data/NAME
   /auth/NAME           401 unless "Authorization: Bearer let-me-in", then like /data/
+  /shifted/NAME        ranges after byte 0 are answered one byte later than asked (a 206 whose
+                       Content-Range and body start there): a server that lies about ranges
   /__stats             JSON: requests seen per path
 """
 
@@ -89,6 +91,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
                 if m and mode != "norange":
                     start = int(m.group(1))
+                    start += 1 if mode == "shifted" and start > 0 else 0
                     end = min(int(m.group(2)) if m.group(2) else size - 1, size - 1)
                     if start >= size:
                         self.send_response(416)
