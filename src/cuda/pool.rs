@@ -59,9 +59,15 @@ impl Pool {
         self.max_buffers
     }
 
-    /// Check out a buffer, waiting for one if all are in use. The calling thread must have the
-    /// pool's context current.
-    pub fn acquire(self: &Arc<Self>) -> Result<Staged> {
+    /// Check out a buffer, waiting for one if all are in use. A new buffer is made only while
+    /// fewer than `grow_to` exist (buffers still being made by `prewarm` count): a local load
+    /// passes its reader count, since each reader holds one buffer at a time. More buffers than
+    /// readers only spread the copies over more memory: on an H100 host, loads whose readers
+    /// made buffers beside the prewarm's (144–192 MiB in all) ran at 33–38 GB/s against 39–46
+    /// with 96 MiB, their readers spending 5.2–6.1 CPU-seconds against 4.4–5.0
+    /// (docs/benchmarks.md). The calling thread must have the pool's context current.
+    pub fn acquire(self: &Arc<Self>, grow_to: usize) -> Result<Staged> {
+        let grow_to = grow_to.clamp(1, self.max_buffers);
         let slot = loop {
             let reused = {
                 let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -69,7 +75,7 @@ impl Pool {
                     if let Some(slot) = st.free.pop_front() {
                         break Some(slot);
                     }
-                    if st.allocated < self.max_buffers {
+                    if st.allocated < grow_to {
                         st.allocated += 1;
                         break None;
                     }

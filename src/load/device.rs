@@ -432,6 +432,9 @@ struct Job<'a> {
     tally: Tally,
     /// An HTTP(S) or S3 source: large pieces are streamed, one request each.
     remote: bool,
+    /// Staging buffers this load may make (`Pool::acquire`): one per reader for a local file;
+    /// the whole pool for a remote one, whose readers hold a buffer across a request.
+    buffers: usize,
     /// Readers still running, and a signal for the coordinating thread.
     active: Mutex<usize>,
     wake: Condvar,
@@ -546,6 +549,7 @@ pub fn load_to_device(
         })
         .collect();
     let readers = wanted.min(work.len().max(1));
+    let buffers = if remote { pool.max_buffers() } else { readers };
     let job = Job {
         file,
         io: Io::open(file, opts.io),
@@ -559,6 +563,7 @@ pub fn load_to_device(
         first_error: Mutex::new(None),
         tally: Tally::default(),
         remote,
+        buffers,
         active: Mutex::new(readers),
         wake: Condvar::new(),
     };
@@ -704,6 +709,7 @@ struct Streamed<'j, 'a> {
 /// bytes come.
 struct OneStaged<'p> {
     pool: &'p std::sync::Arc<Pool>,
+    grow_to: usize,
     staged: Option<Staged>,
     fill: usize,
     len: usize,
@@ -712,7 +718,7 @@ struct OneStaged<'p> {
 impl StreamDest for OneStaged<'_> {
     fn room(&mut self) -> Result<&mut [u8]> {
         if self.staged.is_none() {
-            self.staged = Some(self.pool.acquire()?);
+            self.staged = Some(self.pool.acquire(self.grow_to)?);
         }
         let st = self.staged.as_mut().expect("taken above");
         Ok(&mut st.slice_mut(self.len)[self.fill..])
@@ -733,7 +739,7 @@ impl StreamDest for Streamed<'_, '_> {
         }
         let chunk = self.job.pool.chunk();
         if self.staged.is_none() {
-            self.staged = Some(self.job.pool.acquire()?);
+            self.staged = Some(self.job.pool.acquire(self.job.buffers)?);
         }
         let st = self.staged.as_mut().expect("taken above");
         Ok(&mut st.slice_mut(chunk)[self.fill..])
@@ -939,15 +945,15 @@ impl Job<'_> {
     /// waiting for buffers forever.
     fn read_staged(&self, offset: u64, n: usize) -> Result<(Staged, usize)> {
         if !self.remote {
-            let mut st = self.pool.acquire()?;
+            let mut st = self.pool.acquire(self.buffers)?;
             let delta = self.io.read(offset, n, &mut st, &self.tally)?;
             return Ok((st, delta));
         }
-        let mut one = OneStaged { pool: &self.pool, staged: None, fill: 0, len: n };
+        let mut one = OneStaged { pool: &self.pool, grow_to: self.buffers, staged: None, fill: 0, len: n };
         self.file.source().read_stream_into(offset, n, &mut one)?;
         let st = match one.staged {
             Some(st) => st,
-            None => self.pool.acquire()?,
+            None => self.pool.acquire(self.buffers)?,
         };
         self.tally.add(Counter::BufferedRead, n as u64);
         Ok((st, 0))
@@ -1110,7 +1116,7 @@ impl Job<'_> {
             self.tally.add(Counter::BufferedRead, len as u64);
             let idx = exec::finalize(self.file, e, &header, tmp.as_mut_slice(), &self.opts.base)?;
             for (k, part) in tmp.as_slice().chunks(chunk).enumerate() {
-                let mut st = self.pool.acquire()?;
+                let mut st = self.pool.acquire(self.buffers)?;
                 st.slice_mut(part.len()).copy_from_slice(part);
                 st.used_on(stream);
                 self.copy(slot, (k * chunk) as u64, st.ptr(), part.len(), stream, Counter::Staged)?;
