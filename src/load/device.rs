@@ -433,8 +433,8 @@ struct Job<'a> {
     /// An HTTP(S) or S3 source: large pieces are streamed, one request each.
     remote: bool,
     /// Staging buffers this load may make (`Pool::acquire`): one per reader for a local file;
-    /// the whole pool for a remote one, as before (up to one reader per buffer there; a cap
-    /// has not been measured on remote loads).
+    /// the whole pool for a remote one, as before: one buffer per reader made no difference
+    /// there (HTTP to CUDA, H200 host, docs/benchmarks.md).
     buffers: usize,
     /// Readers still running, and a signal for the coordinating thread.
     active: Mutex<usize>,
