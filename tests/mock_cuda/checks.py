@@ -542,6 +542,35 @@ def pool_reconfigure_and_release():
     assert _cuda.counters()["staging_allocated"] == 0, _cuda.counters()
 
 
+@check
+def staging_grows_only_to_the_readers():
+    """A local load makes no more staging buffers than it has readers, even when it starts
+    while the prewarm is still making them and when a new-tensor load runs in two overlapped
+    parts: more buffers than readers only spread the copies over more memory (slower on the
+    hosts measured, docs/benchmarks.md)."""
+    chunk, readers = 2 << 20, 3
+    assert _cuda.staging(32 << 20, chunk, "thp")[:2] == (32 << 20, chunk)
+    g = torch.Generator().manual_seed(9)
+    sd = {f"w{k}": torch.randn(1_500_000, generator=g) for k in range(6)}  # 36 MB: 18+ pieces
+    path = write(TMP / "readers.tensors", sd)
+    old = _cuda.OVERLAP_MIN_BYTES
+    try:
+        for overlap in (False, True):
+            _cuda.release_staging(0)
+            _cuda.reset_counters()
+            _cuda.OVERLAP_MIN_BYTES = 0 if overlap else old
+            _native.cuda_prewarm(0, readers)  # racing the load, as the constructor's does
+            out = gpu_load(gpu_deser(path, num_readers=readers))
+            for k, v in sd.items():
+                assert torch.equal(out[k], v), (overlap, k)
+            c = _cuda.counters()
+            assert c["loads"] == (2 if overlap else 1), c
+            assert c["peak_staging_allocated"] <= readers * chunk, (overlap, c)
+    finally:
+        _cuda.OVERLAP_MIN_BYTES = old
+        _cuda.release_staging(0)
+
+
 @contextlib.contextmanager
 def http_server(root: Path, tls: tuple = ()):
     """tests/servers/http_server.py on 127.0.0.1 (Range, injected faults, request counts),
