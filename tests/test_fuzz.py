@@ -50,7 +50,7 @@ def _mutations(data: bytes, structure: list[int], rng: random.Random) -> bytes:
     else:
         fmt = {"u64": "<Q", "u32": "<I", "u16": "<H"}[kind]
         size = struct.calcsize(fmt)
-        pool = _SPECIAL + [len(d), len(d) + 1, len(d) - 1, rng.randrange(2**size * 8)]
+        pool = _SPECIAL + [len(d), len(d) + 1, len(d) - 1, rng.getrandbits(8 * size)]
         value = rng.choice(pool) % (1 << (8 * size))
         d[at : at + size] = struct.pack(fmt, value)[: len(d) - at]
     return bytes(d)
