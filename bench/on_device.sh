@@ -13,6 +13,8 @@
 #   cpu        bench/bench_cpu.py (page cache -> CPU tensors; huge-page A/B)
 #   gpu        bench/gpu_bench.py warm only (incl. the vLLM loader path), no sweep/small/cold;
 #              GPU_ARGS, e.g. --ab
+#   ab         this wheel against .device/old/*.whl (e.g. the last commit's), warm, new tensors
+#              and load_into_module, three interleaved rounds
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -47,6 +49,11 @@ for phase in $phases; do
     gpu)
       timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
         --skip-small --skip-safetensors --coreweave "$HOME/cw" ${GPU_ARGS:-} 2>&1 | tee "$OUT/gpu-bench.log" | tail -30 ;;
+    ab)
+      python3 -m pip install -q --no-index --no-deps --target "$HOME/site_old" .device/old/*.whl || exit 1
+      timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
+        --skip-small --skip-safetensors --ab-env "{\"PYTHONPATH\": \"$HOME/site_old\"}" 2>&1 \
+        | tee "$OUT/gpu-ab.log" | grep -E "^limits: pinned| warm +[0-9]" | tail -14 ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
