@@ -15,8 +15,9 @@ import mmap
 import threading
 import time
 
+from cuda_ctypes import cuda, ok, primary_context
+
 MiB = 1 << 20
-cuda = ctypes.CDLL("libcuda.so.1")
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [
@@ -33,18 +34,7 @@ cuda.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
 cuda.cuMemAlloc_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
 cuda.cuMemFree_v2.argtypes = [ctypes.c_uint64]
 
-
-def ok(r, what):
-    if r != 0:
-        raise RuntimeError(f"{what}: CUDA error {r}")
-
-
-ok(cuda.cuInit(0), "cuInit")
-dev = ctypes.c_int()
-ok(cuda.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
-ctx = ctypes.c_void_p()
-ok(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "retain")
-ok(cuda.cuCtxSetCurrent(ctx), "set current")
+ctx = primary_context()
 
 
 def huge(n):

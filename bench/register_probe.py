@@ -20,10 +20,11 @@ import os
 import threading
 import time
 
+from cuda_ctypes import cuda, ok, primary_context
+
 MiB, GiB = 1 << 20, 1 << 30
 READ_ONLY = 0x08  # CU_MEMHOSTREGISTER_READ_ONLY
 
-cuda = ctypes.CDLL("libcuda.so.1")
 cuda.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
 cuda.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
 cuda.cuMemAlloc_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
@@ -36,21 +37,6 @@ cuda.cuMemcpyHtoDAsync_v2.argtypes = [
 ]
 cuda.cuStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
 cuda.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
-
-
-def ok(r, what):
-    if r != 0:
-        raise RuntimeError(f"{what}: CUDA error {r}")
-
-
-def setup():
-    ok(cuda.cuInit(0), "cuInit")
-    dev = ctypes.c_int()
-    ok(cuda.cuDeviceGet(ctypes.byref(dev), 0), "cuDeviceGet")
-    ctx = ctypes.c_void_p()
-    ok(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "retain")
-    ok(cuda.cuCtxSetCurrent(ctx), "set current")
-    return ctx
 
 
 def in_threads(n, fn):
@@ -89,7 +75,7 @@ def main():
     ap.add_argument("--dir", default="/tmp/regprobe")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    CTX = setup()
+    CTX = primary_context()
     size = args.gib * GiB
     os.makedirs(args.dir, exist_ok=True)
     path = os.path.join(args.dir, "probe.bin")
