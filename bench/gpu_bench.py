@@ -532,6 +532,11 @@ def main():
         help='warm A/B of an environment, e.g. \'{"TENSORIZER_RS_PREWARM_THREADS": "32"}\': '
         "new tensors and load_into_module with and without it, interleaved, three rounds",
     )
+    ap.add_argument(
+        "--ab-loaders",
+        default="ours,ours_module",
+        help="the loads of an --ab-env round (ours, ours_module, vllm_path)",
+    )
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
     if args.child:
@@ -629,7 +634,7 @@ def main():
         plan = [
             {"loader": loader, "path": ours, **extra, "label": loader + tag + f" #{k}"}
             for k in range(3)
-            for loader in ("ours", "ours_module")
+            for loader in args.ab_loaders.split(",")
             for extra, tag in (({}, ""), ({"env": env}, f" {args.ab_env}"))
         ]
     if args.coreweave and not args.ab_env:
