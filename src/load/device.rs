@@ -113,10 +113,13 @@ pub struct DeviceStats {
     pub staging_buffers: usize,
 }
 
-/// Readers used when `num_readers` is not given. On an H200 host with 16 cores, 12 readers
-/// kept PCIe busiest (page cache → pinned → device; 16 were a little slower, 8 much slower).
+/// Readers used when `num_readers` is not given (`TENSORIZER_RS_READERS` overrides): one per
+/// core, 4 to 16. With one staging buffer per reader (30e7106), 16 readers filled existing
+/// tensors 1–4 % faster than 12 on two H200 hosts (16 cores) and new ones as fast, three
+/// interleaved rounds each (docs/benchmarks.md); before that, 12 had been a little ahead.
 pub fn default_readers() -> usize {
-    crate::cores().clamp(4, 12)
+    let env = std::env::var("TENSORIZER_RS_READERS").ok().and_then(|v| v.trim().parse::<usize>().ok());
+    env.filter(|&n| n > 0).unwrap_or_else(|| crate::cores().clamp(4, 16)).min(64)
 }
 
 /// Bytes of encrypted data one staging buffer takes per read: whole cipher chunks (0: none fit).
