@@ -3,7 +3,13 @@ a Range-capable HTTP/1.0 server and moto's S3 server with SigV4 checking."""
 
 from __future__ import annotations
 
+import json
 import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -218,3 +224,49 @@ def test_failed_s3_write_leaves_nothing(s3):
         s.write_state_dict({"ok": torch.ones(4 << 20), "bad": "not a tensor"})
     with pytest.raises(FileNotFoundError):
         open_stream("s3://models/fail/model.tensors", **s3)
+
+
+def test_ctrl_c_stops_a_load(tmp_path):
+    """Ctrl-C while a load waits on a slow server (16 KiB per connection every 100 ms: this
+    load would take most of a minute) raises KeyboardInterrupt within moments, as it would in
+    Python code, instead of when the load ends."""
+    root = tmp_path / "www"
+    root.mkdir()
+    with TensorSerializer(str(root / "big.tensors")) as s:
+        s.write_state_dict({f"t{i}": torch.zeros(2 << 20) for i in range(4)})  # 32 MiB
+    with http_server(root) as base:
+        code = (
+            "from tensorizer_rs import TensorDeserializer\n"
+            f"TensorDeserializer({base + '/slow/big.tensors'!r}, device='cpu')\n"
+            "print('loaded', flush=True)\n"
+        )
+        p = subprocess.Popen(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            # Interrupt only once the native load is under way: the open probe and at least
+            # one ranged read have reached the server.
+            deadline = time.monotonic() + 60
+            while requests_seen(base).get("/slow/big.tensors", 0) < 2:
+                assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+                time.sleep(0.05)
+            time.sleep(0.5)
+            assert p.poll() is None, p.communicate()
+            t0 = time.monotonic()
+            p.send_signal(signal.SIGINT)
+            out, err = p.communicate(timeout=30)
+            took = time.monotonic() - t0
+        finally:
+            p.kill()
+            p.wait()
+    assert "KeyboardInterrupt" in err, err
+    assert "loaded" not in out
+    assert took < 5, f"the load went on for {took:.1f} s after Ctrl-C"
+
+
+def requests_seen(base: str) -> dict:
+    with urllib.request.urlopen(f"{base}/__stats") as r:
+        return json.loads(r.read())

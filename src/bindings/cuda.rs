@@ -54,31 +54,26 @@ fn cuda_load<'py>(
     let targets: Vec<DeviceTarget> =
         targets.into_iter().map(|(entry, dest, nbytes)| DeviceTarget { entry, dest, nbytes }).collect();
     let progress = progress.map(|p| p.unbind());
-    let raised: std::sync::Mutex<Option<PyErr>> = std::sync::Mutex::new(None);
+    let raised = super::Raised::default();
     let result = py.detach(|| {
+        // Every tick: pending signals (Ctrl-C), then the progress callback if there is one.
         let mut report = |done: u64, total: u64| -> Result<()> {
-            let Some(cb) = &progress else { return Ok(()) };
-            Python::attach(|py| cb.call1(py, (done, total)).map(drop)).map_err(|e| {
-                *raised.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
-                Error::value("the progress callback raised")
+            raised.attach(|py| {
+                py.check_signals()?;
+                match &progress {
+                    Some(cb) => cb.call1(py, (done, total)).map(drop),
+                    None => Ok(()),
+                }
             })
         };
-        let cb: Option<&mut dyn FnMut(u64, u64) -> Result<()>> =
-            if progress.is_some() { Some(&mut report) } else { None };
         // A panic must not cross into Python as an abort; report it as an error.
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| device::load_to_device(&f, &targets, &opts, cb)))
-            .unwrap_or_else(|_| Err(Error::io("internal error: the CUDA loader panicked")))
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            device::load_to_device(&f, &targets, &opts, Some(&mut report))
+        }))
+        .unwrap_or_else(|_| Err(Error::io("internal error: the CUDA loader panicked")))
     });
-    let (module_idx, stats) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            // A callback's own exception wins over our summary of it.
-            if let Some(err) = raised.into_inner().unwrap_or_else(|p| p.into_inner()) {
-                return Err(err);
-            }
-            return Err(to_pyerr(e));
-        }
-    };
+    // A callback's or signal handler's own exception wins over our summary of it.
+    let (module_idx, stats) = result.map_err(|e| raised.or(e))?;
     let d = PyDict::new(py);
     d.set_item("tensors", stats.tensors)?;
     d.set_item("bytes", stats.bytes)?;

@@ -11,6 +11,30 @@ use pyo3::prelude::*;
 
 pub use errors::to_pyerr;
 
+/// An exception raised on this thread while a native load ran without the GIL (a signal
+/// handler's, a progress callback's): it ends the load and reaches the caller as it was.
+#[derive(Default)]
+struct Raised(std::sync::Mutex<Option<PyErr>>);
+
+impl Raised {
+    /// Run `f` with the GIL; an exception from it is kept and stops the load.
+    fn attach(&self, f: impl FnOnce(Python<'_>) -> PyResult<()>) -> crate::error::Result<()> {
+        Python::attach(f).map_err(|e| {
+            *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+            crate::error::Error::io("interrupted")
+        })
+    }
+    /// Python's pending signals, checked from a load's calling thread: Ctrl-C raises
+    /// KeyboardInterrupt there (only the main thread runs handlers; elsewhere this is a no-op).
+    fn check_signals(&self) -> crate::error::Result<()> {
+        self.attach(|py| py.check_signals())
+    }
+    /// The kept exception, if any, else `e` as a Python exception.
+    fn or(self, e: crate::error::Error) -> PyErr {
+        self.0.into_inner().unwrap_or_else(|p| p.into_inner()).unwrap_or_else(|| to_pyerr(e))
+    }
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

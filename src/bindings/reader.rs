@@ -141,7 +141,13 @@ impl PyTensorFile {
         }
         let keys = super::crypto::keys_from(key, passphrase)?;
         let opts = LoadOptions { num_readers, verify_hash, keys };
-        let loaded = py.detach(|| load::load_to_host(&f, &indices, &opts)).map_err(to_pyerr)?;
+        let raised = super::Raised::default();
+        let loaded = py
+            .detach(|| {
+                let mut tick = || raised.check_signals();
+                load::load_to_host(&f, &indices, &opts, Some(&mut tick))
+            })
+            .map_err(|e| raised.or(e))?;
         Ok(loaded
             .into_iter()
             .map(|t| {

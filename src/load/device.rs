@@ -592,24 +592,23 @@ pub fn load_to_device(
     std::thread::scope(|scope| {
         for w in 0..readers {
             let job = &job;
+            let exit = exec::ReaderExit { active: &job.active, wake: &job.wake };
             let spawned = std::thread::Builder::new().name(format!("tz-gpu-read{w}")).spawn_scoped(scope, move || {
+                let _exit = exit;
                 crate::trace::mark("reader_start", w as u64, 0);
                 if let Err(e) = job.reader(w) {
                     job.fail(e);
                 }
                 crate::trace::mark("reader_end", w as u64, 0);
                 counters::add_thread_cpu(Counter::ReaderCpu);
-                *job.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
-                job.wake.notify_all();
             });
             if let Err(e) = spawned {
                 job.fail(Error::io(format!("cannot start a reader thread: {e}")));
-                *job.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
             }
         }
         let mut active = job.active.lock().unwrap_or_else(|p| p.into_inner());
         while *active > 0 {
-            let wait = if progress.is_some() { Duration::from_millis(100) } else { Duration::from_secs(3600) };
+            let wait = if progress.is_some() { exec::TICK } else { Duration::from_secs(3600) };
             active = job.wake.wait_timeout(active, wait).unwrap_or_else(|p| p.into_inner()).0;
             if *active > 0 && !job.failed.load(Ordering::Relaxed) {
                 if let Some(cb) = progress.as_mut() {

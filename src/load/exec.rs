@@ -2,7 +2,8 @@
 //! buffers, and whoever finishes a tensor's last piece checks its header, decrypts and
 //! verifies it.
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Condvar, Mutex};
+use std::time::Duration;
 
 use super::file::TensorFile;
 use super::plan::{self, Item};
@@ -53,8 +54,32 @@ pub fn check_keys(file: &TensorFile, keys: Option<&DecryptionKeys>) -> Result<()
 /// The smallest piece a remote load's last pieces are split into (see [`plan::Plan::taper`]).
 const TAPER_MIN: u64 = 4 << 20;
 
+/// How often the thread that started a load runs its `tick` while the readers work.
+pub const TICK: Duration = Duration::from_millis(100);
+
+/// Counts a reader out when it ends, however it ends (a panicking reader too), so the thread
+/// waiting for the readers cannot wait forever.
+pub struct ReaderExit<'a> {
+    pub active: &'a Mutex<usize>,
+    pub wake: &'a Condvar,
+}
+
+impl Drop for ReaderExit<'_> {
+    fn drop(&mut self) {
+        *self.active.lock().unwrap_or_else(|p| p.into_inner()) -= 1;
+        self.wake.notify_all();
+    }
+}
+
 /// Load the index entries `which` into fresh host buffers, returned in the same order.
-pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> Result<Vec<LoadedTensor>> {
+/// `tick` runs on the calling thread about every [`TICK`] while the readers work; an error
+/// from it stops the load (the bindings check Python's signals there, so Ctrl-C works).
+pub fn load_to_host(
+    file: &TensorFile,
+    which: &[usize],
+    opts: &LoadOptions,
+    mut tick: Option<&mut dyn FnMut() -> Result<()>>,
+) -> Result<Vec<LoadedTensor>> {
     check_keys(file, opts.keys.as_ref())?;
     let name = file.name().to_string();
     let mut buffers = Vec::with_capacity(which.len());
@@ -88,17 +113,24 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
+    let fail = |e: Error| {
+        failed.store(true, Ordering::Relaxed);
+        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+    };
+    let (active, wake) = (Mutex::new(0usize), Condvar::new());
     std::thread::scope(|s| {
         for w in 0..readers {
+            *active.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+            let exit = ReaderExit { active: &active, wake: &wake };
             let spawned = std::thread::Builder::new().name(format!("tz-read{w}")).spawn_scoped(s, || {
+                let _exit = exit;
                 let mut scratch = Vec::new();
                 crate::trace::mark("reader_start", 0, 0);
                 while !failed.load(Ordering::Relaxed) {
                     let i = next.fetch_add(1, Ordering::Relaxed);
                     let Some(item) = plan.items.get(i) else { break };
-                    if let Err(e) = run_item(file, &slots, item, opts, &mut scratch) {
-                        failed.store(true, Ordering::Relaxed);
-                        first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    if let Err(e) = run_item(file, &slots, item, opts, &mut scratch, &failed) {
+                        fail(e);
                     }
                 }
                 crate::trace::mark("reader_end", 0, 0);
@@ -106,13 +138,20 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
             if let Err(e) = spawned {
                 // The readers already started finish the plan; none started is an error.
                 if w == 0 {
-                    failed.store(true, Ordering::Relaxed);
-                    first_error
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .get_or_insert(Error::io(format!("cannot start a reader thread: {e}")));
+                    fail(Error::io(format!("cannot start a reader thread: {e}")));
                 }
                 break;
+            }
+        }
+        let mut n = active.lock().unwrap_or_else(|p| p.into_inner());
+        while *n > 0 {
+            n = wake.wait_timeout(n, TICK).unwrap_or_else(|p| p.into_inner()).0;
+            if let (true, Some(tick)) = (*n > 0 && !failed.load(Ordering::Relaxed), tick.as_mut()) {
+                drop(n);
+                if let Err(e) = tick() {
+                    fail(e);
+                }
+                n = active.lock().unwrap_or_else(|p| p.into_inner());
             }
         }
     });
@@ -130,11 +169,18 @@ pub fn load_to_host(file: &TensorFile, which: &[usize], opts: &LoadOptions) -> R
         .collect())
 }
 
-fn run_item(file: &TensorFile, slots: &[Slot], item: &Item, opts: &LoadOptions, scratch: &mut Vec<u8>) -> Result<()> {
+fn run_item(
+    file: &TensorFile,
+    slots: &[Slot],
+    item: &Item,
+    opts: &LoadOptions,
+    scratch: &mut Vec<u8>,
+    stop: &AtomicBool,
+) -> Result<()> {
     match item {
         Item::Segment { start, len, parts } => {
             scratch.resize(*len, 0);
-            read(file, *start, scratch).map_err(|e| with_tensor(e, file, slots, parts[0].slot))?;
+            read(file, *start, scratch, stop).map_err(|e| with_tensor(e, file, slots, parts[0].slot))?;
             for p in parts {
                 let slot = &slots[p.slot];
                 *slot.header.lock().unwrap_or_else(|e| e.into_inner()) = scratch[p.header.clone()].to_vec();
@@ -150,7 +196,7 @@ fn run_item(file: &TensorFile, slots: &[Slot], item: &Item, opts: &LoadOptions, 
             // SAFETY: disjoint piece of the slot's buffer, which outlives the scoped threads.
             let dest = unsafe { std::slice::from_raw_parts_mut(s.dest.add(*offset as usize), *len as usize) };
             crate::trace::mark("piece", *file_offset, *len);
-            read(file, *file_offset, dest).map_err(|e| with_tensor(e, file, slots, *slot))?;
+            read(file, *file_offset, dest, stop).map_err(|e| with_tensor(e, file, slots, *slot))?;
             crate::trace::mark("piece_end", *file_offset, *len);
             finish_piece(file, slots, *slot, opts)?;
         }
@@ -159,11 +205,12 @@ fn run_item(file: &TensorFile, slots: &[Slot], item: &Item, opts: &LoadOptions, 
 }
 
 /// One item's bytes: as one streamed request from sources that read straight into our buffers
-/// (plain HTTP: no copy, and no hand-off to the network threads), else with `read_at`.
-fn read(file: &TensorFile, offset: u64, buf: &mut [u8]) -> Result<()> {
+/// (plain HTTP: no copy, and no hand-off to the network threads), else with `read_at`. A
+/// streamed read ends early once `stop` is set (a slow server must not hold up a failed load).
+fn read(file: &TensorFile, offset: u64, buf: &mut [u8], stop: &AtomicBool) -> Result<()> {
     let source = file.source();
     if source.reads_into_buffers() {
-        source.read_stream_into(offset, buf.len(), &mut SliceDest::new(buf))
+        source.read_stream_into(offset, buf.len(), &mut SliceDest::new(buf).stopped_by(stop))
     } else {
         source.read_at(offset, buf)
     }

@@ -21,6 +21,7 @@ pub use ranged::ByteSink;
 const STREAM_BUFFER: usize = 8 << 20;
 
 use crate::error::{Error, ErrorKind, Result};
+use std::sync::atomic::AtomicBool;
 
 /// A random-access, read-only byte source (a local file, an HTTP(S) URL, an S3 object).
 pub trait Source: Send + Sync {
@@ -89,16 +90,25 @@ pub trait StreamDest: Send {
 pub struct SliceDest<'a> {
     buf: &'a mut [u8],
     at: usize,
+    stop: Option<&'a AtomicBool>,
 }
 
 impl<'a> SliceDest<'a> {
     pub fn new(buf: &'a mut [u8]) -> Self {
-        SliceDest { buf, at: 0 }
+        SliceDest { buf, at: 0, stop: None }
+    }
+    /// Refuse more bytes once `stop` is set: the read then ends with an error.
+    pub fn stopped_by(mut self, stop: &'a AtomicBool) -> Self {
+        self.stop = Some(stop);
+        self
     }
 }
 
 impl StreamDest for SliceDest<'_> {
     fn room(&mut self) -> Result<&mut [u8]> {
+        if self.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+            return Err(Error::io("stopped: the load was stopped"));
+        }
         if self.at == self.buf.len() {
             return Err(Error::io("a streamed read delivered more bytes than asked for"));
         }

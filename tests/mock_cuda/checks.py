@@ -13,10 +13,12 @@ import contextlib
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 import threading
+import time
 import traceback
 import urllib.request
 from pathlib import Path
@@ -735,6 +737,36 @@ def https_pieces_stream_through_staging():
                 assert moved >= 24_000_000 - (1 << 20), (path, moved)  # all but the probe
     finally:
         del os.environ["TENSORIZER_RS_REMOTE_PIECE"]
+
+
+@check
+def ctrl_c_stops_a_load():
+    """Ctrl-C while a GPU load waits on a slow server (16 KiB per connection every 100 ms: this
+    load would take a minute) raises KeyboardInterrupt within moments, as it would in Python
+    code, instead of when the load ends; the pipeline works afterwards."""
+    small_staging()
+    root = TMP / "www-slow"
+    root.mkdir(exist_ok=True)
+    sd = {f"t{i}": torch.full((2 << 20,), float(i)) for i in range(4)}  # 32 MiB
+    write(root / "s.tensors", sd)
+    with http_server(root) as base:
+        sent = []
+
+        def interrupt():  # once ranged reads have reached the server: the native load runs
+            while requests_seen(base).get("/slow/s.tensors", 0) < 2:
+                time.sleep(0.05)
+            time.sleep(0.5)
+            sent.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGINT)
+
+        threading.Thread(target=interrupt, daemon=True).start()
+        try:
+            gpu_load(gpu_deser(f"{base}/slow/s.tensors"))
+            raise AssertionError("the load ended before the interrupt")
+        except KeyboardInterrupt:
+            took = time.monotonic() - sent[0]
+        assert took < 5, f"the load went on for {took:.1f} s after Ctrl-C"
+        assert_loaded(gpu_load(gpu_deser(f"{base}/data/s.tensors")), sd)
 
 
 def main() -> int:

@@ -17,6 +17,7 @@ Paths (NAME is a file under ROOT):
   /auth/NAME           401 unless "Authorization: Bearer let-me-in", then like /data/
   /shifted/NAME        ranges after byte 0 are answered one byte later than asked (a 206 whose
                        Content-Range and body start there): a server that lies about ranges
+  /slow/NAME           like /data/, but ranges after byte 0 trickle: 16 KiB every 100 ms
   /__stats             JSON: requests seen per path
 """
 
@@ -27,6 +28,7 @@ import os
 import re
 import sys
 import threading
+import time
 
 ROOT = sys.argv[1]
 COUNTS = {}
@@ -121,13 +123,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.flush()
                     self.connection.shutdown(2)
                     return
+                slow = mode == "slow" and start > 0
                 left = length
                 while left > 0:
-                    chunk = f.read(min(left, 1 << 20))
+                    chunk = f.read(min(left, 16 << 10 if slow else 1 << 20))
                     if not chunk:
                         break
                     self.wfile.write(chunk)
                     left -= len(chunk)
+                    if slow:
+                        self.wfile.flush()
+                        time.sleep(0.1)
         except FileNotFoundError:
             self.send_error(404, "not found")
         except (BrokenPipeError, ConnectionResetError):
