@@ -226,10 +226,12 @@ def test_failed_s3_write_leaves_nothing(s3):
         open_stream("s3://models/fail/model.tensors", **s3)
 
 
-def test_ctrl_c_stops_a_load(tmp_path):
+@pytest.mark.parametrize("mode", ["slow", "stall"])
+def test_ctrl_c_stops_a_load(tmp_path, mode):
     """Ctrl-C while a load waits on a slow server (16 KiB per connection every 100 ms: this
-    load would take most of a minute) raises KeyboardInterrupt within moments, as it would in
-    Python code, instead of when the load ends."""
+    load would take most of a minute) or a silent one (no byte after the first 16 KiB, the
+    connection left open: a read times out after 60 s) raises KeyboardInterrupt within
+    moments, as it would in Python code, instead of when the load ends."""
     root = tmp_path / "www"
     root.mkdir()
     with TensorSerializer(str(root / "big.tensors")) as s:
@@ -237,7 +239,7 @@ def test_ctrl_c_stops_a_load(tmp_path):
     with http_server(root) as base:
         code = (
             "from tensorizer_rs import TensorDeserializer\n"
-            f"TensorDeserializer({base + '/slow/big.tensors'!r}, device='cpu')\n"
+            f"TensorDeserializer({base + f'/{mode}/big.tensors'!r}, device='cpu')\n"
             "print('loaded', flush=True)\n"
         )
         p = subprocess.Popen(
@@ -250,7 +252,7 @@ def test_ctrl_c_stops_a_load(tmp_path):
             # Interrupt only once the native load is under way: the open probe and at least
             # one ranged read have reached the server.
             deadline = time.monotonic() + 60
-            while requests_seen(base).get("/slow/big.tensors", 0) < 2:
+            while requests_seen(base).get(f"/{mode}/big.tensors", 0) < 2:
                 assert p.poll() is None and time.monotonic() < deadline, p.communicate()
                 time.sleep(0.05)
             time.sleep(0.5)

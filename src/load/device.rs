@@ -713,12 +713,17 @@ struct Streamed<'j, 'a> {
 struct OneStaged<'p> {
     pool: &'p std::sync::Arc<Pool>,
     grow_to: usize,
+    /// The load failed or was stopped: a read still waiting for bytes gives up.
+    stop: &'p AtomicBool,
     staged: Option<Staged>,
     fill: usize,
     len: usize,
 }
 
 impl StreamDest for OneStaged<'_> {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
     fn room(&mut self) -> Result<&mut [u8]> {
         if self.staged.is_none() {
             self.staged = Some(self.pool.acquire(self.grow_to)?);
@@ -736,8 +741,11 @@ impl StreamDest for OneStaged<'_> {
 /// The source writes into the current staging buffer (straight from the socket for plain
 /// HTTP); a full buffer goes to the device and the next one is taken when bytes come for it.
 impl StreamDest for Streamed<'_, '_> {
+    fn stopped(&self) -> bool {
+        self.job.failed.load(Ordering::Relaxed)
+    }
     fn room(&mut self) -> Result<&mut [u8]> {
-        if self.job.failed.load(Ordering::Relaxed) {
+        if self.stopped() {
             return Err(Error::io("stopped: another part of the load failed"));
         }
         let chunk = self.job.pool.chunk();
@@ -952,7 +960,8 @@ impl Job<'_> {
             let delta = self.io.read(offset, n, &mut st, &self.tally)?;
             return Ok((st, delta));
         }
-        let mut one = OneStaged { pool: &self.pool, grow_to: self.buffers, staged: None, fill: 0, len: n };
+        let mut one =
+            OneStaged { pool: &self.pool, grow_to: self.buffers, stop: &self.failed, staged: None, fill: 0, len: n };
         self.file.source().read_stream_into(offset, n, &mut one)?;
         let st = match one.staged {
             Some(st) => st,

@@ -16,7 +16,7 @@ use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_RANGE};
 use reqwest::header::{CONTENT_ENCODING, TRANSFER_ENCODING, USER_AGENT};
@@ -33,6 +33,9 @@ const HEAD_MAX: usize = 64 << 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// No byte for this long on an open connection: drop it and retry the rest (as reqwest's).
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
+/// A read waiting for bytes wakes this often to see whether its load was stopped (Ctrl-C, or
+/// another part of the load failed), so a server gone silent holds nobody for `IO_TIMEOUT`.
+const POLL: Duration = Duration::from_secs(1);
 /// Idle connections kept for later requests.
 const POOL_MAX: usize = 64;
 
@@ -172,7 +175,7 @@ impl Direct {
                 Ok(conn) => {
                     crate::trace::mark("http_connect", 0, 0);
                     let _ = conn.set_nodelay(true);
-                    conn.set_read_timeout(Some(IO_TIMEOUT)).map_err(|e| io_failure("socket", e))?;
+                    conn.set_read_timeout(Some(POLL)).map_err(|e| io_failure("socket", e))?;
                     conn.set_write_timeout(Some(IO_TIMEOUT)).map_err(|e| io_failure("socket", e))?;
                     return Ok(conn);
                 }
@@ -219,18 +222,18 @@ impl Direct {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut head = Vec::with_capacity(16 << 10);
         let mut conn = match pooled {
-            Some(mut c) => match exchange(&mut c, &req, &mut head) {
+            Some(mut c) => match exchange(&mut c, &req, &mut head, &|| dest.stopped()) {
                 Ok(()) => c,
                 Err(_) if head.is_empty() => {
                     let mut c = self.connect()?;
-                    exchange(&mut c, &req, &mut head)?;
+                    exchange(&mut c, &req, &mut head, &|| dest.stopped())?;
                     c
                 }
                 Err(f) => return Err(f),
             },
             None => {
                 let mut c = self.connect()?;
-                exchange(&mut c, &req, &mut head)?;
+                exchange(&mut c, &req, &mut head, &|| dest.stopped())?;
                 c
             }
         };
@@ -244,7 +247,7 @@ impl Direct {
                     return Err(Failure::fatal(Error::io("HTTP response head too large")));
                 }
                 quickack(&conn);
-                read_more(&mut conn, &mut head)?;
+                read_more(&mut conn, &mut head, &|| dest.stopped())?;
                 continue;
             };
             let code = StatusCode::from_u16(resp.code.unwrap_or(0)).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -286,6 +289,7 @@ impl Direct {
         DIRECT_BYTES.fetch_add(early.len() as u64, Ordering::Relaxed);
         let mut got = early.len();
         *filled += got;
+        let mut heard = Instant::now();
         while got < len {
             if len - got <= QUICKACK_TAIL {
                 quickack(&conn);
@@ -300,11 +304,13 @@ impl Direct {
                 }
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
-                    return Err(Failure::transient(Error::io(format!("no data for {} s", IO_TIMEOUT.as_secs()))))
+                Err(e) if waited(&e) => {
+                    idle(&heard, &|| dest.stopped())?;
+                    continue;
                 }
                 Err(e) => return Err(io_failure("reading the body", e)),
             };
+            heard = Instant::now();
             dest.advance(n).map_err(Failure::fatal)?;
             DIRECT_BYTES.fetch_add(n as u64, Ordering::Relaxed);
             got += n;
@@ -322,10 +328,27 @@ impl Direct {
 }
 
 /// Send the request and read at least the start of the response into `head`.
-fn exchange(conn: &mut Conn, req: &[u8], head: &mut Vec<u8>) -> Result<(), Failure> {
+fn exchange(conn: &mut Conn, req: &[u8], head: &mut Vec<u8>, stopped: &dyn Fn() -> bool) -> Result<(), Failure> {
     conn.write_all(req).and_then(|()| conn.flush()).map_err(|e| io_failure("sending the request", e))?;
     quickack(conn);
-    read_more(conn, head)
+    read_more(conn, head, stopped)
+}
+
+/// A read that came back empty-handed after `POLL`.
+fn waited(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+}
+
+/// After a read found no bytes: go on waiting unless the load was stopped (fatal: nothing to
+/// retry) or the server has been silent since `heard` for `IO_TIMEOUT` (transient).
+fn idle(heard: &Instant, stopped: &dyn Fn() -> bool) -> Result<(), Failure> {
+    if stopped() {
+        return Err(Failure::fatal(Error::io("stopped: the load was stopped")));
+    }
+    if heard.elapsed() >= IO_TIMEOUT {
+        return Err(Failure::transient(Error::io(format!("no data for {} s", IO_TIMEOUT.as_secs()))));
+    }
+    Ok(())
 }
 
 /// The last bytes of a response within which every read first acknowledges what came.
@@ -343,12 +366,14 @@ fn quickack(conn: &Conn) {
     let _ = conn;
 }
 
-fn read_more(conn: &mut Conn, head: &mut Vec<u8>) -> Result<(), Failure> {
+fn read_more(conn: &mut Conn, head: &mut Vec<u8>, stopped: &dyn Fn() -> bool) -> Result<(), Failure> {
     let mut buf = [0u8; 16 << 10];
+    let heard = Instant::now();
     let n = loop {
         match conn.read(&mut buf) {
             Ok(n) => break n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) if waited(&e) => idle(&heard, stopped)?,
             Err(e) => return Err(io_failure("reading the response", e)),
         }
     };

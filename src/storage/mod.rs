@@ -73,6 +73,10 @@ pub trait StreamDest: Send {
     fn room(&mut self) -> Result<&mut [u8]>;
     /// The first `n` bytes of the room last handed out hold the next bytes.
     fn advance(&mut self, n: usize) -> Result<()>;
+    /// Whether the load this read belongs to has stopped: a read waiting for bytes gives up.
+    fn stopped(&self) -> bool {
+        false
+    }
     /// Copy `bytes` in through as many rooms as they need.
     fn put(&mut self, mut bytes: &[u8]) -> Result<()> {
         while !bytes.is_empty() {
@@ -105,8 +109,11 @@ impl<'a> SliceDest<'a> {
 }
 
 impl StreamDest for SliceDest<'_> {
+    fn stopped(&self) -> bool {
+        self.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
+    }
     fn room(&mut self) -> Result<&mut [u8]> {
-        if self.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed)) {
+        if self.stopped() {
             return Err(Error::io("stopped: the load was stopped"));
         }
         if self.at == self.buf.len() {

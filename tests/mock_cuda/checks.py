@@ -742,30 +742,32 @@ def https_pieces_stream_through_staging():
 @check
 def ctrl_c_stops_a_load():
     """Ctrl-C while a GPU load waits on a slow server (16 KiB per connection every 100 ms: this
-    load would take a minute) raises KeyboardInterrupt within moments, as it would in Python
-    code, instead of when the load ends; the pipeline works afterwards."""
+    load would take a minute) or a silent one (nothing after the first 16 KiB, the connection
+    left open) raises KeyboardInterrupt within moments, as it would in Python code, instead of
+    when the load ends; the pipeline works afterwards."""
     small_staging()
     root = TMP / "www-slow"
     root.mkdir(exist_ok=True)
     sd = {f"t{i}": torch.full((2 << 20,), float(i)) for i in range(4)}  # 32 MiB
     write(root / "s.tensors", sd)
     with http_server(root) as base:
-        sent = []
+        for mode in ("slow", "stall"):
+            sent = []
 
-        def interrupt():  # once ranged reads have reached the server: the native load runs
-            while requests_seen(base).get("/slow/s.tensors", 0) < 2:
-                time.sleep(0.05)
-            time.sleep(0.5)
-            sent.append(time.monotonic())
-            os.kill(os.getpid(), signal.SIGINT)
+            def interrupt(mode=mode, sent=sent):  # once ranged reads reach the server
+                while requests_seen(base).get(f"/{mode}/s.tensors", 0) < 2:
+                    time.sleep(0.05)
+                time.sleep(0.5)
+                sent.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGINT)
 
-        threading.Thread(target=interrupt, daemon=True).start()
-        try:
-            gpu_load(gpu_deser(f"{base}/slow/s.tensors"))
-            raise AssertionError("the load ended before the interrupt")
-        except KeyboardInterrupt:
-            took = time.monotonic() - sent[0]
-        assert took < 5, f"the load went on for {took:.1f} s after Ctrl-C"
+            threading.Thread(target=interrupt, daemon=True).start()
+            try:
+                gpu_load(gpu_deser(f"{base}/{mode}/s.tensors"))
+                raise AssertionError(f"{mode}: the load ended before the interrupt")
+            except KeyboardInterrupt:
+                took = time.monotonic() - sent[0]
+            assert took < 5, f"{mode}: the load went on for {took:.1f} s after Ctrl-C"
         assert_loaded(gpu_load(gpu_deser(f"{base}/data/s.tensors")), sd)
 
 

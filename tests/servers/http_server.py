@@ -18,6 +18,7 @@ Paths (NAME is a file under ROOT):
   /shifted/NAME        ranges after byte 0 are answered one byte later than asked (a 206 whose
                        Content-Range and body start there): a server that lies about ranges
   /slow/NAME           like /data/, but ranges after byte 0 trickle: 16 KiB every 100 ms
+  /stall/NAME          like /data/, but ranges after byte 0 send 16 KiB, then nothing more
   /__stats             JSON: requests seen per path
 """
 
@@ -122,6 +123,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.write(f.read(length // 2))
                     self.wfile.flush()
                     self.connection.shutdown(2)
+                    return
+                if mode == "stall" and start > 0:
+                    self.wfile.write(f.read(min(length, 16 << 10)))
+                    self.wfile.flush()
+                    time.sleep(3600)  # a server gone silent, the connection left open
                     return
                 slow = mode == "slow" and start > 0
                 left = length
