@@ -334,6 +334,35 @@ def test_https_drops_and_server_errors_resume(pki, tmp_path):
     assert seen["/fail500mid/2/m.tensors"] >= plain + 2, seen
 
 
+def test_https_slow_handshakes(pki, tmp_path, monkeypatch):
+    """A server that takes 1.5 s over each TLS handshake: the direct client's reads wake every
+    second while they wait (to see whether the load was stopped), and a handshake that slow is
+    a wait like any other, not a failure. Exact bytes, the body through the direct client."""
+    import torch
+    from tensorizer_rs import TensorSerializer, _native
+
+    g = torch.Generator().manual_seed(13)
+    sd = {"big": torch.randn(3_000_000, generator=g), "small": torch.randn(1000, generator=g)}
+    root = tmp_path / "www"
+    root.mkdir()
+    with TensorSerializer(str(root / "m.tensors")) as s:
+        s.write_state_dict(sd)
+
+    class Source:
+        _tensorizer_uri = None
+        _tensorizer_storage = None
+
+    monkeypatch.setenv("TLS_HANDSHAKE_DELAY", "1.5")
+    with http_server(root, (pki["cert"], pki["key"])) as base:
+        Source._tensorizer_uri = f"{base}/data/m.tensors"
+        Source._tensorizer_storage = {"ca_bundle": str(pki["ca"])}
+        before = _native.http_direct_bytes()
+        d = TensorDeserializer(Source(), device="cpu")
+        for k, v in sd.items():
+            assert torch.equal(d[k], v), k
+        assert _native.http_direct_bytes() - before >= sd["big"].numel() * 4 - (1 << 20)
+
+
 def test_https_allow_untrusted(nginx_tls, vector_manifests):
     stream = open_stream(_url(nginx_tls), certificate_handling=CAInfo(allow_untrusted=True))
     _check(TensorDeserializer(stream, device="cpu"), vector_manifests[VECTOR])

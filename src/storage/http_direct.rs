@@ -329,7 +329,19 @@ impl Direct {
 
 /// Send the request and read at least the start of the response into `head`.
 fn exchange(conn: &mut Conn, req: &[u8], head: &mut Vec<u8>, stopped: &dyn Fn() -> bool) -> Result<(), Failure> {
-    conn.write_all(req).and_then(|()| conn.flush()).map_err(|e| io_failure("sending the request", e))?;
+    // Over TLS the first write runs the handshake, whose reads may come back after `POLL`
+    // with nothing: those are waits like any other, not failures.
+    let (mut sent, heard) = (0, Instant::now());
+    while sent < req.len() {
+        match conn.write(&req[sent..]) {
+            Ok(0) => return Err(Failure::transient(Error::io("the connection closed before the request was sent"))),
+            Ok(n) => sent += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if waited(&e) => idle(&heard, stopped)?,
+            Err(e) => return Err(io_failure("sending the request", e)),
+        }
+    }
+    conn.flush().map_err(|e| io_failure("sending the request", e))?;
     quickack(conn);
     read_more(conn, head, stopped)
 }

@@ -2,7 +2,8 @@
 """A small HTTP/1.0 file server for the storage tests, with Range support and injected faults.
 
 Usage: http_server.py ROOT [CERT KEY]  -- binds 127.0.0.1 on a free port, prints the port,
-serves until killed; with a certificate and its key (PEM), over TLS (https://).
+serves until killed; with a certificate and its key (PEM), over TLS (https://), each handshake
+TLS_HANDSHAKE_DELAY seconds late if that variable is set.
 
 Paths (NAME is a file under ROOT):
   /data/NAME           the file; honours "Range: bytes=a-b"; sends ETag and Last-Modified
@@ -153,6 +154,21 @@ if len(sys.argv) > 3:
 
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     tls.load_cert_chain(sys.argv[2], sys.argv[3])
-    server.socket = tls.wrap_socket(server.socket, server_side=True)
+    delay = float(os.environ.get("TLS_HANDSHAKE_DELAY", "0"))
+    server.socket = tls.wrap_socket(
+        server.socket, server_side=True, do_handshake_on_connect=not delay
+    )
+    if delay:
+        plain_finish = server.finish_request
+
+        def finish_request(request, client_address):  # on the connection's own thread
+            time.sleep(delay)
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError):
+                return
+            plain_finish(request, client_address)
+
+        server.finish_request = finish_request
 print(server.server_address[1], flush=True)
 server.serve_forever()
