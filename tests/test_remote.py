@@ -238,6 +238,10 @@ def test_ctrl_c_stops_a_load(tmp_path, mode):
         s.write_state_dict({f"t{i}": torch.zeros(2 << 20) for i in range(4)})  # 32 MiB
     with http_server(root) as base:
         code = (
+            # Python leaves SIGINT ignored when it starts so (a background job of a shell
+            # without job control, as CI may run us): ask for KeyboardInterrupt explicitly.
+            "import signal\n"
+            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "from tensorizer_rs import TensorDeserializer\n"
             f"TensorDeserializer({base + f'/{mode}/big.tensors'!r}, device='cpu')\n"
             "print('loaded', flush=True)\n"

@@ -750,7 +750,11 @@ def ctrl_c_stops_a_load():
     root.mkdir(exist_ok=True)
     sd = {f"t{i}": torch.full((2 << 20,), float(i)) for i in range(4)}  # 32 MiB
     write(root / "s.tensors", sd)
-    with http_server(root) as base:
+    # Python leaves SIGINT ignored when it starts so (a background job of a shell without job
+    # control, as CI may run us): ask for KeyboardInterrupt explicitly.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    with http_server(root) as base, contextlib.ExitStack() as undo:
+        undo.callback(signal.signal, signal.SIGINT, previous)
         for mode in ("slow", "stall"):
             sent = []
 
