@@ -26,7 +26,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use super::exec::{self, LoadOptions};
 use super::file::TensorFile;
@@ -606,20 +606,10 @@ pub fn load_to_device(
                 job.fail(Error::io(format!("cannot start a reader thread: {e}")));
             }
         }
-        let mut active = job.active.lock().unwrap_or_else(|p| p.into_inner());
-        while *active > 0 {
-            let wait = if progress.is_some() { exec::TICK } else { Duration::from_secs(3600) };
-            active = job.wake.wait_timeout(active, wait).unwrap_or_else(|p| p.into_inner()).0;
-            if *active > 0 && !job.failed.load(Ordering::Relaxed) {
-                if let Some(cb) = progress.as_mut() {
-                    drop(active);
-                    if let Err(e) = cb(job.tally.done.load(Ordering::Relaxed), total) {
-                        job.fail(e);
-                    }
-                    active = job.active.lock().unwrap_or_else(|p| p.into_inner());
-                }
-            }
-        }
+        let done = &job.tally.done;
+        let mut tick = progress.as_mut().map(|cb| move || cb(done.load(Ordering::Relaxed), total));
+        let tick = tick.as_mut().map(|t| t as &mut dyn FnMut() -> Result<()>);
+        exec::wait_for_readers(&job.active, &job.wake, &job.failed, tick, &|e| job.fail(e));
     });
 
     // Whatever happened, no copy may outlive this call: torch's stream waits for ours, and we

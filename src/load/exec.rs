@@ -71,6 +71,33 @@ impl Drop for ReaderExit<'_> {
     }
 }
 
+/// On the thread that started a load: wait until every reader has counted itself out, running
+/// `tick` about every [`TICK`] meanwhile (until the load fails); an error from it goes to
+/// `fail`, which stops the readers.
+pub fn wait_for_readers(
+    active: &Mutex<usize>,
+    wake: &Condvar,
+    failed: &AtomicBool,
+    mut tick: Option<&mut dyn FnMut() -> Result<()>>,
+    fail: &dyn Fn(Error),
+) {
+    let wait = if tick.is_some() { TICK } else { Duration::from_secs(3600) };
+    let mut n = active.lock().unwrap_or_else(|p| p.into_inner());
+    while *n > 0 {
+        n = wake.wait_timeout(n, wait).unwrap_or_else(|p| p.into_inner()).0;
+        if *n == 0 || failed.load(Ordering::Relaxed) {
+            continue;
+        }
+        if let Some(tick) = tick.as_mut() {
+            drop(n);
+            if let Err(e) = tick() {
+                fail(e);
+            }
+            n = active.lock().unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
 /// Load the index entries `which` into fresh host buffers, returned in the same order.
 /// `tick` runs on the calling thread about every [`TICK`] while the readers work; an error
 /// from it stops the load (the bindings check Python's signals there, so Ctrl-C works).
@@ -143,17 +170,7 @@ pub fn load_to_host(
                 break;
             }
         }
-        let mut n = active.lock().unwrap_or_else(|p| p.into_inner());
-        while *n > 0 {
-            n = wake.wait_timeout(n, TICK).unwrap_or_else(|p| p.into_inner()).0;
-            if let (true, Some(tick)) = (*n > 0 && !failed.load(Ordering::Relaxed), tick.as_mut()) {
-                drop(n);
-                if let Err(e) = tick() {
-                    fail(e);
-                }
-                n = active.lock().unwrap_or_else(|p| p.into_inner());
-            }
-        }
+        wait_for_readers(&active, &wake, &failed, tick.take(), &fail);
     });
     if let Some(e) = first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
         return Err(e.in_file(&name));
