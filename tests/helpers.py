@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -67,3 +71,40 @@ def http_server(root: Path, tls: tuple | None = None):
     finally:
         proc.kill()
         proc.wait()
+
+
+def requests_seen(base: str) -> dict:
+    """Requests http_server.py has seen, per path."""
+    with urllib.request.urlopen(f"{base}/__stats") as r:
+        return json.loads(r.read())
+
+
+def interrupt_load(base: str, path: str, load: str) -> tuple[str, str, float]:
+    """Run `load` (Python statements loading `base + path`) in a subprocess, send it SIGINT
+    once the native load is under way (the open probe and a ranged read have reached the
+    server), and return its stdout, its stderr and the seconds it took to end after that."""
+    code = (
+        # Python leaves SIGINT ignored when it starts so (a background job of a shell without
+        # job control, as CI may run us): ask for KeyboardInterrupt explicitly.
+        "import signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
+        f"{load}\n"
+        "print('loaded', flush=True)\n"
+    )
+    p = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while requests_seen(base).get(path, 0) < 2:
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.05)
+        time.sleep(0.5)
+        assert p.poll() is None, p.communicate()
+        t0 = time.monotonic()
+        p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=30)
+        return out, err, time.monotonic() - t0
+    finally:
+        p.kill()
+        p.wait()

@@ -5,16 +5,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import decryption_for, entry_key, http_server, lookup, sha256
+from helpers import decryption_for, entry_key, http_server, interrupt_load, lookup, sha256
 from tensorizer_rs import (
     DecryptionParams,
     EncryptionParams,
@@ -139,10 +136,7 @@ print(json.dumps({"bytes": n, "events": _native.trace_take()}))
 def test_trace_records_a_remote_load(http_root, tmp_path):
     """TENSORIZER_RS_TRACE=1: the load's timeline (readers, pieces, requests) in order; unset,
     nothing is recorded."""
-    import json
     import os
-    import subprocess
-    import sys
 
     base, root = http_root
     big = torch.arange(3_000_000, dtype=torch.float32)
@@ -237,42 +231,9 @@ def test_ctrl_c_stops_a_load(tmp_path, mode):
     with TensorSerializer(str(root / "big.tensors")) as s:
         s.write_state_dict({f"t{i}": torch.zeros(2 << 20) for i in range(4)})  # 32 MiB
     with http_server(root) as base:
-        code = (
-            # Python leaves SIGINT ignored when it starts so (a background job of a shell
-            # without job control, as CI may run us): ask for KeyboardInterrupt explicitly.
-            "import signal\n"
-            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-            "from tensorizer_rs import TensorDeserializer\n"
-            f"TensorDeserializer({base + f'/{mode}/big.tensors'!r}, device='cpu')\n"
-            "print('loaded', flush=True)\n"
-        )
-        p = subprocess.Popen(
-            [sys.executable, "-c", code],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            # Interrupt only once the native load is under way: the open probe and at least
-            # one ranged read have reached the server.
-            deadline = time.monotonic() + 60
-            while requests_seen(base).get(f"/{mode}/big.tensors", 0) < 2:
-                assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-                time.sleep(0.05)
-            time.sleep(0.5)
-            assert p.poll() is None, p.communicate()
-            t0 = time.monotonic()
-            p.send_signal(signal.SIGINT)
-            out, err = p.communicate(timeout=30)
-            took = time.monotonic() - t0
-        finally:
-            p.kill()
-            p.wait()
+        url = f"{base}/{mode}/big.tensors"
+        load = f"from tensorizer_rs import TensorDeserializer as D; D({url!r}, device='cpu')"
+        out, err, took = interrupt_load(base, f"/{mode}/big.tensors", load)
     assert "KeyboardInterrupt" in err, err
     assert "loaded" not in out
     assert took < 5, f"the load went on for {took:.1f} s after Ctrl-C"
-
-
-def requests_seen(base: str) -> dict:
-    with urllib.request.urlopen(f"{base}/__stats") as r:
-        return json.loads(r.read())

@@ -282,47 +282,14 @@ def test_ctrl_c_stops_a_cuda_load(tmp_path, mode):
     """Ctrl-C while a load to CUDA waits on a server trickling 16 KiB every 100 ms, or one
     gone silent after 16 KiB, raises KeyboardInterrupt within moments (the loading thread
     checks Python's signals every 100 ms; waiting reads give up within a second)."""
-    import json
-    import signal
-    import subprocess
-    import sys
-    import time
-    import urllib.request
-
-    from helpers import http_server
+    from helpers import http_server, interrupt_load
 
     _write(tmp_path / "s.tensors", {f"t{i}": torch.zeros(2 << 20) for i in range(4)})
     with http_server(tmp_path) as base:
-        code = (
-            "import signal\n"
-            "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
-            "from tensorizer_rs import TensorDeserializer\n"
-            f"d = TensorDeserializer({base + f'/{mode}/s.tensors'!r}, device='cuda')\n"
-            "d['t0']\n"  # an eager CUDA deserializer loads at first use
-            "print('loaded', flush=True)\n"
-        )
-        p = subprocess.Popen(
-            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-        )
-
-        def seen() -> int:
-            with urllib.request.urlopen(f"{base}/__stats") as r:
-                return json.loads(r.read()).get(f"/{mode}/s.tensors", 0)
-
-        try:
-            deadline = time.monotonic() + 60
-            while seen() < 2:  # the probe and a ranged read: the native load is under way
-                assert p.poll() is None and time.monotonic() < deadline, p.communicate()
-                time.sleep(0.05)
-            time.sleep(0.5)
-            assert p.poll() is None, p.communicate()
-            t0 = time.monotonic()
-            p.send_signal(signal.SIGINT)
-            out, err = p.communicate(timeout=30)
-            took = time.monotonic() - t0
-        finally:
-            p.kill()
-            p.wait()
+        url = f"{base}/{mode}/s.tensors"
+        # An eager CUDA deserializer loads at first use.
+        load = f"from tensorizer_rs import TensorDeserializer as D; D({url!r}, device='cuda')['t0']"
+        out, err, took = interrupt_load(base, f"/{mode}/s.tensors", load)
     assert "KeyboardInterrupt" in err and "loaded" not in out, err
     assert took < 5, f"the load went on for {took:.1f} s after Ctrl-C"
 
