@@ -297,18 +297,27 @@ def test_https_bodies_read_into_the_tensors(nginx_tls, pki):
                 assert moved == 0, (trust, moved)
 
 
-def test_https_drops_and_server_errors_resume(pki, tmp_path):
-    """Over TLS, connections cut mid-body and 500s during the reads (tests/servers/http_server.py
-    behind TLS): the direct client resumes where the bytes stopped or retries; exact bytes."""
+def _model_in(tmp_path: Path, seed: int) -> tuple[Path, dict]:
+    """A 12 MB tensor and a small one, written to `www/m.tensors` under `tmp_path`."""
     import torch
-    from tensorizer_rs import TensorSerializer, _native
+    from tensorizer_rs import TensorSerializer
 
-    g = torch.Generator().manual_seed(12)
+    g = torch.Generator().manual_seed(seed)
     sd = {"big": torch.randn(3_000_000, generator=g), "small": torch.randn(1000, generator=g)}
     root = tmp_path / "www"
     root.mkdir()
     with TensorSerializer(str(root / "m.tensors")) as s:
         s.write_state_dict(sd)
+    return root, sd
+
+
+def test_https_drops_and_server_errors_resume(pki, tmp_path):
+    """Over TLS, connections cut mid-body and 500s during the reads (tests/servers/http_server.py
+    behind TLS): the direct client resumes where the bytes stopped or retries; exact bytes."""
+    import torch
+    from tensorizer_rs import _native
+
+    root, sd = _model_in(tmp_path, seed=12)
 
     class Source:  # a URI with storage options, as open_stream's readers carry them
         _tensorizer_uri = None
@@ -339,14 +348,9 @@ def test_https_slow_handshakes(pki, tmp_path, monkeypatch):
     second while they wait (to see whether the load was stopped), and a handshake that slow is
     a wait like any other, not a failure. Exact bytes, the body through the direct client."""
     import torch
-    from tensorizer_rs import TensorSerializer, _native
+    from tensorizer_rs import _native
 
-    g = torch.Generator().manual_seed(13)
-    sd = {"big": torch.randn(3_000_000, generator=g), "small": torch.randn(1000, generator=g)}
-    root = tmp_path / "www"
-    root.mkdir()
-    with TensorSerializer(str(root / "m.tensors")) as s:
-        s.write_state_dict(sd)
+    root, sd = _model_in(tmp_path, seed=13)
 
     class Source:
         _tensorizer_uri = None
