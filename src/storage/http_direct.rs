@@ -218,13 +218,14 @@ impl Direct {
         req.extend_from_slice(b"\r\n");
         crate::trace::mark("http_request", offset, len as u64);
         // A pooled connection may have been closed by the server meanwhile: if it fails before
-        // the first response byte, try once more on a new one (nothing was lost).
+        // the first response byte, try once more on a new one (nothing was lost), unless the
+        // load has stopped meanwhile.
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut head = Vec::with_capacity(16 << 10);
         let mut conn = match pooled {
             Some(mut c) => match exchange(&mut c, &req, &mut head, &|| dest.stopped()) {
                 Ok(()) => c,
-                Err(_) if head.is_empty() => {
+                Err(_) if head.is_empty() && !dest.stopped() => {
                     let mut c = self.connect()?;
                     exchange(&mut c, &req, &mut head, &|| dest.stopped())?;
                     c
