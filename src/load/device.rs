@@ -115,8 +115,8 @@ pub struct DeviceStats {
 
 /// Readers used when `num_readers` is not given (`TENSORIZER_RS_READERS` overrides): one per
 /// core, 4 to 16. With one staging buffer per reader (30e7106), 16 readers filled existing
-/// tensors 1–4 % faster than 12 on two H200 hosts (16 cores) and new ones as fast, three
-/// interleaved rounds each (docs/benchmarks.md); before that, 12 had been a little ahead.
+/// tensors 0.5–5 % faster than 12 in 14 of 15 interleaved pairs on three H200 hosts (16
+/// cores) and new ones as fast (docs/benchmarks.md); before that, 12 had been a little ahead.
 pub fn default_readers() -> usize {
     let env = std::env::var("TENSORIZER_RS_READERS").ok().and_then(|v| v.trim().parse::<usize>().ok());
     env.filter(|&n| n > 0).unwrap_or_else(|| crate::cores().clamp(4, 16)).min(64)
@@ -700,23 +700,21 @@ struct Streamed<'j, 'a> {
 
 /// A remote read of at most one buffer's worth, into a staging buffer taken when the first
 /// bytes come.
-struct OneStaged<'p> {
-    pool: &'p std::sync::Arc<Pool>,
-    grow_to: usize,
-    /// The load failed or was stopped: a read still waiting for bytes gives up.
-    stop: &'p AtomicBool,
+struct OneStaged<'j, 'a> {
+    job: &'j Job<'a>,
     staged: Option<Staged>,
     fill: usize,
     len: usize,
 }
 
-impl StreamDest for OneStaged<'_> {
+impl StreamDest for OneStaged<'_, '_> {
+    /// The load failed or was stopped: a read still waiting for bytes gives up.
     fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
+        self.job.failed.load(Ordering::Relaxed)
     }
     fn room(&mut self) -> Result<&mut [u8]> {
         if self.staged.is_none() {
-            self.staged = Some(self.pool.acquire(self.grow_to)?);
+            self.staged = Some(self.job.pool.acquire(self.job.buffers)?);
         }
         let st = self.staged.as_mut().expect("taken above");
         Ok(&mut st.slice_mut(self.len)[self.fill..])
@@ -950,8 +948,7 @@ impl Job<'_> {
             let delta = self.io.read(offset, n, &mut st, &self.tally)?;
             return Ok((st, delta));
         }
-        let mut one =
-            OneStaged { pool: &self.pool, grow_to: self.buffers, stop: &self.failed, staged: None, fill: 0, len: n };
+        let mut one = OneStaged { job: self, staged: None, fill: 0, len: n };
         self.file.source().read_stream_into(offset, n, &mut one)?;
         let st = match one.staged {
             Some(st) => st,
