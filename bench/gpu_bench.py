@@ -529,8 +529,9 @@ def main():
     ap.add_argument(
         "--ab-env",
         default=None,
-        help='warm A/B of an environment, e.g. \'{"TENSORIZER_RS_PREWARM_THREADS": "32"}\': '
-        "new tensors and load_into_module with and without it, interleaved, three rounds",
+        help='warm A/B of an environment, e.g. \'{"TENSORIZER_RS_PREWARM_THREADS": "32"}\' '
+        "(or a list of them): the --ab-loaders loads without and with each, interleaved, "
+        "three rounds",
     )
     ap.add_argument(
         "--ab-loaders",
@@ -630,12 +631,16 @@ def main():
         ]
         plan = once + [{**p, "label": p.get("label", p["loader"]) + "(2nd)"} for p in once]
     if args.ab_env:
-        env = json.loads(args.ab_env)
+        envs = json.loads(args.ab_env)
+        variants = [({}, "")] + [
+            ({"env": e}, " " + json.dumps(e)) for e in (envs if isinstance(envs, list) else [envs])
+        ]
+        # Odd rounds run the variants in reverse, so no variant always goes first.
         plan = [
             {"loader": loader, "path": ours, **extra, "label": loader + tag + f" #{k}"}
             for k in range(3)
             for loader in args.ab_loaders.split(",")
-            for extra, tag in (({}, ""), ({"env": env}, f" {args.ab_env}"))
+            for extra, tag in (variants[::-1] if k % 2 else variants)
         ]
     if args.coreweave and not args.ab_env:
         plan.append({"loader": "coreweave", "path": ours})

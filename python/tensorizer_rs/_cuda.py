@@ -36,12 +36,14 @@ CAST_GROUP_BYTES = 256 << 20
 #: New tensors up to this size share allocations (one ``torch.empty`` per shape and dtype, split
 #: with ``unbind``): per-tensor allocation dominates files of many tiny tensors.
 SHARE_MAX_BYTES = 64 << 10
-#: New tensors of at least this many bytes in all are allocated while the first part of them
-#: (``OVERLAP_HEAD`` of the bytes) loads, so torch's allocations (about 0.1 ms per tensor, a
-#: tenth of a warm load) overlap with the copies; the rest starts loading as soon as it is
-#: allocated, beside the first part's tail.
+#: New tensors of at least this many bytes in all load in parts: the first is allocated before
+#: anything loads, each later one while the earlier ones load, and starts loading as soon as it
+#: is allocated, beside their tails. Torch allocates (about 0.1 ms per tensor, slower beside the
+#: readers) several times faster than we load, so with parts growing fourfold every allocation
+#: but the tiny first one hides behind the copies. ``OVERLAP_PARTS``: where the parts but the
+#: last end, as fractions of the new tensors' bytes.
 OVERLAP_MIN_BYTES = 256 << 20
-OVERLAP_HEAD = 0.125
+OVERLAP_PARTS = (1 / 64, 5 / 64, 21 / 64)
 #: Bytes of one shared allocation.
 SHARE_GROUP_BYTES = 4 << 20
 #: A/B switch for benchmarks: all new tensors of one native load as views of one allocation.
@@ -249,8 +251,8 @@ def _load(run: _Run, indices: list, into: dict) -> tuple[dict, dict]:
 
 def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
     """Load ``direct`` jobs plus new tensors for ``fresh`` = ``[(index, dtype)]``; returns
-    ``[(job, module_idx)]``. With many bytes of new tensors, the later ones are allocated while
-    the first ones load, and start loading beside the first part's tail."""
+    ``[(job, module_idx)]``. With many bytes of new tensors, each part after the first is
+    allocated while the earlier ones load (``OVERLAP_PARTS``)."""
     d = run.deser
     entries = d._entries
     total = sum(entries[i]["nbytes"] for i, _ in fresh)
@@ -264,31 +266,52 @@ def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
             _native.trace_mark("alloc_end", len(wanted))
             run.alloc_seconds.append(time.perf_counter() - t0)
 
-    head = float(os.environ.get("TENSORIZER_RS_OVERLAP_HEAD", OVERLAP_HEAD))  # A/B runs
-    if total < OVERLAP_MIN_BYTES or len(fresh) < 2 or head >= 1:
+    parts = _parts([entries[i]["nbytes"] for i, _ in fresh], _overlap_parts())
+    if total < OVERLAP_MIN_BYTES or len(parts) < 2:
         jobs = direct + allocate(fresh)
         return list(zip(jobs, run.native(jobs)))
-    cut, acc = 1, 0
-    for cut, (i, _) in enumerate(fresh, 1):
-        acc += entries[i]["nbytes"]
-        if acc >= total * head:
-            break
-    cut = min(cut, len(fresh) - 1)
-    first = direct + allocate(fresh[:cut])
     stream = _stream_of(d._device)  # the caller's current stream (thread-local in torch)
     from concurrent.futures import ThreadPoolExecutor
 
-    with ThreadPoolExecutor(1, thread_name_prefix="tensorizer-rs-load") as ex:
-        pending = ex.submit(run.native, first, stream)
+    loaded, pending, start = [], [], 0
+    with ThreadPoolExecutor(len(parts) - 1, thread_name_prefix="tensorizer-rs-load") as ex:
         try:
-            rest = allocate(fresh[cut:])
-            if pending.done():
-                pending.result()  # a first part that failed raises before more is read
-            # No wait for the first part's tail: the two loads share the staging pool.
-            later = run.native(rest, stream)
+            for k, end in enumerate(parts):
+                jobs = (direct if k == 0 else []) + allocate(fresh[start:end])
+                start = end
+                for _, p in pending:
+                    if p.done():
+                        p.result()  # a part that failed raises before more is read
+                # No wait for the earlier parts' tails: the loads share the staging pool.
+                if end < len(fresh):
+                    pending.append((jobs, ex.submit(run.native, jobs, stream)))
+                else:
+                    loaded.append((jobs, run.native(jobs, stream)))
         finally:
-            done = pending.result()  # the first load's error, if any, wins
-    return list(zip(first, done)) + list(zip(rest, later))
+            done = [(jobs, p.result()) for jobs, p in pending]  # the first part's error wins
+    return [x for jobs, idx in done + loaded for x in zip(jobs, idx)]
+
+
+def _overlap_parts() -> tuple:
+    env = os.environ.get("TENSORIZER_RS_OVERLAP_PARTS")  # A/B runs: e.g. "0.125"; "" = one part
+    if env is None:
+        return OVERLAP_PARTS
+    return tuple(float(x) for x in env.split(",") if x.strip())
+
+
+def _parts(sizes: list, ends: tuple) -> list:
+    """End indices of the parts of ``sizes``: each part runs until the bytes so far reach the
+    next fraction of ``ends`` (at least one item per part); the last part ends at the end."""
+    total, out, acc, n = sum(sizes), [], 0, 0
+    for f in ends:
+        if out and acc >= total * f:
+            continue  # the part before already reached this one
+        while n < len(sizes) and (acc < total * f or n == (out[-1] if out else 0)):
+            acc += sizes[n]
+            n += 1
+        if n < len(sizes) and (not out or n > out[-1]):
+            out.append(n)
+    return out + [len(sizes)]
 
 
 def _allocate(entries: list, wanted: list, device) -> list:

@@ -236,24 +236,44 @@ def _tampered(sd, dec):
 
 @check
 def allocation_overlaps_first_load():
-    """New tensors allocated while the first part loads (a second native load, which may run
-    beside the first) land the same; progress counts both parts once."""
+    """New tensors allocated while the earlier parts load (each part a native load, which may
+    run beside the others) land the same; progress counts every part once; a part that fails
+    fails the load with its own error."""
     small_staging()
-    sd = big_state(3)
-    path = write(TMP / "overlap.tensors", sd)
+    g = torch.Generator().manual_seed(4)
+    many = {f"w{k:03d}": torch.randn(1000 + 700 * k, generator=g) for k in range(120)}
     old = _cuda.OVERLAP_MIN_BYTES
     _cuda.OVERLAP_MIN_BYTES = 0
-    seen = []
     try:
-        _cuda.reset_counters()
-        out = gpu_load(gpu_deser(path, progress=lambda b, r: seen.append(b)))
+        for sd, name in ((big_state(3), "overlap"), (many, "parts")):
+            path = write(TMP / f"{name}.tensors", sd)
+            parts = _cuda._parts(
+                [v.numel() * v.element_size() for v in sd.values() if v.numel()],
+                _cuda.OVERLAP_PARTS,
+            )
+            seen = []
+            _cuda.reset_counters()
+            out = gpu_load(gpu_deser(path, progress=lambda b, r, seen=seen: seen.append(b)))
+            for k, v in expected(sd).items():
+                assert torch.equal(out[k], v), k
+            assert _cuda.counters()["loads"] == len(parts) > 1, (_cuda.counters(), parts)
+            total = sum(v.numel() * v.element_size() for v in sd.values())
+            assert seen and seen[-1] == total and max(seen) <= total, (seen[-3:], total)
+        assert len(parts) == 4, parts
+        # A corrupt tensor in the third part: that part's error, naming it, and no hang.
+        e = next(e for e in _native.TensorFile(path).entries() if e["name"] == "w060")
+        data = bytearray(Path(path).read_bytes())
+        data[e["data_offset"] + 5] ^= 0xFF
+        bad = TMP / "parts_bad.tensors"
+        bad.write_bytes(bytes(data))
+        try:
+            gpu_load(gpu_deser(bad), verify=True)
+        except HashMismatchError as err:
+            assert "w060" in str(err), err
+        else:
+            raise AssertionError("corruption in a later part not detected")
     finally:
         _cuda.OVERLAP_MIN_BYTES = old
-    for k, v in expected(sd).items():
-        assert torch.equal(out[k], v), k
-    assert _cuda.counters()["loads"] == 2, _cuda.counters()
-    total = sum(v.numel() * v.element_size() for v in sd.values())
-    assert seen and seen[-1] == total and max(seen) <= total, (seen[-3:], total)
 
 
 @check
@@ -566,7 +586,8 @@ def staging_grows_only_to_the_readers():
             for k, v in sd.items():
                 assert torch.equal(out[k], v), (overlap, k)
             c = _cuda.counters()
-            assert c["loads"] == (2 if overlap else 1), c
+            parts = _cuda._parts([v.numel() * 4 for v in sd.values()], _cuda.OVERLAP_PARTS)
+            assert c["loads"] == (len(parts) if overlap else 1) and len(parts) > 1, c
             assert c["peak_staging_allocated"] <= readers * chunk, (overlap, c)
     finally:
         _cuda.OVERLAP_MIN_BYTES = old
