@@ -36,14 +36,9 @@ CAST_GROUP_BYTES = 256 << 20
 #: New tensors up to this size share allocations (one ``torch.empty`` per shape and dtype, split
 #: with ``unbind``): per-tensor allocation dominates files of many tiny tensors.
 SHARE_MAX_BYTES = 64 << 10
-#: New tensors of at least this many bytes in all load in parts: the first is allocated before
-#: anything loads, each later one while the earlier ones load, and starts loading as soon as it
-#: is allocated, beside their tails. Torch allocates (about 0.1 ms per tensor, slower beside the
-#: readers) several times faster than we load, so with parts growing fourfold every allocation
-#: but the tiny first one hides behind the copies. ``OVERLAP_PARTS``: where the parts but the
-#: last end, as fractions of the new tensors' bytes.
-OVERLAP_MIN_BYTES = 256 << 20
-OVERLAP_PARTS = (1 / 64, 5 / 64, 21 / 64)
+#: New tensors of at least this many bytes in all are allocated out of one block reserved from
+#: torch's caching allocator first (see ``_reserve``).
+RESERVE_MIN_BYTES = 64 << 20
 #: Bytes of one shared allocation.
 SHARE_GROUP_BYTES = 4 << 20
 #: A/B switch for benchmarks: all new tensors of one native load as views of one allocation.
@@ -139,51 +134,41 @@ class _Run:
         self.stats: list = []
         self.alloc_seconds: list = []  # each `_allocate` call of the run, for benchmarks
         self.user = getattr(deser, "_progress", None)
-        self.live: dict = {}  # bytes done by native loads still running (two may overlap)
 
-    def _progress(self, key: object):
+    def _progress(self):
         """The native callback for a native load: reports bytes of the whole run."""
         if self.user is None:
             return None
 
         def report(done: int, total: int) -> None:
-            self.live[key] = done
-            run_done = self.bytes + sum(self.live.values())
+            run_done = self.bytes + done
             elapsed = max(time.perf_counter() - self.started, 1e-9)
             self.user(run_done, run_done / elapsed / 1e9)
 
         return report
 
-    def native(self, jobs: list, stream: int | None = None) -> list:
+    def native(self, jobs: list) -> list:
         """Load ``[(index, tensor, data_ptr, nbytes)]`` into the tensors' memory; returns the
         module indices."""
         if not jobs:
             return []
         d = self.deser
-        targets = [(i, p, n) for i, _, p, n in jobs]
-        key = object()
-        try:
-            module_idx, stats = self._native(d, targets, stream, key)
-        finally:
-            self.live.pop(key, None)
+        _native.trace_mark("native_call", len(jobs))
+        module_idx, stats = _native.cuda_load(
+            d._file,
+            [(i, p, n) for i, _, p, n in jobs],
+            _ordinal(d._device),
+            _stream_of(d._device),
+            num_readers=d._num_readers,
+            verify_hash=self.verify,
+            progress=self._progress(),
+            **d._crypt,
+            **load_options,
+        )
         self.bytes += stats["bytes"]
         self.tensors += len(jobs)
         self.stats.append(stats)
         return module_idx
-
-    def _native(self, d, targets: list, stream: int | None, key: object):
-        _native.trace_mark("native_call", len(targets))
-        return _native.cuda_load(
-            d._file,
-            targets,
-            _ordinal(d._device),
-            _stream_of(d._device) if stream is None else stream,
-            num_readers=d._num_readers,
-            verify_hash=self.verify,
-            progress=self._progress(key),
-            **d._crypt,
-            **load_options,
-        )
 
     def done(self) -> None:
         d = self.deser
@@ -251,67 +236,52 @@ def _load(run: _Run, indices: list, into: dict) -> tuple[dict, dict]:
 
 def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
     """Load ``direct`` jobs plus new tensors for ``fresh`` = ``[(index, dtype)]``; returns
-    ``[(job, module_idx)]``. With many bytes of new tensors, each part after the first is
-    allocated while the earlier ones load (``OVERLAP_PARTS``)."""
+    ``[(job, module_idx)]``."""
     d = run.deser
     entries = d._entries
+    t0 = time.perf_counter()
+    _native.trace_mark("alloc_start", len(fresh))
     total = sum(entries[i]["nbytes"] for i, _ in fresh)
-
-    def allocate(wanted):
-        t0 = time.perf_counter()
-        _native.trace_mark("alloc_start", len(wanted))
-        try:
-            return _allocate(entries, wanted, d._device)
-        finally:
-            _native.trace_mark("alloc_end", len(wanted))
-            run.alloc_seconds.append(time.perf_counter() - t0)
-
-    parts = _parts([entries[i]["nbytes"] for i, _ in fresh], _overlap_parts())
-    if total < OVERLAP_MIN_BYTES or len(parts) < 2:
-        jobs = direct + allocate(fresh)
-        return list(zip(jobs, run.native(jobs)))
-    stream = _stream_of(d._device)  # the caller's current stream (thread-local in torch)
-    from concurrent.futures import ThreadPoolExecutor
-
-    loaded, pending, start = [], [], 0
-    with ThreadPoolExecutor(len(parts) - 1, thread_name_prefix="tensorizer-rs-load") as ex:
-        try:
-            for k, end in enumerate(parts):
-                jobs = (direct if k == 0 else []) + allocate(fresh[start:end])
-                start = end
-                for _, p in pending:
-                    if p.done():
-                        p.result()  # a part that failed raises before more is read
-                # No wait for the earlier parts' tails: the loads share the staging pool.
-                if end < len(fresh):
-                    pending.append((jobs, ex.submit(run.native, jobs, stream)))
-                else:
-                    loaded.append((jobs, run.native(jobs, stream)))
-        finally:
-            done = [(jobs, p.result()) for jobs, p in pending]  # the first part's error wins
-    return [x for jobs, idx in done + loaded for x in zip(jobs, idx)]
+    if total >= RESERVE_MIN_BYTES and _can_reserve(d._device):
+        _reserve(total + 512 * len(fresh), d._device)  # torch rounds each allocation to 512
+    jobs = direct + _allocate(entries, fresh, d._device)
+    _native.trace_mark("alloc_end", len(fresh))
+    run.alloc_seconds.append(time.perf_counter() - t0)
+    return list(zip(jobs, run.native(jobs)))
 
 
-def _overlap_parts() -> tuple:
-    env = os.environ.get("TENSORIZER_RS_OVERLAP_PARTS")  # A/B runs: e.g. "0.125"; "" = one part
-    if env is None:
-        return OVERLAP_PARTS
-    return tuple(float(x) for x in env.split(",") if x.strip())
+def _can_reserve(device) -> bool:
+    """Whether freed memory goes back to torch's own cache, whose large blocks later
+    allocations split: not with ``cudaMallocAsync``, ``expandable_segments`` (segments are
+    mapped differently) or ``max_split_size_mb`` (larger blocks are never split, so the
+    reserved block would sit unused beside the tensors)."""
+    import torch
+
+    if device.type != "cuda" or os.environ.get("TENSORIZER_RS_RESERVE") == "0":
+        return False
+    conf = (
+        ",".join(os.environ.get(k, "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
+        .replace(" ", "")
+        .lower()
+    )
+    if "max_split_size_mb" in conf or "expandable_segments:true" in conf:
+        return False
+    return torch.cuda.get_allocator_backend() == "native"
 
 
-def _parts(sizes: list, ends: tuple) -> list:
-    """End indices of the parts of ``sizes``: each part runs until the bytes so far reach the
-    next fraction of ``ends`` (at least one item per part); the last part ends at the end."""
-    total, out, acc, n = sum(sizes), [], 0, 0
-    for f in ends:
-        if out and acc >= total * f:
-            continue  # the part before already reached this one
-        while n < len(sizes) and (acc < total * f or n == (out[-1] if out else 0)):
-            acc += sizes[n]
-            n += 1
-        if n < len(sizes) and (not out or n > out[-1]):
-            out.append(n)
-    return out + [len(sizes)]
+def _reserve(nbytes: int, device) -> None:
+    """Allocate ``nbytes`` in one piece and free it at once into torch's caching allocator:
+    the new tensors' own allocations then split that cached block instead of each asking the
+    driver (``cudaMalloc`` per tensor took 20–100 ms for a 16 GiB model, slower beside the
+    copies; the one allocation takes 2–4 ms). Each tensor keeps its own storage; torch hands
+    the memory back to the driver (``empty_cache``) once all of the block's tensors are gone."""
+    import torch
+
+    try:
+        block = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    except torch.OutOfMemoryError:
+        return  # no room in one piece: one allocation per tensor, as without it
+    del block
 
 
 def _allocate(entries: list, wanted: list, device) -> list:

@@ -294,6 +294,62 @@ def test_ctrl_c_stops_a_cuda_load(tmp_path, mode):
     assert took < 5, f"the load went on for {took:.1f} s after Ctrl-C"
 
 
+_RESERVE_PROBE = """
+import json, sys, torch
+from tensorizer_rs import TensorDeserializer
+torch.cuda.init()
+s0 = torch.cuda.memory_stats()
+d = TensorDeserializer(sys.argv[1], device="cuda")
+t = dict(d.items())
+s1 = torch.cuda.memory_stats()
+grown = lambda k: s1.get(k, 0) - s0.get(k, 0)
+ptrs = {v.untyped_storage().data_ptr() for v in t.values()}
+print(json.dumps({
+    "segments": grown("segment.all.allocated"),
+    "reserved": grown("reserved_bytes.all.current"),
+    "storages": len(ptrs),
+    "sums": {k: float(v.double().sum()) for k, v in t.items()},
+}))
+"""
+
+
+@pytest.mark.parametrize(
+    "conf", ["", "expandable_segments:True", "max_split_size_mb:32"], ids=lambda c: c or "default"
+)
+def test_new_tensors_split_one_reserved_block(tmp_path, conf):
+    """A large load of new tensors asks the driver for one block and splits it in torch's
+    cache (each tensor keeps its own storage), unless the allocator's settings would leave that
+    block unused beside the tensors: then one allocation each, and never twice the memory."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    g = torch.Generator().manual_seed(8)
+    # 12 MiB each: torch gives allocations over 10 MiB a driver allocation of their own.
+    sd = {f"w{k}": torch.randn(3 << 20, generator=g) for k in range(8)}
+    path = _write(tmp_path / "r.tensors", sd)
+    env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=conf)
+    run = subprocess.run(
+        [sys.executable, "-c", _RESERVE_PROBE, path],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["sums"] == {k: float(v.double().sum()) for k, v in sd.items()}
+    assert got["storages"] == len(sd)
+    total = 8 * (12 << 20)
+    assert total <= got["reserved"] <= total + (4 << 20), got
+    if conf == "":
+        assert got["segments"] == 1, got
+    elif conf.startswith("max_split"):
+        assert got["segments"] >= len(sd), got
+
+
 def test_dtype_conversion_on_gpu(tmp_path):
     torch.manual_seed(6)
     src = Block()

@@ -235,48 +235,6 @@ def _tampered(sd, dec):
 
 
 @check
-def allocation_overlaps_first_load():
-    """New tensors allocated while the earlier parts load (each part a native load, which may
-    run beside the others) land the same; progress counts every part once; a part that fails
-    fails the load with its own error."""
-    small_staging()
-    g = torch.Generator().manual_seed(4)
-    many = {f"w{k:03d}": torch.randn(1000 + 700 * k, generator=g) for k in range(120)}
-    old = _cuda.OVERLAP_MIN_BYTES
-    _cuda.OVERLAP_MIN_BYTES = 0
-    try:
-        for sd, name in ((big_state(3), "overlap"), (many, "parts")):
-            path = write(TMP / f"{name}.tensors", sd)
-            parts = _cuda._parts(
-                [v.numel() * v.element_size() for v in sd.values() if v.numel()],
-                _cuda.OVERLAP_PARTS,
-            )
-            seen = []
-            _cuda.reset_counters()
-            out = gpu_load(gpu_deser(path, progress=lambda b, r, seen=seen: seen.append(b)))
-            for k, v in expected(sd).items():
-                assert torch.equal(out[k], v), k
-            assert _cuda.counters()["loads"] == len(parts) > 1, (_cuda.counters(), parts)
-            total = sum(v.numel() * v.element_size() for v in sd.values())
-            assert seen and seen[-1] == total and max(seen) <= total, (seen[-3:], total)
-        assert len(parts) == 4, parts
-        # A corrupt tensor in the third part: that part's error, naming it, and no hang.
-        e = next(e for e in _native.TensorFile(path).entries() if e["name"] == "w060")
-        data = bytearray(Path(path).read_bytes())
-        data[e["data_offset"] + 5] ^= 0xFF
-        bad = TMP / "parts_bad.tensors"
-        bad.write_bytes(bytes(data))
-        try:
-            gpu_load(gpu_deser(bad), verify=True)
-        except HashMismatchError as err:
-            assert "w060" in str(err), err
-        else:
-            raise AssertionError("corruption in a later part not detected")
-    finally:
-        _cuda.OVERLAP_MIN_BYTES = old
-
-
-@check
 def larger_than_pool_all_modes():
     small_staging()
     sd = big_state()
@@ -567,30 +525,23 @@ def pool_reconfigure_and_release():
 @check
 def staging_grows_only_to_the_readers():
     """A local load makes no more staging buffers than it has readers, even when it starts
-    while the prewarm is still making them and when a new-tensor load runs in two overlapped
-    parts: more buffers than readers only spread the copies over more memory (slower on the
-    hosts measured, docs/benchmarks.md)."""
+    while the prewarm is still making them: more buffers than readers only spread the copies
+    over more memory (slower on the hosts measured, docs/benchmarks.md)."""
     chunk, readers = 2 << 20, 3
     assert _cuda.staging(32 << 20, chunk, "thp")[:2] == (32 << 20, chunk)
     g = torch.Generator().manual_seed(9)
     sd = {f"w{k}": torch.randn(1_500_000, generator=g) for k in range(6)}  # 36 MB: 18+ pieces
     path = write(TMP / "readers.tensors", sd)
-    old = _cuda.OVERLAP_MIN_BYTES
     try:
-        for overlap in (False, True):
-            _cuda.release_staging(0)
-            _cuda.reset_counters()
-            _cuda.OVERLAP_MIN_BYTES = 0 if overlap else old
-            _native.cuda_prewarm(0, readers)  # racing the load, as the constructor's does
-            out = gpu_load(gpu_deser(path, num_readers=readers))
-            for k, v in sd.items():
-                assert torch.equal(out[k], v), (overlap, k)
-            c = _cuda.counters()
-            parts = _cuda._parts([v.numel() * 4 for v in sd.values()], _cuda.OVERLAP_PARTS)
-            assert c["loads"] == (len(parts) if overlap else 1) and len(parts) > 1, c
-            assert c["peak_staging_allocated"] <= readers * chunk, (overlap, c)
+        _cuda.release_staging(0)
+        _cuda.reset_counters()
+        _native.cuda_prewarm(0, readers)  # racing the load, as the constructor's does
+        out = gpu_load(gpu_deser(path, num_readers=readers))
+        for k, v in sd.items():
+            assert torch.equal(out[k], v), k
+        c = _cuda.counters()
+        assert c["loads"] == 1 and c["peak_staging_allocated"] <= readers * chunk, c
     finally:
-        _cuda.OVERLAP_MIN_BYTES = old
         _cuda.release_staging(0)
 
 
