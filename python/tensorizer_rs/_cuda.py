@@ -242,9 +242,16 @@ def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
     t0 = time.perf_counter()
     _native.trace_mark("alloc_start", len(fresh))
     total = sum(entries[i]["nbytes"] for i, _ in fresh)
-    if total >= RESERVE_MIN_BYTES and _can_reserve(d._device):
+    reserve = total >= RESERVE_MIN_BYTES and _can_reserve(d._device)
+    if reserve:
+        import torch
+
+        before = torch.cuda.memory_reserved(d._device)
         _reserve(total + 512 * len(fresh), d._device)  # torch rounds each allocation to 512
     jobs = direct + _allocate(entries, fresh, d._device)
+    if reserve and torch.cuda.memory_reserved(d._device) - before > 1.5 * total:
+        # The block went unsplit (allocator settings changed at run time): give it back.
+        torch.cuda.empty_cache()
     _native.trace_mark("alloc_end", len(fresh))
     run.alloc_seconds.append(time.perf_counter() - t0)
     return list(zip(jobs, run.native(jobs)))
@@ -279,7 +286,7 @@ def _reserve(nbytes: int, device) -> None:
 
     try:
         block = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         return  # no room in one piece: one allocation per tensor, as without it
     del block
 

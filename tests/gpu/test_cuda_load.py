@@ -298,6 +298,8 @@ _RESERVE_PROBE = """
 import hashlib, json, sys, torch
 from tensorizer_rs import TensorDeserializer
 torch.cuda.init()
+if sys.argv[2]:
+    torch.cuda.memory._set_allocator_settings(sys.argv[2])
 s0 = torch.cuda.memory_stats()
 d = TensorDeserializer(sys.argv[1], device="cuda")
 t = dict(d.items())
@@ -314,12 +316,20 @@ print(json.dumps({
 
 
 @pytest.mark.parametrize(
-    "conf", ["", "expandable_segments:True", "max_split_size_mb:32"], ids=lambda c: c or "default"
+    "conf,runtime",
+    [
+        ("", ""),
+        ("expandable_segments:True", ""),
+        ("max_split_size_mb:32", ""),
+        ("", "max_split_size_mb:32"),
+    ],
+    ids=["default", "expandable", "max-split", "max-split-at-run-time"],
 )
-def test_new_tensors_split_one_reserved_block(tmp_path, conf):
+def test_new_tensors_split_one_reserved_block(tmp_path, conf, runtime):
     """A large load of new tensors asks the driver for one block and splits it in torch's
     cache (each tensor keeps its own storage), unless the allocator's settings would leave that
-    block unused beside the tensors: then one allocation each, and never twice the memory."""
+    block unused beside the tensors: then one allocation each, and never twice the memory
+    (settings changed at run time: the unsplit block is given back)."""
     import json
     import os
     import subprocess
@@ -331,7 +341,7 @@ def test_new_tensors_split_one_reserved_block(tmp_path, conf):
     path = _write(tmp_path / "r.tensors", sd)
     env = dict(os.environ, PYTORCH_CUDA_ALLOC_CONF=conf)
     run = subprocess.run(
-        [sys.executable, "-c", _RESERVE_PROBE, path],
+        [sys.executable, "-c", _RESERVE_PROBE, path, runtime],
         env=env,
         capture_output=True,
         text=True,
@@ -344,9 +354,9 @@ def test_new_tensors_split_one_reserved_block(tmp_path, conf):
     assert got["storages"] == len(sd)
     total = 8 * (12 << 20)
     assert total <= got["reserved"] <= total + (4 << 20), got
-    if conf == "":
+    if not conf + runtime:
         assert got["segments"] == 1, got
-    elif conf.startswith("max_split"):
+    elif "max_split" in conf + runtime:
         assert got["segments"] >= len(sd), got
 
 
