@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -79,10 +80,13 @@ def requests_seen(base: str) -> dict:
         return json.loads(r.read())
 
 
-def interrupt_load(base: str, path: str, load: str) -> tuple[str, str, float]:
-    """Run `load` (Python statements loading `base + path`) in a subprocess, send it SIGINT
-    once the native load is under way (the open probe and a ranged read have reached the
-    server), and return its stdout, its stderr and the seconds it took to end after that."""
+def interrupt_load(
+    base: str, path: str, load: str, env: dict | None = None
+) -> tuple[str, str, float]:
+    """Run `load` (Python statements loading `base + path`) in a subprocess (with `env` added
+    to the environment), send it SIGINT once the native load is under way (the open probe and
+    a ranged read have reached the server), and return its stdout, its stderr and the seconds
+    it took to end after that."""
     code = (
         # Python leaves SIGINT ignored when it starts so (a background job of a shell without
         # job control, as CI may run us): ask for KeyboardInterrupt explicitly.
@@ -92,7 +96,11 @@ def interrupt_load(base: str, path: str, load: str) -> tuple[str, str, float]:
         "print('loaded', flush=True)\n"
     )
     p = subprocess.Popen(
-        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
     )
     try:
         deadline = time.monotonic() + 60

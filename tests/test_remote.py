@@ -220,12 +220,15 @@ def test_failed_s3_write_leaves_nothing(s3):
         open_stream("s3://models/fail/model.tensors", **s3)
 
 
+@pytest.mark.parametrize("client", ["direct", "reqwest"])
 @pytest.mark.parametrize("mode", ["slow", "stall"])
-def test_ctrl_c_stops_a_load(tmp_path, mode):
+def test_ctrl_c_stops_a_load(tmp_path, mode, client):
     """Ctrl-C while a load waits on a slow server (16 KiB per connection every 100 ms: this
     load would take most of a minute) or a silent one (no byte after the first 16 KiB, the
     connection left open: a read times out after 60 s) raises KeyboardInterrupt within
-    moments, as it would in Python code, instead of when the load ends."""
+    moments, as it would in Python code, instead of when the load ends. Both HTTP clients:
+    the direct one and reqwest's (``TENSORIZER_RS_HTTP_DIRECT=0``), whose requests run through
+    the same ranged reads as S3's."""
     root = tmp_path / "www"
     root.mkdir()
     with TensorSerializer(str(root / "big.tensors")) as s:
@@ -233,7 +236,8 @@ def test_ctrl_c_stops_a_load(tmp_path, mode):
     with http_server(root) as base:
         url = f"{base}/{mode}/big.tensors"
         load = f"from tensorizer_rs import TensorDeserializer as D; D({url!r}, device='cpu')"
-        out, err, took = interrupt_load(base, f"/{mode}/big.tensors", load)
+        env = {"TENSORIZER_RS_HTTP_DIRECT": "0"} if client == "reqwest" else {}
+        out, err, took = interrupt_load(base, f"/{mode}/big.tensors", load, env)
     assert "KeyboardInterrupt" in err, err
     assert "loaded" not in out
     assert took < 5, f"the load went on for {took:.1f} s after Ctrl-C"

@@ -12,7 +12,7 @@ use crate::crypto::{self, DecryptionKeys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::hash::RecordHasher;
 use crate::format::{IndexEntry, TensorHeader};
-use crate::storage::SliceDest;
+use crate::storage::{SliceDest, StopReadsOn};
 
 #[derive(Clone, Default)]
 pub struct LoadOptions {
@@ -151,6 +151,7 @@ pub fn load_to_host(
             let exit = ReaderExit { active: &active, wake: &wake };
             let spawned = std::thread::Builder::new().name(format!("tz-read{w}")).spawn_scoped(s, || {
                 let _exit = exit;
+                let _stop = StopReadsOn::install(&failed);
                 let mut scratch = Vec::new();
                 crate::trace::mark("reader_start", 0, 0);
                 while !failed.load(Ordering::Relaxed) {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use futures_util::future::{select_all, BoxFuture};
 use tokio::sync::Semaphore;
 
-use super::retry::{block_on, runtime, Backoff, Failure, RetryPolicy};
+use super::retry::{block_on, block_on_read, runtime, Backoff, Failure, RetryPolicy};
 use super::{Source, StreamDest};
 use crate::error::{Error, Result};
 
@@ -143,7 +143,7 @@ impl<F: RangeFetch> RangedSource<F> {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
         if buf.len() <= self.request_size {
             let len = buf.len();
-            return block_on(self.requests.fetch_with_retries(offset, len, Out::Buf(buf)));
+            return block_on_read(self.requests.fetch_with_retries(offset, len, Out::Buf(buf)));
         }
         let mut tasks = Tasks(Vec::with_capacity(buf.len().div_ceil(self.request_size)));
         let mut at = offset;
@@ -159,7 +159,8 @@ impl<F: RangeFetch> RangedSource<F> {
                 requests.fetch_with_retries(start, dst.len(), Out::Buf(dst)).await
             }));
         }
-        block_on(async {
+        // Stopped early, `tasks` cancels the requests left and waits for them as it drops.
+        block_on_read(async {
             let mut result = Ok(());
             while !tasks.0.is_empty() {
                 let (joined, i, _) = select_all(tasks.0.iter_mut()).await;
@@ -257,7 +258,8 @@ impl<F: RangeFetch> Source for RangedSource<F> {
         if offset + len as u64 <= self.prefix.len() as u64 {
             return sink(&self.prefix[offset as usize..offset as usize + len]);
         }
-        block_on(self.requests.fetch_with_retries(offset, len, Out::Sink(sink))).map_err(|e| e.in_file(&self.shown))
+        block_on_read(self.requests.fetch_with_retries(offset, len, Out::Sink(sink)))
+            .map_err(|e| e.in_file(&self.shown))
     }
     fn read_stream_into(&self, offset: u64, len: usize, dest: &mut dyn StreamDest) -> Result<()> {
         self.check_range(offset, len)?;
@@ -265,7 +267,8 @@ impl<F: RangeFetch> Source for RangedSource<F> {
             return dest.put(&self.prefix[offset as usize..offset as usize + len]);
         }
         // On the calling thread (block_on), so a fetcher may block in socket reads here.
-        block_on(self.requests.fetch_with_retries(offset, len, Out::Dest(dest))).map_err(|e| e.in_file(&self.shown))
+        block_on_read(self.requests.fetch_with_retries(offset, len, Out::Dest(dest)))
+            .map_err(|e| e.in_file(&self.shown))
     }
     fn reads_into_buffers(&self) -> bool {
         self.requests.fetcher.reads_into_buffers()

@@ -1,9 +1,13 @@
 //! Retries with exponential backoff, shared by every remote backend, and the one tokio runtime
 //! they run on.
+use std::cell::Cell;
 use std::future::Future;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
+
+use futures_util::future::{select, Either};
 
 use crate::error::{Error, Result};
 
@@ -138,6 +142,59 @@ where
     }
 }
 
+thread_local! {
+    /// The stop flag of the load this thread reads for (see [`StopReadsOn`]); null if none.
+    static STOP: Cell<*const AtomicBool> = const { Cell::new(std::ptr::null()) };
+}
+
+/// How often a remote read waiting on the network looks at its load's stop flag.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// While alive, remote reads made on this thread give up within [`STOP_POLL`] once `flag` is
+/// set (a load that failed or was interrupted), instead of waiting for their requests to end:
+/// a stalled server would otherwise hold them for the read timeout (60 s). Plain-HTTP reads
+/// into our buffers watch the flag themselves ([`super::StreamDest::stopped`]).
+pub struct StopReadsOn<'a> {
+    prev: *const AtomicBool,
+    _flag: PhantomData<&'a AtomicBool>,
+}
+
+impl<'a> StopReadsOn<'a> {
+    pub fn install(flag: &'a AtomicBool) -> Self {
+        StopReadsOn { prev: STOP.with(|s| s.replace(flag)), _flag: PhantomData }
+    }
+}
+
+impl Drop for StopReadsOn<'_> {
+    fn drop(&mut self) {
+        STOP.with(|s| s.set(self.prev));
+    }
+}
+
+/// [`block_on`] for a read: ends early with an error once this thread's load stops.
+pub(crate) fn block_on_read<T: Send>(fut: impl Future<Output = Result<T>> + Send) -> Result<T> {
+    let flag = STOP.with(|s| s.get());
+    if flag.is_null() {
+        return block_on(fut);
+    }
+    // SAFETY: the guard that installed the flag lives on this thread past this call (it is
+    // !Send and borrows the flag), so the flag outlives the future that reads it.
+    let flag: &AtomicBool = unsafe { &*flag };
+    block_on(async move {
+        let mut fut = std::pin::pin!(fut);
+        let mut poll = tokio::time::interval(STOP_POLL);
+        loop {
+            match select(fut.as_mut(), std::pin::pin!(poll.tick())).await {
+                Either::Left((done, _)) => return done,
+                Either::Right(_) if flag.load(Ordering::Relaxed) => {
+                    return Err(Error::io("stopped: the load was stopped"));
+                }
+                Either::Right(_) => {}
+            }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -166,6 +223,26 @@ mod tests {
         assert!(result.unwrap_err().message.contains("gave up after 3 attempts"));
         let result = block_on(Backoff::new(p).wait(Failure::fatal(Error::io("no"))));
         assert_eq!(result.unwrap_err().message, "no");
+    }
+
+    #[test]
+    fn a_read_gives_up_once_its_load_stops() {
+        let flag = AtomicBool::new(false);
+        let _stop = StopReadsOn::install(&flag);
+        assert_eq!(block_on_read(async { Ok(5) }).unwrap(), 5);
+        let t0 = std::time::Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(150));
+                flag.store(true, Ordering::Relaxed);
+            });
+            let stalled = block_on_read(async {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                Ok(())
+            });
+            assert!(stalled.unwrap_err().message.contains("stopped"));
+        });
+        assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
     }
 
     #[test]

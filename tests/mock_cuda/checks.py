@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import signal
@@ -716,22 +717,27 @@ def ctrl_c_stops_a_load():
     """Ctrl-C while a GPU load waits on a slow server (16 KiB per connection every 100 ms: this
     load would take a minute) or a silent one (nothing after the first 16 KiB, the connection
     left open) raises KeyboardInterrupt within moments, as it would in Python code, instead of
-    when the load ends; the pipeline works afterwards."""
+    when the load ends, through either HTTP client (reqwest's requests are S3's path too); the
+    pipeline works afterwards."""
     small_staging()
     root = TMP / "www-slow"
     root.mkdir(exist_ok=True)
     sd = {f"t{i}": torch.full((2 << 20,), float(i)) for i in range(4)}  # 32 MiB
-    write(root / "s.tensors", sd)
+    for client in ("direct", "reqwest"):
+        write(root / f"{client}.tensors", sd)
     # Python leaves SIGINT ignored when it starts so (a background job of a shell without job
     # control, as CI may run us): ask for KeyboardInterrupt explicitly.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with http_server(root) as base, contextlib.ExitStack() as undo:
         undo.callback(signal.signal, signal.SIGINT, previous)
-        for mode in ("slow", "stall"):
-            sent = []
+        undo.callback(os.environ.pop, "TENSORIZER_RS_HTTP_DIRECT", None)
+        for client, mode in itertools.product(("direct", "reqwest"), ("slow", "stall")):
+            if client == "reqwest":
+                os.environ["TENSORIZER_RS_HTTP_DIRECT"] = "0"
+            path, sent = f"/{mode}/{client}.tensors", []
 
-            def interrupt(mode=mode, sent=sent):  # once ranged reads reach the server
-                while requests_seen(base).get(f"/{mode}/s.tensors", 0) < 2:
+            def interrupt(path=path, sent=sent):  # once ranged reads reach the server
+                while requests_seen(base).get(path, 0) < 2:
                     time.sleep(0.05)
                 time.sleep(0.5)
                 sent.append(time.monotonic())
@@ -739,12 +745,12 @@ def ctrl_c_stops_a_load():
 
             threading.Thread(target=interrupt, daemon=True).start()
             try:
-                gpu_load(gpu_deser(f"{base}/{mode}/s.tensors"))
-                raise AssertionError(f"{mode}: the load ended before the interrupt")
+                gpu_load(gpu_deser(base + path))
+                raise AssertionError(f"{client}, {mode}: the load ended before the interrupt")
             except KeyboardInterrupt:
                 took = time.monotonic() - sent[0]
-            assert took < 5, f"{mode}: the load went on for {took:.1f} s after Ctrl-C"
-        assert_loaded(gpu_load(gpu_deser(f"{base}/data/s.tensors")), sd)
+            assert took < 5, f"{client}, {mode}: the load went on for {took:.1f} s after Ctrl-C"
+        assert_loaded(gpu_load(gpu_deser(f"{base}/data/reqwest.tensors")), sd)
 
 
 def main() -> int:
