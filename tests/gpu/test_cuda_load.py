@@ -277,11 +277,13 @@ def test_url_to_cuda_streams_pieces(tmp_path, path, monkeypatch):
         proc.wait()
 
 
+@pytest.mark.parametrize("client", ["direct", "reqwest"])
 @pytest.mark.parametrize("mode", ["slow", "stall"])
-def test_ctrl_c_stops_a_cuda_load(tmp_path, mode):
+def test_ctrl_c_stops_a_cuda_load(tmp_path, mode, client):
     """Ctrl-C while a load to CUDA waits on a server trickling 16 KiB every 100 ms, or one
     gone silent after 16 KiB, raises KeyboardInterrupt within moments (the loading thread
-    checks Python's signals every 100 ms; waiting reads give up within a second)."""
+    checks Python's signals every 100 ms; waiting reads give up within a second), through
+    either HTTP client."""
     from helpers import http_server, interrupt_load
 
     _write(tmp_path / "s.tensors", {f"t{i}": torch.zeros(2 << 20) for i in range(4)})
@@ -289,7 +291,8 @@ def test_ctrl_c_stops_a_cuda_load(tmp_path, mode):
         url = f"{base}/{mode}/s.tensors"
         # An eager CUDA deserializer loads at first use.
         load = f"from tensorizer_rs import TensorDeserializer as D; D({url!r}, device='cuda')['t0']"
-        out, err, took = interrupt_load(base, f"/{mode}/s.tensors", load)
+        env = {"TENSORIZER_RS_HTTP_DIRECT": "0"} if client == "reqwest" else {}
+        out, err, took = interrupt_load(base, f"/{mode}/s.tensors", load, env)
     assert "KeyboardInterrupt" in err and "loaded" not in out, err
     assert took < 5, f"the load went on for {took:.1f} s after Ctrl-C"
 
