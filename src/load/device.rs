@@ -595,9 +595,8 @@ pub fn load_to_device(
             let exit = exec::ReaderExit { active: &job.active, wake: &job.wake };
             let spawned = std::thread::Builder::new().name(format!("tz-gpu-read{w}")).spawn_scoped(scope, move || {
                 let _exit = exit;
-                let _stop = crate::storage::StopReadsOn::install(&job.failed);
                 crate::trace::mark("reader_start", w as u64, 0);
-                if let Err(e) = job.reader(w) {
+                if let Err(e) = crate::storage::reads_stop_on(&job.failed, || job.reader(w)) {
                     job.fail(e);
                 }
                 crate::trace::mark("reader_end", w as u64, 0);

@@ -12,7 +12,7 @@ use crate::crypto::{self, DecryptionKeys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::hash::RecordHasher;
 use crate::format::{IndexEntry, TensorHeader};
-use crate::storage::{SliceDest, StopReadsOn};
+use crate::storage::{reads_stop_on, SliceDest};
 
 #[derive(Clone, Default)]
 pub struct LoadOptions {
@@ -151,16 +151,17 @@ pub fn load_to_host(
             let exit = ReaderExit { active: &active, wake: &wake };
             let spawned = std::thread::Builder::new().name(format!("tz-read{w}")).spawn_scoped(s, || {
                 let _exit = exit;
-                let _stop = StopReadsOn::install(&failed);
                 let mut scratch = Vec::new();
                 crate::trace::mark("reader_start", 0, 0);
-                while !failed.load(Ordering::Relaxed) {
-                    let i = next.fetch_add(1, Ordering::Relaxed);
-                    let Some(item) = plan.items.get(i) else { break };
-                    if let Err(e) = run_item(file, &slots, item, opts, &mut scratch, &failed) {
-                        fail(e);
+                reads_stop_on(&failed, || {
+                    while !failed.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(item) = plan.items.get(i) else { break };
+                        if let Err(e) = run_item(file, &slots, item, opts, &mut scratch, &failed) {
+                            fail(e);
+                        }
                     }
-                }
+                });
                 crate::trace::mark("reader_end", 0, 0);
             });
             if let Err(e) = spawned {

@@ -2,7 +2,6 @@
 //! they run on.
 use std::cell::Cell;
 use std::future::Future;
-use std::marker::PhantomData;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -143,32 +142,27 @@ where
 }
 
 thread_local! {
-    /// The stop flag of the load this thread reads for (see [`StopReadsOn`]); null if none.
+    /// The stop flag of the load this thread reads for (see [`reads_stop_on`]); null if none.
     static STOP: Cell<*const AtomicBool> = const { Cell::new(std::ptr::null()) };
 }
 
 /// How often a remote read waiting on the network looks at its load's stop flag.
 const STOP_POLL: Duration = Duration::from_millis(100);
 
-/// While alive, remote reads made on this thread give up within [`STOP_POLL`] once `flag` is
-/// set (a load that failed or was interrupted), instead of waiting for their requests to end:
-/// a stalled server would otherwise hold them for the read timeout (60 s). Plain-HTTP reads
-/// into our buffers watch the flag themselves ([`super::StreamDest::stopped`]).
-pub struct StopReadsOn<'a> {
-    prev: *const AtomicBool,
-    _flag: PhantomData<&'a AtomicBool>,
-}
-
-impl<'a> StopReadsOn<'a> {
-    pub fn install(flag: &'a AtomicBool) -> Self {
-        StopReadsOn { prev: STOP.with(|s| s.replace(flag)), _flag: PhantomData }
+/// Run `f` with remote reads made on this thread giving up within [`STOP_POLL`] once `flag`
+/// is set (a load that failed or was interrupted), instead of waiting for their requests to
+/// end: a stalled server would otherwise hold them for the read timeout (60 s). Plain-HTTP
+/// reads into our buffers watch the flag themselves ([`super::StreamDest::stopped`]). A
+/// closure rather than a guard, so the flag cannot stay registered past its life.
+pub fn reads_stop_on<R>(flag: &AtomicBool, f: impl FnOnce() -> R) -> R {
+    struct Restore(*const AtomicBool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            STOP.with(|s| s.set(self.0));
+        }
     }
-}
-
-impl Drop for StopReadsOn<'_> {
-    fn drop(&mut self) {
-        STOP.with(|s| s.set(self.prev));
-    }
+    let _restore = Restore(STOP.with(|s| s.replace(flag)));
+    f()
 }
 
 /// [`block_on`] for a read: ends early with an error once this thread's load stops.
@@ -177,8 +171,8 @@ pub(crate) fn block_on_read<T: Send>(fut: impl Future<Output = Result<T>> + Send
     if flag.is_null() {
         return block_on(fut);
     }
-    // SAFETY: the guard that installed the flag lives on this thread past this call (it is
-    // !Send and borrows the flag), so the flag outlives the future that reads it.
+    // SAFETY: set only for the length of a `reads_stop_on` call on this thread, whose borrow
+    // of the flag outlives this call and the future that reads it.
     let flag: &AtomicBool = unsafe { &*flag };
     block_on(async move {
         let mut fut = std::pin::pin!(fut);
@@ -228,21 +222,23 @@ mod tests {
     #[test]
     fn a_read_gives_up_once_its_load_stops() {
         let flag = AtomicBool::new(false);
-        let _stop = StopReadsOn::install(&flag);
-        assert_eq!(block_on_read(async { Ok(5) }).unwrap(), 5);
         let t0 = std::time::Instant::now();
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                std::thread::sleep(Duration::from_millis(150));
-                flag.store(true, Ordering::Relaxed);
+        reads_stop_on(&flag, || {
+            assert_eq!(block_on_read(async { Ok(5) }).unwrap(), 5);
+            std::thread::scope(|s| {
+                s.spawn(|| {
+                    std::thread::sleep(Duration::from_millis(150));
+                    flag.store(true, Ordering::Relaxed);
+                });
+                let stalled = block_on_read(async {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    Ok(())
+                });
+                assert!(stalled.unwrap_err().message.contains("stopped"));
             });
-            let stalled = block_on_read(async {
-                tokio::time::sleep(Duration::from_secs(60)).await;
-                Ok(())
-            });
-            assert!(stalled.unwrap_err().message.contains("stopped"));
         });
         assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
+        assert!(STOP.with(|s| s.get()).is_null(), "the flag stays registered");
     }
 
     #[test]
