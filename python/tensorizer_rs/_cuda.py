@@ -237,6 +237,8 @@ def _load(run: _Run, indices: list, into: dict) -> tuple[dict, dict]:
 def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
     """Load ``direct`` jobs plus new tensors for ``fresh`` = ``[(index, dtype)]``; returns
     ``[(job, module_idx)]``."""
+    import torch
+
     d = run.deser
     entries = d._entries
     t0 = time.perf_counter()
@@ -244,8 +246,6 @@ def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
     total = sum(entries[i]["nbytes"] for i, _ in fresh)
     reserve = total >= RESERVE_MIN_BYTES and _can_reserve(d._device)
     if reserve:
-        import torch
-
         before = torch.cuda.memory_reserved(d._device)
         _reserve(total + 512 * len(fresh), d._device)  # torch rounds each allocation to 512
     jobs = direct + _allocate(entries, fresh, d._device)
