@@ -132,7 +132,7 @@ class _Run:
         self.tensors = 0
         self.started = time.perf_counter()
         self.stats: list = []
-        self.alloc_seconds: list = []  # each `_allocate` call of the run, for benchmarks
+        self.alloc_seconds: list = []  # each allocation of new tensors in the run, for benchmarks
         self.user = getattr(deser, "_progress", None)
 
     def _progress(self):
