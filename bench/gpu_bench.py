@@ -3,15 +3,17 @@
 
     python3 bench/gpu_bench.py --dir /path/on/local/disk [--out DIR] [--gib 16]
 
-1. Limits: pinned host→device bandwidth (torch), page cache → host read bandwidth and cold
-   O_DIRECT disk bandwidth (16 threads, 64 MiB chunks).
+1. Limits: pinned host→device bandwidth (torch), page cache → host and → pinned read bandwidth,
+   the two together (host→device copies beside 8 / 12 / 16 threads reading page cache into
+   pinned buffers: the "staged cap", what a loader staging through pinned memory can reach on
+   this host) and cold O_DIRECT disk bandwidth (16 threads, 64 MiB chunks).
 2. Writes a synthetic Llama-8B-shaped bf16 model (random data, >= --gib GiB) with our writer, the
    same tensors as safetensors, and a file of 20,000 small tensors.
 3. Loads each to the GPU, warm (page cache) and cold (caches dropped), each in a fresh process:
    ours (TensorDeserializer(device="cuda") and load_into_module into a model already on the GPU),
    CoreWeave tensorizer 2.12.1 (if importable, --coreweave PATH), safetensors. Reports GB/s, the
-   ratio to the limit (warm: pinned H2D; cold: O_DIRECT disk), peak RssAnon growth and GPU memory
-   growth; a sweep of our settings (warm); and per-tensor overhead on the small file.
+   ratio to the limit (warm: pinned H2D, and the staged cap; cold: O_DIRECT disk), peak RssAnon
+   growth and GPU memory growth; a sweep of our settings (warm); and per-tensor overhead on the small file.
 
 Writes bench.json and bench.log under --out; prints a table last.
 """
@@ -222,6 +224,78 @@ def parallel_read(path, threads=16, chunk=64 * MiB, direct=False, limit=None, pi
     dt = time.perf_counter() - t0
     os.close(fd)
     return done[0] / dt / 1e9
+
+
+def staged_limits(path, secs=1.0):
+    """What a staged loader can reach at best on this host: host->device DMA (4 GiB pinned
+    copies, back to back) and page cache -> pinned reads (k threads, 8 MiB buffers each) run at
+    the same time, since the loader needs both at once and they share the host's memory. For
+    each k the pair of rates; "cap" is the best over k of the slower of the two (reads paced to
+    the DMA could do a little better than this, a loader with any overhead worse)."""
+    import torch
+
+    size = os.path.getsize(path)
+    chunk = 8 * MiB
+    src = torch.empty(4 * GiB, dtype=torch.uint8, pin_memory=True)
+    src.fill_(1)
+    dst = torch.empty(4 * GiB, dtype=torch.uint8, device="cuda")
+    dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    fd = os.open(path, os.O_RDONLY)
+
+    def dma(stop, out):
+        n, t0 = 0, time.perf_counter()
+        while not stop.is_set():
+            dst.copy_(src, non_blocking=True)
+            torch.cuda.synchronize()
+            n += src.numel()
+        out.append(n / (time.perf_counter() - t0) / 1e9)
+
+    def reads(k, stop, out):
+        lock, pos, done = threading.Lock(), [0], [0]
+        bufs = [
+            memoryview(torch.empty(chunk, dtype=torch.uint8, pin_memory=True).numpy())
+            for _ in range(k)
+        ]
+
+        def work(b):
+            while not stop.is_set():
+                with lock:
+                    off = pos[0]
+                    pos[0] = (off + chunk) % (size - chunk)
+                n = os.preadv(fd, [b], off)
+                with lock:
+                    done[0] += n
+
+        ts = [threading.Thread(target=work, args=(b,)) for b in bufs]
+        t0 = time.perf_counter()
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+        out.append(done[0] / (time.perf_counter() - t0) / 1e9)
+
+    res = {}
+    try:
+        for k in (8, 12, 16):
+            stop, d, r = threading.Event(), [], []
+            ts = [
+                threading.Thread(target=dma, args=(stop, d)),
+                threading.Thread(target=reads, args=(k, stop, r)),
+            ]
+            for t in ts:
+                t.start()
+            time.sleep(secs)
+            stop.set()
+            for t in ts:
+                t.join()
+            res[f"{k}_readers"] = {"h2d_gbps": d[0], "reads_gbps": r[0]}
+    finally:
+        os.close(fd)
+        src = dst = None  # frees the 4 GiB on both sides
+        torch.cuda.empty_cache()
+    res["cap_gbps"] = max(min(v.values()) for v in res.values())
+    return res
 
 
 # ------------------------------------------------------------------------------ writing
@@ -586,13 +660,15 @@ def main():
     res["limits"]["page_cache_read_16t_gbps"] = parallel_read(ours, direct=False)
     # Page cache -> page-locked memory, the loader's first hop: best of a few shapes.
     pinned = {}
-    for threads, chunk in ((12, 8 * MiB), (16, 8 * MiB), (16, 64 * MiB)):
+    for threads, chunk in ((16, 2 * MiB), (16, 4 * MiB), (16, 8 * MiB), (16, 64 * MiB)):
         pinned[f"{threads}x{chunk // MiB}MiB"] = parallel_read(
             ours, threads=threads, chunk=chunk, pinned=True
         )
     res["limits"]["page_cache_to_pinned"] = pinned
     res["limits"]["page_cache_to_pinned_gbps"] = max(pinned.values())
     log(f"page cache -> pinned: {pinned}")
+    res["limits"]["staged"] = staged_limits(ours)
+    log(f"pinned H2D beside page cache -> pinned reads: {res['limits']['staged']}")
     save()
     warm_files = [ours] + ([st] if st else [])
 
@@ -712,9 +788,17 @@ def report(res):
         f"page cache->pinned (best) {lim.get('page_cache_to_pinned_gbps', 0):.1f} GB/s; O_DIRECT disk (best of "
         f"{sum(k.startswith('odirect') for k in lim)}) {disk:.2f} GB/s"
     )
-    cap = lim.get("page_cache_to_pinned_gbps") or h2d
+    staged = lim.get("staged", {})
+    cap = staged.get("cap_gbps") or h2d
+    if staged:
+        pairs = ", ".join(
+            f"{k.split('_')[0]} readers {v['h2d_gbps']:.1f}/{v['reads_gbps']:.1f}"
+            for k, v in staged.items()
+            if isinstance(v, dict)
+        )
+        log(f"H2D / reads at the same time: {pairs}; staged cap {cap:.1f} GB/s")
     log(
-        f"{'loader':<26}{'cache':<6}{'GB/s':>8}{'ratio':>8}{'/pinned':>8}{'RssAnon+':>11}{'GPU+':>10}"
+        f"{'loader':<26}{'cache':<6}{'GB/s':>8}{'ratio':>8}{'/staged':>8}{'RssAnon+':>11}{'GPU+':>10}"
     )
     for r in res["runs"]:
         name = r.get("label", r["loader"])
