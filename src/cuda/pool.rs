@@ -103,10 +103,13 @@ impl Pool {
         };
         let mut slot = slot;
         if slot.pending {
-            crate::trace::mark("staging_sync", 0, 0);
+            let waited = crate::trace::enabled().then(crate::trace::now_ns);
             if let Err(e) = slot.event.synchronize() {
                 self.give_back(slot);
                 return Err(e);
+            }
+            if let Some(t) = waited {
+                crate::trace::mark("staging_sync", crate::trace::now_ns() - t, 0);
             }
             slot.pending = false;
         }

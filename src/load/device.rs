@@ -945,7 +945,11 @@ impl Job<'_> {
     fn read_staged(&self, offset: u64, n: usize) -> Result<(Staged, usize)> {
         if !self.remote {
             let mut st = self.pool.acquire(self.buffers)?;
+            let started = crate::trace::enabled().then(crate::trace::now_ns);
             let delta = self.io.read(offset, n, &mut st, &self.tally)?;
+            if let Some(t) = started {
+                crate::trace::mark("read", crate::trace::now_ns() - t, n as u64);
+            }
             return Ok((st, delta));
         }
         let mut one = OneStaged { job: self, staged: None, fill: 0, len: n };

@@ -1,0 +1,103 @@
+"""Where a load into existing CUDA tensors spends its time, from the loader's own timeline.
+
+Loads a .tensors file into a module already on the GPU (the `load_into_module` path), a few
+times in one process, with TENSORIZER_RS_TRACE=1, and prints per load: GB/s, when the readers
+started and ended, how long readers waited for a staging buffer's copy (`staging_sync`) against
+how long they read (`read`), and the bytes read per 10 ms. Readers that wait a large share of
+the time mean the host->device copies are the bound; a slow first or last 10 ms means a ramp or
+a tail.
+
+    python3 bench/trace_gpu_load.py /tmp/tzgpu/model.tensors [--rounds 3]
+
+With no file there, writes one first (`--gib`, the Llama-shaped model of bench/gpu_bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import sys
+import time
+
+os.environ["TENSORIZER_RS_TRACE"] = "1"  # read once per process, before the first mark
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+GiB = 1 << 30
+
+
+def model_for(path, gib):
+    import gpu_bench
+    import torch
+    from tensorizer_rs import TensorSerializer, _native
+
+    if not os.path.exists(path):
+        shapes, _ = gpu_bench.llama_shapes(int(gib * GiB))
+        m = gpu_bench.build_module(shapes, "cuda", torch.bfloat16)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        s = TensorSerializer(path)
+        s.write_module(m)
+        s.close()
+        del m
+    f = _native.TensorFile(path)
+    shapes = [(e["name"], tuple(e["shape"])) for e in f.entries()]
+    f.close()
+    gpu_bench.parallel_read(path)  # into the page cache
+    return gpu_bench.build_module(shapes, "meta", torch.bfloat16).to_empty(device="cuda")
+
+
+def summarize(events, seconds, nbytes):
+    by = collections.defaultdict(list)
+    for t, thread, what, a, b in events:
+        by[what].append((t, thread, a, b))
+    start = min(e[0] for e in events)
+    print(f"  {nbytes / seconds / 1e9:.2f} GB/s, {seconds * 1e3:.1f} ms wall")
+    for what in ("load_start", "reader_start", "reader_end", "load_end"):
+        ts = [t for t, *_ in by.get(what, [])]
+        if ts:
+            print(
+                f"  {what:13s} {(min(ts) - start) / 1e6:7.2f} .. {(max(ts) - start) / 1e6:7.2f} ms"
+            )
+    per = collections.defaultdict(lambda: [0, 0])
+    for _, thread, a, _ in by.get("staging_sync", []):
+        per[thread][0] += a
+    for _, thread, a, _ in by.get("read", []):
+        per[thread][1] += a
+    if per:
+        waits = sum(v[0] for v in per.values()) / len(per) / 1e6
+        reads = sum(v[1] for v in per.values()) / len(per) / 1e6
+        print(f"  per reader: waiting for a buffer {waits:.0f} ms, reading {reads:.0f} ms")
+    buckets = collections.Counter()
+    for t, _, _, n in by.get("read", []):
+        buckets[(t - start) // 10_000_000] += n
+    if buckets:
+        rates = " ".join(f"{buckets[k] / 1e7:.0f}" for k in range(max(buckets) + 1))
+        print(f"  GB/s read per 10 ms: {rates}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("path")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--gib", type=float, default=16)
+    args = ap.parse_args()
+    import torch
+    from tensorizer_rs import TensorDeserializer, _native
+
+    model = model_for(args.path, args.gib)
+    nbytes = os.path.getsize(args.path)
+    for k in range(args.rounds):
+        _native.trace_take()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        d = TensorDeserializer(args.path, device="cuda")
+        d.load_into_module(model)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        d.close()
+        print(f"load {k}:")
+        summarize(_native.trace_take(), seconds, nbytes)
+
+
+if __name__ == "__main__":
+    main()
