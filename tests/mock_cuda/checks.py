@@ -546,6 +546,47 @@ def staging_grows_only_to_the_readers():
         _cuda.release_staging(0)
 
 
+_TRACE_CHILD = """
+import json, sys
+from tensorizer_rs import TensorDeserializer, _cuda, _native
+_cuda.staging(8 << 20, 2 << 20, "thp")
+_cuda.reset_counters()
+d = TensorDeserializer(sys.argv[1], device="cpu", lazy_load=True, num_readers=2)
+_cuda.load(d, list(d._selected), False)  # through the GPU pipeline, as gpu_load() does
+c = _cuda.counters()
+print(json.dumps({"read": c["buffered_read_bytes"] + c["direct_read_bytes"],
+                  "events": _native.trace_take()}))
+"""
+
+
+@check
+def trace_times_reads_and_buffer_waits():
+    """With TENSORIZER_RS_TRACE=1 every local read into a staging buffer leaves a `read` mark
+    (its duration and bytes: they add up to the bytes read) and every wait for a buffer's copy
+    a `staging_sync` mark with its duration: with two buffers and copies that take time, some
+    waits are longer than zero (bench/trace_gpu_load.py splits a load's time by them)."""
+    g = torch.Generator().manual_seed(11)
+    sd = {f"w{k}": torch.randn(700_000, generator=g) for k in range(4)}  # 11 MB: 6+ buffers
+    sd["small"] = torch.ones(7)
+    path = write(TMP / "trace.tensors", sd)
+    env = {**os.environ, "TENSORIZER_RS_TRACE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-c", _TRACE_CHILD, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    reads = [e for e in got["events"] if e[2] == "read"]
+    waits = [e[3] for e in got["events"] if e[2] == "staging_sync"]
+    assert reads and all(e[3] > 0 for e in reads), reads
+    assert sum(e[4] for e in reads) == got["read"] >= sum(v.nbytes for v in sd.values()), got
+    assert waits and max(waits) > 0, waits
+
+
 @contextlib.contextmanager
 def http_server(root: Path, tls: tuple = ()):
     """tests/servers/http_server.py on 127.0.0.1 (Range, injected faults, request counts),
