@@ -179,9 +179,12 @@ def measure_h2d():
     return {"pinned_h2d_gbps": one, "pinned_h2d_64MiB_4streams_gbps": chunked, **small}
 
 
-def parallel_read(path, threads=16, chunk=64 * MiB, direct=False, limit=None, pinned=False):
+def parallel_read(
+    path, threads=16, chunk=64 * MiB, direct=False, limit=None, pinned=False, until=None
+):
     """GB/s of `threads` threads reading the file in `chunk` pieces with preadv, into anonymous
-    memory or (pinned=True) into page-locked buffers from cudaHostAlloc, as a loader stages."""
+    memory or (pinned=True) into page-locked buffers from cudaHostAlloc, as a loader stages.
+    Once through the file, or round and round it until the event `until` is set."""
     import mmap
 
     size = os.path.getsize(path)
@@ -206,9 +209,15 @@ def parallel_read(path, threads=16, chunk=64 * MiB, direct=False, limit=None, pi
             ready.wait()  # never leave the others waiting
         while True:
             with lock:
-                if not offsets:
+                if until is not None:
+                    if until.is_set():
+                        return
+                    off = offsets[0]
+                    offsets[0] = (off + chunk) % max(size - chunk, 1)
+                elif not offsets:
                     return
-                off = offsets.pop(0)
+                else:
+                    off = offsets.pop(0)
             n = os.preadv(fd, [buf], off)
             with lock:
                 done[0] += n
@@ -234,14 +243,11 @@ def staged_limits(path, secs=1.0):
     the DMA could do a little better than this, a loader with any overhead worse)."""
     import torch
 
-    size = os.path.getsize(path)
-    chunk = 8 * MiB
     src = torch.empty(4 * GiB, dtype=torch.uint8, pin_memory=True)
     src.fill_(1)
     dst = torch.empty(4 * GiB, dtype=torch.uint8, device="cuda")
     dst.copy_(src, non_blocking=True)
     torch.cuda.synchronize()
-    fd = os.open(path, os.O_RDONLY)
 
     def dma(stop, out):
         n, t0 = 0, time.perf_counter()
@@ -252,28 +258,7 @@ def staged_limits(path, secs=1.0):
         out.append(n / (time.perf_counter() - t0) / 1e9)
 
     def reads(k, stop, out):
-        lock, pos, done = threading.Lock(), [0], [0]
-        bufs = [
-            memoryview(torch.empty(chunk, dtype=torch.uint8, pin_memory=True).numpy())
-            for _ in range(k)
-        ]
-
-        def work(b):
-            while not stop.is_set():
-                with lock:
-                    off = pos[0]
-                    pos[0] = (off + chunk) % (size - chunk)
-                n = os.preadv(fd, [b], off)
-                with lock:
-                    done[0] += n
-
-        ts = [threading.Thread(target=work, args=(b,)) for b in bufs]
-        t0 = time.perf_counter()
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-        out.append(done[0] / (time.perf_counter() - t0) / 1e9)
+        out.append(parallel_read(path, threads=k, chunk=8 * MiB, pinned=True, until=stop))
 
     res = {}
     try:
@@ -291,7 +276,6 @@ def staged_limits(path, secs=1.0):
                 t.join()
             res[f"{k}_readers"] = {"h2d_gbps": d[0], "reads_gbps": r[0]}
     finally:
-        os.close(fd)
         src = dst = None  # frees the 4 GiB on both sides
         torch.cuda.empty_cache()
     res["cap_gbps"] = max(min(v.values()) for v in res.values())
