@@ -84,6 +84,13 @@ def prewarm(device: Any, readers: int | None) -> None:
     _native.cuda_prewarm(_ordinal(device), readers)
 
 
+def prewarm_for(device: Any, uri: str | None, num_readers: int | None) -> None:
+    """`prewarm` for a load of `uri`: remote loads use one reader per buffer (the whole pool),
+    local ones `num_readers` (default: the native default)."""
+    remote = num_readers is None and uri is not None and "://" in uri
+    prewarm(device, 1 << 16 if remote else num_readers)
+
+
 def release_staging(device: int = 0) -> None:
     """Free the idle pinned staging buffers of a device (they come back on the next load)."""
     _native.cuda_release_staging(device)

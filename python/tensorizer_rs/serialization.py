@@ -107,10 +107,7 @@ class TensorDeserializer(collections.abc.Mapping):
             from . import _cuda
 
             # Page-locking staging buffers overlaps with opening the file and allocating.
-            # Remote loads use one reader per buffer (the whole pool), local ones fewer.
-            uri = _uri_of(file_obj)
-            remote = num_readers is None and uri is not None and "://" in uri
-            _cuda.prewarm(self._device, 1 << 16 if remote else num_readers)
+            _cuda.prewarm_for(self._device, _uri_of(file_obj), num_readers)
         self._file = self._open(file_obj)
         self._closed = False
         with _gc.paused():

@@ -546,6 +546,35 @@ def staging_grows_only_to_the_readers():
         _cuda.release_staging(0)
 
 
+@check
+def prewarm_for_sizes_the_pool():
+    """What the constructor and the vLLM loader (before vLLM builds the model) page-lock: one
+    buffer per reader for a local file, the whole pool for a URL (remote loads keep one reader
+    per buffer)."""
+    chunk = 2 << 20
+    assert _cuda.staging(16 << 20, chunk, "thp")[:2] == (16 << 20, chunk)
+
+    def settles_at(n):
+        deadline = time.monotonic() + 10
+        while _cuda.counters()["staging_allocated"] < n * chunk and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)  # and makes no more
+        assert _cuda.counters()["staging_allocated"] == n * chunk, (n, _cuda.counters())
+
+    dev = torch.device("cuda", 0)
+    try:
+        for uri, readers, n in [
+            (str(TMP / "local.tensors"), 3, 3),
+            ("http://127.0.0.1:9/m.tensors", 2, 2),
+            ("s3://bucket/m.tensors", None, 8),
+        ]:
+            _cuda.release_staging(0)
+            _cuda.prewarm_for(dev, uri, readers)
+            settles_at(n)
+    finally:
+        _cuda.release_staging(0)
+
+
 _TRACE_CHILD = """
 import json, sys
 from tensorizer_rs import TensorDeserializer, _cuda, _native

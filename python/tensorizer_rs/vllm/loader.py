@@ -201,6 +201,12 @@ class TensorizerRsLoader(BaseModelLoader):
             return super().load_model(vllm_config, model_config, prefix)
 
         device = target_device(vllm_config)
+        if device.type == "cuda":
+            from tensorizer_rs import _cuda
+
+            # Page-lock the staging buffers while vLLM builds the model, not after.
+            readers = (cfg.deserialization_kwargs or {}).get("num_readers", cfg.num_readers)
+            _cuda.prewarm_for(device, cfg.tensorizer_uri, readers)
         with _default_dtype(model_config.dtype):
             with torch.device(device):
                 model = initialize_model(
