@@ -371,8 +371,11 @@ def child(args):
         # built on the GPU (vLLM's initialize_model under torch.device), then filled from the
         # file in place (tensors that do not fit are released to meta and replaced first;
         # "release_all" releases every one, as before commit 57ae1ff).
-        from tensorizer_rs import _native
+        from tensorizer_rs import _cuda, _native
 
+        if os.environ.get("BENCH_LATE_PREWARM") != "1":  # A/B: before 2026-11-28's change
+            # The loader page-locks the staging buffers before vLLM builds the model.
+            _cuda.prewarm_for(torch.device("cuda", 0), path, None)
         f = _native.TensorFile(path)
         shapes = [(e["name"], tuple(e["shape"])) for e in f.entries()]
         f.close()

@@ -3,7 +3,8 @@
 Loads a .tensors file into a module already on the GPU (the `load_into_module` path), a few
 times in one process, with TENSORIZER_RS_TRACE=1, and prints per load: GB/s, when the readers
 started and ended, how long readers waited for a staging buffer's copy (`staging_sync`) against
-how long they read (`read`), and the bytes read per 10 ms. Readers that wait a large share of
+how long they read (`read`), and the bytes read per 10 ms, all from the constructor's call
+(the first load of the process also shows its staging buffers being made). Readers that wait a large share of
 the time mean the host->device copies are the bound; a slow first or last 10 ms means a ramp or
 a tail.
 
@@ -46,17 +47,19 @@ def model_for(path, gib):
     return gpu_bench.build_module(shapes, "meta", torch.bfloat16).to_empty(device="cuda")
 
 
-def summarize(events, seconds, nbytes):
+def summarize(events, seconds, nbytes, start):
+    """`start`: the constructor's call, on the trace's clock (CLOCK_MONOTONIC)."""
     by = collections.defaultdict(list)
     for t, thread, what, a, b in events:
         by[what].append((t, thread, a, b))
-    start = min(e[0] for e in events)
     print(f"  {nbytes / seconds / 1e9:.2f} GB/s, {seconds * 1e3:.1f} ms wall")
-    for what in ("load_start", "reader_start", "reader_end", "load_end"):
+    marks = ("staging_made", "load_enter", "load_engine", "load_planned", "load_start")
+    for what in marks + ("reader_start", "reader_end", "readers_done", "load_end"):
         ts = [t for t, *_ in by.get(what, [])]
         if ts:
             print(
                 f"  {what:13s} {(min(ts) - start) / 1e6:7.2f} .. {(max(ts) - start) / 1e6:7.2f} ms"
+                + (f" ({len(ts)})" if len(ts) > 1 else "")
             )
     per = collections.defaultdict(lambda: [0, 0])
     for _, thread, a, _ in by.get("staging_sync", []):
@@ -89,14 +92,14 @@ def main():
     for k in range(args.rounds):
         _native.trace_take()
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0, start = time.perf_counter(), time.monotonic_ns()
         d = TensorDeserializer(args.path, device="cuda")
         d.load_into_module(model)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         d.close()
         print(f"load {k}:")
-        summarize(_native.trace_take(), seconds, nbytes)
+        summarize(_native.trace_take(), seconds, nbytes, start)
 
 
 if __name__ == "__main__":
