@@ -240,7 +240,7 @@ def start_nginx(
     with open(conf, "w") as f:
         f.write(
             f"""daemon off;
-worker_processes {os.cpu_count()};
+worker_processes {len(os.sched_getaffinity(0))};
 pid {work}/nginx.pid;
 error_log {work}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
@@ -497,6 +497,13 @@ def main() -> None:
         "run --repeat times, interleaved; no S3 server, no CoreWeave",
     )
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument(
+        "--server-cpus",
+        type=int,
+        default=0,
+        help="give the servers the first K CPUs and every client (curl, our loads) the rest, "
+        "as if they ran on separate hosts (default: all share every CPU)",
+    )
     ap.add_argument("--probe-mib", default="8", help="request sizes for --probe, e.g. 8,32")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
@@ -514,9 +521,18 @@ def main() -> None:
     if "https" in protos and tls is None:
         log("no certificate and no openssl: HTTPS rows skipped")
         protos.remove("https")
+    cpus = sorted(os.sched_getaffinity(0))
+    if args.server_cpus:
+        if not 0 < args.server_cpus < len(cpus):
+            ap.error(f"--server-cpus must leave CPUs to the clients (there are {len(cpus)})")
+        server, client = set(cpus[: args.server_cpus]), set(cpus[args.server_cpus :])
+        res["server_cpus"], res["client_cpus"] = sorted(server), sorted(client)
+        os.sched_setaffinity(0, server)  # the servers inherit it
     nginx, hport, tport = start_nginx(args.nginx, www, work, tls)
     use_s3 = "s3" in protos and not variants
     s3s, sport = start_s3s(args.s3s, s3root, work) if use_s3 else (None, 0)
+    if args.server_cpus:
+        os.sched_setaffinity(0, client)  # this process, curl and the loads
     endpoint = f"http://127.0.0.1:{sport}"
     s3env = {
         "S3_ACCESS_KEY_ID": KEY,
