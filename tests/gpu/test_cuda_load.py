@@ -301,8 +301,9 @@ _RESERVE_PROBE = """
 import hashlib, json, sys, torch
 from tensorizer_rs import TensorDeserializer
 torch.cuda.init()
-if sys.argv[2]:
-    torch.cuda.memory._set_allocator_settings(sys.argv[2])
+if sys.argv[2]:  # settings changed at run time (torch >= 2.9 names it so, older torch differently)
+    set_conf = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+    (set_conf or torch.cuda.memory._set_allocator_settings)(sys.argv[2])
 s0 = torch.cuda.memory_stats()
 d = TensorDeserializer(sys.argv[1], device="cuda")
 t = dict(d.items())
