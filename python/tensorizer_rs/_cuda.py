@@ -79,14 +79,15 @@ def staging(
 
 
 def prewarm(device: Any, readers: int | None) -> None:
-    """Start making the staging buffers a load to ``device`` will use (one per reader), in the
-    background, while the caller still parses the index and allocates the destinations."""
+    """Start making the staging buffers a load to ``device`` with ``readers`` readers will use
+    (two per reader for a local file), in the background, while the caller still parses the
+    index and allocates the destinations."""
     _native.cuda_prewarm(_ordinal(device), readers)
 
 
 def prewarm_for(device: Any, uri: str | None, num_readers: int | None) -> None:
-    """`prewarm` for a load of `uri`: remote loads use one reader per buffer (the whole pool),
-    local ones `num_readers` (default: the native default)."""
+    """`prewarm` for a load of `uri`: a remote load takes the whole pool, a local one the
+    buffers of `num_readers` readers (default: the native default)."""
     remote = num_readers is None and uri is not None and "://" in uri
     prewarm(device, 1 << 16 if remote else num_readers)
 

@@ -161,12 +161,15 @@ fn cuda_release_staging(device: i32) -> PyResult<()> {
     Ok(())
 }
 
-/// Start making `buffers` staging buffers of device `device` in the background (a load that
-/// starts meanwhile uses them as they come); returns at once. Failures are left to the load.
+/// Start making the staging buffers of device `device` that a local load with `readers`
+/// readers takes (a remote load passes more readers than the pool has buffers), in the
+/// background (a load that starts meanwhile uses them as they come); returns at once. Failures
+/// are left to the load.
 #[pyfunction]
-#[pyo3(signature = (device, buffers=None))]
-fn cuda_prewarm(device: i32, buffers: Option<usize>) {
-    let buffers = buffers.unwrap_or_else(crate::load::device::default_readers);
+#[pyo3(signature = (device, readers=None))]
+fn cuda_prewarm(device: i32, readers: Option<usize>) {
+    use crate::load::device::{buffers_per_reader, default_readers};
+    let buffers = readers.unwrap_or_else(default_readers).saturating_mul(buffers_per_reader());
     if !matches!(cuda::device_count(), Ok(n) if n > 0) {
         return;
     }

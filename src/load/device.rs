@@ -25,7 +25,7 @@ use std::fs::File;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use super::exec::{self, LoadOptions};
@@ -114,12 +114,34 @@ pub struct DeviceStats {
 }
 
 /// Readers used when `num_readers` is not given (`TENSORIZER_RS_READERS` overrides): one per
-/// core, 4 to 16. With one staging buffer per reader (30e7106), 16 readers filled existing
-/// tensors 0.5–5 % faster than 12 in 14 of 15 interleaved pairs on three H200 hosts (16
-/// cores) and new ones as fast (docs/benchmarks.md); before that, 12 had been a little ahead.
+/// core, 4 to 12. The host->device copies read the staging buffers from the memory the readers
+/// write them into: beside 16 reading threads the copies ran at 47.7–52.6 GB/s, beside 12 at
+/// 51.3–53.9 (four H200 hosts, docs/benchmarks.md "the staged cap"). With one buffer each, 16
+/// readers had still been ahead of 12 (b85eae3): a reader waited on its own buffer's copy.
 pub fn default_readers() -> usize {
     let env = std::env::var("TENSORIZER_RS_READERS").ok().and_then(|v| v.trim().parse::<usize>().ok());
-    env.filter(|&n| n > 0).unwrap_or_else(|| crate::cores().clamp(4, 16)).min(64)
+    env.filter(|&n| n > 0).unwrap_or_else(|| crate::cores().clamp(4, 12)).min(64)
+}
+
+/// Staging buffers per reader of a local, unencrypted load (`TENSORIZER_RS_BUFFERS_PER_READER`
+/// overrides): two, so that a reader fills one while the other's copy runs.
+pub fn buffers_per_reader() -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    *N.get_or_init(|| env_usize("TENSORIZER_RS_BUFFERS_PER_READER").filter(|&n| n > 0).unwrap_or(2).min(8))
+}
+
+/// Bytes a local reader puts in a staging buffer per read (`TENSORIZER_RS_LOCAL_FILL`
+/// overrides; at most the buffer): 12 readers x 2 buffers x 4 MiB keep 96 MiB in flight, as
+/// 12 x 8 MiB did. Against 16 readers x one 8 MiB buffer: ahead in 11 of 12 interleaved pairs on
+/// an H200 host, +0.8 GB/s on average (docs/benchmarks.md).
+fn local_fill(chunk: usize) -> usize {
+    static N: OnceLock<usize> = OnceLock::new();
+    let n = *N.get_or_init(|| env_usize("TENSORIZER_RS_LOCAL_FILL").filter(|&n| n >= PAGE as usize).unwrap_or(4 << 20));
+    n.min(chunk)
+}
+
+fn env_usize(key: &str) -> Option<usize> {
+    std::env::var(key).ok().and_then(|v| v.trim().parse().ok())
 }
 
 /// Bytes of encrypted data one staging buffer takes per read: whole cipher chunks (0: none fit).
@@ -435,10 +457,14 @@ struct Job<'a> {
     tally: Tally,
     /// An HTTP(S) or S3 source: large pieces are streamed, one request each.
     remote: bool,
-    /// Staging buffers this load may make (`Pool::acquire`): one per reader for a local file;
-    /// the whole pool for a remote one, as before: one buffer per reader made no difference
-    /// there (HTTP to CUDA, H200 host, docs/benchmarks.md).
+    /// Staging buffers this load may make (`Pool::acquire`): `buffers_per_reader` per reader
+    /// for a local unencrypted file, one per reader for an encrypted one; the whole pool for a
+    /// remote one, as before: one buffer per reader made no difference there (HTTP to CUDA,
+    /// H200 host, docs/benchmarks.md).
     buffers: usize,
+    /// Bytes of a large tensor one staged read takes (`local_fill` for local unencrypted
+    /// files, else the whole buffer).
+    fill: usize,
     /// Readers still running, and a signal for the coordinating thread.
     active: Mutex<usize>,
     wake: Condvar,
@@ -553,7 +579,15 @@ pub fn load_to_device(
         })
         .collect();
     let readers = wanted.min(work.len().max(1));
-    let buffers = if remote { pool.max_buffers() } else { readers };
+    let local = !remote && !encrypted;
+    let buffers = if remote {
+        pool.max_buffers()
+    } else if local {
+        readers * buffers_per_reader()
+    } else {
+        readers
+    };
+    let fill = if local { local_fill(pool.chunk()) } else { pool.chunk() };
     let job = Job {
         file,
         io: Io::open(file, opts.io),
@@ -568,6 +602,7 @@ pub fn load_to_device(
         tally: Tally::default(),
         remote,
         buffers,
+        fill,
         active: Mutex::new(readers),
         wake: Condvar::new(),
     };
@@ -920,7 +955,7 @@ impl Job<'_> {
 
     /// `len` bytes of a large tensor's data, read chunk by chunk through staging buffers.
     fn piece_staged(&self, slot: usize, file_offset: u64, offset: u64, len: u64, stream: StreamHandle) -> Result<()> {
-        let chunk = self.pool.chunk() as u64;
+        let chunk = self.fill as u64;
         let mut off = 0;
         while off < len {
             if self.failed.load(Ordering::Relaxed) {

@@ -525,9 +525,9 @@ def pool_reconfigure_and_release():
 
 @check
 def staging_grows_only_to_the_readers():
-    """A local load makes no more staging buffers than it has readers, even when it starts
-    while the prewarm is still making them: more buffers than readers only spread the copies
-    over more memory (slower on the hosts measured, docs/benchmarks.md)."""
+    """A local load makes no more staging buffers than two per reader, even when it starts
+    while the prewarm is still making them: more only spread the copies over more memory
+    (slower on the hosts measured, docs/benchmarks.md)."""
     chunk, readers = 2 << 20, 3
     assert _cuda.staging(32 << 20, chunk, "thp")[:2] == (32 << 20, chunk)
     g = torch.Generator().manual_seed(9)
@@ -541,15 +541,37 @@ def staging_grows_only_to_the_readers():
         for k, v in sd.items():
             assert torch.equal(out[k], v), k
         c = _cuda.counters()
-        assert c["loads"] == 1 and c["peak_staging_allocated"] <= readers * chunk, c
+        assert c["loads"] == 1 and c["peak_staging_allocated"] <= 2 * readers * chunk, c
+    finally:
+        _cuda.release_staging(0)
+
+
+@check
+def local_reads_fill_4mib_of_a_buffer():
+    """A local load reads large tensors 4 MiB at a time even into 8 MiB buffers (two buffers
+    per reader keep as much in flight, docs/gpu.md); a remote one fills whole buffers."""
+    assert _cuda.staging(64 << 20, 8 << 20, "thp")[:2] == (64 << 20, 8 << 20)
+    g = torch.Generator().manual_seed(12)
+    sd = {f"w{k}": torch.randn(4 << 20, generator=g) for k in range(2)}  # 16 MiB each
+    path = write(TMP / "fill.tensors", sd)
+    try:
+        _cuda.release_staging(0)
+        before = _cuda.counters()
+        out = gpu_load(gpu_deser(path, num_readers=2))
+        for k, v in sd.items():
+            assert torch.equal(out[k], v), k
+        c = _cuda.counters()
+        copies = c["h2d_copies"] - before["h2d_copies"]
+        assert copies >= 8, c  # 4 per tensor; whole 8 MiB buffers would make 4 in all
+        assert c["peak_staging_allocated"] <= 4 * (8 << 20), c  # two buffers per reader
     finally:
         _cuda.release_staging(0)
 
 
 @check
 def prewarm_for_sizes_the_pool():
-    """What the constructor and the vLLM loader (before vLLM builds the model) page-lock: one
-    buffer per reader for a local file, the whole pool for a URL (remote loads keep one reader
+    """What the constructor and the vLLM loader (before vLLM builds the model) page-lock: two
+    buffers per reader for a local file, the whole pool for a URL (remote loads keep one reader
     per buffer)."""
     chunk = 2 << 20
     assert _cuda.staging(16 << 20, chunk, "thp")[:2] == (16 << 20, chunk)
@@ -564,8 +586,8 @@ def prewarm_for_sizes_the_pool():
     dev = torch.device("cuda", 0)
     try:
         for uri, readers, n in [
-            (str(TMP / "local.tensors"), 3, 3),
-            ("http://127.0.0.1:9/m.tensors", 2, 2),
+            (str(TMP / "local.tensors"), 3, 6),
+            ("http://127.0.0.1:9/m.tensors", 2, 4),
             ("s3://bucket/m.tensors", None, 8),
         ]:
             _cuda.release_staging(0)
