@@ -116,11 +116,10 @@ pub struct DeviceStats {
 /// Readers used when `num_readers` is not given (`TENSORIZER_RS_READERS` overrides): one per
 /// core, 4 to 12. The host->device copies read the staging buffers from the memory the readers
 /// write them into: beside 16 reading threads the copies ran at 47.7–52.6 GB/s, beside 12 at
-/// 51.3–53.9 (four H200 hosts, docs/benchmarks.md "the staged cap"). With one buffer each, 16
+/// 51.2–53.9 (H200 hosts, docs/benchmarks.md "the staged cap"). With one buffer each, 16
 /// readers had still been ahead of 12 (b85eae3): a reader waited on its own buffer's copy.
 pub fn default_readers() -> usize {
-    let env = std::env::var("TENSORIZER_RS_READERS").ok().and_then(|v| v.trim().parse::<usize>().ok());
-    env.filter(|&n| n > 0).unwrap_or_else(|| crate::cores().clamp(4, 12)).min(64)
+    env_usize("TENSORIZER_RS_READERS").filter(|&n| n > 0).unwrap_or_else(|| crate::cores().clamp(4, 12)).min(64)
 }
 
 /// Staging buffers per reader of a local, unencrypted load (`TENSORIZER_RS_BUFFERS_PER_READER`
@@ -132,8 +131,8 @@ pub fn buffers_per_reader() -> usize {
 
 /// Bytes a local reader puts in a staging buffer per read (`TENSORIZER_RS_LOCAL_FILL`
 /// overrides; at most the buffer): 12 readers x 2 buffers x 4 MiB keep 96 MiB in flight, as
-/// 12 x 8 MiB did. Against 16 readers x one 8 MiB buffer: ahead in 11 of 12 interleaved pairs on
-/// an H200 host, +0.8 GB/s on average (docs/benchmarks.md).
+/// 12 x 8 MiB did. Against 16 readers x one 8 MiB buffer: ahead in 19 of 21 interleaved pairs
+/// on two H200 hosts, +0.8 GB/s on average (docs/benchmarks.md).
 fn local_fill(chunk: usize) -> usize {
     static N: OnceLock<usize> = OnceLock::new();
     let n = *N.get_or_init(|| env_usize("TENSORIZER_RS_LOCAL_FILL").filter(|&n| n >= PAGE as usize).unwrap_or(4 << 20));
