@@ -11,6 +11,11 @@ const ALIGN: usize = 4096;
 /// Buffers this large ask for transparent huge pages, so the reads that fill them fault 2 MiB
 /// at a time instead of 4 KiB (`TENSORIZER_RS_HUGEPAGES=0` turns this off).
 const HUGE_MIN: usize = 4 << 20;
+/// They also start on a huge-page boundary: a large allocation is its own mapping, which the
+/// kernel places on such a boundary, so a page-aligned buffer would start just past it and
+/// fault its first 2 MiB in 4 KiB pages (511 faults a tensor). The skipped head is address
+/// space only, never touched.
+const HUGE_ALIGN: usize = 2 << 20;
 
 fn huge_pages() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
@@ -36,7 +41,11 @@ impl HostBuffer {
         }
         // Small alignment for zeroed memory lets the allocator use calloc, whose fresh pages
         // cost nothing until touched.
-        let align = if zeroed { 16 } else { ALIGN };
+        let align = match (zeroed, len >= HUGE_MIN && huge_pages()) {
+            (true, _) => 16,
+            (false, true) => HUGE_ALIGN,
+            (false, false) => ALIGN,
+        };
         let layout =
             Layout::from_size_align(len, align).map_err(|_| Error::value(format!("cannot allocate {len} bytes")))?;
         // SAFETY: layout has non-zero size.
@@ -49,7 +58,7 @@ impl HostBuffer {
         };
         let ptr = NonNull::new(raw).ok_or_else(|| Error::value(format!("out of memory allocating {len} bytes")))?;
         #[cfg(target_os = "linux")]
-        if !zeroed && len >= HUGE_MIN && huge_pages() {
+        if align == HUGE_ALIGN {
             // SAFETY: advice on memory we just allocated (page-aligned); it never fails the
             // allocation, at worst the kernel ignores it.
             unsafe { libc::madvise(raw as *mut libc::c_void, len, libc::MADV_HUGEPAGE) };
@@ -81,5 +90,20 @@ impl Drop for HostBuffer {
             // SAFETY: allocated in `new` with this exact layout.
             unsafe { alloc::dealloc(self.ptr.as_ptr(), Layout::from_size_align_unchecked(self.len, self.align)) }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn large_buffers_start_on_a_huge_page() {
+        let big = HostBuffer::new(HUGE_MIN + 12345, false).unwrap();
+        assert_eq!(big.as_ptr() as usize % HUGE_ALIGN, 0);
+        let small = HostBuffer::new(HUGE_MIN - 1, false).unwrap();
+        assert_eq!(small.as_ptr() as usize % ALIGN, 0);
+        let zeroed = HostBuffer::new(HUGE_MIN + 1, true).unwrap();
+        assert!(zeroed.as_slice().iter().all(|&b| b == 0));
     }
 }
