@@ -9,7 +9,9 @@
    timed).
 2. The servers' ceilings: a reference client of N parallel `curl` processes, each fetching one
    contiguous range to /dev/null (N = 8, 16, 32, best kept); for S3 the URL is presigned with
-   botocore, as CoreWeave tensorizer does.
+   botocore, as CoreWeave tensorizer does. With --kept DIR (a tmpfs such as /dev/shm) also
+   curl writing its ranges into files there: a client that keeps the bytes in fresh memory,
+   as a load into new CPU tensors must.
 3. Loads the model, each load in a fresh process, with ours (defaults) and CoreWeave tensorizer
    (if --coreweave names a directory holding it and its dependencies: defaults and
    num_readers=16) to each device, and prints GB/s and the ratio to the server's ceiling.
@@ -28,6 +30,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -288,34 +291,44 @@ def start_s3s(binary: str, root: str, work: str) -> tuple[subprocess.Popen, int]
 CACERT: list[str] = []  # curl's --cacert for https:// (set in main)
 
 
-def curl_parallel(url: str, size: int, n: int) -> float:
-    """GB/s of `n` concurrent curl processes, each fetching one contiguous range."""
+def curl_parallel(url: str, size: int, n: int, keep: str | None = None) -> float:
+    """GB/s of `n` concurrent curl processes, each fetching one contiguous range to /dev/null,
+    or with `keep` (a tmpfs folder) into a file there: the bytes kept in fresh memory."""
     step = -(-size // n)
+    outs = [os.path.join(keep, f"part{a}") if keep else "/dev/null" for a in range(0, size, step)]
     nginx0, kids0 = server_cpu("nginx"), resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     procs = [
         subprocess.Popen(
-            ["curl", "-s", "-f", *CACERT, "-r", f"{a}-{min(a + step, size) - 1}", "-o", "/dev/null"]
-            + [url]
+            ["curl", "-s", "-f", *CACERT, "-r", f"{a}-{min(a + step, size) - 1}", "-o", out] + [url]
         )
-        for a in range(0, size, step)
+        for a, out in zip(range(0, size, step), outs)
     ]
     codes = [p.wait() for p in procs]
     dt = time.perf_counter() - t0
+    if keep:
+        for out in outs:
+            os.unlink(out)
     if any(codes):
         raise RuntimeError(f"curl failed: {codes}")
     kids = resource.getrusage(resource.RUSAGE_CHILDREN)
     curl_cpu = kids.ru_utime + kids.ru_stime - kids0.ru_utime - kids0.ru_stime
     log(
-        f"curl x{n}: {size / dt / 1e9:.2f} GB/s in {dt:.3f} s, "
+        f"curl x{n}{' to tmpfs' if keep else ''}: {size / dt / 1e9:.2f} GB/s in {dt:.3f} s, "
         f"cpu s curl+nginx {curl_cpu:.1f}+{server_cpu('nginx') - nginx0:.1f}"
     )
     return size / dt / 1e9
 
 
+KEEP: list = []  # --kept: a tmpfs folder, for the ceiling of a client that keeps the bytes
+
+
 def ceiling(url: str, size: int) -> dict:
     got = {f"curl x{n}": curl_parallel(url, size, n) for n in (8, 16, 32)}
     got["best"] = max(got.values())
+    if KEEP:
+        kept = {f"curl x{n} to tmpfs": curl_parallel(url, size, n, KEEP[0]) for n in (8, 16, 32)}
+        got.update(kept, best_kept=max(kept.values()))
     return got
 
 
@@ -454,6 +467,8 @@ def ab(res: dict, variants: list, local: str, urls: dict, tlsenv: dict, size: in
             )
             if "gbps" in r:
                 r["ratio"] = r["gbps"] / res["ceiling"][proto]["best"]
+                if "best_kept" in res["ceiling"][proto]:
+                    r["ratio_kept"] = r["gbps"] / res["ceiling"][proto]["best_kept"]
             res["runs"].append(r)
             log(json.dumps(r))
     res["ceiling_after"] = both_ceilings(urls, tlsenv, protos, size)
@@ -462,6 +477,7 @@ def ab(res: dict, variants: list, local: str, urls: dict, tlsenv: dict, size: in
     # A label given twice (to balance the order within a round) is one row.
     for v in {v.get("label", ""): v for v in variants}.values():
         rows = [r for r in res["runs"] if r["label"] == v.get("label", "")]
+        c = res["ceiling"][v.get("proto", "http")]
         got = [r.get("gbps", float("nan")) for r in rows]
         again = [r["gbps_again"] for r in rows if "gbps_again" in r]
         cpu = [f"{r.get('cpu_seconds', 0):.1f}+{r.get('nginx_cpu_seconds', 0):.1f}" for r in rows]
@@ -469,7 +485,9 @@ def ab(res: dict, variants: list, local: str, urls: dict, tlsenv: dict, size: in
             f"| {v.get('label', '')} | {v.get('device', 'cuda')} | "
             + " / ".join(f"{g:.2f}" for g in got)
             + (" (again " + " / ".join(f"{g:.2f}" for g in again) + ")" if again else "")
-            + f" | {max(got) / res['ceiling'][v.get('proto', 'http')]['best']:.0%} | cpu s ours+nginx "
+            + f" | {max(got) / c['best']:.0%}"
+            + (f" (kept {max(got) / c['best_kept']:.0%})" if "best_kept" in c else "")
+            + " | cpu s ours+nginx "
             + ", ".join(cpu)
             + " |"
         )
@@ -498,6 +516,12 @@ def main() -> None:
     )
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument(
+        "--kept",
+        default=None,
+        help="a tmpfs folder (e.g. /dev/shm): also the ceiling of curl writing its ranges into "
+        "files there, a reference client that keeps the bytes in fresh memory",
+    )
+    ap.add_argument(
         "--server-cpus",
         type=int,
         default=0,
@@ -507,6 +531,8 @@ def main() -> None:
     ap.add_argument("--probe-mib", default="8", help="request sizes for --probe, e.g. 8,32")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
+    if args.kept:
+        KEEP.append(tempfile.mkdtemp(prefix="tzkept-", dir=args.kept))
     sys.path.insert(0, HERE)
     from bench_cpu import llama_like
     from tensorizer_rs import TensorSerializer
@@ -625,10 +651,14 @@ def main() -> None:
             r.update(loader=kind, proto=proto, device=device, readers=readers, storage=storage)
             if "gbps" in r:
                 r["ratio"] = r["gbps"] / res["ceiling"][proto]["best"]
+                if "best_kept" in res["ceiling"][proto]:
+                    r["ratio_kept"] = r["gbps"] / res["ceiling"][proto]["best_kept"]
             res["runs"].append(r)
             log(json.dumps(r))
         res["ceiling_after"] = both_ceilings(urls, tlsenv, web, size)
     finally:
+        if KEEP:
+            shutil.rmtree(KEEP[0], ignore_errors=True)
         nginx.terminate()
         if s3s is not None:
             s3s.terminate()
@@ -641,14 +671,21 @@ def main() -> None:
         "ceilings (parallel curl, best of 8/16/32 ranges): "
         + ", ".join(f"{p} {c['best']:.2f} GB/s" for p, c in res["ceiling"].items())
     )
-    log("| loader | proto | device | readers | GB/s | / ceiling |\n|---|---|---|---|---:|---:|")
+    if KEEP:
+        log(
+            "kept in tmpfs (curl -o): "
+            + ", ".join(f"{p} {c['best_kept']:.2f} GB/s" for p, c in res["ceiling"].items())
+        )
+    log("| loader | proto | device | readers | GB/s | / ceiling | / kept |")
+    log("|---|---|---|---|---:|---:|---:|")
     for r in res["runs"]:
         st = r.get("storage")
         readers = r["readers"] + (f", {json.dumps(st)}" if st else "")
         if "gbps" in r:
+            kept = f"{r['ratio_kept']:.0%}" if "ratio_kept" in r else "-"
             log(
                 f"| {r['loader']} | {r['proto']} | {r['device']} | {readers} | "
-                f"{r['gbps']:.2f} | {r['ratio']:.0%} |"
+                f"{r['gbps']:.2f} | {r['ratio']:.0%} | {kept} |"
             )
         else:
             log(
