@@ -323,6 +323,13 @@ def curl_parallel(url: str, size: int, n: int, keep: str | None = None) -> float
 KEEP: list = []  # --kept: a tmpfs folder, for the ceiling of a client that keeps the bytes
 
 
+def ratios(run: dict, ceil: dict) -> None:
+    """A load's GB/s against the reference client's ceiling (and the kept-bytes one, if any)."""
+    run["ratio"] = run["gbps"] / ceil["best"]
+    if "best_kept" in ceil:
+        run["ratio_kept"] = run["gbps"] / ceil["best_kept"]
+
+
 def ceiling(url: str, size: int) -> dict:
     got = {f"curl x{n}": curl_parallel(url, size, n) for n in (8, 16, 32)}
     got["best"] = max(got.values())
@@ -466,9 +473,7 @@ def ab(res: dict, variants: list, local: str, urls: dict, tlsenv: dict, size: in
                 round=k,
             )
             if "gbps" in r:
-                r["ratio"] = r["gbps"] / res["ceiling"][proto]["best"]
-                if "best_kept" in res["ceiling"][proto]:
-                    r["ratio_kept"] = r["gbps"] / res["ceiling"][proto]["best_kept"]
+                ratios(r, res["ceiling"][proto])
             res["runs"].append(r)
             log(json.dumps(r))
     res["ceiling_after"] = both_ceilings(urls, tlsenv, protos, size)
@@ -650,9 +655,7 @@ def main() -> None:
             r = load(kind, uri, device, env, readers, storage)
             r.update(loader=kind, proto=proto, device=device, readers=readers, storage=storage)
             if "gbps" in r:
-                r["ratio"] = r["gbps"] / res["ceiling"][proto]["best"]
-                if "best_kept" in res["ceiling"][proto]:
-                    r["ratio_kept"] = r["gbps"] / res["ceiling"][proto]["best_kept"]
+                ratios(r, res["ceiling"][proto])
             res["runs"].append(r)
             log(json.dumps(r))
         res["ceiling_after"] = both_ceilings(urls, tlsenv, web, size)
