@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GiB = 1 << 30
@@ -47,6 +48,9 @@ kw = {} if readers == "-" else {"num_readers": int(readers)}
 def cpu():
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+def switches():  # context switches of the process: how often its threads slept and woke
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_nvcsw + r.ru_nivcsw
 def threads():  # CPU seconds of the live threads, by name less its digits
     out, tck = {}, os.sysconf("SC_CLK_TCK")
     for t in os.listdir("/proc/self/task"):
@@ -115,7 +119,7 @@ def vmstat():  # system-wide fault and huge-page counters (what fresh CPU tensor
     keep = ("pgfault", "thp_fault_alloc", "thp_fault_fallback", "compact_stall")
     with open("/proc/vmstat") as f:
         return {k: int(v) for k, v in (line.split() for line in f) if k in keep}
-c0, th0, vm0 = cpu(), threads(), vmstat()
+c0, th0, vm0, sw0 = cpu(), threads(), vmstat(), switches()
 if kind == "ours" and device.startswith("cuda"):
     from tensorizer_rs import _cuda
     _cuda.reset_counters()
@@ -144,6 +148,7 @@ else:
 if device.startswith("cuda"):
     torch.cuda.synchronize()
 out = {"bytes": n, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu() - c0}
+out["switches"] = switches() - sw0
 out["vmstat"] = {k: v - vm0.get(k, 0) for k, v in vmstat().items()}
 if TRACE:
     _native.trace_mark("bench_end")
@@ -321,6 +326,28 @@ def curl_parallel(url: str, size: int, n: int, keep: str | None = None) -> float
 
 
 KEEP: list = []  # --kept: a tmpfs folder, for the ceiling of a client that keeps the bytes
+CLIENT: list = []  # --client: bench/range_client.c built, for ceilings into memory
+
+
+def range_client(url: str, size: int, n: int, piece_mib: int, mode: str) -> dict:
+    """bench/range_client.c: `n` threads fetching `piece_mib` MiB ranges (0: one per thread)
+    into a scratch buffer (null), fresh memory (fresh) or memory already faulted in (reused)."""
+    u = urllib.parse.urlsplit(url)
+    nginx0 = server_cpu("nginx")
+    out = subprocess.run(
+        [CLIENT[0], str(u.port), u.path, str(size), str(n), str(piece_mib), mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    r = json.loads(out.stdout.splitlines()[-1])
+    r["nginx_cpu_seconds"] = server_cpu("nginx") - nginx0
+    log(
+        f"range_client x{n} {piece_mib or 'whole'} MiB {mode}: {r['gbps']:.2f} GB/s, "
+        f"cpu s {r['cpu_seconds']:.1f}+{r['nginx_cpu_seconds']:.1f}, {r['faults']} faults"
+    )
+    return r
 
 
 def ratios(run: dict, ceil: dict) -> None:
@@ -328,6 +355,9 @@ def ratios(run: dict, ceil: dict) -> None:
     run["ratio"] = run["gbps"] / ceil["best"]
     if "best_kept" in ceil:
         run["ratio_kept"] = run["gbps"] / ceil["best_kept"]
+    for mode in ("null", "fresh", "reused"):
+        if f"best_client_{mode}" in ceil:
+            run[f"ratio_client_{mode}"] = run["gbps"] / ceil[f"best_client_{mode}"]
 
 
 def ceiling(url: str, size: int) -> dict:
@@ -336,6 +366,15 @@ def ceiling(url: str, size: int) -> dict:
     if KEEP:
         kept = {f"curl x{n} to tmpfs": curl_parallel(url, size, n, KEEP[0]) for n in (8, 16, 32)}
         got.update(kept, best_kept=max(kept.values()))
+    if CLIENT and url.startswith("http://"):
+        runs = [
+            range_client(url, size, n, piece, mode)
+            for n, piece in ((16, 0), (32, 0), (16, 64))
+            for mode in ("null", "fresh", "reused")
+        ]
+        got["client"] = runs
+        for mode in ("null", "fresh", "reused"):
+            got[f"best_client_{mode}"] = max(r["gbps"] for r in runs if r["mode"] == mode)
     return got
 
 
@@ -492,6 +531,11 @@ def ab(res: dict, variants: list, local: str, urls: dict, tlsenv: dict, size: in
             + (" (again " + " / ".join(f"{g:.2f}" for g in again) + ")" if again else "")
             + f" | {max(got) / c['best']:.0%}"
             + (f" (kept {max(got) / c['best_kept']:.0%})" if "best_kept" in c else "")
+            + (
+                f" (into fresh memory {max(got) / c['best_client_fresh']:.0%})"
+                if "best_client_fresh" in c
+                else ""
+            )
             + " | cpu s ours+nginx "
             + ", ".join(cpu)
             + " |"
@@ -527,6 +571,13 @@ def main() -> None:
         "files there, a reference client that keeps the bytes in fresh memory",
     )
     ap.add_argument(
+        "--client",
+        default=None,
+        help="bench/range_client.c built: also its ceilings over HTTP, receiving into a "
+        "scratch buffer, into fresh memory (as a load into new tensors) and into memory "
+        "already faulted in",
+    )
+    ap.add_argument(
         "--server-cpus",
         type=int,
         default=0,
@@ -538,6 +589,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.kept:
         KEEP.append(tempfile.mkdtemp(prefix="tzkept-", dir=args.kept))
+    if args.client:
+        CLIENT.append(os.path.abspath(args.client))
     sys.path.insert(0, HERE)
     from bench_cpu import llama_like
     from tensorizer_rs import TensorSerializer
