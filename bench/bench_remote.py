@@ -732,16 +732,27 @@ def main() -> None:
             "kept in tmpfs (curl -o): "
             + ", ".join(f"{p} {c['best_kept']:.2f} GB/s" for p, c in res["ceiling"].items())
         )
-    log("| loader | proto | device | readers | GB/s | / ceiling | / kept |")
-    log("|---|---|---|---|---:|---:|---:|")
+    if CLIENT:
+        log(
+            "range_client, best into scratch / fresh / reused memory: "
+            + ", ".join(
+                f"{p} {c['best_client_null']:.2f} / {c['best_client_fresh']:.2f} / "
+                f"{c['best_client_reused']:.2f} GB/s"
+                for p, c in res["ceiling"].items()
+                if "best_client_fresh" in c
+            )
+        )
+    log("| loader | proto | device | readers | GB/s | / ceiling | / kept | / fresh |")
+    log("|---|---|---|---|---:|---:|---:|---:|")
     for r in res["runs"]:
         st = r.get("storage")
         readers = r["readers"] + (f", {json.dumps(st)}" if st else "")
         if "gbps" in r:
             kept = f"{r['ratio_kept']:.0%}" if "ratio_kept" in r else "-"
+            fresh = f"{r['ratio_client_fresh']:.0%}" if "ratio_client_fresh" in r else "-"
             log(
                 f"| {r['loader']} | {r['proto']} | {r['device']} | {readers} | "
-                f"{r['gbps']:.2f} | {r['ratio']:.0%} | {kept} |"
+                f"{r['gbps']:.2f} | {r['ratio']:.0%} | {kept} | {fresh} |"
             )
         else:
             log(

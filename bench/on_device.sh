@@ -3,7 +3,9 @@
 # tests encrypted remote). Carry `.device` holding:
 #   tensorizer_rs-*.whl (a release build), vectors/ (copy of ../shared/vectors),
 #   cw/*.whl (CoreWeave tensorizer 2.12.1 and its pure-Python dependencies, for side-by-side runs),
-#   bin/nginx and bin/s3s-fs (servers for the remote benchmark; check `ldd` first).
+#   bin/nginx and bin/s3s-fs (servers for the remote benchmark; check `ldd` first),
+#   bin/range_client (optional: `cc -O2 -pthread -static -o .device/bin/range_client
+#   bench/range_client.c`, the bare client's ceilings into fresh and reused memory).
 #   device run: bash bench/on_device.sh [tests] [encrypted] [remote] [gpu]   (logs under $OUT)
 # Phases:
 #   tests      the GPU test suite, vectors and encryption tests on CUDA
@@ -38,9 +40,10 @@ for phase in $phases; do
       rm -rf /tmp/tzbench ;;
     remote)
       chmod +x .device/bin/* 2>/dev/null
+      client=(); [ -x .device/bin/range_client ] && client=(--client .device/bin/range_client)
       timeout 540 python3 bench/bench_remote.py --dir /tmp/tzremote --gib "${REMOTE_GIB:-2}" \
         --nginx .device/bin/nginx --s3s .device/bin/s3s-fs --coreweave "$HOME/cw" --out "$OUT" \
-        --tls "${TLS_DIR:-.device/tls}" ${REMOTE_ARGS:-} 2>&1 \
+        --tls "${TLS_DIR:-.device/tls}" "${client[@]}" ${REMOTE_ARGS:-} 2>&1 \
         | tee "$OUT/bench-remote.log" | grep -v '^{'
       rm -rf /tmp/tzremote ;;
     cpu)
