@@ -326,7 +326,7 @@ def curl_parallel(url: str, size: int, n: int, keep: str | None = None) -> float
 
 
 KEEP: list = []  # --kept: a tmpfs folder, for the ceiling of a client that keeps the bytes
-CLIENT: list = []  # --client: bench/range_client.c built, for ceilings into memory
+CLIENT: dict = {}  # --client: bench/range_client.c built ("bin"), the served file ("file")
 
 
 def range_client(url: str, size: int, n: int, piece_mib: int, mode: str) -> dict:
@@ -335,7 +335,9 @@ def range_client(url: str, size: int, n: int, piece_mib: int, mode: str) -> dict
     u = urllib.parse.urlsplit(url)
     nginx0 = server_cpu("nginx")
     out = subprocess.run(
-        [CLIENT[0], str(u.port), u.path, str(size), str(n), str(piece_mib), mode],
+        # One pass; its bytes are checked against the served file after the clock stops.
+        [CLIENT["bin"], str(u.port), u.path, str(size), str(n), str(piece_mib), mode]
+        + ["1", CLIENT["file"]],
         capture_output=True,
         text=True,
         timeout=120,
@@ -360,13 +362,14 @@ def ratios(run: dict, ceil: dict) -> None:
             run[f"ratio_client_{mode}"] = run["gbps"] / ceil[f"best_client_{mode}"]
 
 
-def ceiling(url: str, size: int) -> dict:
+def ceiling(url: str, size: int, client: bool = False) -> dict:
+    """`curl`'s ceilings; with `client` (nginx over plain HTTP) also range_client's."""
     got = {f"curl x{n}": curl_parallel(url, size, n) for n in (8, 16, 32)}
     got["best"] = max(got.values())
     if KEEP:
         kept = {f"curl x{n} to tmpfs": curl_parallel(url, size, n, KEEP[0]) for n in (8, 16, 32)}
         got.update(kept, best_kept=max(kept.values()))
-    if CLIENT and url.startswith("http://"):
+    if client and "bin" in CLIENT:
         runs = [
             range_client(url, size, n, piece, mode)
             for n, piece in ((16, 0), (32, 0), (16, 64))
@@ -473,7 +476,7 @@ def both_ceilings(urls: dict, tlsenv: dict, protos: set, size: int) -> dict:
     got = {}
     for proto in sorted(protos):
         CACERT[:] = ["--cacert", tlsenv["CURL_CA_BUNDLE"]] if proto == "https" else []
-        got[proto] = ceiling(urls[proto], size)
+        got[proto] = ceiling(urls[proto], size, client=proto == "http")
     CACERT.clear()
     return got
 
@@ -590,7 +593,7 @@ def main() -> None:
     if args.kept:
         KEEP.append(tempfile.mkdtemp(prefix="tzkept-", dir=args.kept))
     if args.client:
-        CLIENT.append(os.path.abspath(args.client))
+        CLIENT["bin"] = os.path.abspath(args.client)
     sys.path.insert(0, HERE)
     from bench_cpu import llama_like
     from tensorizer_rs import TensorSerializer
@@ -642,6 +645,7 @@ def main() -> None:
         with TensorSerializer(local) as s:
             s.write_state_dict(sd)
         size = os.path.getsize(local)
+        CLIENT["file"] = local
         if variants:
             del sd
             return ab(res, variants, local, urls, tlsenv, size, args)
@@ -732,7 +736,7 @@ def main() -> None:
             "kept in tmpfs (curl -o): "
             + ", ".join(f"{p} {c['best_kept']:.2f} GB/s" for p, c in res["ceiling"].items())
         )
-    if CLIENT:
+    if "bin" in CLIENT:
         log(
             "range_client, best into scratch / fresh / reused memory: "
             + ", ".join(

@@ -7,11 +7,13 @@
 //          (the kernel faults in and zeroes each page on the first write: a load into new
 //          tensors),
 //   reused the same region after a first pass (pages already in: a load into existing tensors).
-// Prints one JSON line per pass: GB/s, CPU-seconds, context switches, page faults.
+// Prints one JSON line per pass: GB/s, CPU-seconds, context switches, page faults. Given the
+// served file, each pass's bytes are compared with it after the clock stops (fresh, reused).
 // Build: cc -O2 -pthread -static -o range_client bench/range_client.c
-// Run:   range_client PORT PATH SIZE THREADS PIECE_MIB MODE [PASSES]
+// Run:   range_client PORT PATH SIZE THREADS PIECE_MIB MODE [PASSES [FILE]]
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
@@ -106,9 +108,27 @@ static void *worker(void *arg) {
   return NULL;
 }
 
+// The destination against the served file, read in 8 MiB blocks; exits 1 on the first difference.
+static void verify(const char *file) {
+  int fd = open(file, O_RDONLY);
+  if (fd < 0) die(file);
+  char *buf = malloc(8 << 20);
+  for (uint64_t off = 0; off < size;) {
+    ssize_t n = pread(fd, buf, 8 << 20, off);
+    if (n <= 0) die("pread");
+    if (memcmp(buf, region + off, n) != 0) {
+      fprintf(stderr, "bytes differ from %s in the 8 MiB at %llu\n", file, (unsigned long long)off);
+      exit(1);
+    }
+    off += n;
+  }
+  free(buf);
+  close(fd);
+}
+
 int main(int argc, char **argv) {
   if (argc < 7) {
-    fprintf(stderr, "usage: range_client PORT PATH SIZE THREADS PIECE_MIB null|fresh|reused [PASSES]\n");
+    fprintf(stderr, "usage: range_client PORT PATH SIZE THREADS PIECE_MIB null|fresh|reused [PASSES [FILE]]\n");
     return 2;
   }
   port = atoi(argv[1]);
@@ -118,6 +138,7 @@ int main(int argc, char **argv) {
   piece = strtoull(argv[5], NULL, 10) << 20;
   mode = !strcmp(argv[6], "fresh") ? 1 : !strcmp(argv[6], "reused") ? 2 : 0;
   int passes = argc > 7 ? atoi(argv[7]) : 1;
+  const char *check = argc > 8 ? argv[8] : NULL;
   if (mode == 2) passes++; // the first pass faults the region in and is not the figure
   pthread_t *t = calloc(threads, sizeof *t);
   for (int pass = 0; pass < passes; pass++) {
@@ -139,6 +160,7 @@ int main(int argc, char **argv) {
     getrusage(RUSAGE_SELF, &r1);
     double cpu = (r1.ru_utime.tv_sec - r0.ru_utime.tv_sec) + (r1.ru_utime.tv_usec - r0.ru_utime.tv_usec) * 1e-6 +
                  (r1.ru_stime.tv_sec - r0.ru_stime.tv_sec) + (r1.ru_stime.tv_usec - r0.ru_stime.tv_usec) * 1e-6;
+    if (check && mode) verify(check);
     if (mode == 2 && pass == 0) continue;
     printf("{\"mode\": \"%s\", \"threads\": %d, \"piece_mib\": %llu, \"pass\": %d, \"gbps\": %.3f, "
            "\"seconds\": %.4f, \"cpu_seconds\": %.3f, \"switches\": %ld, \"faults\": %ld}\n",
