@@ -11,7 +11,9 @@
    contiguous range to /dev/null (N = 8, 16, 32, best kept); for S3 the URL is presigned with
    botocore, as CoreWeave tensorizer does. With --kept DIR (a tmpfs such as /dev/shm) also
    curl writing its ranges into files there: a client that keeps the bytes in fresh memory,
-   as a load into new CPU tensors must.
+   as a load into new CPU tensors must. With --client (bench/range_client.c built) also a bare
+   C client's ceilings over HTTP, receiving into a scratch buffer, into fresh memory and into
+   memory already faulted in.
 3. Loads the model, each load in a fresh process, with ours (defaults) and CoreWeave tensorizer
    (if --coreweave names a directory holding it and its dependencies: defaults and
    num_readers=16) to each device, and prints GB/s and the ratio to the server's ceiling.
@@ -327,6 +329,7 @@ def curl_parallel(url: str, size: int, n: int, keep: str | None = None) -> float
 
 KEEP: list = []  # --kept: a tmpfs folder, for the ceiling of a client that keeps the bytes
 CLIENT: dict = {}  # --client: bench/range_client.c built ("bin"), the served file ("file")
+MODES = ("null", "fresh", "reused")  # range_client's destinations: scratch, new, faulted-in
 
 
 def range_client(url: str, size: int, n: int, piece_mib: int, mode: str) -> dict:
@@ -357,7 +360,7 @@ def ratios(run: dict, ceil: dict) -> None:
     run["ratio"] = run["gbps"] / ceil["best"]
     if "best_kept" in ceil:
         run["ratio_kept"] = run["gbps"] / ceil["best_kept"]
-    for mode in ("null", "fresh", "reused"):
+    for mode in MODES:
         if f"best_client_{mode}" in ceil:
             run[f"ratio_client_{mode}"] = run["gbps"] / ceil[f"best_client_{mode}"]
 
@@ -373,10 +376,10 @@ def ceiling(url: str, size: int, client: bool = False) -> dict:
         runs = [
             range_client(url, size, n, piece, mode)
             for n, piece in ((16, 0), (32, 0), (16, 64))
-            for mode in ("null", "fresh", "reused")
+            for mode in MODES
         ]
         got["client"] = runs
-        for mode in ("null", "fresh", "reused"):
+        for mode in MODES:
             got[f"best_client_{mode}"] = max(r["gbps"] for r in runs if r["mode"] == mode)
     return got
 
