@@ -29,7 +29,7 @@ static double cpu(void) {
 }
 
 typedef struct {
-  char *p;
+  char *raw, *p; // the mapping, and the 2 MiB-aligned region inside it
   pthread_barrier_t *b;
 } arg_t;
 
@@ -79,12 +79,13 @@ int main(int argc, char **argv) {
           // 2 MiB-aligned so every page of the region can be a huge page.
           char *raw = mmap(NULL, len + (2 << 20), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
           if (raw == MAP_FAILED) return perror("mmap"), 1;
+          args[i].raw = raw;
           args[i].p = (char *)(((unsigned long)raw + (2 << 20) - 1) & ~((2UL << 20) - 1));
           madvise(args[i].p, len, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
         }
         run(t, fresh, args, "fresh", round);
         run(t, again, args, "faulted", round);
-        for (int i = 0; i < t; i++) munmap(args[i].p, len);
+        for (int i = 0; i < t; i++) munmap(args[i].raw, len + (2 << 20));
       }
     }
   }
