@@ -566,7 +566,7 @@ def job_load(spec):
         info["version"] = tensorizer.__version__
         kw = {"num_readers": spec["num_readers"]} if spec.get("num_readers") else {}
         if key:
-            from tensorizer.encryption import DecryptionParams as CWDecryption
+            from tensorizer.serialization import DecryptionParams as CWDecryption
 
             kw["encryption"] = CWDecryption.from_key(key)
 

@@ -168,10 +168,10 @@ def draw_tp(res, path):
             _limit(ax, lim.get("odirect_nproc_gbps"), f"{res['ranks']} procs O_DIRECT", "dashed")
         ax.set_ylim(0, ax.get_ylim()[1] * 1.3)
         ax.legend(fontsize=7, loc="upper left", ncol=2)
-    gpu = res.get("host", {}).get("gpus") or ["no GPU"]
+    gpus = res.get("host", {}).get("gpus") or []
+    where = f"{len(gpus)} x {gpus[0].split(',')[0]}" if gpus else "the CPU"
     fig.suptitle(
-        f"Tensor parallel, {res['ranks']} ranks on {len(gpu)} GPU(s) ({gpu[0].split(',')[0]}), "
-        f"commit {res.get('commit')}",
+        f"Tensor parallel, {res['ranks']} ranks on {where}, commit {res.get('commit')}",
         fontsize=10,
     )
     fig.savefig(path, dpi=150)
