@@ -81,7 +81,7 @@ def parse():
     ap.add_argument("--loaders", default=",".join(LOADERS))
     ap.add_argument("--columns", default=",".join(COLUMNS))
     ap.add_argument("--rounds", type=int, default=None, help="page cache and tmpfs (default 2)")
-    ap.add_argument("--cold-rounds", type=int, default=None, help="default 2")
+    ap.add_argument("--cold-rounds", type=int, default=None, help="default 2 (after the warm ones)")
     ap.add_argument("--budget", type=float, default=None, help="seconds (default 500)")
     ap.add_argument("--coreweave", default=None, help="a directory holding CoreWeave tensorizer")
     ap.add_argument("--peers", default=None, help="a directory holding the peers (pip --target)")
@@ -330,25 +330,27 @@ def main():
                     )
                 )
 
-        for rnd in range(max(a.rounds, a.cold_rounds)):
+        def rotated(rnd):  # no loader always first
             k = rnd % max(1, len(loaders))
-            order = loaders[k:] + loaders[:k]  # no loader always first
-            if rnd < a.rounds and "page" in columns:
-                say(
-                    f"round {rnd + 1}: page cache (warmed in {bl.warm(files['page'].values()):.1f} s)"
-                )
-                for name in order:
+            return loaders[k:] + loaders[:k]
+
+        # The warm columns first (the files are still cached from writing), the cold rounds last.
+        for rnd in range(a.rounds):
+            if "page" in columns:
+                took = bl.warm(files["page"].values())
+                say(f"round {rnd + 1}: page cache (warmed in {took:.1f} s)")
+                for name in rotated(rnd):
                     load(name, "page", rnd)
-            if rnd < a.rounds and "tmpfs" in columns:
+            if "tmpfs" in columns:
                 say(f"round {rnd + 1}: tmpfs")
-                for name in order:
+                for name in rotated(rnd):
                     load(name, "tmpfs", rnd)
-            if rnd < a.cold_rounds and "cold" in columns:
-                if rnd == 0:
-                    odirect("before")
-                say(f"round {rnd + 1}: cold ({a.evict} before each load)")
-                for name in order:
-                    load(name, "cold", rnd)
+        for rnd in range(a.cold_rounds if "cold" in columns else 0):
+            if rnd == 0:
+                odirect("before")
+            say(f"round {rnd + 1}: cold ({a.evict} before each load)")
+            for name in rotated(rnd):
+                load(name, "cold", rnd)
         if "cold" in columns and budget.left() > 15:
             odirect("after")
         disk = [
@@ -406,6 +408,7 @@ def table(res) -> list:
     names = [n for n in LOADERS if any(k[0] == n for k in s)]
     m = res.get("model", {})
     gpu = (res["host"].get("gpus") or ["no GPU"])[0]
+    into = "pinned" if res["args"]["device"].startswith("cuda") else "host"
     lines = [
         "",
         (
@@ -415,9 +418,9 @@ def table(res) -> list:
         ),
         "limits: pinned H2D "
         + (f"{h2d:.1f}" if h2d else "-")
-        + " GB/s; page cache -> pinned (16 thr) "
+        + f" GB/s; page cache -> {into} (16 thr) "
         + (f"{lim['page_read_gbps']:.1f}" if lim.get("page_read_gbps") else "-")
-        + "; tmpfs -> pinned (16 thr) "
+        + f"; tmpfs -> {into} (16 thr) "
         + (f"{lim['tmpfs_read_gbps']:.1f}" if lim.get("tmpfs_read_gbps") else "-")
         + "; O_DIRECT 16 thr "
         + (f"{disk:.2f}" if disk else "-"),

@@ -69,7 +69,7 @@ def parse():
         "cold)",
     )
     ap.add_argument("--rounds", type=int, default=None, help="page cache rows (default 2)")
-    ap.add_argument("--cold-rounds", type=int, default=None, help="default 1")
+    ap.add_argument("--cold-rounds", type=int, default=None, help="default 2 (after the others)")
     ap.add_argument("--threads", type=int, default=None, help="limit readers per process")
     ap.add_argument("--budget", type=float, default=None, help="seconds (default 500)")
     ap.add_argument("--coreweave", default=None, help="a directory holding CoreWeave tensorizer")
@@ -89,7 +89,7 @@ def parse():
     a.ranks = a.ranks or (2 if dry or a.device_type == "cpu" else (a.gpus if a.gpus > 1 else 4))
     a.gib = a.gib if a.gib is not None else (0.03 if dry else 8.5)
     a.rounds = a.rounds if a.rounds is not None else (1 if dry else 2)
-    a.cold_rounds = a.cold_rounds if a.cold_rounds is not None else 1
+    a.cold_rounds = a.cold_rounds if a.cold_rounds is not None else (1 if dry else 2)
     a.budget = a.budget if a.budget is not None else (240 if dry else 500)
     a.evict = a.evict or ("fadvise" if dry or os.geteuid() != 0 else "drop")
     if a.ranks < 2:
@@ -349,26 +349,28 @@ def main():
                     + ("ok" if not bad else f"FAILED {bad[0]}")
                 )
 
-        for rnd in range(max(a.rounds, a.cold_rounds)):
+        def rotated(rnd):  # no loader always first
             k = rnd % max(1, len(loaders))
-            order = loaders[k:] + loaders[:k]
-            if rnd < a.rounds and {"page", "enc", "whole"} & set(rows_wanted):
-                say(f"round {rnd + 1}: page cache (warmed in {bl.warm(every):.1f} s)")
-                for loader in order:
-                    if "page" in rows_wanted:
-                        row("tp", loader, "page", rnd)
-                    if "whole" in rows_wanted and loader != "coreweave":
-                        row("whole", loader, "page", rnd)
-                    if "enc" in rows_wanted and (loader != "coreweave" or sodium):
-                        row("enc", loader, "page", rnd)
-            if rnd < a.cold_rounds and {"cold"} & set(rows_wanted):
-                if rnd == 0:
-                    cold_limits()
-                say(f"round {rnd + 1}: cold ({a.evict} before each group)")
-                for loader in order:
-                    row("tp", loader, "cold", rnd)
-                    if "whole" in rows_wanted and loader == "ours":
-                        row("whole", loader, "cold", rnd)
+            return loaders[k:] + loaders[:k]
+
+        # The page cache rows first (the files are still cached from writing), cold rows last.
+        for rnd in range(a.rounds if {"page", "enc", "whole"} & set(rows_wanted) else 0):
+            say(f"round {rnd + 1}: page cache (warmed in {bl.warm(every):.1f} s)")
+            for loader in rotated(rnd):
+                if "page" in rows_wanted:
+                    row("tp", loader, "page", rnd)
+                if "whole" in rows_wanted and loader != "coreweave":
+                    row("whole", loader, "page", rnd)
+                if "enc" in rows_wanted and (loader != "coreweave" or sodium):
+                    row("enc", loader, "page", rnd)
+        for rnd in range(a.cold_rounds if "cold" in rows_wanted else 0):
+            if rnd == 0:
+                cold_limits()
+            say(f"round {rnd + 1}: cold ({a.evict} before each group)")
+            for loader in rotated(rnd):
+                row("tp", loader, "cold", rnd)
+                if "whole" in rows_wanted and loader == "ours":
+                    row("whole", loader, "cold", rnd)
         if "enc" in rows_wanted and "coreweave" in loaders and not sodium:
             res["skipped"].append({"row": "encrypted CoreWeave", "why": "no libsodium here"})
         res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
