@@ -76,7 +76,9 @@ def parse():
         "--shm-dir", default=None, help="tmpfs directory (default /dev/shm/tzpeers-PID)"
     )
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--gib", type=float, default=None, help="model size (default 8.5 = 9.1 GB)")
+    ap.add_argument(
+        "--gib", type=float, default=None, help="model size, GiB (default 8.4: 16 layers, 9.1 GB)"
+    )
     ap.add_argument("--device", default=None, help="default cuda:0 (cpu with --dry-run)")
     ap.add_argument("--loaders", default=",".join(LOADERS))
     ap.add_argument("--columns", default=",".join(COLUMNS))
@@ -96,7 +98,7 @@ def parse():
     a = ap.parse_args()
     dry = a.dry_run
     a.device = a.device or ("cpu" if dry else "cuda:0")
-    a.gib = a.gib if a.gib is not None else (0.03 if dry else 8.5)
+    a.gib = a.gib if a.gib is not None else (0.03 if dry else 8.4)
     a.rounds = a.rounds if a.rounds is not None else (1 if dry else 2)
     a.cold_rounds = a.cold_rounds if a.cold_rounds is not None else (1 if dry else 2)
     a.budget = a.budget if a.budget is not None else (240 if dry else 500)

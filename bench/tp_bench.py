@@ -58,7 +58,9 @@ def parse():
     ap.add_argument("--dir", required=True, help="a directory on a local disk (ext4)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--ranks", type=int, default=None, help="default: the GPUs if >1, else 4")
-    ap.add_argument("--gib", type=float, default=None, help="whole model (default 8.5 = 9.1 GB)")
+    ap.add_argument(
+        "--gib", type=float, default=None, help="whole model, GiB (default 8.4: 16 layers, 9.1 GB)"
+    )
     ap.add_argument("--device-type", choices=("cuda", "cpu"), default=None)
     ap.add_argument("--loaders", default=",".join(LOADERS))
     ap.add_argument(
@@ -87,7 +89,7 @@ def parse():
     a.gpus = 0 if dry else len(a.host.get("gpus") or [])
     a.device_type = a.device_type or ("cpu" if dry or not a.gpus else "cuda")
     a.ranks = a.ranks or (2 if dry or a.device_type == "cpu" else (a.gpus if a.gpus > 1 else 4))
-    a.gib = a.gib if a.gib is not None else (0.03 if dry else 8.5)
+    a.gib = a.gib if a.gib is not None else (0.03 if dry else 8.4)
     a.rounds = a.rounds if a.rounds is not None else (1 if dry else 2)
     a.cold_rounds = a.cold_rounds if a.cold_rounds is not None else (1 if dry else 2)
     a.budget = a.budget if a.budget is not None else (240 if dry else 500)
