@@ -17,6 +17,13 @@
 #              GPU_ARGS, e.g. --ab
 #   ab         this wheel against .device/old/*.whl (e.g. the last commit's), warm, new tensors
 #              and load_into_module, three interleaved rounds
+#   peers      bench/peers_bench.py: us beside InstantTensor, fastsafetensors, Run:ai, CoreWeave and
+#              safetensors; page cache, tmpfs, cold (~9 min; needs .device/peers and .device/cw from
+#              scripts/fetch-device-wheels.sh; PEERS_ARGS, e.g. "--gib 16 --columns page,tmpfs")
+#   tp         bench/tp_bench.py: N ranks load their shards at once (N = the GPUs, or 4 sharing one);
+#              ~8 min; TP_ARGS, e.g. "--ranks 2 --rows page,cold"
+#   Each of peers / tp fills a call; run it alone. They write peers.* / tp.* (json, log, png if
+#   matplotlib is there) under $OUT and print their table last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -57,6 +64,18 @@ for phase in $phases; do
       timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
         --skip-small --skip-safetensors --ab-env "{\"PYTHONPATH\": \"$HOME/site_old\"}" 2>&1 \
         | tee "$OUT/gpu-ab.log" | grep -E "^limits: pinned| warm +[0-9]" | tail -14 ;;
+    peers)
+      if [ -d .device/peers ]; then
+        python3 -m pip install -q --no-index --no-deps --target "$HOME/peers" .device/peers/*.whl || exit 1
+      fi
+      # shellcheck disable=SC2086
+      timeout 560 python3 bench/peers_bench.py --dir /tmp/tzpeers --out "$OUT" --coreweave "$HOME/cw" \
+        --peers "$HOME/peers" ${PEERS_ARGS:-}
+      rm -rf /tmp/tzpeers /dev/shm/tzpeers-* ;;
+    tp)
+      # shellcheck disable=SC2086
+      timeout 560 python3 bench/tp_bench.py --dir /tmp/tztp --out "$OUT" --coreweave "$HOME/cw" ${TP_ARGS:-}
+      rm -rf /tmp/tztp ;;
     *) echo "unknown phase $phase" ;;
   esac
 done

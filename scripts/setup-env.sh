@@ -142,7 +142,8 @@ EOF
   "${PIP[@]}" install -q -c "$CONSTRAINTS" numpy safetensors "pytest>=8" pytest-timeout \
     "maturin>=1.9,<2" "ruff==0.17.6" peft \
     "moto[s3]>=5.2.2" flask flask-cors \
-    cryptography  # S3 test server (5.2.1's multipart XML breaks the AWS SDK); test CA for HTTPS
+    cryptography \
+    matplotlib  # S3 test server (5.2.1's multipart XML breaks the AWS SDK); test CA; bench/chart.py
   # 5. CoreWeave's tensorizer must never be importable from the venv.
   if "$PY" -c 'import tensorizer' 2>/dev/null; then
     log "removing CoreWeave tensorizer from the venv"
