@@ -42,6 +42,24 @@ class TensorType(enum.IntEnum):
 Path = Union[str, tuple]
 
 
+class _DeviceError(TensorizerValueError, RuntimeError):
+    """An unusable ``device`` argument. A RuntimeError too, as torch's (what CoreWeave raises)."""
+
+
+def _import_torch():
+    """torch, or a TensorizerError naming the extra that installs it."""
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise TensorizerUnsupportedError(
+            "PyTorch is not installed, and tensorizer_rs needs it to make tensors: "
+            "pip install 'tensorizer-rs[torch]' (or install torch itself)"
+        ) from None
+    return torch
+
+
 def _uri_of(obj: Any) -> str | None:
     """A path or URI we can open natively, for str/PathLike and our own or real file objects."""
     if isinstance(obj, (str, os.PathLike)):
@@ -109,6 +127,7 @@ class TensorDeserializer(collections.abc.Mapping):
             # Page-locking staging buffers overlaps with opening the file and allocating.
             _cuda.prewarm_for(self._device, _uri_of(file_obj), num_readers)
         self._file = self._open(file_obj)
+        self._file_name = self._file.name  # for messages after the file is closed
         self._closed = False
         with _gc.paused():
             self._index(self._file.entries(), filter_func)
@@ -154,11 +173,14 @@ class TensorDeserializer(collections.abc.Mapping):
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
     def _resolve_device(device: Any):
-        import torch
+        torch = _import_torch()
 
         if device is None:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise _DeviceError(f"device={device!r} is not a torch device: {e}") from None
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise TensorizerUnsupportedError(
@@ -425,7 +447,7 @@ class TensorDeserializer(collections.abc.Mapping):
 
     @property
     def _name(self) -> str:
-        return self._file.name if self._file is not None else "<closed>"
+        return self._file_name
 
     def _place(self, mod, attr: str, i: int) -> None:
         import torch
@@ -619,7 +641,7 @@ class TensorSerializer:
                     f"tensor {item.name!r}: numpy dtype {t.dtype} cannot be serialized"
                 )
             return t.dtype.str, tuple(t.shape), False
-        import torch
+        torch = _import_torch()
 
         if not isinstance(t, torch.Tensor):
             raise TensorizerTypeError(
