@@ -91,23 +91,63 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A command-line mistake: printed as one line, exit status 2."""
+
+
 def cmd_verify(args) -> int:
-    f = _native.TensorFile(args.file)
     kw = {}
     if args.keyfile:
         with open(args.keyfile, "rb") as k:
             kw["key"] = k.read()
     elif args.passphrase_env:
-        kw["passphrase"] = os.environ[args.passphrase_env].encode()
+        passphrase = os.environ.get(args.passphrase_env)
+        if passphrase is None:
+            raise UsageError(
+                f"--passphrase-env {args.passphrase_env}: that environment variable is not set"
+            )
+        kw["passphrase"] = passphrase.encode()
+    f = _native.TensorFile(args.file)
+    if f.encrypted and not kw:
+        raise UsageError(
+            f"{args.file} is encrypted: pass its key with --keyfile FILE or "
+            "--passphrase-env VARIABLE"
+        )
     entries = f.entries()
     start = time.perf_counter()
     total = 0
-    for i, e in enumerate(entries):  # one at a time, so the first bad tensor is named
-        f.load([i], verify_hash=True, **kw)
-        total += e["data_length"]
+    with _progress(sum(e["data_length"] for e in entries), "verify") as bar:
+        for i, e in enumerate(entries):  # one at a time, so the first bad tensor is named
+            f.load([i], verify_hash=True, **kw)
+            total += e["data_length"]
+            bar.update(e["data_length"])
     secs = time.perf_counter() - start
     print(f"OK: {len(entries)} tensors, {convert_bytes(total)} verified in {secs:.2f}s")
     return 0
+
+
+def _progress(total: int, desc: str):
+    """A tqdm bar in bytes on stderr when it is a terminal (and tqdm is installed), else a
+    stand-in that does nothing."""
+    if sys.stderr.isatty():
+        try:
+            from tqdm import tqdm
+
+            return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
+        except ImportError:
+            pass
+    return _NoBar()
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
 
 
 def cmd_keygen(args) -> int:
@@ -138,6 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:
+        # The reader went away (`inspect ... | head`): stop quietly. Point stdout at /dev/null
+        # so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except UsageError as e:
+        print(f"tensorizer-rs {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
     except (TensorizerError, OSError) as e:
         print(f"tensorizer-rs {args.cmd}: error: {e}", file=sys.stderr)
         return 1
