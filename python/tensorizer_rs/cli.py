@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 from . import _native
+from ._progress import terminal_bar
 from .exceptions import TensorizerError
 from .utils import convert_bytes
 
@@ -116,7 +117,7 @@ def cmd_verify(args) -> int:
     entries = f.entries()
     start = time.perf_counter()
     total = 0
-    with _progress(sum(e["data_length"] for e in entries), "verify") as bar:
+    with terminal_bar(sum(e["data_length"] for e in entries), "verify") as bar:
         for i, e in enumerate(entries):  # one at a time, so the first bad tensor is named
             f.load([i], verify_hash=True, **kw)
             total += e["data_length"]
@@ -124,30 +125,6 @@ def cmd_verify(args) -> int:
     secs = time.perf_counter() - start
     print(f"OK: {len(entries)} tensors, {convert_bytes(total)} verified in {secs:.2f}s")
     return 0
-
-
-def _progress(total: int, desc: str):
-    """A tqdm bar in bytes on stderr when it is a terminal (and tqdm is installed), else a
-    stand-in that does nothing."""
-    if sys.stderr.isatty():
-        try:
-            from tqdm import tqdm
-
-            return tqdm(total=total, desc=desc, unit="B", unit_scale=True, leave=False)
-        except ImportError:
-            pass
-    return _NoBar()
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
 
 
 def cmd_keygen(args) -> int:

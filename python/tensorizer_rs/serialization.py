@@ -31,6 +31,8 @@ logger = logging.getLogger("tensorizer_rs")
 # Bytes handed to the native writer per call when sources must be copied to the host first
 # (CUDA tensors): bounds host memory while serializing a GPU model.
 _WRITE_GROUP_BYTES = 1 << 30
+# The same with a `progress` callback, which is called after each call.
+_PROGRESS_GROUP_BYTES = 256 << 20
 
 
 class TensorType(enum.IntEnum):
@@ -535,7 +537,9 @@ class TensorSerializer:
         *,
         encryption: Any = None,
         limit_cpu_concurrency: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
+        """``progress`` (ours, not CoreWeave's): called with the tensor bytes written so far."""
         from .encryption import EncryptionParams
 
         del compress_tensors  # accepted, does nothing (as upstream)
@@ -549,6 +553,8 @@ class TensorSerializer:
         ):
             raise TensorizerValueError("limit_cpu_concurrency must be an int >= 1 or None")
         self._threads = limit_cpu_concurrency
+        self._progress = progress
+        self._written = 0
         self._file_obj = None
         uri = _uri_of(file_obj)
         if uri is None:
@@ -701,19 +707,26 @@ class TensorSerializer:
                 ]
             )
             group, keep, size = [], [], 0
+            limit = _WRITE_GROUP_BYTES if self._progress is None else _PROGRESS_GROUP_BYTES
             for n, (it, (stored, _, meta)) in enumerate(zip(items, described)):
                 obj, addr, length = self._host_bytes(it, stored, meta)
                 keep.append(obj)
                 group.append((first + n, addr, length))
                 size += length
-                if size >= _WRITE_GROUP_BYTES:
-                    self._writer.write_many(group, self._threads)
+                if size >= limit:
+                    self._write_group(group, size)
                     group, keep, size = [], [], 0
             if group:
-                self._writer.write_many(group, self._threads)
+                self._write_group(group, size)
         except BaseException:
             self._abort()
             raise
+
+    def _write_group(self, group: list, size: int) -> None:
+        self._writer.write_many(group, self._threads)
+        if self._progress is not None:
+            self._written += size
+            self._progress(self._written)
 
     def _abort(self) -> None:
         if self._writer is not None:

@@ -420,6 +420,7 @@ def tensorize_lora_adapter(lora_path: str, tensorizer_config: Any) -> None:
     `encryption_keyfile` set (an existing key, e.g. the model's) the tensors are encrypted
     with it; `serialization_kwargs` go to `TensorSerializer`."""
     from tensorizer_rs import EncryptionParams, TensorSerializer
+    from tensorizer_rs._progress import bytes_callback, terminal_bar
     from tensorizer_rs.stream_io import open_stream
 
     cfg, lora_dir = _as_config(tensorizer_config)
@@ -457,9 +458,13 @@ def tensorize_lora_adapter(lora_path: str, tensorizer_config: Any) -> None:
     dest: Any = f"{out_dir}/{ADAPTER_TENSORS}"
     if any(v is not None for v in stream_kwargs.values()):
         dest = open_stream(dest, **write_kwargs)
-    serializer = TensorSerializer(dest, encryption=encryption, **cfg.serialization_kwargs)
-    serializer.write_state_dict(tensors)
-    serializer.close()
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with terminal_bar(total, f"Serializing {ADAPTER_TENSORS}") as bar:
+        serializer = TensorSerializer(
+            dest, encryption=encryption, progress=bytes_callback(bar), **cfg.serialization_kwargs
+        )
+        serializer.write_state_dict(tensors)
+        serializer.close()
     logger.info(
         "Successfully serialized LoRA adapter %s to %s/%s%s",
         lora_path,
