@@ -13,6 +13,8 @@
 #            was measured 3x slower than a debug `cargo test` here)
 #   ruff     ruff check python tests examples
 #   pytest   pytest -q -m "not gpu" (exit 5, "no tests collected", counts as a failure)
+#   vllm-next  the plugin's engine-free vLLM tests with the newest vLLM (0.34.0, in the second
+#            venv setup-env.sh makes: VLLM_NEXT_VENV); skipped when that venv is absent
 #   shared   only with SHARED_VECTORS=DIR (.ci/run sets it when CI has ../shared/vectors): the
 #            in-repo golden vectors (tests/vectors) must be byte-identical to DIR, and the vector
 #            tests (Rust and pytest) run once more reading DIR
@@ -95,6 +97,15 @@ for d in python tests examples bench; do [ -e "$d" ] && RUFF_PATHS+=("$d"); done
 phase ruff ruff check "${RUFF_PATHS[@]}"
 if [ $BUILD_OK = 0 ]; then phase pytest run_pytest "$@"
 else printf '\n=== pytest: not run (build failed)\n'; record pytest "FAIL(build failed)" 0
+fi
+# Keep the default in step with VLLM_NEXT_VERSION in setup-env.sh.
+NEXT_VENV=${VLLM_NEXT_VENV:-${TZ_CACHE:-$REPO/.cache}/venv-vllm-0.34.0}
+if [ $BUILD_OK != 0 ]; then record vllm-next "FAIL(build failed)" 0
+elif [ -x "$NEXT_VENV/bin/python" ]; then
+  phase vllm-next "$NEXT_VENV/bin/python" -m pytest -q -m "not gpu" --timeout=600 \
+    tests/vllm/test_plugin.py tests/vllm/test_config.py tests/vllm/test_lora.py \
+    -k "not test_llm_ and not test_vllm_serve and not test_example_script and not test_adapter_changes"
+else skip vllm-next "no $NEXT_VENV"
 fi
 if [ -n "${SHARED_VECTORS:-}" ]; then phase shared shared_vectors "$SHARED_VECTORS"; fi
 summary
