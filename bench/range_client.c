@@ -1,6 +1,7 @@
 // A minimal parallel HTTP/1.1 range client: how fast this host moves an object from a server on
 // 127.0.0.1 into memory, with nothing of ours in the way. T threads, each on its own kept-alive
-// connection, fetch consecutive ranges of PIECE MiB (0: one range per thread) and `recv` the
+// connection (dialled again where the server ends one, e.g. an HTTP/1.0 server after each
+// response), fetch consecutive ranges of PIECE MiB (0: one range per thread) and `recv` the
 // bodies into
 //   null   one 1 MiB scratch buffer per thread, rewritten (what `curl -o /dev/null` does),
 //   fresh  one region the size of the object, mapped at the start and never touched before
@@ -13,6 +14,7 @@
 // Run:   range_client PORT PATH SIZE THREADS PIECE_MIB MODE [PASSES [FILE]]
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -57,23 +59,78 @@ static int dial(void) {
   return s;
 }
 
-// One ranged GET on `s`: the head is read byte-wise up to its blank line (a few hundred bytes:
-// simple, and no body bytes are taken with it), then the body goes to `dst` (or the scratch).
-static void get(int s, uint64_t off, uint64_t len, char *dst, char *scratch) {
+// send() all of `n` bytes, through short writes and signals.
+static int send_all(int s, const char *p, size_t n) {
+  while (n) {
+    ssize_t w = send(s, p, n, MSG_NOSIGNAL);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) return -1;
+    p += w;
+    n -= (size_t)w;
+  }
+  return 0;
+}
+
+// recv() once, retrying when a signal interrupts it: >0 bytes, 0 at the peer's close, <0 error.
+static ssize_t recv_some(int s, char *p, size_t n) {
+  for (;;) {
+    ssize_t r = recv(s, p, n, 0);
+    if (r >= 0 || errno != EINTR) return r;
+  }
+}
+
+// One ranged GET on the connection `*s` (dialled when -1): the head is read byte-wise up to its
+// blank line (a few hundred bytes: simple, and no body bytes are taken with it), then the body
+// goes to `dst` (or the scratch). A kept-alive connection the server has closed meanwhile (EOF
+// before any byte of the head) is dialled again once; a response that ends its connection
+// (HTTP/1.0 without keep-alive, or "Connection: close") leaves `*s` at -1 for the next request.
+static void get(int *s, uint64_t off, uint64_t len, char *dst, char *scratch) {
   char req[512];
   int n = snprintf(req, sizeof req, "GET %s HTTP/1.1\r\nHost: 127.0.0.1\r\nRange: bytes=%llu-%llu\r\n\r\n", path,
                    (unsigned long long)off, (unsigned long long)(off + len - 1));
-  if (send(s, req, n, 0) != n) die("send");
   char head[8192];
   size_t h = 0;
+  for (int attempt = 0;; attempt++) {
+    int fresh = *s < 0;
+    if (fresh) *s = dial();
+    if (send_all(*s, req, n) == 0) {
+      ssize_t r = recv_some(*s, head, 1);
+      if (r == 1) {
+        h = 1;
+        break;
+      }
+      if (r < 0 && fresh) die("recv head");
+    } else if (fresh) {
+      die("send");
+    }
+    // The server closed a connection we were reusing: dial again, once.
+    close(*s);
+    *s = -1;
+    if (fresh || attempt) {
+      fprintf(stderr, "head: the server closed the connection before answering\n");
+      exit(1);
+    }
+  }
   while (h < 4 || memcmp(head + h - 4, "\r\n\r\n", 4) != 0) {
-    if (h == sizeof head || recv(s, head + h, 1, 0) != 1) die("head");
+    if (h == sizeof head - 1) {
+      fprintf(stderr, "head: longer than %zu bytes\n", sizeof head - 1);
+      exit(1);
+    }
+    ssize_t r = recv_some(*s, head + h, 1);
+    if (r < 0) die("recv head");
+    if (r == 0) {
+      fprintf(stderr, "head: the server closed the connection after %zu bytes of it\n", h);
+      exit(1);
+    }
     h++;
   }
-  if (memcmp(head + 9, "206", 3) != 0) {
+  head[h] = 0;
+  if (h < 12 || memcmp(head + 9, "206", 3) != 0) {
     fprintf(stderr, "not a 206: %.*s\n", (int)h, head);
     exit(1);
   }
+  int closes = strcasestr(head, "\r\nconnection: close") != NULL ||
+               (memcmp(head, "HTTP/1.0", 8) == 0 && strcasestr(head, "\r\nconnection: keep-alive") == NULL);
   uint64_t got = 0;
   while (got < len) {
     size_t want = len - got;
@@ -84,16 +141,25 @@ static void get(int s, uint64_t off, uint64_t len, char *dst, char *scratch) {
       p = scratch;
       if (want > (1 << 20)) want = 1 << 20;
     }
-    ssize_t r = recv(s, p, want, 0);
-    if (r <= 0) die("recv");
+    ssize_t r = recv_some(*s, p, want);
+    if (r < 0) die("recv body");
+    if (r == 0) {
+      fprintf(stderr, "body: the server closed the connection after %llu of %llu bytes\n",
+              (unsigned long long)got, (unsigned long long)len);
+      exit(1);
+    }
     got += r;
+  }
+  if (closes) {
+    close(*s);
+    *s = -1;
   }
 }
 
 static void *worker(void *arg) {
   (void)arg;
   char *scratch = mode == 0 ? malloc(1 << 20) : NULL;
-  int s = dial();
+  int s = -1;
   for (;;) {
     pthread_mutex_lock(&mu);
     uint64_t off = next_off, len = piece ? piece : (size + threads - 1) / threads;
@@ -101,9 +167,9 @@ static void *worker(void *arg) {
     pthread_mutex_unlock(&mu);
     if (off >= size) break;
     if (len > size - off) len = size - off;
-    get(s, off, len, mode == 0 ? NULL : region + off, scratch);
+    get(&s, off, len, mode == 0 ? NULL : region + off, scratch);
   }
-  close(s);
+  if (s >= 0) close(s);
   free(scratch);
   return NULL;
 }
@@ -115,7 +181,9 @@ static void verify(const char *file) {
   char *buf = malloc(8 << 20);
   for (uint64_t off = 0; off < size;) {
     ssize_t n = pread(fd, buf, 8 << 20, off);
+    if (n < 0 && errno == EINTR) continue;
     if (n <= 0) die("pread");
+    if ((uint64_t)n > size - off) n = size - off;
     if (memcmp(buf, region + off, n) != 0) {
       fprintf(stderr, "bytes differ from %s in the 8 MiB at %llu\n", file, (unsigned long long)off);
       exit(1);

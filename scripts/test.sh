@@ -8,13 +8,18 @@
 #            exactly this checkout's build, even when several checkouts share one VENV.
 #   fmt      cargo fmt --check
 #   clippy   cargo clippy --all-targets -- -D warnings
-#   cargo    cargo test            (debug profile: the release build's dependencies are built as
+#   cargo    cargo test --no-fail-fast   (every test binary runs even after a failure; debug profile: the release build's dependencies are built as
 #            LTO bitcode with maturin's PyO3 env, so `cargo test --release` reuses none of them and
 #            was measured 3x slower than a debug `cargo test` here)
 #   ruff     ruff check python tests examples
 #   pytest   pytest -q -m "not gpu" (exit 5, "no tests collected", counts as a failure)
+#   vllm-next  the plugin's engine-free vLLM tests with the newest vLLM (0.34.0, in the second
+#            venv setup-env.sh makes: VLLM_NEXT_VENV); skipped when that venv is absent
+#   shared   only with SHARED_VECTORS=DIR (.ci/run sets it when CI has ../shared/vectors): the
+#            in-repo golden vectors (tests/vectors) must be byte-identical to DIR, and the vector
+#            tests (Rust and pytest) run once more reading DIR
 #
-# Env: VENV (default <repo>/.venv), TENSORIZER_VECTORS (default <repo>/../shared/vectors),
+# Env: VENV (default <repo>/.venv), TENSORIZER_VECTORS (default <repo>/tests/vectors),
 #      PYTEST_TIMEOUT (per test, default 900 s), SKIP_SETUP=1 (reuse the venv as is).
 set -uo pipefail
 
@@ -66,6 +71,19 @@ run_pytest() {
   return $rc
 }
 
+# The in-repo vectors against another copy (the project's shared ground truth), then the vector
+# tests reading that copy.
+shared_vectors() {
+  local dir=$1 rc=0
+  diff -r --exclude=README.md "$dir" "$REPO/tests/vectors" || {
+    echo "tests/vectors differs from $dir (copy the shared vectors again)"
+    rc=1
+  }
+  TENSORIZER_VECTORS=$dir cargo test --test crypto_vectors || rc=1
+  TENSORIZER_VECTORS=$dir run_pytest tests/test_vectors.py || rc=1
+  return $rc
+}
+
 if [ "${SKIP_SETUP:-0}" = 1 ] && [ -x "$PY" ]; then skip setup SKIP_SETUP=1
 else phase setup bash "$REPO/scripts/setup-env.sh" || { summary; exit 1; }
 fi
@@ -73,11 +91,21 @@ phase build bash "$REPO/scripts/build.sh" --target "$SITE"
 BUILD_OK=$?
 phase fmt cargo fmt --all --check -- --color never
 phase clippy cargo clippy --all-targets -- -D warnings
-phase cargo cargo test
+phase cargo cargo test --no-fail-fast
 RUFF_PATHS=()
 for d in python tests examples bench; do [ -e "$d" ] && RUFF_PATHS+=("$d"); done
 phase ruff ruff check "${RUFF_PATHS[@]}"
 if [ $BUILD_OK = 0 ]; then phase pytest run_pytest "$@"
 else printf '\n=== pytest: not run (build failed)\n'; record pytest "FAIL(build failed)" 0
 fi
+# Keep the default in step with VLLM_NEXT_VERSION in setup-env.sh.
+NEXT_VENV=${VLLM_NEXT_VENV:-${TZ_CACHE:-$REPO/.cache}/venv-vllm-0.34.0}
+if [ $BUILD_OK != 0 ]; then record vllm-next "FAIL(build failed)" 0
+elif [ -x "$NEXT_VENV/bin/python" ]; then
+  phase vllm-next "$NEXT_VENV/bin/python" -m pytest -q -m "not gpu" --timeout=600 \
+    tests/vllm/test_plugin.py tests/vllm/test_config.py tests/vllm/test_lora.py \
+    -k "not test_llm_ and not test_vllm_serve and not test_example_script and not test_adapter_changes"
+else skip vllm-next "no $NEXT_VENV"
+fi
+if [ -n "${SHARED_VECTORS:-}" ]; then phase shared shared_vectors "$SHARED_VECTORS"; fi
 summary

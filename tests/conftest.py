@@ -4,8 +4,9 @@
   real ``tensorizer`` (installed by scripts/setup-env.sh into ``.cache/tz-<version>``) is importable.
   It is importable ONLY there: the test process itself must never load it (checked below), so no
   test can pass by reading through CoreWeave's package by mistake.
-* ``vectors_dir`` / ``vector_manifests`` / ``vector``: the golden vectors (env TENSORIZER_VECTORS,
-  default ``<repo>/../shared/vectors``). A test with a ``vector`` argument runs once per manifest.
+* ``vectors_dir`` / ``vector_manifests`` / ``vector``: the golden vectors, ``tests/vectors`` in the
+  repository (env TENSORIZER_VECTORS overrides). A test with a ``vector`` argument runs once per
+  manifest.
 * ``s3_server``: moto's S3 server on 127.0.0.1 with SigV4 checking (one per session; see
   ``tests/servers/moto_s3.py``); ``S3Server.bucket(name)`` creates a bucket.
 * Markers: ``gpu`` tests skip without CUDA; ``vllm`` tests skip when vLLM is not installed.
@@ -24,7 +25,7 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TZ_CACHE = Path(os.environ.get("TZ_CACHE", REPO_ROOT / ".cache"))
-VECTORS_DIR = Path(os.environ.get("TENSORIZER_VECTORS", REPO_ROOT.parent / "shared" / "vectors"))
+VECTORS_DIR = Path(os.environ.get("TENSORIZER_VECTORS") or REPO_ROOT / "tests" / "vectors")
 COREWEAVE_VERSIONS = ("2.12.1", "2.10.1")
 # scripts/test.sh installs this checkout's wheel here (not into the venv, which may be shared by
 # several checkouts); prefer it, in this process and in subprocesses (vLLM workers).

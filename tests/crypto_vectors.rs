@@ -1,5 +1,6 @@
 //! Decrypt every encrypted golden vector (written by CoreWeave's tensorizer with libsodium)
 //! through the format layer and `crypto::decrypt_tensor`, and compare with the manifests.
+//! The vectors: `tests/vectors` (in the repository), or `TENSORIZER_VECTORS`.
 use std::path::PathBuf;
 
 use serde_json::Value;
@@ -15,7 +16,7 @@ use tensorizer_rs::format::{FileHeader, TensorHeader};
 fn vectors_dir() -> PathBuf {
     match std::env::var_os("TENSORIZER_VECTORS") {
         Some(d) => PathBuf::from(d),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/vectors"),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors"),
     }
 }
 

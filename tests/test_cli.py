@@ -65,3 +65,59 @@ def test_keygen_writes_private_key(tmp_path):
     assert len(key.read_bytes()) == 32
     assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
     assert run("keygen", key).returncode != 0  # never overwrites
+
+
+def test_verify_encrypted_without_key_names_the_flags(vector_manifests):
+    out = run("verify", vector_manifests["enc_random_v3.tensors"]["path"])
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+    assert "--keyfile" in out.stderr and "--passphrase-env" in out.stderr
+    assert "DecryptionParams" not in out.stderr
+
+
+def test_verify_with_keyfile_and_passphrase_env(vector_manifests):
+    raw = vector_manifests["enc_random_v3.tensors"]
+    key = os.path.join(os.path.dirname(raw["path"]), raw["encryption"]["key_file"])
+    assert run("verify", raw["path"], "--keyfile", key).returncode == 0
+    pw = vector_manifests["tz2101_enc_passphrase.tensors"]
+    env = {**os.environ, "TZ_TEST_PASSPHRASE": pw["encryption"]["passphrase"]}
+    ok = subprocess.run(
+        [sys.executable, "-m", "tensorizer_rs", "verify", pw["path"]]
+        + ["--passphrase-env", "TZ_TEST_PASSPHRASE"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=False,
+    )
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_unset_passphrase_env_is_one_line(vector_manifests, monkeypatch):
+    monkeypatch.delenv("TZ_UNSET_VARIABLE", raising=False)
+    out = run(
+        "verify",
+        vector_manifests["tz2101_enc_passphrase.tensors"]["path"],
+        "--passphrase-env",
+        "TZ_UNSET_VARIABLE",
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1
+    assert "--passphrase-env TZ_UNSET_VARIABLE" in out.stderr and "not set" in out.stderr
+
+
+def test_closed_pipe_exits_quietly(tmp_path):
+    # Enough lines that `inspect` is still writing when the reader has gone (a pipe holds 64 KiB).
+    f = tmp_path / "many.tensors"
+    with TensorSerializer(str(f)) as s:
+        s.write_state_dict({f"tensor_{i:05d}": torch.zeros(2) for i in range(4000)})
+    p = subprocess.Popen(
+        [sys.executable, "-m", "tensorizer_rs", "inspect", str(f)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout.readline().startswith(str(f))  # like `| head -1`
+    p.stdout.close()
+    err = p.stderr.read()
+    assert p.wait(timeout=60) == 0
+    assert err == "", err

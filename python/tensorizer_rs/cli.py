@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 
 from . import _native
+from ._progress import terminal_bar
 from .exceptions import TensorizerError
 from .utils import convert_bytes
 
@@ -91,20 +92,36 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+class UsageError(Exception):
+    """A command-line mistake: printed as one line, exit status 2."""
+
+
 def cmd_verify(args) -> int:
-    f = _native.TensorFile(args.file)
     kw = {}
     if args.keyfile:
         with open(args.keyfile, "rb") as k:
             kw["key"] = k.read()
     elif args.passphrase_env:
-        kw["passphrase"] = os.environ[args.passphrase_env].encode()
+        passphrase = os.environ.get(args.passphrase_env)
+        if passphrase is None:
+            raise UsageError(
+                f"--passphrase-env {args.passphrase_env}: that environment variable is not set"
+            )
+        kw["passphrase"] = passphrase.encode()
+    f = _native.TensorFile(args.file)
+    if f.encrypted and not kw:
+        raise UsageError(
+            f"{args.file} is encrypted: pass its key with --keyfile FILE or "
+            "--passphrase-env VARIABLE"
+        )
     entries = f.entries()
     start = time.perf_counter()
     total = 0
-    for i, e in enumerate(entries):  # one at a time, so the first bad tensor is named
-        f.load([i], verify_hash=True, **kw)
-        total += e["data_length"]
+    with terminal_bar(sum(e["data_length"] for e in entries), "verify") as bar:
+        for i, e in enumerate(entries):  # one at a time, so the first bad tensor is named
+            f.load([i], verify_hash=True, **kw)
+            total += e["data_length"]
+            bar.update(e["data_length"])
     secs = time.perf_counter() - start
     print(f"OK: {len(entries)} tensors, {convert_bytes(total)} verified in {secs:.2f}s")
     return 0
@@ -138,6 +155,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         return args.fn(args)
+    except BrokenPipeError:
+        # The reader went away (`inspect ... | head`): stop quietly. Point stdout at /dev/null
+        # so that the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except UsageError as e:
+        print(f"tensorizer-rs {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
     except (TensorizerError, OSError) as e:
         print(f"tensorizer-rs {args.cmd}: error: {e}", file=sys.stderr)
         return 1

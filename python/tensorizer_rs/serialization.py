@@ -31,6 +31,8 @@ logger = logging.getLogger("tensorizer_rs")
 # Bytes handed to the native writer per call when sources must be copied to the host first
 # (CUDA tensors): bounds host memory while serializing a GPU model.
 _WRITE_GROUP_BYTES = 1 << 30
+# The same with a `progress` callback, which is called after each call.
+_PROGRESS_GROUP_BYTES = 256 << 20
 
 
 class TensorType(enum.IntEnum):
@@ -40,6 +42,24 @@ class TensorType(enum.IntEnum):
 
 
 Path = Union[str, tuple]
+
+
+class _DeviceError(TensorizerValueError, RuntimeError):
+    """An unusable ``device`` argument. A RuntimeError too, as torch's (what CoreWeave raises)."""
+
+
+def _import_torch():
+    """torch, or a TensorizerError naming the extra that installs it."""
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        if e.name != "torch":
+            raise
+        raise TensorizerUnsupportedError(
+            "PyTorch is not installed, and tensorizer_rs needs it to make tensors: "
+            "pip install 'tensorizer-rs[torch]' (or install torch itself)"
+        ) from None
+    return torch
 
 
 def _uri_of(obj: Any) -> str | None:
@@ -109,6 +129,7 @@ class TensorDeserializer(collections.abc.Mapping):
             # Page-locking staging buffers overlaps with opening the file and allocating.
             _cuda.prewarm_for(self._device, _uri_of(file_obj), num_readers)
         self._file = self._open(file_obj)
+        self._file_name = self._file.name  # for messages after the file is closed
         self._closed = False
         with _gc.paused():
             self._index(self._file.entries(), filter_func)
@@ -154,11 +175,14 @@ class TensorDeserializer(collections.abc.Mapping):
     # -- construction helpers -------------------------------------------------------------
     @staticmethod
     def _resolve_device(device: Any):
-        import torch
+        torch = _import_torch()
 
         if device is None:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dev = torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError, ValueError) as e:
+            raise _DeviceError(f"device={device!r} is not a torch device: {e}") from None
         if dev.type == "cuda":
             if not torch.cuda.is_available():
                 raise TensorizerUnsupportedError(
@@ -425,7 +449,7 @@ class TensorDeserializer(collections.abc.Mapping):
 
     @property
     def _name(self) -> str:
-        return self._file.name if self._file is not None else "<closed>"
+        return self._file_name
 
     def _place(self, mod, attr: str, i: int) -> None:
         import torch
@@ -513,7 +537,9 @@ class TensorSerializer:
         *,
         encryption: Any = None,
         limit_cpu_concurrency: int | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
+        """``progress`` (ours, not CoreWeave's): called with the tensor bytes written so far."""
         from .encryption import EncryptionParams
 
         del compress_tensors  # accepted, does nothing (as upstream)
@@ -527,6 +553,8 @@ class TensorSerializer:
         ):
             raise TensorizerValueError("limit_cpu_concurrency must be an int >= 1 or None")
         self._threads = limit_cpu_concurrency
+        self._progress = progress
+        self._written = 0
         self._file_obj = None
         uri = _uri_of(file_obj)
         if uri is None:
@@ -619,7 +647,7 @@ class TensorSerializer:
                     f"tensor {item.name!r}: numpy dtype {t.dtype} cannot be serialized"
                 )
             return t.dtype.str, tuple(t.shape), False
-        import torch
+        torch = _import_torch()
 
         if not isinstance(t, torch.Tensor):
             raise TensorizerTypeError(
@@ -679,19 +707,26 @@ class TensorSerializer:
                 ]
             )
             group, keep, size = [], [], 0
+            limit = _WRITE_GROUP_BYTES if self._progress is None else _PROGRESS_GROUP_BYTES
             for n, (it, (stored, _, meta)) in enumerate(zip(items, described)):
                 obj, addr, length = self._host_bytes(it, stored, meta)
                 keep.append(obj)
                 group.append((first + n, addr, length))
                 size += length
-                if size >= _WRITE_GROUP_BYTES:
-                    self._writer.write_many(group, self._threads)
+                if size >= limit:
+                    self._write_group(group, size)
                     group, keep, size = [], [], 0
             if group:
-                self._writer.write_many(group, self._threads)
+                self._write_group(group, size)
         except BaseException:
             self._abort()
             raise
+
+    def _write_group(self, group: list, size: int) -> None:
+        self._writer.write_many(group, self._threads)
+        if self._progress is not None:
+            self._written += size
+            self._progress(self._written)
 
     def _abort(self) -> None:
         if self._writer is not None:

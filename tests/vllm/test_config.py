@@ -39,6 +39,12 @@ def test_uri_dir_resolution(caplog):
         both = TensorizerConfig(tensorizer_uri="/a/model.tensors", tensorizer_dir="/other")
     assert both.tensorizer_dir == "/a"
     assert "Provided both tensorizer_dir and tensorizer_uri" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="vllm.tensorizer_rs"):
+        one = TensorizerConfig(tensorizer_uri="/a/model-%03d.tensors")
+        one.for_rank(1)
+        TensorizerConfig(**{**one.to_serializable(), "tensorizer_dir": "/a/"})
+    assert caplog.text == ""  # a URI alone, a copy or an agreeing dir: nothing to warn about
     with pytest.raises(ValueError, match="Unable to resolve tensorizer_uri. A valid"):
         TensorizerConfig()
 

@@ -319,6 +319,9 @@ def test_hook_reads_tensorized_dir_like_vllm_reads_safetensors(adapters, monkeyp
     fn = worker_manager.get_adapter_absolute_path
     monkeypatch.setattr(worker_manager, "get_adapter_absolute_path", getattr(fn, "_original", fn))
     original = cls.from_local_checkpoint
+    # CPU tensors are pinned where vLLM thinks a GPU is (its GPU build, as in the check against
+    # newer vLLM on a machine without one); pinning needs a driver, and both sides do it alike.
+    monkeypatch.setattr(lora_model, "PIN_MEMORY", False, raising=False)
     assert tzlora._patch_from_local_checkpoint()
     assert not tzlora._patch_from_local_checkpoint()  # idempotent
     kw = {"lora_model_id": 1, "device": "cpu", "dtype": torch.bfloat16}

@@ -86,7 +86,12 @@ class TensorizerConfig(MutableMapping):
             isinstance(self.tensorizer_uri, str)
             and _SHARD_TEMPLATE.search(self.tensorizer_uri) is not None
         )
-        if self.tensorizer_dir and self.tensorizer_uri:
+        if (
+            self.tensorizer_dir
+            and self.tensorizer_uri
+            # A copy (dataclasses.replace, for_rank) passes the dir derived from the URI back in.
+            and self.tensorizer_dir.rstrip("/") != os.path.dirname(self.tensorizer_uri)
+        ):
             logger.warning(
                 "Provided both tensorizer_dir and tensorizer_uri. "
                 "Inferring tensorizer_dir from tensorizer_uri as the "

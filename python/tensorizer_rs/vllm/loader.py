@@ -78,6 +78,54 @@ def target_device(vllm_config) -> torch.device:
     return dev
 
 
+def _file_bytes(cfg: TensorizerConfig) -> int | None:
+    """The bytes of tensor data in the file (its index only), for a progress bar's total."""
+    from tensorizer_rs import TensorDeserializer
+
+    args = cfg._construct_tensorizer_args()
+    try:
+        with TensorDeserializer(
+            args.source(), device="cpu", lazy_load=True, **args.deserialization_kwargs
+        ) as d:
+            return d.total_file_bytes
+    except Exception:  # noqa: BLE001 - the load itself reports what is wrong with the file
+        return None
+
+
+def _progress_bar(load_config, cfg: TensorizerConfig):
+    """A tqdm bar in bytes as vLLM's own loaders show one: only with `use_tqdm_on_load` and on
+    the first rank (vLLM's `enable_tqdm`), in vLLM's line-per-update format. None otherwise."""
+    try:
+        from vllm.model_executor.model_loader.weight_utils import _BAR_FORMAT, enable_tqdm
+    except ImportError:  # a vLLM without them: no bar
+        return None
+    if not enable_tqdm(getattr(load_config, "use_tqdm_on_load", True)):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=_file_bytes(cfg),
+        desc="Loading tensorizer weights",
+        unit="B",
+        unit_scale=True,
+        bar_format=_BAR_FORMAT,
+    )
+
+
+def _log_load(uri: str, device, nbytes: int, secs: float, what: str) -> None:
+    """The one INFO line of a load."""
+    logger.info(
+        "tensorizer_rs: deserialized %d bytes (%.3f GB) from %s onto %s in %.2f s, %.2f GB/s (%s)",
+        nbytes,
+        nbytes / 1e9,
+        uri,
+        device,
+        secs,
+        nbytes / 1e9 / max(secs, 1e-9),
+        what,
+    )
+
+
 def config_from_extra(extra) -> tuple[TensorizerConfig, dict]:
     """Our TensorizerConfig from a LoadConfig's model_loader_extra_config (as vLLM's
     TensorizerLoader builds it), and the remaining top-level keys."""
@@ -134,18 +182,32 @@ class TensorizerRsLoader(BaseModelLoader):
             pre = value == PRE_PROCESSING_MARKER
         return (PRE_PROCESSING if pre else POST_PROCESSED), keys
 
-    def _weights_iterator(self, cfg: TensorizerConfig) -> Generator[tuple[str, torch.Tensor]]:
+    def _weights_iterator(
+        self, cfg: TensorizerConfig, loaded: list | None = None
+    ) -> Generator[tuple[str, torch.Tensor]]:
+        """The file's tensors (loaded to the CPU first), counting their bytes into `loaded`."""
         from tensorizer_rs import TensorDeserializer
 
         args = cfg._construct_tensorizer_args()
-        with TensorDeserializer(
-            args.source(), device="cpu", **args.deserialization_kwargs
-        ) as state:
-            yield from state.items()
+        bar = _progress_bar(self.load_config, cfg)
+        try:
+            with TensorDeserializer(
+                args.source(), device="cpu", **args.deserialization_kwargs
+            ) as state:
+                for name, t in state.items():
+                    n = t.numel() * t.element_size()
+                    if loaded is not None:
+                        loaded[0] += n
+                    if bar is not None:
+                        bar.update(n)
+                    yield name, t
+        finally:
+            if bar is not None:
+                bar.close()
 
     def _deserialize_into(
         self, model: nn.Module, cfg: TensorizerConfig, device, dtype, release=None
-    ) -> None:
+    ) -> tuple[int, float]:
         if not is_valid_deserialization_uri(cfg.tensorizer_uri):
             raise ValueError(
                 f"{cfg.tensorizer_uri} is not a valid "
@@ -154,20 +216,27 @@ class TensorizerRsLoader(BaseModelLoader):
                 f"S3, HTTP or HTTPS scheme."
             )
         args = cfg._construct_tensorizer_args()
-        nbytes, secs = fill_module(
-            model, args.source(), device, dtype, args.deserialization_kwargs, release
-        )
-        logger.info(
-            "tensorizer_rs: deserialized %d bytes (%.3f GB) from %s onto %s in %.2f s, %.2f GB/s",
-            nbytes,
-            nbytes / 1e9,
-            cfg.tensorizer_uri,
-            device,
-            secs,
-            nbytes / 1e9 / max(secs, 1e-9),
-        )
+        kwargs = dict(args.deserialization_kwargs)
+        bar = _progress_bar(self.load_config, cfg)
+        if bar is not None:
+            user = kwargs.get("progress")
+
+            def progress(done: int, gbps: float) -> None:  # GPU loads report as they go
+                bar.update(done - bar.n)
+                if user is not None:
+                    user(done, gbps)
+
+            kwargs["progress"] = progress
+        try:
+            nbytes, secs = fill_module(model, args.source(), device, dtype, kwargs, release)
+            if bar is not None:
+                bar.update(nbytes - bar.n)  # CPU loads report at the end
+        finally:
+            if bar is not None:
+                bar.close()
         if hasattr(model, MARKER_ATTR):
             delattr(model, MARKER_ATTR)
+        return nbytes, secs
 
     # ------------------------------------------------------------------ BaseModelLoader API
     def download_model(self, model_config) -> None:
@@ -180,16 +249,15 @@ class TensorizerRsLoader(BaseModelLoader):
         for HF-layout files). vLLM-tensorized files replace the module's tensors as they are."""
         cfg = self._config_for_this_rank()
         if self._layout(cfg)[0] == HF_LAYOUT:
-            start = time.perf_counter()
-            model.load_weights(self._weights_iterator(cfg))
-            logger.info(
-                "tensorizer_rs: loaded HF-layout weights from %s in %.2f s",
-                cfg.tensorizer_uri,
-                time.perf_counter() - start,
-            )
+            start, loaded = time.perf_counter(), [0]
+            model.load_weights(self._weights_iterator(cfg, loaded))
+            device = next(model.parameters()).device
+            secs = time.perf_counter() - start
+            _log_load(cfg.tensorizer_uri, device, loaded[0], secs, "HF names, model.load_weights")
         else:
             device = next(model.parameters()).device
-            self._deserialize_into(model, cfg, device, model_config.dtype)
+            nbytes, secs = self._deserialize_into(model, cfg, device, model_config.dtype)
+            _log_load(cfg.tensorizer_uri, device, nbytes, secs, "vLLM module, in place")
 
     def load_model(self, vllm_config, model_config, prefix: str = "") -> nn.Module:
         self.tensorizer_config.verify_with_model_config(model_config)
@@ -212,16 +280,14 @@ class TensorizerRsLoader(BaseModelLoader):
                 model = initialize_model(
                     vllm_config=vllm_config, model_config=model_config, prefix=prefix
                 )
-            self._deserialize_into(model, cfg, device, model_config.dtype, release=names)
+            nbytes, secs = self._deserialize_into(
+                model, cfg, device, model_config.dtype, release=names
+            )
             if layout == PRE_PROCESSING:
                 with torch.no_grad():
                     process_weights_after_loading(model, model_config, device)
-        logger.info(
-            "tensorizer_rs: %s file %s (%s)",
-            layout,
-            cfg.tensorizer_uri,
-            "post-processed after loading" if layout == PRE_PROCESSING else "used as saved",
-        )
+        what = "post-processed after loading" if layout == PRE_PROCESSING else "used as saved"
+        _log_load(cfg.tensorizer_uri, device, nbytes, secs, f"{layout} vLLM module, {what}")
         return model.eval()
 
 

@@ -420,6 +420,7 @@ def tensorize_lora_adapter(lora_path: str, tensorizer_config: Any) -> None:
     `encryption_keyfile` set (an existing key, e.g. the model's) the tensors are encrypted
     with it; `serialization_kwargs` go to `TensorSerializer`."""
     from tensorizer_rs import EncryptionParams, TensorSerializer
+    from tensorizer_rs._progress import bytes_callback, terminal_bar
     from tensorizer_rs.stream_io import open_stream
 
     cfg, lora_dir = _as_config(tensorizer_config)
@@ -457,9 +458,13 @@ def tensorize_lora_adapter(lora_path: str, tensorizer_config: Any) -> None:
     dest: Any = f"{out_dir}/{ADAPTER_TENSORS}"
     if any(v is not None for v in stream_kwargs.values()):
         dest = open_stream(dest, **write_kwargs)
-    serializer = TensorSerializer(dest, encryption=encryption, **cfg.serialization_kwargs)
-    serializer.write_state_dict(tensors)
-    serializer.close()
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    with terminal_bar(total, f"Serializing {ADAPTER_TENSORS}") as bar:
+        serializer = TensorSerializer(
+            dest, encryption=encryption, progress=bytes_callback(bar), **cfg.serialization_kwargs
+        )
+        serializer.write_state_dict(tensors)
+        serializer.close()
     logger.info(
         "Successfully serialized LoRA adapter %s to %s/%s%s",
         lora_path,
@@ -515,7 +520,7 @@ def __getattr__(name):  # the resolver class needs vLLM; build it on first use
 
 # ----------------------------------------------------------------------------- vLLM hooks
 #: Parameter names of the vLLM functions we wrap or call, as tested (vLLM 0.32). A vLLM whose
-#: functions differ gets a warning and no hook.
+#: functions differ gets a warning and no hook (see also OPTIONAL_TRAILING).
 TESTED_SIGNATURES = {
     "LoRAModel.from_local_checkpoint": (
         "lora_dir",
@@ -542,6 +547,9 @@ TESTED_SIGNATURES = {
     "worker_manager.get_adapter_absolute_path": ("lora_path",),
     "utils.parse_fine_tuned_lora_name": ("name", "weights_mapper"),
 }
+#: Parameters a later vLLM appends to a tested signature, which our hook also handles
+#: (vLLM 0.34: `unsupported_lora_modules`, model layers on which LoRA weights are unexpected).
+OPTIONAL_TRAILING = {"LoRAModel.from_local_checkpoint": ("unsupported_lora_modules",)}
 
 
 def _params(fn) -> tuple[str, ...] | None:
@@ -557,7 +565,7 @@ def _mismatch(what: str, fn) -> str | None:
     if fn is None:
         return f"{what} does not exist"
     got = _params(fn)
-    if got != want:
+    if got != want and got != want + OPTIONAL_TRAILING.get(what, ()):
         return f"{what} has parameters {got}, not the tested {want}"
     return None
 
@@ -629,8 +637,11 @@ def _patch_from_local_checkpoint() -> bool:
     return True
 
 
-def _unexpected_modules(cls, names, expected, peft_helper, weights_mapper, skip_prefixes):
-    """vLLM 0.32's `check_unexpected_modules` (a closure inside from_local_checkpoint)."""
+def _unexpected_modules(
+    cls, names, expected, peft_helper, weights_mapper, skip_prefixes, unsupported=None
+):
+    """vLLM 0.32's `check_unexpected_modules` (a closure inside from_local_checkpoint), with
+    vLLM 0.34's `unsupported_lora_modules` check."""
     from vllm.lora.utils import is_base_embedding_weights, parse_fine_tuned_lora_name
 
     unexpected = []
@@ -647,6 +658,8 @@ def _unexpected_modules(cls, names, expected, peft_helper, weights_mapper, skip_
                 unexpected.append(module_name)
         elif base_name not in expected and base_name not in (peft_helper.modules_to_save or ()):
             unexpected.append(module_name)
+        elif module_name in (unsupported or ()):
+            unexpected.append(f"{module_name} (not a LoRA layer)")
     return unexpected
 
 
@@ -663,6 +676,7 @@ def _from_tensorized_dir(
     weights_mapper=None,
     skip_prefixes=None,
     moe_ep_spec=None,
+    unsupported_lora_modules=None,
 ):
     from vllm.lora import lora_model
     from vllm.lora.utils import get_lora_id
@@ -676,7 +690,13 @@ def _from_tensorized_dir(
 
     tensors = load_adapter_tensors(lora_dir, filter_func)
     unexpected = _unexpected_modules(
-        cls, tensors, expected_lora_modules, peft_helper, weights_mapper, skip_prefixes
+        cls,
+        tensors,
+        expected_lora_modules,
+        peft_helper,
+        weights_mapper,
+        skip_prefixes,
+        unsupported_lora_modules,
     )
     if unexpected:
         raise ValueError(

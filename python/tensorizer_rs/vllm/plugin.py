@@ -39,8 +39,8 @@ def register() -> None:
     from .loader import TensorizerRsLoader, TensorizerRsSerializeLoader
     from .serialize import SERIALIZE_FORMAT
 
-    register_model_loader("tensorizer")(TensorizerRsLoader)
-    register_model_loader(SERIALIZE_FORMAT)(TensorizerRsSerializeLoader)
+    _register_quietly(register_model_loader, "tensorizer", TensorizerRsLoader)
+    _register_quietly(register_model_loader, SERIALIZE_FORMAT, TensorizerRsSerializeLoader)
     # s3:// model dirs: config/tokenizer files through our open_stream when vLLM's
     # runai-model-streamer route is not installed.
     from . import objstore
@@ -53,6 +53,22 @@ def register() -> None:
     lora.install()
     _request_amx_permission()
     _registered = True
+
+
+def _register_quietly(register_model_loader, load_format: str, cls) -> None:
+    """`register_model_loader(load_format)(cls)` without vLLM's warning that `load_format` is
+    already registered and will be overwritten: replacing vLLM's own "tensorizer" loader is what
+    this plugin is for, and vLLM said so once in every process it starts."""
+    vllm_logger = logging.getLogger(register_model_loader.__module__)
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.WARNING and "already registered" in record.msg)
+
+    vllm_logger.addFilter(drop)
+    try:
+        register_model_loader(load_format)(cls)
+    finally:
+        vllm_logger.removeFilter(drop)
 
 
 def _request_amx_permission() -> None:

@@ -66,6 +66,7 @@ def serialize_vllm_model(
     loadable by vLLM's built-in loader, which only checks that the key exists.
     """
     from tensorizer_rs import EncryptionParams, TensorSerializer
+    from tensorizer_rs._progress import bytes_callback, terminal_bar
     from tensorizer_rs.stream_io import open_stream
 
     if tensorizer_config.tensorizer_uri is None:
@@ -84,10 +85,22 @@ def serialize_vllm_model(
         MARKER_ATTR,
         nn.Parameter(torch.tensor([PRE_PROCESSING_MARKER], dtype=torch.int64), requires_grad=False),
     )
+    total = sum(
+        t.numel() * t.element_size()
+        for m in model.modules()  # as write_module counts them: a shared tensor once per owner
+        for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))
+    )
     try:
-        serializer = TensorSerializer(dest, encryption=encryption, **cfg.serialization_kwargs)
-        serializer.write_module(model)
-        serializer.close()
+        # On a terminal, the first rank shows a bar (the others write at the same time).
+        with terminal_bar(total, "Serializing", show=tp_rank() == 0) as bar:
+            serializer = TensorSerializer(
+                dest,
+                encryption=encryption,
+                progress=bytes_callback(bar),
+                **cfg.serialization_kwargs,
+            )
+            serializer.write_module(model)
+            serializer.close()
     finally:
         delattr(model, MARKER_ATTR)
     logger.info("Successfully serialized model to %s", cfg.tensorizer_uri)
