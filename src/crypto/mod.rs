@@ -6,10 +6,11 @@
 //! [`DecryptPlan`]); the writer calls [`encrypt_tensor`] or, to refuse nonce reuse within a file,
 //! [`Encryptor::encrypt`]. Chunks of one tensor are processed in parallel on rayon's pool.
 //!
-//! The cipher is our own XSalsa20 keystream (8 blocks per AVX2/AVX-512VL step, portable scalar
-//! elsewhere; `salsa`) with Poly1305 from the `poly1305` crate, in one pass per chunk
-//! (`secretbox`): about 3x the `crypto_secretbox` crate's throughput, which the tests use as the
-//! reference. `examples/crypto_bench.rs` measures it.
+//! The construction is the `crypto_secretbox` crate's `SecretBox<C>` (verify, then decrypt) with
+//! our own XSalsa20 keystream as its cipher (8 blocks per AVX2/AVX-512VL step, portable scalar
+//! elsewhere; `salsa`, `secretbox`): about 3x the crate's stock XSalsa20Poly1305, which the
+//! tests use as the reference. `examples/crypto_bench.rs` measures it. The GPU path
+//! (`crate::cuda::secretbox`) opens the same boxes on the device.
 use std::collections::HashSet;
 use std::fmt;
 use std::ops::Range;
