@@ -52,6 +52,9 @@ pub struct Nvrtc {
     error_string: unsafe extern "C" fn(NvrtcResult) -> *const c_char,
     /// Keeps the functions above valid.
     _lib: libloading::Library,
+    /// `libnvrtc-builtins` from the same folder, loaded first: NVRTC opens it by name when it
+    /// compiles, which finds it only on the loader path or already loaded.
+    _builtins: Option<libloading::Library>,
 }
 
 fn unsupported(msg: impl Into<String>) -> Error {
@@ -149,6 +152,18 @@ impl Nvrtc {
         // SAFETY: loading NVRTC runs its initialisers only; the symbols are typed per the
         // documented C API (nvrtc.h), identical in CUDA 11, 12 and 13.
         unsafe {
+            let builtins = Path::new(path).parent().and_then(|dir| {
+                let mut b: Vec<PathBuf> = std::fs::read_dir(dir)
+                    .ok()?
+                    .flatten()
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("libnvrtc-builtins.so"))
+                    })
+                    .collect();
+                b.sort();
+                b.iter().rev().find_map(|p| libloading::Library::new(p).ok())
+            });
             let lib = libloading::Library::new(path).map_err(|e| e.to_string())?;
             macro_rules! sym {
                 ($name:literal) => {
@@ -176,6 +191,7 @@ impl Nvrtc {
                 archs: sym!("nvrtcGetSupportedArchs"),
                 error_string: sym!("nvrtcGetErrorString"),
                 _lib: lib,
+                _builtins: builtins,
             })
         }
     }
