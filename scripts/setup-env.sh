@@ -142,7 +142,12 @@ EOF
   "${PIP[@]}" install -q -c "$CONSTRAINTS" numpy safetensors "pytest>=8" pytest-timeout \
     "maturin>=1.9,<2" "ruff==0.17.6" peft \
     "moto[s3]>=5.2.2" flask flask-cors \
-    cryptography  # S3 test server (5.2.1's multipart XML breaks the AWS SDK); test CA for HTTPS
+    cryptography \
+    "nvidia-cuda-nvrtc>=13.0,<14"
+  # moto 5.2.2+: S3 test server (5.2.1's multipart XML breaks the AWS SDK); cryptography: test CA
+  # for HTTPS; nvidia-cuda-nvrtc: NVRTC (site-packages/nvidia/cu13/lib, as torch's CUDA 13 wheels
+  # bring it) so that tests/cuda_nvrtc.rs and tests/test_cuda_mock.py compile the GPU decryption
+  # kernels on machines without CUDA or with a CPU-only torch.
   # 5. CoreWeave's tensorizer must never be importable from the venv.
   if "$PY" -c 'import tensorizer' 2>/dev/null; then
     log "removing CoreWeave tensorizer from the venv"

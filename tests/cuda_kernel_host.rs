@@ -35,7 +35,11 @@ fn emulator() -> &'static Emulator {
             .arg(&src)
             .output()
             .unwrap_or_else(|e| panic!("running the C++ compiler `{cxx}` (set CXX): {e}"));
-        assert!(out.status.success(), "the kernel source does not compile as C++:\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "the kernel source does not compile as C++:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         // SAFETY: our own library; the symbol has the declared signature.
         unsafe {
             let lib = libloading::Library::new(&so).unwrap();
@@ -225,7 +229,9 @@ fn many_small_tensors_span_several_launches_and_unused_slots_stay_pending() {
     let chunks: Vec<DeviceChunk> = bufs
         .iter_mut()
         .enumerate()
-        .map(|(i, (_, c, nonce, mac))| DeviceChunk::new(c.as_mut_ptr() as u64, c.len() as u64, *nonce, *mac, 76 - i as u32))
+        .map(|(i, (_, c, nonce, mac))| {
+            DeviceChunk::new(c.as_mut_ptr() as u64, c.len() as u64, *nonce, *mac, 76 - i as u32)
+        })
         .collect();
     let v = run(&key, &chunks, 77, None);
     assert_eq!(&v[..2], &[Verdict::Pending, Verdict::Pending]);

@@ -31,7 +31,9 @@ fn nvrtc_or_skip() -> Option<&'static nvrtc::Nvrtc> {
     nvrtc::add_search_dirs(venv_nvidia_dirs());
     match nvrtc::library() {
         Ok(l) => Some(l),
-        Err(e) => panic!("{e}\n(install the nvidia-cuda-nvrtc wheel, e.g. scripts/setup-env.sh, or set TENSORIZER_RS_SKIP_NVRTC=1)"),
+        Err(e) => panic!(
+            "{e}\n(install the nvidia-cuda-nvrtc wheel, e.g. scripts/setup-env.sh, or set TENSORIZER_RS_SKIP_NVRTC=1)"
+        ),
     }
 }
 

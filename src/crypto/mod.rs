@@ -173,6 +173,8 @@ pub struct Piece {
 /// bytes arrive ([`DecryptPlan::open_piece`]); `&self` methods, safe to share between threads.
 pub struct DecryptPlan {
     cipher: SecretBox,
+    /// For the device path, which passes it to the kernels (`cuda::secretbox`).
+    key: Zeroizing<[u8; KEY_LEN]>,
     pieces: Vec<Piece>,
 }
 
@@ -226,7 +228,12 @@ impl DecryptPlan {
             Some(CryptChunk::Kdf(_)) => return Err(Error::format("a key-derivation chunk is not a cipher")),
         };
         let key = keys.key_for(info)?;
-        Ok(Some(DecryptPlan { cipher: SecretBox::new(&key), pieces }))
+        Ok(Some(DecryptPlan { cipher: SecretBox::new(&key), key, pieces }))
+    }
+
+    /// The key that opens this tensor (for the GPU kernels' arguments; zeroed with the plan).
+    pub fn key(&self) -> &[u8; KEY_LEN] {
+        &self.key
     }
 
     /// The pieces, in data order; their ranges tile `0..data_len`.

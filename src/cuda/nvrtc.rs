@@ -100,9 +100,10 @@ fn loaded_cuda_dirs() -> Vec<PathBuf> {
     for line in maps.lines() {
         let Some(path) = line.split_whitespace().nth(5).map(Path::new) else { continue };
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        let cuda = ["libcudart.so", "libcublas.so", "libnvrtc.so", "libnvJitLink.so", "libtorch_cuda.so", "libc10_cuda.so"]
-            .iter()
-            .any(|p| name.starts_with(p));
+        let cuda =
+            ["libcudart.so", "libcublas.so", "libnvrtc.so", "libnvJitLink.so", "libtorch_cuda.so", "libc10_cuda.so"]
+                .iter()
+                .any(|p| name.starts_with(p));
         let Some(dir) = path.parent() else { continue };
         if !cuda {
             continue;
@@ -281,12 +282,7 @@ impl Nvrtc {
 
     /// # Safety
     /// `prog` is a live program.
-    unsafe fn compile_program(
-        &self,
-        prog: Program,
-        opts: &[*const c_char],
-        cubin: bool,
-    ) -> Result<(Vec<u8>, String)> {
+    unsafe fn compile_program(&self, prog: Program, opts: &[*const c_char], cubin: bool) -> Result<(Vec<u8>, String)> {
         unsafe {
             let r = (self.compile)(prog, opts.len() as c_int, opts.as_ptr());
             let mut n = 0usize;
@@ -369,10 +365,8 @@ mod tests {
         for n in ["libnvrtc.so.12", "libnvrtc.so.13", "libnvrtc-builtins.so.13.0", "libnvrtc.alt.so.13", "x.so"] {
             std::fs::write(dir.path().join(n), b"").unwrap();
         }
-        let found: Vec<String> = nvrtc_files_in(dir.path())
-            .iter()
-            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
-            .collect();
+        let found: Vec<String> =
+            nvrtc_files_in(dir.path()).iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
         assert_eq!(found, ["libnvrtc.so.13", "libnvrtc.so.12"]);
     }
 

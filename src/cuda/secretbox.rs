@@ -62,7 +62,13 @@ impl DeviceChunk {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                DeviceChunk::new(base + p.range.start as u64, p.range.len() as u64, p.nonce, p.mac, first_slot + i as u32)
+                DeviceChunk::new(
+                    base + p.range.start as u64,
+                    p.range.len() as u64,
+                    p.nonce,
+                    p.mac,
+                    first_slot + i as u32,
+                )
             })
             .collect()
     }
@@ -224,11 +230,7 @@ impl Verdicts {
         // SAFETY: our allocation of exactly this many slots; the kernels writing them are done.
         check(
             unsafe {
-                sys::cuMemcpyDtoH_v2(
-                    slots.as_mut_ptr() as *mut c_void,
-                    self.dptr,
-                    self.n * std::mem::size_of::<Slot>(),
-                )
+                sys::cuMemcpyDtoH_v2(slots.as_mut_ptr() as *mut c_void, self.dptr, self.n * std::mem::size_of::<Slot>())
             },
             "cuMemcpyDtoH",
         )?;
