@@ -211,11 +211,14 @@ fn a_multi_chunk_tensor_opens_and_tampering_fails_only_its_chunk() {
     assert_eq!((v[0], v[1], v[2]), (Verdict::Forged, Verdict::Forged, Verdict::Authentic));
 }
 
+type Sealed = (Vec<u8>, Vec<u8>, [u8; 24], [u8; 16]);
+
 #[test]
 fn many_small_tensors_span_several_launches_and_unused_slots_stay_pending() {
     let key = [9u8; 32];
     let mut rng = Rng(99);
-    let mut bufs: Vec<(Vec<u8>, Vec<u8>, [u8; 24], [u8; 16])> = (0..75)
+    // (plaintext, ciphertext, nonce, mac)
+    let mut bufs: Vec<Sealed> = (0..75)
         .map(|i| {
             let len = (rng.next() % 3000) as usize + i % 2;
             let p = rng.bytes(len);

@@ -44,6 +44,7 @@ fn kernels_compile_to_sm_90_machine_code() {
     assert!(lib.supported_archs().contains(&90), "{:?}", lib.supported_archs());
     let image = secretbox::compiled(90).unwrap_or_else(|e| panic!("{e}"));
     assert!(image.cubin && image.arch == "sm_90", "{image:?}");
+    assert!(image.log.is_empty(), "NVRTC warns:\n{}", image.log);
     // An ELF holding both kernels.
     assert_eq!(&image.code[..4], b"\x7fELF");
     for name in [&b"tz_secretbox_verify"[..], b"tz_secretbox_decrypt"] {

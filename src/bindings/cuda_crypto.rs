@@ -72,6 +72,9 @@ fn cuda_open_chunks(
     .map_err(to_pyerr)
 }
 
+/// A cipher chunk for Python: `(start, length, nonce, mac)`.
+type PyChunk<'py> = (usize, usize, Bound<'py, PyBytes>, Bound<'py, PyBytes>);
+
 /// Tensor `index`'s sealed data: `(data_offset, data_length, [(start, length, nonce, mac)])`
 /// with the chunks' ranges relative to the data, checked against `key` (a raw 32-byte key).
 #[pyfunction]
@@ -80,7 +83,7 @@ fn cuda_tensor_chunks<'py>(
     file: &PyTensorFile,
     index: usize,
     key: Vec<u8>,
-) -> PyResult<(u64, u64, Vec<(usize, usize, Bound<'py, PyBytes>, Bound<'py, PyBytes>)>)> {
+) -> PyResult<(u64, u64, Vec<PyChunk<'py>>)> {
     let f = file.file()?.clone();
     let e = f
         .entries

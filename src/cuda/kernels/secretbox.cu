@@ -491,9 +491,14 @@ TZ_DEV void tz_decrypt_thread(const tz_open_args* a, const tz_decrypt_shared* sh
         }
 #endif
         (void)aligned;
-        for (u64 b = start; b < end; b++) {
-            u32 i = first + (u32)(b - start);
-            p[b] ^= (u8)(ks[i >> 2] >> (8 * (i & 3)));
+        // Byte by byte (the edges of a chunk, unaligned data), unrolled so that `ks` is indexed
+        // with constants and stays in registers.
+#ifndef TZ_HOST_EMULATION
+#pragma unroll
+#endif
+        for (u32 i = 0; i < 64; i++) {
+            u64 b = start + i - first;
+            if (i >= first && b < end) p[b] ^= (u8)(ks[i >> 2] >> (8 * (i & 3)));
         }
     }
 }
@@ -501,16 +506,31 @@ TZ_DEV void tz_decrypt_thread(const tz_open_args* a, const tz_decrypt_shared* sh
 // ------------------------------------------------------------------------------------ kernels
 
 #ifndef TZ_HOST_EMULATION
+// Thread 0 finds each tile's chunk (a walk over at most 32 chunks) and shares it.
+struct tz_tile_shared {
+    u64 total;
+    u64 tile;
+    u32 chunk;
+};
+
 extern "C" __global__ void __launch_bounds__(TZ_VT) tz_secretbox_verify(__grid_constant__ const tz_open_args a) {
     __shared__ tz_verify_shared sh;
-    __shared__ u32 last;
-    u64 total = tz_total_tiles(&a, true);
+    __shared__ tz_tile_shared at;
+    if (threadIdx.x == 0) at.total = tz_total_tiles(&a, true);
+    __syncthreads();
+    u64 total = at.total;
     for (u64 g = blockIdx.x; g < total; g += gridDim.x) {
-        u32 c = 0;
-        u64 tile = 0;
-        tz_find_tile(&a, g, true, &c, &tile);
-        if (threadIdx.x == 0) tz_verify_setup(&a, &sh, c);
+        if (threadIdx.x == 0) {
+            u32 c = 0;
+            u64 tile = 0;
+            tz_find_tile(&a, g, true, &c, &tile);
+            at.chunk = c;
+            at.tile = tile;
+            tz_verify_setup(&a, &sh, c);
+        }
         __syncthreads();
+        u32 c = at.chunk;
+        u64 tile = at.tile;
         tz_verify_horner(&a, &sh, c, tile, threadIdx.x);
         if (threadIdx.x == 32) tz_verify_powers(&a, &sh, c, tile);  // warp 1, beside its Horner
         __syncthreads();
@@ -518,23 +538,28 @@ extern "C" __global__ void __launch_bounds__(TZ_VT) tz_secretbox_verify(__grid_c
             tz_verify_combine(&sh, threadIdx.x, k);
             __syncthreads();
         }
-        if (threadIdx.x == 0) last = tz_verify_contribute(&a, &sh, c);
-        __syncthreads();
-        if (threadIdx.x == 0 && last) tz_verify_finish(&a, &sh, c);
+        if (threadIdx.x == 0 && tz_verify_contribute(&a, &sh, c)) tz_verify_finish(&a, &sh, c);
         __syncthreads();
     }
 }
 
 extern "C" __global__ void __launch_bounds__(TZ_DT) tz_secretbox_decrypt(__grid_constant__ const tz_open_args a) {
     __shared__ tz_decrypt_shared sh;
-    u64 total = tz_total_tiles(&a, false);
+    __shared__ tz_tile_shared at;
+    if (threadIdx.x == 0) at.total = tz_total_tiles(&a, false);
+    __syncthreads();
+    u64 total = at.total;
     for (u64 g = blockIdx.x; g < total; g += gridDim.x) {
-        u32 c = 0;
-        u64 tile = 0;
-        tz_find_tile(&a, g, false, &c, &tile);
-        if (threadIdx.x == 0) tz_decrypt_setup(&a, &sh, c);
+        if (threadIdx.x == 0) {
+            u32 c = 0;
+            u64 tile = 0;
+            tz_find_tile(&a, g, false, &c, &tile);
+            at.chunk = c;
+            at.tile = tile;
+            tz_decrypt_setup(&a, &sh, c);
+        }
         __syncthreads();
-        tz_decrypt_thread(&a, &sh, c, tile, threadIdx.x);
+        tz_decrypt_thread(&a, &sh, at.chunk, at.tile, threadIdx.x);
         __syncthreads();
     }
 }
