@@ -11,7 +11,7 @@
 //! 2. folders given with [`add_search_dirs`] (the Python side passes torch's `nvidia/*/lib`);
 //! 3. the folders of CUDA libraries this process has already loaded (`libcudart`, `libcublas`,
 //!    `libtorch_cuda`, ... from `/proc/self/maps`), and the `nvidia/{cu13,cuda_nvrtc,cu12}/lib`
-//!    folders of the `site-packages` they sit in;
+//!    folders of the `site-packages` they, or this extension, sit in;
 //! 4. `libnvrtc.so.13`, `libnvrtc.so.12`, `libnvrtc.so` on the default loader path;
 //! 5. `/usr/local/cuda/lib64`.
 //!
@@ -105,7 +105,9 @@ fn loaded_cuda_dirs() -> Vec<PathBuf> {
                 .iter()
                 .any(|p| name.starts_with(p));
         let Some(dir) = path.parent() else { continue };
-        if !cuda {
+        // Our own extension: site-packages/tensorizer_rs/_native*.so, beside torch's wheels.
+        let ours = name.starts_with("_native") && dir.file_name().is_some_and(|d| d == "tensorizer_rs");
+        if !cuda && !ours {
             continue;
         }
         let mut push = |d: PathBuf| {
@@ -113,11 +115,18 @@ fn loaded_cuda_dirs() -> Vec<PathBuf> {
                 dirs.push(d);
             }
         };
-        push(dir.to_path_buf());
-        // torch/lib/libtorch_cuda.so -> site-packages/nvidia/*/lib
-        if let Some(site) = dir.parent().and_then(Path::parent) {
+        if cuda {
+            push(dir.to_path_buf());
+        }
+        // site-packages/torch/lib/libtorch_cuda.so or site-packages/tensorizer_rs/_native.so ->
+        // site-packages/nvidia/*/lib (only folders that exist, to keep error messages short)
+        let site = if ours { dir.parent() } else { dir.parent().and_then(Path::parent) };
+        if let Some(site) = site {
             for sub in ["cu13", "cuda_nvrtc", "cu12"] {
-                push(site.join("nvidia").join(sub).join("lib"));
+                let d = site.join("nvidia").join(sub).join("lib");
+                if d.is_dir() {
+                    push(d);
+                }
             }
         }
     }
