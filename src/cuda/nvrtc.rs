@@ -174,7 +174,7 @@ impl Nvrtc {
                 b.sort();
                 b.iter().rev().find_map(|p| libloading::Library::new(p).ok())
             });
-            let lib = libloading::Library::new(path).map_err(|e| e.to_string())?;
+            let lib = libloading::Library::new(path).map_err(|e| format!("{path}: {e}"))?;
             macro_rules! sym {
                 ($name:literal) => {
                     *lib.get(concat!($name, "\0").as_bytes()).map_err(|e| format!("{path}: {e}"))?
@@ -352,15 +352,16 @@ pub fn library() -> Result<&'static Nvrtc> {
                 *slot = Some(l);
                 return Ok(l);
             }
-            Err(e) => errors.push(e),
+            // Files that exist but failed to open say more than the names that were not found.
+            Err(e) if Path::new(c).exists() => errors.push(e),
+            Err(_) => {}
         }
     }
-    // Files that exist but failed to open say more than the names that were not found.
-    let found: Vec<&String> = errors.iter().filter(|e| !e.contains("No such file")).collect();
+    let found = errors;
     Err(unsupported(format!(
         "the CUDA run-time compiler (libnvrtc) was not found (tried {}{}; set TENSORIZER_RS_NVRTC to its path)",
         tried.join(", "),
-        if found.is_empty() { String::new() } else { format!("; {found:?}") }
+        if found.is_empty() { String::new() } else { format!("; {}", found.join("; ")) }
     )))
 }
 
@@ -383,5 +384,11 @@ mod tests {
     fn a_missing_library_is_an_unsupported_error_naming_what_was_tried() {
         let bad = Nvrtc::open("/nonexistent/libnvrtc.so.13").err().unwrap();
         assert!(bad.contains("/nonexistent/libnvrtc.so.13"), "{bad}");
+        // A file that is not a library: named with the loader's complaint.
+        let dir = tempfile::tempdir().unwrap();
+        let fake = dir.path().join("libnvrtc.so.13");
+        std::fs::write(&fake, b"not a library").unwrap();
+        let bad = Nvrtc::open(fake.to_str().unwrap()).err().unwrap();
+        assert!(bad.starts_with(fake.to_str().unwrap()), "{bad}");
     }
 }
