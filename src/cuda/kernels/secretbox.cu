@@ -72,6 +72,23 @@ struct tz_slot {
     u32 verdict;
 };
 
+// 16-byte loads and stores (vector instructions on the device; memcpy on the host, so that the
+// host tests run the same aligned paths).
+#ifdef TZ_HOST_EMULATION
+struct uint4 {
+    u32 x, y, z, w;
+};
+TZ_DEV uint4 tz_ld16(const u8* p) {
+    uint4 v;
+    memcpy(&v, p, 16);
+    return v;
+}
+TZ_DEV void tz_st16(u8* p, uint4 v) { memcpy(p, &v, 16); }
+#else
+TZ_DEV uint4 tz_ld16(const u8* p) { return *(const uint4*)p; }
+TZ_DEV void tz_st16(u8* p, uint4 v) { *(uint4*)p = v; }
+#endif
+
 static_assert(sizeof(tz_chunk) == 64, "tz_chunk layout");
 static_assert(sizeof(tz_open_args) == 2096, "tz_open_args layout");
 static_assert(sizeof(tz_slot) == 48, "tz_slot layout");
@@ -225,14 +242,10 @@ TZ_DEV void tz_load_block(const u8* p, u64 len, u64 i, bool aligned, u32 n[5]) {
     u64 off = i * 16;
     u32 hibit = 1u << 24;
     if (off + 16 <= len) {
-#ifndef TZ_HOST_EMULATION
         if (aligned) {
-            uint4 v = *(const uint4*)(p + off);
+            uint4 v = tz_ld16(p + off);
             w[0] = v.x; w[1] = v.y; w[2] = v.z; w[3] = v.w;
-        } else
-#endif
-        {
-            (void)aligned;
+        } else {
             for (int j = 0; j < 4; j++) w[j] = tz_le32(p + off + 4 * j);
         }
     } else {
@@ -479,18 +492,14 @@ TZ_DEV void tz_decrypt_thread(const tz_open_args* a, const tz_decrypt_shared* sh
         u64 start = k == 0 ? 0 : 64 * k - 32;
         u32 first = k == 0 ? 32 : 0;  // first keystream byte used
         u64 end = 64 * k + 32 < len ? 64 * k + 32 : len;
-#ifndef TZ_HOST_EMULATION
         if (aligned && k > 0 && end - start == 64) {
-            uint4* d = (uint4*)(p + start);
             for (int j = 0; j < 4; j++) {
-                uint4 v = d[j];
+                uint4 v = tz_ld16(p + start + 16 * j);
                 v.x ^= ks[4 * j]; v.y ^= ks[4 * j + 1]; v.z ^= ks[4 * j + 2]; v.w ^= ks[4 * j + 3];
-                d[j] = v;
+                tz_st16(p + start + 16 * j, v);
             }
             continue;
         }
-#endif
-        (void)aligned;
         // Byte by byte (the edges of a chunk, unaligned data), unrolled so that `ks` is indexed
         // with constants and stays in registers.
 #ifndef TZ_HOST_EMULATION
