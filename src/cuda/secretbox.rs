@@ -2,8 +2,8 @@
 //! place in device memory: the kernels in `kernels/secretbox.cu`, compiled once per process
 //! with NVRTC ([`super::nvrtc`]) and loaded once per device.
 //!
-//! Use: [`SecretboxKernels::get`] for the device (an `Unsupported` error when they cannot run
-//! here: no NVRTC, an architecture it cannot build for; fall back to the host path), a
+//! Use: [`SecretboxKernels::get`] for the device (an error when they cannot run here: no
+//! NVRTC, an architecture it cannot build for; fall back to the host path), a
 //! [`Verdicts`] buffer with one slot per chunk of the load, then for each piece that has
 //! landed in device memory [`SecretboxKernels::open_in_place`] on the stream that copied it
 //! (the kernels queue behind the copy). After synchronising, [`Verdicts::read`]: a tensor may
@@ -281,7 +281,10 @@ fn attribute(dev: sys::CUdevice, a: sys::CUdevice_attribute) -> Result<i32> {
 
 impl SecretboxKernels {
     /// The kernels for device `ordinal`: compiled on first use in the process, loaded on first
-    /// use on the device. `Unsupported` when they cannot run here (say why, use the host path).
+    /// use on the device. Any error means they cannot run here: use the host path and log the
+    /// error's message (usually `Unsupported`: no driver, no NVRTC, an architecture NVRTC cannot
+    /// build for, a module the driver refuses). Failures are not cached: a later call tries
+    /// again (a few milliseconds of probing), so call it once per load.
     pub fn get(ordinal: i32) -> Result<Arc<SecretboxKernels>> {
         static LOADED: OnceLock<Mutex<HashMap<i32, Arc<SecretboxKernels>>>> = OnceLock::new();
         driver()?;
