@@ -96,8 +96,8 @@ def tampering_and_wrong_keys(mem, open_) -> None:
     assert mem.get(base, len(whole)) == whole
 
 
-def many_chunks(mem, open_, count=75) -> None:
-    """More chunks than one launch holds (32)."""
+def many_chunks(mem, open_, count=75) -> int:
+    """More chunks than one launch holds (32). Returns the bytes opened."""
     rng = random.Random(3)
     key = _rand(rng, 32)
     sealed = _seal_all(rng, key, [rng.randrange(0, 5000) for _ in range(count)])
@@ -105,6 +105,7 @@ def many_chunks(mem, open_, count=75) -> None:
     v = open_(key, [(a, len(ct), n, m) for a, (_, ct, n, m) in zip(addrs, sealed)])
     assert v == ["authentic"] * count, v
     assert all(mem.get(a, len(p)) == p for a, (p, *_r) in zip(addrs, sealed))
+    return sum(len(p) for p, *_r in sealed)
 
 
 def _vector_key(manifest: dict, vectors_dir: Path) -> bytes:

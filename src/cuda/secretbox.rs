@@ -376,6 +376,7 @@ impl SecretboxKernels {
                 check(r, what)?;
             }
         }
+        super::counters::add(super::counters::Counter::DecryptedOnDevice, chunks.iter().map(|c| c.len).sum());
         Ok(())
     }
 }

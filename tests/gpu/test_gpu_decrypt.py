@@ -72,7 +72,10 @@ def test_tampering_and_wrong_keys(kernels):
 
 
 def test_many_chunks(kernels):
-    dc.many_chunks(DeviceMemory(), _open, 200)
+    """Also: the bytes went through the kernels (the counter a pipeline test will check)."""
+    before = _native.cuda_counters()["decrypted_on_device"]
+    opened = dc.many_chunks(DeviceMemory(), _open, 200)
+    assert _native.cuda_counters()["decrypted_on_device"] - before == opened
 
 
 def test_golden_vectors(kernels, vectors_dir):

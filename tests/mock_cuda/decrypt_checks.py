@@ -58,7 +58,9 @@ def main() -> None:
     dc.tampering_and_wrong_keys(mem, open_)
     print("PASS tampering_and_wrong_keys")
     mid = launches()
-    dc.many_chunks(mem, open_, 75)
+    c0 = _native.cuda_counters()["decrypted_on_device"]
+    opened = dc.many_chunks(mem, open_, 75)
+    assert _native.cuda_counters()["decrypted_on_device"] - c0 == opened
     after = launches()
     # 75 chunks: three launches of each kernel.
     assert (after[0] - mid[0], after[1] - mid[1]) == (3, 3), (mid, after)
