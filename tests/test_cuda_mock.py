@@ -112,3 +112,32 @@ def test_no_cuda_is_a_clear_error(tmp_path):
             TensorDeserializer(path, device="cuda:0", lazy_load=True)
     # The package keeps working on the CPU.
     assert TensorDeserializer(path, device="cpu")["a"].sum() == 3
+
+
+@pytest.mark.skipif(_native.cuda_available()[0], reason="a real CUDA driver is loaded here")
+def test_gpu_decryption_against_stand_in_driver(mock_libcuda, vectors_dir, tmp_path):
+    """The decryption kernels compiled with NVRTC, launched through the stand-in driver, whose
+    launches open the chunks with libsodium (tests/mock_cuda/decrypt_checks.py)."""
+    import ctypes.util
+
+    if not ctypes.util.find_library("sodium"):
+        pytest.fail("libsodium is needed (scripts/setup-env.sh installs libsodium23)")
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(
+        filter(None, [str(mock_libcuda), env.get("LD_LIBRARY_PATH")])
+    )
+    env["TENSORIZER_VECTORS"] = str(vectors_dir)
+    import tensorizer_rs
+
+    pkg_parent = str(Path(tensorizer_rs.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [pkg_parent, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "decrypt_checks.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0 and report.count("PASS ") == 6, report[-12000:]

@@ -2,6 +2,7 @@
 //! specific (modules, Parameters, dtype casts) lives in the Python package.
 mod crypto;
 mod cuda;
+mod cuda_crypto;
 mod errors;
 mod reader;
 mod storage;
@@ -42,6 +43,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<writer::PyTensorWriter>()?;
     m.add_class::<crate::dlpack::HostTensor>()?;
     cuda::register(m)?;
+    cuda_crypto::register(m)?;
     m.add_function(wrap_pyfunction!(crypto::derive_key, m)?)?;
     m.add_class::<storage::PyRemoteSource>()?;
     m.add_function(wrap_pyfunction!(storage::write_all, m)?)?;

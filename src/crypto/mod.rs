@@ -6,10 +6,11 @@
 //! [`DecryptPlan`]); the writer calls [`encrypt_tensor`] or, to refuse nonce reuse within a file,
 //! [`Encryptor::encrypt`]. Chunks of one tensor are processed in parallel on rayon's pool.
 //!
-//! The cipher is our own XSalsa20 keystream (8 blocks per AVX2/AVX-512VL step, portable scalar
-//! elsewhere; `salsa`) with Poly1305 from the `poly1305` crate, in one pass per chunk
-//! (`secretbox`): about 3x the `crypto_secretbox` crate's throughput, which the tests use as the
-//! reference. `examples/crypto_bench.rs` measures it.
+//! The construction is the `crypto_secretbox` crate's `SecretBox<C>` (verify, then decrypt) with
+//! our own XSalsa20 keystream as its cipher (8 blocks per AVX2/AVX-512VL step, portable scalar
+//! elsewhere; `salsa`, `secretbox`): about 3x the crate's stock XSalsa20Poly1305, which the
+//! tests use as the reference. `examples/crypto_bench.rs` measures it. The GPU path
+//! (`crate::cuda::secretbox`) opens the same boxes on the device.
 use std::collections::HashSet;
 use std::fmt;
 use std::ops::Range;
@@ -172,6 +173,8 @@ pub struct Piece {
 /// bytes arrive ([`DecryptPlan::open_piece`]); `&self` methods, safe to share between threads.
 pub struct DecryptPlan {
     cipher: SecretBox,
+    /// For the device path, which passes it to the kernels (`cuda::secretbox`).
+    key: Zeroizing<[u8; KEY_LEN]>,
     pieces: Vec<Piece>,
 }
 
@@ -225,7 +228,12 @@ impl DecryptPlan {
             Some(CryptChunk::Kdf(_)) => return Err(Error::format("a key-derivation chunk is not a cipher")),
         };
         let key = keys.key_for(info)?;
-        Ok(Some(DecryptPlan { cipher: SecretBox::new(&key), pieces }))
+        Ok(Some(DecryptPlan { cipher: SecretBox::new(&key), key, pieces }))
+    }
+
+    /// The key that opens this tensor (for the GPU kernels' arguments; zeroed with the plan).
+    pub fn key(&self) -> &[u8; KEY_LEN] {
+        &self.key
     }
 
     /// The pieces, in data order; their ranges tile `0..data_len`.

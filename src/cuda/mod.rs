@@ -12,7 +12,9 @@
 //! pool of pinned staging buffers; `Engine` bundles what one device needs and is shared by
 //! every load on that device.
 pub mod counters;
+pub mod nvrtc;
 pub mod pool;
+pub mod secretbox;
 
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr};

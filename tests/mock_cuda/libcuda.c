@@ -14,6 +14,8 @@
 #include <string.h>
 #include <unistd.h>
 
+struct mock_open_args;
+
 typedef int CUresult;
 enum {
     OK = 0,
@@ -25,7 +27,7 @@ enum {
     ERR_NOT_REGISTERED = 713,
 };
 
-enum { OP_COPY, OP_SET, OP_RECORD, OP_WAIT };
+enum { OP_COPY, OP_SET, OP_RECORD, OP_WAIT, OP_LAUNCH };
 
 struct event {
     unsigned long target, completed;
@@ -68,8 +70,13 @@ static __thread void *current_ctx;
 
 static int is_null_stream(struct stream *s) { return (uintptr_t)s <= 2; }
 
+static void run_kernel(int fn, const struct mock_open_args *a);
+
 static void execute(struct op *o, unsigned *seed) {
-    if (o->kind == OP_COPY || o->kind == OP_SET) {
+    if (o->kind == OP_LAUNCH) {
+        if (delay_us) usleep(rand_r(seed) % (delay_us + 1));
+        run_kernel(o->value, o->owned);
+    } else if (o->kind == OP_COPY || o->kind == OP_SET) {
         if (delay_us) usleep(rand_r(seed) % (delay_us + 1));
         if (o->kind == OP_COPY)
             memcpy(o->dst, o->src, o->n);
@@ -380,4 +387,154 @@ CUresult cuMemcpyBatchAsync(uintptr_t *dsts, uintptr_t *srcs, size_t *sizes, siz
         }
     }
     return OK;
+}
+
+/* ------------------------------------------------------------------ modules and kernels
+ * Enough for the decryption kernels of src/cuda/kernels/secretbox.cu: the module must be a real
+ * NVRTC product (an ELF cubin, or PTX naming the kernels), and a launch of either kernel does its
+ * work with libsodium on the argument it was given, read with the layout below (a copy of
+ * tz_open_args / tz_slot, checked here independently of the Rust and CUDA definitions).
+ * Device memory is host memory, so cuMemAlloc is malloc. MOCK_CUDA_CC sets the compute
+ * capability (default 90). */
+#include <dlfcn.h>
+
+struct mock_chunk {
+    uint64_t data, len;
+    unsigned char nonce[24], mac[16];
+    uint32_t slot, reserved;
+};
+struct mock_open_args {
+    unsigned char key[32];
+    uint64_t slots;
+    uint32_t nslots, nchunks;
+    struct mock_chunk chunks[32];
+};
+struct mock_slot {
+    uint64_t acc[5];
+    uint32_t arrived, verdict;
+};
+_Static_assert(sizeof(struct mock_chunk) == 64, "tz_chunk");
+_Static_assert(sizeof(struct mock_open_args) == 2096, "tz_open_args");
+_Static_assert(sizeof(struct mock_slot) == 48, "tz_slot");
+
+enum { FN_VERIFY = 1, FN_DECRYPT = 2 };
+static unsigned long launches[3];
+
+CUresult cuDeviceGetAttribute(int *v, int attr, int dev) {
+    (void)dev;
+    const char *cc = getenv("MOCK_CUDA_CC");
+    int c = cc ? atoi(cc) : 90;
+    if (attr == 75) *v = c / 10;      /* CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR */
+    else if (attr == 76) *v = c % 10; /* ..._MINOR */
+    else *v = 0;
+    return OK;
+}
+
+CUresult cuModuleLoadData(void **module, const void *image) {
+    const char *p = image;
+    if (!current_ctx) return 201;
+    if (!(p[0] == 0x7f && p[1] == 'E' && p[2] == 'L' && p[3] == 'F') && !strstr(p, ".entry tz_secretbox_verify"))
+        return 200; /* CUDA_ERROR_INVALID_IMAGE */
+    *module = (void *)(uintptr_t)0x5000;
+    return OK;
+}
+
+CUresult cuModuleGetFunction(void **f, void *module, const char *name) {
+    (void)module;
+    if (!strcmp(name, "tz_secretbox_verify")) *f = (void *)(uintptr_t)FN_VERIFY;
+    else if (!strcmp(name, "tz_secretbox_decrypt")) *f = (void *)(uintptr_t)FN_DECRYPT;
+    else return 500; /* CUDA_ERROR_NOT_FOUND */
+    return OK;
+}
+
+typedef int (*open_detached_fn)(unsigned char *, const unsigned char *, const unsigned char *, unsigned long long,
+                                const unsigned char *, const unsigned char *);
+static open_detached_fn sodium_open;
+
+static int load_sodium(void) {
+    if (sodium_open) return 1;
+    void *h = dlopen("libsodium.so.23", RTLD_NOW);
+    if (!h) h = dlopen("libsodium.so", RTLD_NOW);
+    if (!h) return 0;
+    int (*init)(void) = (int (*)(void))dlsym(h, "sodium_init");
+    sodium_open = (open_detached_fn)dlsym(h, "crypto_secretbox_open_detached");
+    return init && sodium_open && init() >= 0;
+}
+
+/* Run one launch (on its stream's thread). */
+static void run_kernel(int fn, const struct mock_open_args *a) {
+    struct mock_slot *slots = (struct mock_slot *)(uintptr_t)a->slots;
+    for (uint32_t i = 0; i < a->nchunks && i < 32; i++) {
+        const struct mock_chunk *c = &a->chunks[i];
+        if (c->slot >= a->nslots) continue;
+        unsigned char *data = (unsigned char *)(uintptr_t)c->data;
+        if (fn == FN_VERIFY) {
+            unsigned char *tmp = malloc(c->len ? c->len : 1);
+            int r = sodium_open(tmp, data, c->mac, c->len, c->nonce, a->key);
+            free(tmp);
+            slots[c->slot].verdict = r == 0 ? 1 : 2;
+        } else if (slots[c->slot].verdict == 1) {
+            sodium_open(data, data, c->mac, c->len, c->nonce, a->key);
+        }
+    }
+}
+
+CUresult cuLaunchKernel(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz,
+                        unsigned shared, struct stream *s, void **params, void **extra) {
+    int fn = (int)(uintptr_t)f;
+    if ((fn != FN_VERIFY && fn != FN_DECRYPT) || !params || extra || !gx || gy != 1 || gz != 1 || bx != 256 ||
+        by != 1 || bz != 1 || shared)
+        return ERR_INVALID_VALUE;
+    if (!load_sodium()) {
+        fprintf(stderr, "mock libcuda: libsodium (libsodium.so.23) is needed to run the decryption kernels\n");
+        return 999;
+    }
+    const struct mock_open_args *a = params[0];
+    if (a->nchunks == 0 || a->nchunks > 32) return ERR_INVALID_VALUE;
+    /* The driver copies kernel arguments at launch: so do we (the caller may reuse them). */
+    struct op o = {.kind = OP_LAUNCH, .owned = malloc(sizeof *a), .value = (unsigned char)fn};
+    memcpy(o.owned, a, sizeof *a);
+    pthread_mutex_lock(&mu);
+    launches[fn]++;
+    pthread_mutex_unlock(&mu);
+    return submit(s, o);
+}
+
+/* For the tests: how many launches of each kernel (verify, decrypt) were queued. */
+void mock_cuda_launches(unsigned long *verify, unsigned long *decrypt) {
+    pthread_mutex_lock(&mu);
+    *verify = launches[FN_VERIFY];
+    *decrypt = launches[FN_DECRYPT];
+    pthread_mutex_unlock(&mu);
+}
+
+CUresult cuMemAlloc_v2(uintptr_t *p, size_t n) {
+    if (!current_ctx) return 201;
+    void *m = malloc(n ? n : 1);
+    if (!m) return 2;
+    *p = (uintptr_t)m;
+    return OK;
+}
+
+CUresult cuMemFree_v2(uintptr_t p) {
+    free((void *)p);
+    return OK;
+}
+
+CUresult cuMemsetD8_v2(uintptr_t dst, unsigned char value, size_t n) {
+    memset((void *)dst, value, n);
+    return OK;
+}
+
+CUresult cuMemcpyDtoH_v2(void *dst, uintptr_t src, size_t n) {
+    memcpy(dst, (const void *)src, n);
+    return OK;
+}
+
+/* NVRTC (13.x) looks this up in a libcuda already loaded and crashes when it is missing; the
+ * driver's private tables are none of our business: report "not supported". */
+CUresult cuGetExportTable(const void **table, const void *id) {
+    (void)id;
+    *table = NULL;
+    return 801; /* CUDA_ERROR_NOT_SUPPORTED */
 }
