@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: install the carried wheel, then run the named phases (default:
 # tests encrypted remote). Carry `.device` holding:
-#   tensorizer_rs-*.whl (a release build), vectors/ (copy of ../shared/vectors),
+#   tensorizer_rs-*.whl (a release build; the golden vectors come from tests/vectors),
 #   cw/*.whl (CoreWeave tensorizer 2.12.1 and its pure-Python dependencies, for side-by-side runs),
 #   bin/nginx and bin/s3s-fs (servers for the remote benchmark; check `ldd` first),
 #   bin/range_client (optional: `cc -O2 -pthread -static -o .device/bin/range_client
@@ -34,7 +34,7 @@ python3 -m pip install -q --no-index --no-deps --target "$HOME/site" .device/ten
 if [ -d .device/cw ]; then
   python3 -m pip install -q --no-index --no-deps --target "$HOME/cw" .device/cw/*.whl || exit 1
 fi
-export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1 TENSORIZER_VECTORS=$PWD/.device/vectors
+export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
 # The checkout there may carry a stale git HEAD: pass BENCH_COMMIT=<commit here> with the call.
 echo "${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null) (HEAD of the device checkout)}" | tee "$OUT/commit.txt"
