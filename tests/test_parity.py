@@ -113,7 +113,9 @@ def test_every_public_name_of_2_12_1(apis):
 def test_allowed_differences_are_documented():
     doc = (REPO_ROOT / "docs" / "format.md").read_text()
     for name in ALLOWED:
-        assert f"`{name}`" in doc, f"{name} is allowed to differ but docs/format.md does not say why"
+        assert f"`{name}`" in doc, (
+            f"{name} is allowed to differ but docs/format.md does not say why"
+        )
 
 
 def test_package_import_is_eager_and_torch_free():

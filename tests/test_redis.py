@@ -216,7 +216,9 @@ def test_bad_redis_input(redis_server, module_file):
         d.to_redis(client, "bad")
     uri = redis_server.uri("bad")
 
-    with pytest.raises(TensorizerFileNotFoundError, match=r"redis://127\.0\.0\.1:\d+/nothing: no keys"):
+    with pytest.raises(
+        TensorizerFileNotFoundError, match=r"redis://127\.0\.0\.1:\d+/nothing: no keys"
+    ):
         TensorDeserializer(redis_server.uri("nothing"), device="cpu")
     with pytest.raises(FileNotFoundError):
         open_stream(redis_server.uri("nothing"))
@@ -231,7 +233,9 @@ def test_bad_redis_input(redis_server, module_file):
 
     # Nothing listening: a prompt OSError naming the server, not a hang.
     start = time.monotonic()
-    with pytest.raises(TensorizerIOError, match=r"redis://127\.0\.0\.1:1/x: Redis at 127\.0\.0\.1:1"):
+    with pytest.raises(
+        TensorizerIOError, match=r"redis://127\.0\.0\.1:1/x: Redis at 127\.0\.0\.1:1"
+    ):
         TensorDeserializer("redis://127.0.0.1:1/x", device="cpu")
     assert time.monotonic() - start < 10
 

@@ -7,7 +7,6 @@ Keys are 32 bytes (XSalsa20-Poly1305). Passphrases derive keys with Argon2id (li
 from __future__ import annotations
 
 import enum
-import hmac
 import os
 
 from . import _native
@@ -65,6 +64,8 @@ class EncryptionParams:
         # Same key and key derivation, as CoreWeave's dataclass equality (so also unhashable).
         if other.__class__ is not self.__class__:
             return NotImplemented
+        import hmac
+
         return hmac.compare_digest(self._key, other._key) and self._kdf == other._kdf
 
     @classmethod

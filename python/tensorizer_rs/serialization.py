@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import collections.abc
 import contextlib
-import dataclasses
 import enum
-import hashlib
 import io
 import logging
 import os
@@ -15,7 +13,6 @@ import tempfile
 import time
 import types
 import typing
-import zlib
 from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Union
 
@@ -84,53 +81,73 @@ class HashType(enum.IntEnum):
     SHA256 = 1
 
 
-@dataclasses.dataclass(order=True)
-class TensorHash:
-    """One stored hash of a tensor record (CoreWeave's metadata type)."""
+def _metadata_types() -> dict:
+    """CoreWeave's metadata dataclasses, built on first use: importing dataclasses (and the
+    inspect module it needs) would add ~20 ms to ``import tensorizer_rs``."""
+    import dataclasses
 
-    __slots__ = ("hash", "type")
-    type: HashType
-    hash: bytes
+    @dataclasses.dataclass(order=True)
+    class TensorHash:
+        """One stored hash of a tensor record (CoreWeave's metadata type)."""
+
+        __slots__ = ("hash", "type")
+        type: HashType
+        hash: bytes
+
+    @dataclasses.dataclass(order=True)
+    class TensorEntry:
+        """One index entry (CoreWeave's metadata type; ``TensorDeserializer`` does not return it)."""
+
+        __slots__ = (
+            "data_length",
+            "data_offset",
+            "dtype",
+            "hashes",
+            "header_hashes",
+            "metadata_version",
+            "name",
+            "offset",
+            "shape",
+            "type",
+        )
+        metadata_version: int
+        name: Any
+        type: TensorType
+        dtype: str
+        shape: tuple[int, ...]
+        offset: int
+        data_offset: int
+        data_length: int
+        hashes: list[TensorHash] | None
+        header_hashes: dict[HashType, Any] | None
+
+        @property
+        def deserialized_length(self):
+            if self.data_length > 0:
+                return self.data_length
+            import numpy
+
+            return numpy.dtype(self.dtype).itemsize * int(numpy.prod(self.shape))
+
+        @property
+        def is_long_tensor(self) -> bool:
+            return self.metadata_version >= LONG_TENSOR_TENSORIZER_VERSION
+
+    return {"TensorHash": TensorHash, "TensorEntry": TensorEntry}
 
 
-@dataclasses.dataclass(order=True)
-class TensorEntry:
-    """One index entry (CoreWeave's metadata type; ``TensorDeserializer`` does not return it)."""
+def __getattr__(name: str):
+    if name in ("TensorHash", "TensorEntry"):
+        types_ = _metadata_types()
+        for k, v in types_.items():
+            v.__module__, v.__qualname__ = __name__, k
+            globals()[k] = v
+        return types_[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-    __slots__ = (
-        "data_length",
-        "data_offset",
-        "dtype",
-        "hashes",
-        "header_hashes",
-        "metadata_version",
-        "name",
-        "offset",
-        "shape",
-        "type",
-    )
-    metadata_version: int
-    name: Any
-    type: TensorType
-    dtype: str
-    shape: tuple[int, ...]
-    offset: int
-    data_offset: int
-    data_length: int
-    hashes: list[TensorHash] | None
-    header_hashes: dict[HashType, Any] | None
 
-    @property
-    def deserialized_length(self):
-        if self.data_length > 0:
-            return self.data_length
-        import numpy
-
-        return numpy.dtype(self.dtype).itemsize * int(numpy.prod(self.shape))
-
-    @property
-    def is_long_tensor(self) -> bool:
-        return self.metadata_version >= LONG_TENSOR_TENSORIZER_VERSION
+def __dir__():
+    return sorted({*globals(), "TensorHash", "TensorEntry"})
 
 
 Path = Union[str, tuple]
@@ -714,6 +731,9 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
 def _hashes_match(entry: dict, header: dict, tensor: Any) -> bool:
     """Whether ``tensor``'s bytes hash to what the record stores (CRC32 and/or SHA-256 over
     the hashable header, then the data). A record without hashes passes, as in CoreWeave."""
+    import hashlib
+    import zlib
+
     import torch
 
     if entry["data_length"] == 0:

@@ -17,10 +17,8 @@ the bundle, else the system roots apply (``SSL_CERT_FILE`` / ``SSL_CERT_DIR`` re
 from __future__ import annotations
 
 import bisect
-import http.client
 import io
 import logging
-import mmap
 import os
 import shutil
 import sys
@@ -28,7 +26,6 @@ import time
 import typing
 from io import SEEK_CUR, SEEK_END, SEEK_SET
 from typing import Any
-from urllib.parse import urlparse
 
 from .exceptions import (
     TensorizerFileNotFoundError,
@@ -139,6 +136,8 @@ def _certificate_options(certificate_handling: Any, uri: str) -> dict:
 
 def _shown(uri: str) -> str:
     """A URI for messages: no user info, no query string (it may hold a signature)."""
+    from urllib.parse import urlparse
+
     parts = urlparse(uri)
     if not parts.scheme or not parts.netloc:
         return uri
@@ -189,7 +188,7 @@ class CURLStreamFile(io.BufferedIOBase):
                 )
             # No read-ahead much larger than the requested range.
             max_buffer_size = end - begin + 1
-            max_buffer_size -= max_buffer_size % -mmap.PAGESIZE
+            max_buffer_size -= max_buffer_size % -os.sysconf("SC_PAGE_SIZE")
             buffer_size = min(buffer_size, max_buffer_size)
         self._begin, self._end, self._headers = begin, end, headers
         self._buffer_size = max(1, int(buffer_size))
@@ -209,6 +208,8 @@ class CURLStreamFile(io.BufferedIOBase):
         self._source = _native.RemoteSource(uri, storage)
         self.popen_latencies.append(0.0)  # no process to start
         self.http_response_latencies.append(time.monotonic() - start)
+        import http.client  # email and ssl come with it: imported on first use, not with us
+
         self.response_headers = http.client.HTTPMessage()
         self.name = self._source.name
         self._limit = self._source.size if end is None else min(end, self._source.size)
@@ -341,6 +342,8 @@ class CURLStreamFile(io.BufferedIOBase):
 
 # ----------------------------------------------------------------------------- redis://
 def _parse_redis_uri(uri: str) -> tuple[str, int, str]:
+    from urllib.parse import urlparse
+
     parts = urlparse(uri)
     if parts.scheme.lower() != "redis":
         raise TensorizerValueError(f"Invalid Redis URI: {uri}")

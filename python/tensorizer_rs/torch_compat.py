@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import inspect
 import io
 import logging
 import os
-import pickle
 import threading
 import types
 from collections.abc import Iterable
@@ -75,162 +73,167 @@ def _storage_as_tensor(storage):
     return tensor
 
 
-class _TensorizerPickler(pickle.Pickler):
-    """Pickles storages with data as references into the sidecar, which ``dump`` writes."""
+@functools.cache
+def _pickle_module() -> types.ModuleType:
+    """The ``pickle_module`` torch.save / torch.load get inside the contexts, made on first use
+    (so importing the package does not import pickle)."""
+    import inspect
+    import pickle
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.__target = _saving_target.get()
-        self.__tensors: list = []
-        self.__ids: dict = {}
+    class _TensorizerPickler(pickle.Pickler):
+        """Pickles storages with data as references into the sidecar, which ``dump`` writes."""
 
-    def persistent_id(self, obj):
-        import torch
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.__target = _saving_target.get()
+            self.__tensors: list = []
+            self.__ids: dict = {}
 
-        if self.__target is None or not torch.is_storage(obj) or not _storage_has_data(obj):
-            return None
-        tensor = _storage_as_tensor(obj)
-        # One sidecar entry per distinct storage view (the same storage pickled twice).
-        key = (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.layout, tensor.stride())
-        idx = self.__ids.setdefault(key, len(self.__tensors))
-        if idx == len(self.__tensors):
-            self.__tensors.append(tensor)
-        else:
-            self.__tensors[idx] = tensor
-        return _PID_TAG, _PID_VERSION, "storage", idx, getattr(obj, "dtype", None)
-
-    def dump(self, obj):
-        super().dump(obj)
-        tensors, self.__tensors, self.__ids = self.__tensors, [], {}
-        if not tensors or self.__target is None:
-            return
-        kwargs = _serializer_kwargs.get() or {}
-        save_func = _save_func.get()
-        if save_func is not None:
-            save_func(self.__target, tensors, kwargs)
-            return
-        serializer = TensorSerializer(self.__target, **kwargs)
-        serializer.write_state_dict(tensors)
-        serializer.close()
-
-    # torch.save subclasses the Pickler it is given (and may set persistent_id on an
-    # instance): ours runs first, theirs handles everything else.
-    @staticmethod
-    def _chain(theirs):
-        @functools.wraps(theirs)
         def persistent_id(self, obj):
-            pid = _TensorizerPickler.persistent_id(self, obj)
-            return theirs(self, obj) if pid is None else pid
+            import torch
 
-        return persistent_id
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "persistent_id" in cls.__dict__:
-            cls.persistent_id = _TensorizerPickler._chain(cls.persistent_id)
-
-    def __setattr__(self, key, value):
-        if key == "persistent_id":
-            theirs = value
-            value = types.MethodType(
-                _TensorizerPickler._chain(lambda _self, obj: theirs(obj)), self
-            )
-        super().__setattr__(key, value)
-
-
-class _TensorizerUnpickler(pickle.Unpickler):
-    """Resolves the sidecar references ``_TensorizerPickler`` wrote; loads the sidecar at the
-    first one (so ``.pt`` files without references never need a sidecar)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.__target = _loading_target.get()
-        self.__tensors: list | None = None
-
-    def load(self):
-        try:
-            return super().load()
-        finally:
-            self.__tensors = None
-
-    def __storage(self, idx: int, dtype):
-        import torch
-
-        if self.__tensors is None:
-            kwargs = _deserializer_kwargs.get() or {}
-            load_func = _load_func.get()
-            if load_func is not None:
-                self.__tensors = list(load_func(self.__target, kwargs))
+            if self.__target is None or not torch.is_storage(obj) or not _storage_has_data(obj):
+                return None
+            tensor = _storage_as_tensor(obj)
+            # One sidecar entry per distinct storage view (the same storage pickled twice).
+            key = (tensor.data_ptr(), tensor.dtype, tensor.shape, tensor.layout, tensor.stride())
+            idx = self.__ids.setdefault(key, len(self.__tensors))
+            if idx == len(self.__tensors):
+                self.__tensors.append(tensor)
             else:
-                with TensorDeserializer(self.__target, **kwargs) as deserializer:
-                    self.__tensors = deserializer.tree()
-        tensor = self.__tensors[idx]
-        # A storage pickled untyped comes back as a uint8 TypedStorage, as torch expects.
-        return torch.TypedStorage(
-            wrap_storage=tensor.untyped_storage(),
-            dtype=torch.uint8 if dtype is None else dtype,
-            _internal=True,
-        )
+                self.__tensors[idx] = tensor
+            return _PID_TAG, _PID_VERSION, "storage", idx, getattr(obj, "dtype", None)
 
-    def _tensorizer_load(self, pid):
-        """The storage for one of our persistent ids; UnpicklingError for any other id."""
-        if (
-            self.__target is not None
-            and isinstance(pid, tuple)
-            and len(pid) >= 3
-            and pid[0] == _PID_TAG
-        ):
-            if pid[1] > _PID_VERSION:
-                raise pickle.UnpicklingError(
-                    f"Unsupported TensorizerPickler data version ({pid[1]:d})"
+        def dump(self, obj):
+            super().dump(obj)
+            tensors, self.__tensors, self.__ids = self.__tensors, [], {}
+            if not tensors or self.__target is None:
+                return
+            kwargs = _serializer_kwargs.get() or {}
+            save_func = _save_func.get()
+            if save_func is not None:
+                save_func(self.__target, tensors, kwargs)
+                return
+            serializer = TensorSerializer(self.__target, **kwargs)
+            serializer.write_state_dict(tensors)
+            serializer.close()
+
+        # torch.save subclasses the Pickler it is given (and may set persistent_id on an
+        # instance): ours runs first, theirs handles everything else.
+        @staticmethod
+        def _chain(theirs):
+            @functools.wraps(theirs)
+            def persistent_id(self, obj):
+                pid = _TensorizerPickler.persistent_id(self, obj)
+                return theirs(self, obj) if pid is None else pid
+
+            return persistent_id
+
+        def __init_subclass__(cls, **kwargs):
+            super().__init_subclass__(**kwargs)
+            if "persistent_id" in cls.__dict__:
+                cls.persistent_id = _TensorizerPickler._chain(cls.persistent_id)
+
+        def __setattr__(self, key, value):
+            if key == "persistent_id":
+                theirs = value
+                value = types.MethodType(
+                    _TensorizerPickler._chain(lambda _self, obj: theirs(obj)), self
                 )
-            if pid[2] != "storage":
-                raise pickle.UnpicklingError(
-                    f"Unsupported TensorizerPickler object type ({pid[2]})"
-                )
-            idx, dtype = pid[3:]
-            return self.__storage(idx, dtype)
-        raise pickle.UnpicklingError("unsupported persistent id encountered")
+            super().__setattr__(key, value)
 
-    def persistent_load(self, pid):
-        return self._tensorizer_load(pid)
+    class _TensorizerUnpickler(pickle.Unpickler):
+        """Resolves the sidecar references ``_TensorizerPickler`` wrote; loads the sidecar at the
+        first one (so ``.pt`` files without references never need a sidecar)."""
 
-    @staticmethod
-    def _chain(theirs):
-        @functools.wraps(theirs)
-        def persistent_load(self, pid):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.__target = _loading_target.get()
+            self.__tensors: list | None = None
+
+        def load(self):
             try:
-                return self._tensorizer_load(pid)
-            except pickle.UnpicklingError:
-                if not (isinstance(pid, tuple) and pid and pid[0] == _PID_TAG):
-                    return theirs(self, pid)
-                raise
+                return super().load()
+            finally:
+                self.__tensors = None
 
-        return persistent_load
+        def __storage(self, idx: int, dtype):
+            import torch
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if "persistent_load" in cls.__dict__:
-            cls.persistent_load = _TensorizerUnpickler._chain(cls.persistent_load)
-
-    def __setattr__(self, key, value):
-        if key == "persistent_load":
-            theirs = value
-            value = types.MethodType(
-                _TensorizerUnpickler._chain(lambda _self, pid: theirs(pid)), self
+            if self.__tensors is None:
+                kwargs = _deserializer_kwargs.get() or {}
+                load_func = _load_func.get()
+                if load_func is not None:
+                    self.__tensors = list(load_func(self.__target, kwargs))
+                else:
+                    with TensorDeserializer(self.__target, **kwargs) as deserializer:
+                        self.__tensors = deserializer.tree()
+            tensor = self.__tensors[idx]
+            # A storage pickled untyped comes back as a uint8 TypedStorage, as torch expects.
+            return torch.TypedStorage(
+                wrap_storage=tensor.untyped_storage(),
+                dtype=torch.uint8 if dtype is None else dtype,
+                _internal=True,
             )
-            # Before Python 3.13 the C unpickler keeps its own reference, set only through
-            # pickle.Unpickler's descriptor, which our class attribute shadows: set it there.
-            if inspect.isgetsetdescriptor(pickle.Unpickler.persistent_load):
-                pickle.Unpickler.persistent_load.__set__(self, value)
-        super().__setattr__(key, value)
 
+        def _tensorizer_load(self, pid):
+            """The storage for one of our persistent ids; UnpicklingError for any other id."""
+            if (
+                self.__target is not None
+                and isinstance(pid, tuple)
+                and len(pid) >= 3
+                and pid[0] == _PID_TAG
+            ):
+                if pid[1] > _PID_VERSION:
+                    raise pickle.UnpicklingError(
+                        f"Unsupported TensorizerPickler data version ({pid[1]:d})"
+                    )
+                if pid[2] != "storage":
+                    raise pickle.UnpicklingError(
+                        f"Unsupported TensorizerPickler object type ({pid[2]})"
+                    )
+                idx, dtype = pid[3:]
+                return self.__storage(idx, dtype)
+            raise pickle.UnpicklingError("unsupported persistent id encountered")
 
-# The `pickle_module` torch.save / torch.load get inside the contexts.
-_pickle_module = types.ModuleType("tensorizer_pickle")
-_pickle_module.__getattr__ = lambda name: getattr(pickle, name)
-_pickle_module.Pickler = _TensorizerPickler
-_pickle_module.Unpickler = _TensorizerUnpickler
+        def persistent_load(self, pid):
+            return self._tensorizer_load(pid)
+
+        @staticmethod
+        def _chain(theirs):
+            @functools.wraps(theirs)
+            def persistent_load(self, pid):
+                try:
+                    return self._tensorizer_load(pid)
+                except pickle.UnpicklingError:
+                    if not (isinstance(pid, tuple) and pid and pid[0] == _PID_TAG):
+                        return theirs(self, pid)
+                    raise
+
+            return persistent_load
+
+        def __init_subclass__(cls, **kwargs):
+            super().__init_subclass__(**kwargs)
+            if "persistent_load" in cls.__dict__:
+                cls.persistent_load = _TensorizerUnpickler._chain(cls.persistent_load)
+
+        def __setattr__(self, key, value):
+            if key == "persistent_load":
+                theirs = value
+                value = types.MethodType(
+                    _TensorizerUnpickler._chain(lambda _self, pid: theirs(pid)), self
+                )
+                # Before Python 3.13 the C unpickler keeps its own reference, set only through
+                # pickle.Unpickler's descriptor, which our class attribute shadows: set it there.
+                if inspect.isgetsetdescriptor(pickle.Unpickler.persistent_load):
+                    pickle.Unpickler.persistent_load.__set__(self, value)
+            super().__setattr__(key, value)
+
+    module = types.ModuleType("tensorizer_pickle")
+    module.__getattr__ = lambda name: getattr(pickle, name)
+    module.Pickler = _TensorizerPickler
+    module.Unpickler = _TensorizerUnpickler
+    return module
 
 
 def _sidecar_for(f) -> str | None:
@@ -296,6 +299,8 @@ class _Patch:
 
 
 def _check_pickle_module(pickle_module) -> None:
+    import pickle
+
     if pickle_module is not None and pickle_module is not pickle:
         raise ValueError(
             "Tensorizer-based torch serialization is incompatible with"
@@ -304,13 +309,15 @@ def _check_pickle_module(pickle_module) -> None:
 
 
 def _make_save(original):
+    import pickle
+
     @functools.wraps(original)
     def save(obj, f, pickle_module: Any = pickle, *args, **kwargs):
         if not _saving_active.get():
             return original(obj, f, pickle_module, *args, **kwargs)
         _check_pickle_module(pickle_module)
         with _target_for(f, _saving_target):
-            return original(obj, f, *args, pickle_module=_pickle_module, **kwargs)
+            return original(obj, f, *args, pickle_module=_pickle_module(), **kwargs)
 
     return save
 
@@ -330,7 +337,7 @@ def _make_load(original):
                 f,
                 map_location,
                 *args,
-                pickle_module=_pickle_module,
+                pickle_module=_pickle_module(),
                 weights_only=weights_only,
                 **kwargs,
             )

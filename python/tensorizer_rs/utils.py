@@ -9,11 +9,6 @@ import os
 import threading
 from typing import Callable, NamedTuple, TypeVar
 
-try:
-    import resource
-except ImportError:  # not on Windows
-    resource = None
-
 __all__ = [
     "CPUMemoryUsage",
     "GlobalGPUMemoryUsage",
@@ -135,6 +130,10 @@ class CPUMemoryUsage(NamedTuple):
     @classmethod
     def now(cls) -> CPUMemoryUsage:
         """A snapshot; ``maxrss`` comes from ``getrusage(2)`` (1 KiB granularity)."""
+        try:
+            import resource
+        except ImportError:  # not on Windows
+            resource = None
         if resource is not None:
             maxrss = (
                 resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
