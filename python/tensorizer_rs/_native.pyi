@@ -21,7 +21,9 @@ class HostTensor:
 class TensorFile:
     """An opened .tensors file: header, index and parallel loads."""
 
-    def __init__(self, uri: str, storage: dict[str, Any] | None = ...) -> None: ...
+    def __init__(
+        self, uri: str, storage: dict[str, Any] | None = ..., name: str | None = ...
+    ) -> None: ...
     name: str
     version: int
     flags: int

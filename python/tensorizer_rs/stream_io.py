@@ -651,7 +651,7 @@ def open_stream(
     if scheme in ("http", "https"):
         if normalized_mode != "br":
             raise TensorizerValueError(
-                'Only the mode "rb" is valid when opening http(s):// streams.'
+                f'Only the mode "rb" is valid when opening http(s):// streams, not {mode!r}.'
             )
         return CURLStreamFile(
             path_uri,
@@ -662,12 +662,15 @@ def open_stream(
         )
     if scheme == "redis":
         if normalized_mode != "br":
-            raise TensorizerValueError('Only the mode "rb" is valid when opening redis:// streams.')
+            raise TensorizerValueError(
+                f'Only the mode "rb" is valid when opening redis:// streams, not {mode!r}.'
+            )
         return RedisStreamFile(path_uri, buffer_size=buffer_size, begin=begin, end=end)
     if scheme == "s3":
         if normalized_mode not in ("br", "bw", "ab", "+bw", "+ab"):
             raise TensorizerValueError(
-                'Only the modes "rb", "wb[+]", and "ab[+]" are valid when opening s3:// streams.'
+                'Only the modes "rb", "wb[+]", and "ab[+]" are valid when opening s3:// streams,'
+                f" not {mode!r}."
             )
         storage = _s3_storage(
             s3_access_key_id,
@@ -694,7 +697,8 @@ def open_stream(
     path = path_uri[len("file://") :] if scheme == "file" else path_uri
     if "b" not in normalized_mode:
         raise TensorizerValueError(
-            'Only binary modes ("rb", "wb", "wb+", etc.) are valid when opening local file streams.'
+            'Only binary modes ("rb", "wb", "wb+", etc.) are valid when opening local file'
+            f" streams, not {mode!r}."
         )
     if any(c in normalized_mode for c in "wax"):
         parent = os.path.dirname(path)
