@@ -204,7 +204,7 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         self._file = None
         self._reopen = None  # (uri, storage) to reopen the file once closed (verify_module)
         self._spilled = False  # read from a private copy of a stream (see _spill)
-        self._headers: dict = {}  # header_info of entries, kept from a spilled stream (close)
+        self._headers: dict = {}  # hash_info of entries (verify_module; kept from a spilled stream)
         self._deferred = False  # an eager CUDA load waiting for its destinations (see _cuda.py)
         self._progress = progress  # CUDA loads: called with (bytes done, GB/s)
         if num_readers is not None and (
@@ -627,12 +627,12 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         finally:
             f.close()
 
-    def _header_infos(self, indices: list) -> dict:
+    def _hash_infos(self, indices: list) -> dict:
+        """(hashable header, {kind: digest}) per entry, read once."""
         todo = [i for i in indices if i not in self._headers]
         if todo:
-            with self._opened("verify_module") as f:
-                for i in todo:
-                    self._headers[i] = f.header_info(i)
+            with self._opened("verify_module") as f, _gc.paused():
+                self._headers.update(zip(todo, f.hash_info(todo)))
         return {i: self._headers[i] for i in indices}
 
     def verify_module(self, m) -> tuple[bool, list[tuple[str, bool]]]:
@@ -649,7 +649,7 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         def module_key(name):
             return name[1:] if isinstance(name, str) and name.startswith(".") else name
 
-        headers = self._header_infos(self._selected)
+        headers = self._hash_infos(self._selected)
         results: list[tuple[Any, bool]] = []
         for i in self._selected:
             e = self._entries[i]
@@ -696,7 +696,7 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
             if self._spilled:
                 # A private copy cannot be reopened later: keep what verify_module needs.
                 with contextlib.suppress(Exception):
-                    self._header_infos(self._selected)
+                    self._hash_infos(self._selected)
             self._file.close()
             self._file = None
 
@@ -743,8 +743,8 @@ def _hashes_match(entry: dict, header: dict, tensor: Any) -> bool:
             return False
         t = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
         data = t.reshape(-1).view(torch.uint8).numpy()
-    hashable = header["hashable"]
-    for kind, stored in header["hashes"].items():
+    hashable, hashes = header
+    for kind, stored in hashes.items():
         if kind == "crc32":
             if zlib.crc32(data, zlib.crc32(hashable)).to_bytes(4, "little") != stored:
                 return False

@@ -204,8 +204,49 @@ impl PyTensorFile {
             .collect())
     }
 
-    /// The record header of entry `i`: module index, stored hashes, the bytes they cover before
-    /// the data, and crypt info summary.
+    /// For `verify_module`: per entry of `indices`, the bytes its stored hashes cover before the
+    /// data (the hashable header) and the hashes, `{"crc32" | "sha256": digest}`. One call for
+    /// all entries: the headers are read and parsed without the GIL.
+    fn hash_info<'py>(
+        &self,
+        py: Python<'py>,
+        indices: Vec<usize>,
+    ) -> PyResult<Vec<(Bound<'py, PyBytes>, Bound<'py, PyDict>)>> {
+        let f = self.file()?.clone();
+        if let Some(&bad) = indices.iter().find(|&&i| i >= f.entries.len()) {
+            return Err(pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {bad}")));
+        }
+        let parsed = py
+            .detach(|| {
+                indices
+                    .iter()
+                    .map(|&i| {
+                        let e = &f.entries[i];
+                        let read = || -> crate::error::Result<_> {
+                            let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
+                            f.source().read_at(e.header_offset, &mut buf)?;
+                            let h =
+                                crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())?;
+                            Ok((h.hashable(&buf), h.hashes))
+                        };
+                        read().map_err(|err| err.in_tensor(&e.name_lossy()).in_file(f.name()))
+                    })
+                    .collect::<crate::error::Result<Vec<_>>>()
+            })
+            .map_err(to_pyerr)?;
+        parsed
+            .into_iter()
+            .map(|(hashable, hashes)| {
+                let d = PyDict::new(py);
+                for x in &hashes {
+                    d.set_item(if x.kind == 0 { "crc32" } else { "sha256" }, PyBytes::new(py, &x.value))?;
+                }
+                Ok((PyBytes::new(py, &hashable), d))
+            })
+            .collect()
+    }
+
+    /// The record header of entry `i`: module index, stored hashes, and crypt info summary.
     fn header_info<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyDict>> {
         let f = self.file()?.clone();
         let e = f
@@ -216,17 +257,11 @@ impl PyTensorFile {
             .detach(|| -> crate::error::Result<_> {
                 let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
                 f.source().read_at(e.header_offset, &mut buf)?;
-                let h = crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())?;
-                let hashable = h.hashable(&buf);
-                Ok((h, hashable))
+                crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())
             })
             .map_err(|err| to_pyerr(err.in_tensor(&e.name_lossy()).in_file(f.name())))?;
-        let (h, hashable) = h;
         let d = PyDict::new(py);
         d.set_item("module_idx", h.module_idx)?;
-        // What the stored hashes cover before the data (`verify_module` hashes a module's
-        // tensors after it).
-        d.set_item("hashable", PyBytes::new(py, &hashable))?;
         let hashes = PyDict::new(py);
         for x in &h.hashes {
             hashes.set_item(if x.kind == 0 { "crc32" } else { "sha256" }, PyBytes::new(py, &x.value))?;
