@@ -416,10 +416,16 @@ class RedisStreamFile(io.BufferedIOBase):
         if not entries:
             self.close()
             raise TensorizerFileNotFoundError(f"{self.name}: no keys under {prefix + ':*'!r}")
-        self._indexes = [offset for offset, _ in entries]
-        self._keys = [key for _, key in entries]
-        self._sizes = list(sizes)
-        for i in range(1, len(entries)):
+        # Empty keys (the data of meta tensors) hold no bytes, and may share an offset with the
+        # next record's header.
+        held = [(e, n) for e, n in zip(entries, sizes) if n > 0]
+        self._indexes = [offset for (offset, _), _ in held]
+        self._keys = [key for (_, key), _ in held]
+        self._sizes = [n for _, n in held]
+        if not held:
+            self.close()
+            raise TensorizerFormatError(f"{self.name}: every key under {prefix + ':*'!r} is empty")
+        for i in range(1, len(held)):
             if self._indexes[i] < self._indexes[i - 1] + self._sizes[i - 1]:
                 self.close()
                 raise TensorizerFormatError(
