@@ -152,8 +152,8 @@ class CURLStreamFile(io.BufferedIOBase):
     (``end`` exclusive), ``headers`` go with every request.
 
     CoreWeave streams the body through a curl process; here reads go through the Rust core's
-    HTTP client (ranged requests, retries, read-ahead of ``buffer_size`` bytes), so seeking is
-    cheap in both directions. ``TensorDeserializer`` given one at offset 0 reads the object
+    HTTP client (ranged requests, retries, read-ahead growing from 64 KiB to ``buffer_size``),
+    so seeking is cheap in both directions. ``TensorDeserializer`` given one at offset 0 reads the object
     natively, in parallel. Response headers are not kept (``response_headers`` is empty).
     """
 
@@ -216,6 +216,7 @@ class CURLStreamFile(io.BufferedIOBase):
         self._curr = begin
         self._buf = b""
         self._buf_at = 0
+        self._ahead = min(64 << 10, self._buffer_size)  # grows to buffer_size while reads go on
         self._closed = False
 
     @classmethod
@@ -275,12 +276,14 @@ class CURLStreamFile(io.BufferedIOBase):
         lo = self._curr - self._buf_at
         if 0 <= lo and lo + size <= len(self._buf):
             data = self._buf[lo : lo + size]
-        elif size >= self._buffer_size:
+        elif size >= self._ahead:
             data = self._fetch(self._curr, size)
         else:
-            # Read ahead: small sequential reads (headers) cost one request per buffer.
+            # Read ahead, so small sequential reads (headers) cost one request per buffer; it
+            # starts small (a 1-byte read fetches 64 KiB, not 16 MiB) and doubles each time.
             self._buf_at = self._curr
-            self._buf = self._fetch(self._curr, min(self._buffer_size, self._limit - self._curr))
+            self._buf = self._fetch(self._curr, min(self._ahead, self._limit - self._curr))
+            self._ahead = min(self._ahead * 2, self._buffer_size)
             data = self._buf[:size]
         if len(data) != size:
             raise OSError(f"{self.name}: requested {size} bytes, got {len(data)}")
