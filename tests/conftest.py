@@ -9,6 +9,7 @@
   manifest.
 * ``s3_server``: moto's S3 server on 127.0.0.1 with SigV4 checking (one per session; see
   ``tests/servers/moto_s3.py``); ``S3Server.bucket(name)`` creates a bucket.
+* ``redis_server``: a real ``redis-server`` on 127.0.0.1 (one per session).
 * Markers: ``gpu`` tests skip without CUDA; ``vllm`` tests skip when vLLM is not installed.
 """
 
@@ -180,6 +181,66 @@ def s3_server():
     try:
         info = json.loads(proc.stdout.readline())
         yield S3Server(f"http://127.0.0.1:{info['port']}", info["access_key"], info["secret_key"])
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# ----------------------------------------------------------------------------- Redis test server
+class RedisServer:
+    """A running ``redis-server`` on 127.0.0.1: ``host``, ``port``, ``uri(prefix)``, ``client()``."""
+
+    def __init__(self, port: int) -> None:
+        self.host, self.port = "127.0.0.1", port
+
+    def uri(self, prefix: str) -> str:
+        return f"redis://{self.host}:{self.port}/{prefix}"
+
+    def client(self):
+        """A ``redis.Redis`` client for this server (the package CoreWeave's to_redis takes)."""
+        import redis
+
+        return redis.Redis(host=self.host, port=self.port)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """A real ``redis-server`` (apt package redis-server; scripts/setup-env.sh installs it) on a
+    free port of 127.0.0.1, without persistence; stopped at the end of the session."""
+    import shutil
+    import socket
+    import time
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        message = "redis-server is not installed (apt-get install -y redis-server)"
+        if os.environ.get("CI"):
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    workdir = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+        + ["--dir", str(workdir), "--protected-mode", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"redis-server did not start on port {port}", pytrace=False)
+            time.sleep(0.05)
+        yield RedisServer(port)
     finally:
         proc.kill()
         proc.wait()

@@ -60,6 +60,14 @@ class EncryptionParams:
         kind = "passphrase" if self._kdf else "key"
         return f"<EncryptionParams ({kind})>"
 
+    def __eq__(self, other):
+        # Same key and key derivation, as CoreWeave's dataclass equality (so also unhashable).
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        import hmac
+
+        return hmac.compare_digest(self._key, other._key) and self._kdf == other._kdf
+
     @classmethod
     def random(cls) -> EncryptionParams:
         return cls(os.urandom(_KEY_LEN))
@@ -118,6 +126,12 @@ class DecryptionParams:
 
     def __repr__(self) -> str:
         return f"<DecryptionParams ({'key' if self._key else 'passphrase'})>"
+
+    def __eq__(self, other):
+        # Same key or passphrase, as CoreWeave's dataclass equality (so also unhashable).
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        return (self._key, self._source) == (other._key, other._source)
 
     @classmethod
     def from_key(cls, key: bytes) -> DecryptionParams:

@@ -12,11 +12,14 @@ import os
 import tempfile
 import time
 import types
-from collections.abc import Iterator
+import typing
+from collections.abc import Iterator, Sequence
 from typing import Any, Callable, Union
 
-from . import _dtypes, _gc, _native
+from . import _dtypes, _gc, _native, stream_io, utils  # noqa: F401 (CoreWeave's names here too)
+from .encryption import DecryptionParams, EncryptionParams
 from .exceptions import (
+    CryptographyError,
     HashMismatchError,
     TensorizerKeyError,
     TensorizerTypeError,
@@ -24,9 +27,43 @@ from .exceptions import (
     TensorizerValueError,
 )
 
-__all__ = ["HashMismatchError", "TensorDeserializer", "TensorSerializer", "TensorType"]
+# CoreWeave's serialization.__all__ plus HashMismatchError.
+__all__ = [
+    "CryptographyError",
+    "DecryptionParams",
+    "EncryptionParams",
+    "FilterFuncType",
+    "HashMismatchError",
+    "TensorDeserializer",
+    "TensorSerializer",
+    "TensorType",
+]
 
 logger = logging.getLogger("tensorizer_rs")
+
+# CoreWeave's module constants (data versions of the format, magic, opaque dtype separator).
+TENSORIZER_VERSION = 5
+LONG_TENSOR_TENSORIZER_VERSION = 5
+META_TENSOR_TENSORIZER_VERSION = 4
+ENCRYPTION_TENSORIZER_VERSION = 3
+OPAQUE_TENSORIZER_VERSION = 2
+NON_OPAQUE_TENSORIZER_VERSION = 1
+TENSORIZER_MAGIC = b"|TZR|"
+OPAQUE_DTYPE_SEP = "\0"
+
+# CPUs this process may use (CoreWeave sizes its thread pools from this).
+cpu_count: int = (
+    len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+)
+
+
+class _SupportsBool(typing.Protocol):
+    def __bool__(self) -> bool: ...
+
+
+# Filter functions take a top-level string key, or a tensor path (a sequence of str/int
+# components) for anything else, as in CoreWeave.
+FilterFuncType = Callable[[Union[str, Sequence[Union[str, int]]]], _SupportsBool]
 
 # Bytes handed to the native writer per call when sources must be copied to the host first
 # (CUDA tensors): bounds host memory while serializing a GPU model.
@@ -39,6 +76,80 @@ class TensorType(enum.IntEnum):
     PARAM = 0
     BUFFER = 1
     STATE_DICT = 2
+
+
+class HashType(enum.IntEnum):
+    CRC32 = 0
+    SHA256 = 1
+
+
+def _metadata_types() -> dict:
+    """CoreWeave's metadata dataclasses, built on first use: importing dataclasses (and the
+    inspect module it needs) would add ~20 ms to ``import tensorizer_rs``."""
+    import dataclasses
+
+    @dataclasses.dataclass(order=True)
+    class TensorHash:
+        """One stored hash of a tensor record (CoreWeave's metadata type)."""
+
+        __slots__ = ("hash", "type")
+        type: HashType
+        hash: bytes
+
+    @dataclasses.dataclass(order=True)
+    class TensorEntry:
+        """One index entry (CoreWeave's metadata type; ``TensorDeserializer`` does not return it)."""
+
+        __slots__ = (
+            "data_length",
+            "data_offset",
+            "dtype",
+            "hashes",
+            "header_hashes",
+            "metadata_version",
+            "name",
+            "offset",
+            "shape",
+            "type",
+        )
+        metadata_version: int
+        name: Any
+        type: TensorType
+        dtype: str
+        shape: tuple[int, ...]
+        offset: int
+        data_offset: int
+        data_length: int
+        hashes: list[TensorHash] | None
+        header_hashes: dict[HashType, Any] | None
+
+        @property
+        def deserialized_length(self):
+            if self.data_length > 0:
+                return self.data_length
+            import numpy
+
+            return numpy.dtype(self.dtype).itemsize * int(numpy.prod(self.shape))
+
+        @property
+        def is_long_tensor(self) -> bool:
+            return self.metadata_version >= LONG_TENSOR_TENSORIZER_VERSION
+
+    return {"TensorHash": TensorHash, "TensorEntry": TensorEntry}
+
+
+def __getattr__(name: str):
+    if name in ("TensorHash", "TensorEntry"):
+        types_ = _metadata_types()
+        for k, v in types_.items():
+            v.__module__, v.__qualname__ = __name__, k
+            globals()[k] = v
+        return types_[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted({*globals(), "TensorHash", "TensorEntry"})
 
 
 Path = Union[str, tuple]
@@ -87,10 +198,11 @@ def _decryption_args(encryption: Any) -> dict:
     return encryption._native_args()
 
 
-class TensorDeserializer(collections.abc.Mapping):
+class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextManager):
     """Read a ``.tensors`` file. A read-only Mapping of names to tensors, like CoreWeave's.
 
-    ``file_obj`` may be a path, an ``http(s)://`` or ``s3://`` URI, or a binary file object.
+    ``file_obj`` may be a path, an ``http(s)://``, ``s3://`` or ``redis://`` URI, or a binary
+    file object.
     """
 
     def __init__(
@@ -110,6 +222,9 @@ class TensorDeserializer(collections.abc.Mapping):
     ) -> None:
         del plaid_mode, plaid_mode_buffers  # accepted for compatibility; no effect (as upstream)
         self._file = None
+        self._reopen = None  # (uri, storage) to reopen the file once closed (verify_module)
+        self._spilled = False  # read from a private copy of a stream (see _spill)
+        self._headers: dict = {}  # hash_info of entries (verify_module; kept from a spilled stream)
         self._deferred = False  # an eager CUDA load waiting for its destinations (see _cuda.py)
         self._progress = progress  # CUDA loads: called with (bytes done, GB/s)
         if num_readers is not None and (
@@ -130,6 +245,7 @@ class TensorDeserializer(collections.abc.Mapping):
             _cuda.prewarm_for(self._device, _uri_of(file_obj), num_readers)
         self._file = self._open(file_obj)
         self._file_name = self._file.name  # for messages after the file is closed
+        self.total_file_bytes = self._file.total_data_bytes  # the header's field, as in CoreWeave
         self._closed = False
         with _gc.paused():
             self._index(self._file.entries(), filter_func)
@@ -137,7 +253,7 @@ class TensorDeserializer(collections.abc.Mapping):
         self._module_idx: dict[int, int] = {}
         self._last_yielded = -1
         self.total_tensor_bytes = 0
-        self.total_bytes_read = 0
+        self._total_bytes_read = 0
         self._seconds = 0.0
         if not lazy_load:
             self._last_yielded = len(self._selected) - 1
@@ -197,8 +313,16 @@ class TensorDeserializer(collections.abc.Mapping):
 
     def _open(self, file_obj: Any):
         uri = _uri_of(file_obj)
+        if uri is not None and uri.partition("://")[0].lower() == "redis":
+            from .stream_io import RedisStreamFile
+
+            with RedisStreamFile(uri) as stream:
+                return self._spill(stream.read, uri)
         if uri is not None:
-            return _native.TensorFile(uri, getattr(file_obj, "_tensorizer_storage", None))
+            storage = getattr(file_obj, "_tensorizer_storage", None)
+            f = _native.TensorFile(uri, storage)
+            self._reopen = (uri, storage)
+            return f
         if isinstance(file_obj, (bytes, bytearray, memoryview)):
             raise TensorizerTypeError(
                 "file_obj must be a path, URI or binary file object, not bytes"
@@ -208,7 +332,12 @@ class TensorDeserializer(collections.abc.Mapping):
             raise TensorizerTypeError(f"cannot read tensors from {type(file_obj).__name__}")
         if isinstance(file_obj, io.TextIOBase):
             raise TensorizerValueError("file_obj must be opened in binary mode")
-        # Streams without a path (BytesIO, pipes): spill to a private temp file, read natively.
+        name = getattr(file_obj, "name", None)
+        return self._spill(read, name if isinstance(name, str) else f"<{type(file_obj).__name__}>")
+
+    def _spill(self, read: Callable[[int], bytes], name: str):
+        """Streams without a path (BytesIO, pipes, Redis): copy to a private temp file and read
+        that natively; messages name the stream."""
         fd, tmp = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -217,7 +346,9 @@ class TensorDeserializer(collections.abc.Mapping):
                     if not chunk:
                         break
                     out.write(chunk)
-            return _native.TensorFile(tmp)
+            f = _native.TensorFile(tmp, None, name)
+            self._spilled = True
+            return f
         finally:
             os.unlink(tmp)
 
@@ -290,15 +421,15 @@ class TensorDeserializer(collections.abc.Mapping):
         return i
 
     # -- Mapping ---------------------------------------------------------------------------
-    def __getitem__(self, key: Any):
-        path = key if isinstance(key, tuple) else (key,)
+    def __getitem__(self, name: Any):
+        path = name if isinstance(name, tuple) else (name,)
         i = self._by_path.get(path)
         if i is not None:
             self._load([i])
             return self._cache[i]
         sub = [j for p, j in self._by_path.items() if p[: len(path)] == path and len(p) > len(path)]
-        if not sub and key not in self._tree:
-            raise TensorizerKeyError(f"Tensor {key} not found")
+        if not sub and name not in self._tree:
+            raise TensorizerKeyError(f"Tensor {name} not found")
         self._load(sorted(sub, key=self._position.__getitem__))
         return self._subtree(path)
 
@@ -322,21 +453,44 @@ class TensorDeserializer(collections.abc.Mapping):
     def __contains__(self, key: object) -> bool:
         return key in self._tree
 
-    def tree(self, prefix: Any = None, *, default: Any = None, filter_func: Any = None):
-        """The nested structure as real dicts and lists (lists for int-keyed levels)."""
-        prefix = () if prefix is None else (prefix if isinstance(prefix, tuple) else (prefix,))
+    def keys(self):
+        """The top-level keys (a ``dict_keys``, as in CoreWeave)."""
+        return self._tree.keys()
+
+    def tree(
+        self,
+        prefix: Any | None = None,
+        *,
+        default: Any = None,
+        filter_func: FilterFuncType | None = None,
+    ):
+        """The subtree under ``prefix`` (a sequence of keys; ``None`` or ``()`` for the root) as
+        real dicts and lists (lists for int-keyed levels), the tensor itself when ``prefix``
+        names one, or ``default`` when no tensor matches. ``filter_func`` gets each tensor's full
+        name (a str for top-level string keys, else a tuple)."""
+        if prefix is None:
+            prefix = ()
+        if isinstance(prefix, (str, int)):
+            raise TypeError(
+                "Invalid prefix: expected sequence,"
+                f" got {prefix.__class__.__name__!r}"
+                " (for a single-element prefix, use a single-element sequence)"
+            )
+        prefix = tuple(prefix)
         chosen = [
             j
             for p, j in self._by_path.items()
-            if p[: len(prefix)] == prefix and (filter_func is None or filter_func(p))
+            if p[: len(prefix)] == prefix
+            and (filter_func is None or filter_func(self._entries[j]["name"]))
         ]
         if not chosen:
             return default
         self._load(sorted(chosen, key=self._position.__getitem__))
+        if len(chosen) == 1 and len(self._path_of(chosen[0])) == len(prefix):
+            return self._cache[chosen[0]]  # the prefix names a tensor
         root: dict = {}
         for j in chosen:
-            name = self._entries[j]["name"]
-            p = (name if isinstance(name, tuple) else (name,))[len(prefix) :]
+            p = self._path_of(j)[len(prefix) :]
             node = root
             for k in p[:-1]:
                 node = node.setdefault(k, {})
@@ -350,6 +504,10 @@ class TensorDeserializer(collections.abc.Mapping):
             return {k: build(v) for k, v in node.items()}
 
         return build(root)
+
+    def _path_of(self, i: int) -> tuple:
+        name = self._entries[i]["name"]
+        return name if isinstance(name, tuple) else (name,)
 
     # -- CoreWeave's iteration APIs --------------------------------------------------------
     def read_tensors(self, filter_func=None, num_tensors: int = -1, verify_hash=None):
@@ -475,18 +633,98 @@ class TensorDeserializer(collections.abc.Mapping):
             else:
                 mod.register_buffer(attr, t.detach())
 
+    # -- verification and export ------------------------------------------------------------
+    @contextlib.contextmanager
+    def _opened(self, what: str):
+        """The native file: ours while open, else the file reopened by its path or URI."""
+        if self._file is not None:
+            yield self._file
+            return
+        if self._reopen is None:
+            raise TensorizerValueError(
+                f"{what}: the TensorDeserializer is closed and was read from a stream, which "
+                "cannot be reopened; use lazy_load=True, or pass a path or URI"
+            )
+        f = _native.TensorFile(*self._reopen)
+        try:
+            yield f
+        finally:
+            f.close()
+
+    def _hash_infos(self, indices: list) -> dict:
+        """(hashable header, {kind: digest}) per entry, read once."""
+        todo = [i for i in indices if i not in self._headers]
+        if todo:
+            with self._opened("verify_module") as f, _gc.paused():
+                self._headers.update(zip(todo, f.hash_info(todo)))
+        return {i: self._headers[i] for i in indices}
+
+    def verify_module(self, m) -> tuple[bool, list[tuple[str, bool]]]:
+        """Check each selected tensor's stored hashes against the tensor of the same name in
+        ``m`` (``m.state_dict()`` plus its buffers). Returns ``(all passed, [(name, passed)])``
+        in file order, then the top-level keys ``m`` lacks (as in CoreWeave).
+
+        Unlike tensorizer 2.12.1 (docs/format.md): root-level tensors (``.x``) are compared with
+        the module's ``x``; a name is listed once; the tensors need not be loaded first."""
+        modules = dict(m.state_dict())
+        # Non-persistent buffers are serialized too, but are not in a state_dict().
+        modules.update(m.named_buffers())
+
+        def module_key(name):
+            return name[1:] if isinstance(name, str) and name.startswith(".") else name
+
+        headers = self._hash_infos(self._selected)
+        results: list[tuple[Any, bool]] = []
+        for i in self._selected:
+            e = self._entries[i]
+            t = modules.get(module_key(e["name"]))
+            results.append((e["name"], t is not None and _hashes_match(e, headers[i], t)))
+        reported = {name for name, _ in results}
+        for k in self._keys:
+            if module_key(k) not in modules and k not in reported:
+                results.append((k, False))
+        return all(ok for _, ok in results), results
+
+    def to_redis(self, redis_client: Any, key_prefix: str, force: bool = False) -> None:
+        """Store the file in Redis as CoreWeave does: ``{key_prefix}:header:0`` holds the file
+        header and index, ``{key_prefix}:{name}:{offset}`` each record's header and data (at
+        their file offsets), so ``redis://host:port/{key_prefix}`` reads back as the file.
+        Records whose header key exists are skipped unless ``force``."""
+        with self._opened("to_redis") as f:
+            raw = f.read_at(0, 73 + f.index_len)
+            if len(raw) < 73 or raw[:5] != TENSORIZER_MAGIC:
+                raise TensorizerValueError(f"{f.name}: cannot export a truncated header to Redis")
+            # CoreWeave re-encodes the header: flags only from data version 4, reserved zeroed.
+            version = int.from_bytes(raw[5:9], "little")
+            flags = raw[9:41] if version >= META_TENSOR_TENSORIZER_VERSION else bytes(32)
+            header = raw[:9] + flags + raw[41:49] + bytes(8) + raw[57:]
+            redis_client.set(f"{key_prefix}:header:0", header)
+            for i in self._selected:
+                e = self._entries[i]
+                name = e["name_bytes"].decode("utf-8")
+                offset, data_offset = e["header_offset"], e["data_offset"]
+                if not force and redis_client.exists(f"{key_prefix}:{name}:{offset}"):
+                    continue
+                redis_client.set(
+                    f"{key_prefix}:{name}:{offset}", f.read_at(offset, data_offset - offset)
+                )
+                redis_client.set(
+                    f"{key_prefix}:{name}:{data_offset}", f.read_at(data_offset, e["data_length"])
+                )
+
     # -- lifetime --------------------------------------------------------------------------
     def close(self) -> None:
         if self._deferred and self._file is not None:
             self._load(self._selected)  # an eager load owes its tensors before the file goes
         if self._file is not None:
+            if self._spilled:
+                # A private copy cannot be reopened later: keep what verify_module needs.
+                with contextlib.suppress(Exception):
+                    self._hash_infos(self._selected)
             self._file.close()
             self._file = None
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc_val, traceback) -> None:
         self.close()
 
     def __del__(self) -> None:
@@ -495,14 +733,51 @@ class TensorDeserializer(collections.abc.Mapping):
             self.close()
 
     @property
-    def total_file_bytes(self) -> int:
-        return sum(e["data_length"] for e in self._entries)
+    def total_bytes_read(self) -> int:
+        """Tensor data bytes read so far."""
+        return self._total_bytes_read
+
+    @total_bytes_read.setter
+    def total_bytes_read(self, value: int) -> None:
+        self._total_bytes_read = value
 
     @property
     def read_bytes(self) -> int:
         return self.total_bytes_read
 
-    cache_status = None
+    @property
+    def cache_status(self) -> str | None:
+        """CoreWeave reports a caching proxy's ``x-cache-status`` header here; response headers
+        are not kept, so this is always ``None``."""
+        return None
+
+
+def _hashes_match(entry: dict, header: dict, tensor: Any) -> bool:
+    """Whether ``tensor``'s bytes hash to what the record stores (CRC32 and/or SHA-256 over
+    the hashable header, then the data). A record without hashes passes, as in CoreWeave."""
+    import hashlib
+    import zlib
+
+    import torch
+
+    if entry["data_length"] == 0:
+        data = b""  # a meta (zero-filled) record hashes no data
+    else:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return False
+        t = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy()
+    hashable, hashes = header
+    for kind, stored in hashes.items():
+        if kind == "crc32":
+            if zlib.crc32(data, zlib.crc32(hashable)).to_bytes(4, "little") != stored:
+                return False
+        else:
+            sha = hashlib.sha256(hashable)
+            sha.update(data)
+            if sha.digest() != stored:
+                return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------
@@ -557,6 +832,13 @@ class TensorSerializer:
         self._written = 0
         self._file_obj = None
         uri = _uri_of(file_obj)
+        scheme = uri.partition("://")[0].lower() if uri is not None and "://" in uri else None
+        if scheme in ("http", "https", "redis"):
+            # Read-only schemes, refused as CoreWeave's open_stream(file_obj, "wb+") does.
+            kind = "redis" if scheme == "redis" else "http(s)"
+            raise TensorizerValueError(
+                f'{uri}: Only the mode "rb" is valid when opening {kind}:// streams.'
+            )
         if uri is None:
             if not hasattr(file_obj, "write"):
                 raise TensorizerTypeError(f"cannot write tensors to {type(file_obj).__name__}")

@@ -79,6 +79,16 @@ pub fn write_all(py: Python<'_>, uri: String, data: Vec<u8>, storage: Option<Bou
     py.detach(|| storage::write_all(&uri, &opts, &data)).map_err(to_pyerr)
 }
 
+/// Copy the local file `path` to `uri` (an `s3://` object or a path), streaming; it appears only
+/// when complete. Ctrl-C stops it.
+#[pyfunction]
+#[pyo3(signature = (path, uri, storage=None))]
+pub fn copy_file(py: Python<'_>, path: String, uri: String, storage: Option<Bound<'_, PyDict>>) -> PyResult<()> {
+    let opts = options_from(storage.as_ref())?;
+    let raised = super::Raised::default();
+    py.detach(|| storage::copy(&path, &uri, &opts, &mut || raised.check_signals())).map_err(|e| raised.or(e))
+}
+
 /// Body bytes plain-HTTP reads have received straight into their buffers, process-wide (tests
 /// check which path a load took).
 #[pyfunction]

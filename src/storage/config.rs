@@ -52,7 +52,7 @@ pub struct StorageOptions {
     /// `CURL_CA_BUNDLE` (HTTPS) or `AWS_CA_BUNDLE` (S3), else the system roots (which
     /// `SSL_CERT_FILE` / `SSL_CERT_DIR` replace). See `storage::tls`.
     pub ca_bundle: Option<PathBuf>,
-    /// Skip certificate verification for `https://` (curl's `--insecure`); refused for S3.
+    /// Skip certificate verification for `https://` and S3 endpoints (curl's `--insecure`).
     pub allow_untrusted: bool,
     /// Read plain `http://` bodies from the socket straight into the load's buffers where that
     /// is safe (`storage::http_direct`; default on, also `TENSORIZER_RS_HTTP_DIRECT=0`);

@@ -11,6 +11,7 @@ pub mod local;
 mod ranged;
 mod retry;
 mod s3;
+mod s3_insecure;
 mod tls;
 
 pub use config::StorageOptions;
@@ -201,6 +202,25 @@ pub fn write_all(uri: &str, opts: &StorageOptions, bytes: &[u8]) -> Result<()> {
     sink.finish()
 }
 
+/// Copy a file or object to another place (`s3_upload`): read and written in order, in pieces of
+/// [`STREAM_BUFFER`] bytes, so memory stays bounded; `tick` runs between pieces (Ctrl-C) and an
+/// error from it stops the copy. The destination appears only if every byte was copied.
+pub fn copy(src: &str, dst: &str, opts: &StorageOptions, tick: &mut dyn FnMut() -> Result<()>) -> Result<()> {
+    let source = open_source(src, &StorageOptions::default())?;
+    let sink = create_sink(dst, opts)?;
+    let size = source.size();
+    let mut buf = vec![0u8; usize::try_from(size).unwrap_or(STREAM_BUFFER).min(STREAM_BUFFER)];
+    let mut at = 0u64;
+    while at < size {
+        tick()?;
+        let n = buf.len().min(usize::try_from(size - at).unwrap_or(usize::MAX));
+        source.read_at(at, &mut buf[..n])?;
+        sink.write_at(at, &buf[..n])?;
+        at += n as u64;
+    }
+    sink.finish()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +243,43 @@ mod tests {
         let path = path.to_str().unwrap();
         write_all(path, &StorageOptions::default(), b"{}\n").unwrap();
         assert_eq!(read_all(path, &StorageOptions::default()).unwrap(), b"{}\n");
+    }
+
+    #[test]
+    fn copy_in_pieces_and_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src.bin");
+        let data: Vec<u8> = (0..STREAM_BUFFER + 12345).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&src, &data).unwrap();
+        let (src, dst) = (src.to_str().unwrap(), dir.path().join("out/dst.bin"));
+        let mut ticks = 0;
+        copy(src, dst.to_str().unwrap(), &StorageOptions::default(), &mut || {
+            ticks += 1;
+            Ok(())
+        })
+        .unwrap();
+        assert_eq!(ticks, 2);
+        assert_eq!(std::fs::read(&dst).unwrap(), data);
+        // Stopped after the first piece: nothing at the destination.
+        let stopped = dir.path().join("stopped.bin");
+        let mut n = 0;
+        let err = copy(src, stopped.to_str().unwrap(), &StorageOptions::default(), &mut || {
+            n += 1;
+            if n > 1 {
+                Err(Error::io("interrupted"))
+            } else {
+                Ok(())
+            }
+        })
+        .unwrap_err();
+        assert_eq!(err.kind, ErrorKind::Io);
+        assert!(!stopped.exists());
+        assert!(copy(
+            &dir.path().join("missing").to_string_lossy(),
+            dst.to_str().unwrap(),
+            &StorageOptions::default(),
+            &mut || Ok(())
+        )
+        .is_err());
     }
 }

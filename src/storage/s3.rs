@@ -136,6 +136,11 @@ fn http_client(trust: &Trust) -> Result<aws_smithy_runtime_api::client::http::Sh
     if let Some(c) = cache.lock().unwrap().get(trust) {
         return Ok(c.clone());
     }
+    if *trust == Trust::Insecure {
+        let client = super::s3_insecure::http_client()?;
+        cache.lock().unwrap().insert(trust.clone(), client.clone());
+        return Ok(client);
+    }
     let mut builder = aws_smithy_http_client::Builder::new().tls_provider(Provider::Rustls(CryptoMode::Ring));
     if let Trust::Bundle(path) = trust {
         // Every certificate was checked as the SDK will parse it (it panics on bad ones).

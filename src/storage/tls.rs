@@ -11,7 +11,8 @@
 //!
 //! A bundle replaces the system roots, as in requests, curl and botocore; to add a private CA,
 //! use a bundle holding the system's roots too. `allow_untrusted` (curl's `--insecure`) turns
-//! verification off, for `http(s)://` only.
+//! verification off, for `http(s)://` and `s3://` (whose client then sends its requests through
+//! reqwest: `storage::s3_insecure`).
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -20,7 +21,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::CertificateDer;
 
 use super::StorageOptions;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, Result};
 
 /// The roots one client trusts (also its cache key).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -29,7 +30,7 @@ pub(crate) enum Trust {
     System,
     /// Exactly the certificates of a PEM file or of the PEM files in a directory.
     Bundle(PathBuf),
-    /// No certificate verification at all (`http(s)://` only).
+    /// No certificate verification at all.
     Insecure,
 }
 
@@ -48,17 +49,12 @@ pub(crate) fn http_trust(opts: &StorageOptions, env: &dyn Fn(&str) -> Option<Str
     }
 }
 
-/// Roots for `s3://`: `ca_bundle`, then `AWS_CA_BUNDLE`. `allow_untrusted` is refused (the AWS
-/// SDK's TLS has no such switch).
+/// Roots for `s3://`: `ca_bundle`, `allow_untrusted`, then `AWS_CA_BUNDLE`.
 pub(crate) fn s3_trust(opts: &StorageOptions, env: &dyn Fn(&str) -> Option<String>) -> Result<Trust> {
     if let Some(p) = &opts.ca_bundle {
         Ok(Trust::Bundle(p.clone()))
     } else if opts.allow_untrusted {
-        Err(Error::new(
-            ErrorKind::Unsupported,
-            "allow_untrusted (no certificate verification) is not supported for s3:// URIs; \
-             pass the server's CA as ca_bundle (or AWS_CA_BUNDLE) instead",
-        ))
+        Ok(Trust::Insecure)
     } else {
         Ok(env_path(env, &["AWS_CA_BUNDLE"]).map_or(Trust::System, Trust::Bundle))
     }
@@ -233,6 +229,7 @@ pub(crate) fn certificate_error(e: &(dyn std::error::Error + 'static)) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::ErrorKind;
     use std::collections::HashMap;
 
     fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -263,7 +260,7 @@ mod tests {
         let explicit = StorageOptions { ca_bundle: Some("/x.pem".into()), ..Default::default() };
         assert_eq!(s3_trust(&explicit, &env).unwrap(), Trust::Bundle("/x.pem".into()));
         let insecure = StorageOptions { allow_untrusted: true, ..Default::default() };
-        assert_eq!(s3_trust(&insecure, &env).unwrap_err().kind, ErrorKind::Unsupported);
+        assert_eq!(s3_trust(&insecure, &env).unwrap(), Trust::Insecure);
     }
 
     #[test]
