@@ -38,7 +38,7 @@ use crate::cuda::{self, Engine, Event, Pool, Registration, Staged, StreamHandle}
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::hash::RecordHasher;
 use crate::format::{IndexEntry, TensorHeader};
-use crate::storage::StreamDest;
+use crate::storage::{Stop, StreamDest};
 
 /// One tensor to load: index entry `entry` into `nbytes` bytes of device memory at `dest`.
 #[derive(Clone, Copy, Debug)]
@@ -451,7 +451,7 @@ struct Job<'a> {
     slots: Vec<Slot>,
     work: Vec<Work>,
     next: AtomicUsize,
-    failed: AtomicBool,
+    failed: Stop,
     first_error: Mutex<Option<Error>>,
     tally: Tally,
     /// An HTTP(S) or S3 source: large pieces are streamed, one request each.
@@ -506,15 +506,15 @@ pub fn load_to_device(
     let chunk = pool.chunk() as u64;
 
     let encrypted = file.header.has_crypt_info();
-    let remote = file.name().contains("://");
+    let remote = file.source().caps().remote;
     // Decryption is CPU-bound: encrypted loads use every core by default. Over the network each
     // reader waits on one request at a time: one reader per buffer keeps the most in flight
     // (HTTP on the H200 host: 16.3 vs 13.0–13.8 GB/s with 12, docs/benchmarks.md), except where
     // readers receive the bodies themselves (plain HTTP): there the source's own figure, one per
     // core (24.2–24.3 vs 20.4–22.8 GB/s with 32).
     let default = || {
-        if remote && file.source().reads_into_buffers() {
-            return file.source().preferred_parallelism();
+        if remote && file.source().caps().reads_into_buffers {
+            return file.source().caps().parallelism;
         }
         let cpu = if encrypted { cpu_readers() } else { default_readers() };
         if remote {
@@ -596,7 +596,7 @@ pub fn load_to_device(
         slots,
         work,
         next: AtomicUsize::new(0),
-        failed: AtomicBool::new(false),
+        failed: Stop::new(),
         first_error: Mutex::new(None),
         tally: Tally::default(),
         remote,
@@ -630,7 +630,7 @@ pub fn load_to_device(
             let spawned = std::thread::Builder::new().name(format!("tz-gpu-read{w}")).spawn_scoped(scope, move || {
                 let _exit = exit;
                 crate::trace::mark("reader_start", w as u64, 0);
-                if let Err(e) = crate::storage::reads_stop_on(&job.failed, || job.reader(w)) {
+                if let Err(e) = job.reader(w) {
                     job.fail(e);
                 }
                 crate::trace::mark("reader_end", w as u64, 0);
@@ -742,10 +742,6 @@ struct OneStaged<'j, 'a> {
 }
 
 impl StreamDest for OneStaged<'_, '_> {
-    /// The load failed or was stopped: a read still waiting for bytes gives up.
-    fn stopped(&self) -> bool {
-        self.job.failed.load(Ordering::Relaxed)
-    }
     fn room(&mut self) -> Result<&mut [u8]> {
         if self.staged.is_none() {
             self.staged = Some(self.job.pool.acquire(self.job.buffers)?);
@@ -763,11 +759,8 @@ impl StreamDest for OneStaged<'_, '_> {
 /// The source writes into the current staging buffer (straight from the socket for plain
 /// HTTP); a full buffer goes to the device and the next one is taken when bytes come for it.
 impl StreamDest for Streamed<'_, '_> {
-    fn stopped(&self) -> bool {
-        self.job.failed.load(Ordering::Relaxed)
-    }
     fn room(&mut self) -> Result<&mut [u8]> {
-        if self.stopped() {
+        if self.job.failed.is_stopped() {
             return Err(Error::io("stopped: another part of the load failed"));
         }
         let chunk = self.job.pool.chunk();
@@ -815,7 +808,7 @@ impl Streamed<'_, '_> {
 
 impl Job<'_> {
     fn fail(&self, e: Error) {
-        self.failed.store(true, Ordering::Relaxed);
+        self.failed.stop();
         self.first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
     }
 
@@ -828,7 +821,7 @@ impl Job<'_> {
         let stream = self.engine.streams[w % self.engine.streams.len()].handle();
         let register = w < self.opts.register_readers && self.io.map.is_some();
         let mut registered = Registered(VecDeque::new());
-        while !self.failed.load(Ordering::Relaxed) {
+        while !self.failed.is_stopped() {
             let i = self.next.fetch_add(1, Ordering::Relaxed);
             let Some(work) = self.work.get(i) else { break };
             match work {
@@ -957,7 +950,7 @@ impl Job<'_> {
         let chunk = self.fill as u64;
         let mut off = 0;
         while off < len {
-            if self.failed.load(Ordering::Relaxed) {
+            if self.failed.is_stopped() {
                 return Ok(());
             }
             let n = chunk.min(len - off) as usize;
@@ -987,7 +980,7 @@ impl Job<'_> {
             return Ok((st, delta));
         }
         let mut one = OneStaged { job: self, staged: None, fill: 0, len: n };
-        self.file.source().read_stream_into(offset, n, &mut one)?;
+        self.file.source().read_stream_into(offset, n, &mut one, &self.failed)?;
         let st = match one.staged {
             Some(st) => st,
             None => self.pool.acquire(self.buffers)?,
@@ -1000,7 +993,7 @@ impl Job<'_> {
     /// buffers as it arrives and each buffer sent to the device as soon as it is full.
     fn piece_streamed(&self, slot: usize, file_offset: u64, offset: u64, len: u64, stream: StreamHandle) -> Result<()> {
         let mut out = Streamed { job: self, slot, stream, at: offset, staged: None, fill: 0 };
-        self.file.source().read_stream_into(file_offset, len as usize, &mut out)?;
+        self.file.source().read_stream_into(file_offset, len as usize, &mut out, &self.failed)?;
         out.flush()?;
         self.tally.add(Counter::BufferedRead, len);
         Ok(())
@@ -1105,7 +1098,7 @@ impl Job<'_> {
         let step = sealed_step(self.pool.chunk()) as u64;
         let mut off = 0;
         while off < len {
-            if self.failed.load(Ordering::Relaxed) {
+            if self.failed.is_stopped() {
                 return Ok(());
             }
             let n = step.min(len - off) as usize;

@@ -1,7 +1,7 @@
 //! Running a plan: reader threads pull items in file order, read into the tensors' own
 //! buffers, and whoever finishes a tensor's last piece checks its header, decrypts and
 //! verifies it.
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ use crate::crypto::{self, DecryptionKeys};
 use crate::error::{Error, ErrorKind, Result};
 use crate::format::hash::RecordHasher;
 use crate::format::{IndexEntry, TensorHeader};
-use crate::storage::{reads_stop_on, SliceDest};
+use crate::storage::{SliceDest, Stop};
 
 #[derive(Clone, Default)]
 pub struct LoadOptions {
@@ -77,7 +77,7 @@ impl Drop for ReaderExit<'_> {
 pub fn wait_for_readers(
     active: &Mutex<usize>,
     wake: &Condvar,
-    failed: &AtomicBool,
+    failed: &Stop,
     mut tick: Option<&mut dyn FnMut() -> Result<()>>,
     fail: &dyn Fn(Error),
 ) {
@@ -85,7 +85,7 @@ pub fn wait_for_readers(
     let mut n = active.lock().unwrap_or_else(|p| p.into_inner());
     while *n > 0 {
         n = wake.wait_timeout(n, wait).unwrap_or_else(|p| p.into_inner()).0;
-        if *n == 0 || failed.load(Ordering::Relaxed) {
+        if *n == 0 || failed.is_stopped() {
             continue;
         }
         if let Some(tick) = tick.as_mut() {
@@ -119,9 +119,9 @@ pub fn load_to_host(
         buffers.push(buf);
     }
     crate::trace::mark("host_buffers_made", which.len() as u64, 0);
-    let wanted = opts.num_readers.unwrap_or_else(|| file.source().preferred_parallelism()).clamp(1, 64);
+    let wanted = opts.num_readers.unwrap_or_else(|| file.source().caps().parallelism).clamp(1, 64);
     let mut plan = plan::build(&file.entries, which);
-    if file.name().contains("://") && plan::tapering() {
+    if file.source().caps().remote && plan::tapering() {
         plan.taper(wanted, TAPER_MIN);
     }
     let slots: Vec<Slot> = which
@@ -138,10 +138,10 @@ pub fn load_to_host(
         .collect();
     let readers = wanted.min(plan.items.len().max(1));
     let next = AtomicUsize::new(0);
-    let failed = AtomicBool::new(false);
+    let failed = Stop::new();
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     let fail = |e: Error| {
-        failed.store(true, Ordering::Relaxed);
+        failed.stop();
         first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
     };
     let (active, wake) = (Mutex::new(0usize), Condvar::new());
@@ -153,15 +153,13 @@ pub fn load_to_host(
                 let _exit = exit;
                 let mut scratch = Vec::new();
                 crate::trace::mark("reader_start", 0, 0);
-                reads_stop_on(&failed, || {
-                    while !failed.load(Ordering::Relaxed) {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(item) = plan.items.get(i) else { break };
-                        if let Err(e) = run_item(file, &slots, item, opts, &mut scratch, &failed) {
-                            fail(e);
-                        }
+                while !failed.is_stopped() {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(item) = plan.items.get(i) else { break };
+                    if let Err(e) = run_item(file, &slots, item, opts, &mut scratch, &failed) {
+                        fail(e);
                     }
-                });
+                }
                 crate::trace::mark("reader_end", 0, 0);
             });
             if let Err(e) = spawned {
@@ -194,7 +192,7 @@ fn run_item(
     item: &Item,
     opts: &LoadOptions,
     scratch: &mut Vec<u8>,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> Result<()> {
     match item {
         Item::Segment { start, len, parts } => {
@@ -226,12 +224,12 @@ fn run_item(
 /// One item's bytes: as one streamed request from sources that read straight into our buffers
 /// (plain HTTP: no copy, and no hand-off to the network threads), else with `read_at`. A
 /// streamed read ends early once `stop` is set (a slow server must not hold up a failed load).
-fn read(file: &TensorFile, offset: u64, buf: &mut [u8], stop: &AtomicBool) -> Result<()> {
+fn read(file: &TensorFile, offset: u64, buf: &mut [u8], stop: &Stop) -> Result<()> {
     let source = file.source();
-    if source.reads_into_buffers() {
-        source.read_stream_into(offset, buf.len(), &mut SliceDest::new(buf).stopped_by(stop))
+    if source.caps().reads_into_buffers {
+        source.read_stream_into(offset, buf.len(), &mut SliceDest::new(buf), stop)
     } else {
-        source.read_at(offset, buf)
+        source.read(offset, buf, stop)
     }
 }
 
