@@ -140,7 +140,7 @@ impl PyTensorFile {
             return Err(pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {bad}")));
         }
         let keys = super::crypto::keys_from(key, passphrase)?;
-        let opts = LoadOptions { num_readers, verify_hash, keys };
+        let opts = LoadOptions { num_readers, verify_hash, keys, io: None };
         let raised = super::Raised::default();
         let loaded = py
             .detach(|| {

@@ -291,6 +291,10 @@ impl Direct {
         *filled += got;
         let mut heard = Instant::now();
         while got < len {
+            // A trickling server never leaves the socket idle: look at the stop between reads.
+            if stopped() {
+                return Err(Failure::fatal(Stop::error()));
+            }
             if len - got <= QUICKACK_TAIL {
                 quickack(&conn);
             }
