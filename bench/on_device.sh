@@ -15,8 +15,11 @@
 #   cpu        bench/bench_cpu.py (page cache -> CPU tensors; huge-page A/B)
 #   gpu        bench/gpu_bench.py warm only (incl. the vLLM loader path), no sweep/small/cold;
 #              GPU_ARGS, e.g. --ab
-#   ab         this wheel against .device/old/*.whl (e.g. the last commit's), warm, new tensors
-#              and load_into_module, three interleaved rounds
+#   ab         this wheel ("after") against .device/old/*.whl ("before"), each load a fresh process:
+#              warm new tensors, in place, the vLLM loader's path, an encrypted file, HTTP to
+#              CUDA (when .device/bin/nginx was carried), cold; AB_ROUNDS (3) interleaved rounds,
+#              AB_GIB (8) GiB; a comparison table last, bench.json and gpu-ab.log under $OUT.
+#              Fits one call (about 6 minutes on a 16-CPU H100 or H200 host).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -54,9 +57,13 @@ for phase in $phases; do
         --skip-small --skip-safetensors --coreweave "$HOME/cw" ${GPU_ARGS:-} 2>&1 | tee "$OUT/gpu-bench.log" | tail -30 ;;
     ab)
       python3 -m pip install -q --no-index --no-deps --target "$HOME/site_old" .device/old/*.whl || exit 1
-      timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
-        --skip-small --skip-safetensors --ab-env "{\"PYTHONPATH\": \"$HOME/site_old\"}" 2>&1 \
-        | tee "$OUT/gpu-ab.log" | grep -E "^limits: pinned| warm +[0-9]" | tail -14 ;;
+      chmod +x .device/bin/* 2>/dev/null
+      nginx=(); [ -x .device/bin/nginx ] && nginx=(--nginx "$PWD/.device/bin/nginx")
+      timeout "${AB_TIMEOUT:-540}" python3 bench/gpu_bench.py --dir /tmp/tzab --out "$OUT" \
+        --gib "${AB_GIB:-8}" --rounds "${AB_ROUNDS:-3}" \
+        --wheels before="$HOME/site_old" after="$HOME/site" "${nginx[@]}" 2>&1 \
+        | tee "$OUT/gpu-ab.log" | grep -vE "^(wrote|pinned H2D|staged cap|curl)" | tail -16
+      rm -rf /tmp/tzab ;;
     *) echo "unknown phase $phase" ;;
   esac
 done
