@@ -113,10 +113,9 @@ def staging(
     total_bytes: int | None = None, chunk_bytes: int | None = None, pinned: str | None = None
 ) -> tuple:
     """Read or set the pinned staging pool: ``(total_bytes, chunk_bytes, streams, pinned)``.
-    Defaults: 256 MiB in 8 MiB buffers, 4 copy streams (env ``TENSORIZER_RS_STAGING_BYTES`` /
-    ``_CHUNK`` / ``_STREAMS``);
-    ``pinned`` is ``"driver"`` (cuMemHostAlloc) or ``"thp"`` (huge pages, registered; env
-    ``TENSORIZER_RS_PINNED``). Buffers are whole multiples of 2 MiB."""
+    Defaults: 256 MiB (``TENSORIZER_RS_STAGING_BYTES``) in 8 MiB buffers, 4 copy streams;
+    ``pinned`` is ``"thp"`` (huge pages, registered; the default) or ``"driver"``
+    (cuMemHostAlloc). Buffers are whole multiples of 2 MiB."""
     return _native.cuda_staging(total_bytes, chunk_bytes, None, pinned)
 
 
