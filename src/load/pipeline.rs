@@ -676,8 +676,11 @@ impl<D: Destination> StreamDest for Windows<'_, '_, D> {
         if self.job.stop.is_stopped() {
             return Err(Stop::error());
         }
+        if (self.cur.is_some() && self.fill == self.want) || (self.cur.is_none() && self.left == 0) {
+            return Err(Error::io("a streamed read delivered more bytes than asked for"));
+        }
         if self.cur.is_none() {
-            self.want = self.per.min(self.left + self.fill);
+            self.want = self.per.min(self.left);
             let to = match self.slot {
                 Some(slot) => To::Tensor { slot, offset: self.at },
                 None => self.to,

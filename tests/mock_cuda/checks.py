@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import torch
 from tensorizer_rs import (
+    CryptographyError,
     HashMismatchError,
     TensorDeserializer,
     TensorizerUnsupportedError,
@@ -294,6 +295,82 @@ def hash_verification():
         assert "embed" in str(err), err
     else:
         raise AssertionError("corruption not detected")
+
+
+@check
+def small_tensors_are_verified_in_their_segment():
+    """Small records travel together in one staging buffer; with verify_hash each is checked
+    there before the segment's copies, plain or encrypted, and a flipped byte names its tensor."""
+    from tensorizer_rs import DecryptionParams, EncryptionParams
+
+    small_staging()
+    g = torch.Generator().manual_seed(13)
+    sd = {f"s{k}": torch.randn(50 + k, generator=g) for k in range(20)}
+    enc = EncryptionParams.random()
+    for name, kw, dkw in (
+        ("plain", {}, {}),
+        ("sealed", {"encryption": enc}, {"encryption": DecryptionParams.from_key(enc.key)}),
+    ):
+        path = TMP / f"segverify-{name}.tensors"
+        s = TensorSerializer(str(path), **kw)
+        s.write_state_dict(sd)
+        s.close()
+        assert_loaded(gpu_load(gpu_deser(path, **dkw), verify=True), sd, name)
+        e = next(x for x in _native.TensorFile(str(path)).entries() if x["name"] == "s7")
+        data = bytearray(path.read_bytes())
+        data[e["data_offset"] + 3] ^= 0x10
+        bad = TMP / f"segverify-{name}-bad.tensors"
+        bad.write_bytes(bytes(data))
+        try:
+            gpu_load(gpu_deser(bad, **dkw), verify=True)
+        except (HashMismatchError, CryptographyError) as err:
+            assert "'s7'" in str(err), err
+        else:
+            raise AssertionError(f"{name}: a flipped byte passed verify_hash")
+
+
+_ENV_CHILD = """
+import json, sys
+from tensorizer_rs import TensorDeserializer, _cuda
+_cuda.reset_counters()
+d = TensorDeserializer(sys.argv[1], device="cpu", lazy_load=True, num_readers=2)
+try:
+    d._take(_cuda.load(d._cuda_request(), list(d._selected), False))
+    out = {"ok": True}
+except Exception as e:
+    out = {"error": f"{type(e).__name__}: {e}"}
+print(json.dumps({**out, "counters": _cuda.counters(), "staging": _cuda.staging()}))
+"""
+
+
+@check
+def environment_settings_reach_the_load():
+    """TENSORIZER_RS_IO and TENSORIZER_RS_STAGING_BYTES, read once when the module loads, govern
+    the loads of the process; a value that cannot be used fails each load, naming it."""
+    g = torch.Generator().manual_seed(14)
+    path = write(TMP / "env.tensors", {"w": torch.randn(1_000_000, generator=g)})
+
+    def child(**env):
+        out = subprocess.run(
+            [sys.executable, "-c", _ENV_CHILD, path],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    got = child(TENSORIZER_RS_IO="direct", TENSORIZER_RS_STAGING_BYTES=str(24 << 20))
+    assert got.get("ok") and got["counters"]["direct_read_bytes"] > 3_000_000, got
+    assert got["staging"][0] == 24 << 20, got
+    got = child(TENSORIZER_RS_IO="buffered")
+    assert got.get("ok") and got["counters"]["direct_read_bytes"] == 0, got
+    got = child(TENSORIZER_RS_IO="mmap")
+    assert "TensorizerValueError" in got.get("error", "") and "TENSORIZER_RS_IO" in got["error"], (
+        got
+    )
 
 
 @check
