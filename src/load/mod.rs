@@ -12,4 +12,4 @@ pub mod plan;
 pub use file::TensorFile;
 pub use host::{load_to_host, LoadedTensor};
 pub use options::LoadOptions;
-pub use pipeline::{check_keys, TICK};
+pub use pipeline::TICK;

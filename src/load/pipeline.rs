@@ -107,7 +107,7 @@ pub(crate) enum To {
 }
 
 /// Check that the keys fit the file before any data is read.
-pub fn check_keys(file: &TensorFile, keys: Option<&DecryptionKeys>) -> Result<()> {
+pub(crate) fn check_keys(file: &TensorFile, keys: Option<&DecryptionKeys>) -> Result<()> {
     match (file.header.has_crypt_info(), keys.is_some()) {
         (true, false) => Err(Error::crypto(
             "the file is encrypted, but no decryption key was given (pass encryption=DecryptionParams...)",

@@ -301,7 +301,10 @@ def test_hooks_match_this_vllm():
     from vllm.transformers_utils import runai_utils
 
     def unpatched(fn):  # the plugin may have patched it in this process already
-        return getattr(fn, "_original", fn)
+        original = getattr(fn, "_original", fn)
+        if isinstance(original, classmethod):  # kept as found in the class
+            return original.__get__(None, lora_model.LoRAModel)
+        return original
 
     fns = {
         "LoRAModel.from_local_checkpoint": lora_model.LoRAModel.from_local_checkpoint,
