@@ -111,8 +111,7 @@ def main() -> None:
     ap.add_argument(
         "--ours-env",
         default=None,
-        help='JSON list of environments for extra tensorizer-rs rows, e.g. [{"X": "1"}] '
-        "(replaces the 4 KiB-page row)",
+        help='JSON list of environments for extra tensorizer-rs rows, e.g. [{"X": "1"}]',
     )
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
@@ -154,10 +153,6 @@ def main() -> None:
             )
         if name == "tensorizer-rs" and args.ours_env:
             variants += [(f"{name} {e}", variants[0][1], e) for e in json.loads(args.ours_env)]
-        elif name == "tensorizer-rs":  # A/B: destination buffers without transparent huge pages
-            variants.append(
-                (name + " (4 KiB pages)", variants[0][1], {"TENSORIZER_RS_HUGEPAGES": "0"})
-            )
         for label, body, extra in variants:
             script = (
                 f"import time, json, torch\nPATH = {path!r}\n{TOUCH}t0 = time.perf_counter()\n{body}"

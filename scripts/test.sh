@@ -7,11 +7,15 @@
 #            .cache/site, which tests/conftest.py puts first on sys.path and PYTHONPATH: a run tests
 #            exactly this checkout's build, even when several checkouts share one VENV.
 #   fmt      cargo fmt --check
-#   clippy   cargo clippy --all-targets -- -D warnings
-#   cargo    cargo test --no-fail-fast   (every test binary runs even after a failure; debug profile: the release build's dependencies are built as
-#            LTO bitcode with maturin's PyO3 env, so `cargo test --release` reuses none of them and
-#            was measured 3x slower than a debug `cargo test` here)
+#   clippy   cargo clippy --all-targets --features python -- -D warnings (the extension), then the
+#            core alone (`--lib`, no features: code only the bindings use must not linger there)
+#   core     the core's dependency tree has no Python in it (`cargo tree`, no features)
+#   cargo    cargo test --no-fail-fast   (the core, without the `python` feature; every test
+#            binary runs even after a failure; debug profile: the release build's dependencies
+#            are built as LTO bitcode with maturin's PyO3 env, so `cargo test --release` reuses
+#            none of them and was measured 3x slower here)
 #   ruff     ruff check python tests examples
+#   stubs    python/tensorizer_rs/_native.pyi against the built module (mypy.stubtest)
 #   pytest   pytest -q -m "not gpu" (exit 5, "no tests collected", counts as a failure)
 #   vllm-next  the plugin's engine-free vLLM tests with the newest vLLM (0.34.0, in the second
 #            venv setup-env.sh makes: VLLM_NEXT_VENV); skipped when that venv is absent
@@ -90,11 +94,25 @@ fi
 phase build bash "$REPO/scripts/build.sh" --target "$SITE"
 BUILD_OK=$?
 phase fmt cargo fmt --all --check -- --color never
-phase clippy cargo clippy --all-targets -- -D warnings
+phase clippy bash -c 'cargo clippy --all-targets --features python -- -D warnings &&
+  cargo clippy --lib -- -D warnings'
+# The core must build without Python: no pyo3 anywhere in its dependency tree.
+core_has_no_python() {
+  local tree
+  tree=$(cargo tree -e normal --prefix none) || return 1
+  if grep -qE '^pyo3(-[a-z]+)? ' <<<"$tree"; then echo "pyo3 in the core's tree:"; grep -E '^pyo3' <<<"$tree"; return 1; fi
+  echo "no pyo3 in the core's dependency tree ($(wc -l <<<"$tree") lines)"
+}
+phase core core_has_no_python
 phase cargo cargo test --no-fail-fast
 RUFF_PATHS=()
 for d in python tests examples bench; do [ -e "$d" ] && RUFF_PATHS+=("$d"); done
 phase ruff ruff check "${RUFF_PATHS[@]}"
+if [ $BUILD_OK = 0 ]; then
+  phase stubs env PYTHONPATH="$SITE" "$PY" -m mypy.stubtest tensorizer_rs._native \
+    --allowlist "$REPO/tests/stubtest-allowlist.txt"
+else record stubs "FAIL(build failed)" 0
+fi
 if [ $BUILD_OK = 0 ]; then phase pytest run_pytest "$@"
 else printf '\n=== pytest: not run (build failed)\n'; record pytest "FAIL(build failed)" 0
 fi

@@ -1,15 +1,15 @@
 //! Owned, aligned host memory that tensors are read straight into and handed to Python
-//! through DLPack without another copy.
+//! through DLPack without another copy; and a copy that bypasses the CPU caches.
 use std::alloc::{self, Layout};
 use std::ptr::NonNull;
-use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
 
 /// Page alignment keeps large buffers usable for O_DIRECT reads and pinned registration.
 const ALIGN: usize = 4096;
 /// Buffers this large ask for transparent huge pages, so the reads that fill them fault 2 MiB
-/// at a time instead of 4 KiB (`TENSORIZER_RS_HUGEPAGES=0` turns this off).
+/// at a time instead of 4 KiB: 24.3 GB/s from the page cache instead of 14.4 on an H200 host
+/// (docs/benchmarks.md).
 const HUGE_MIN: usize = 4 << 20;
 /// They also start on a huge-page boundary: a large allocation is its own mapping, which the
 /// kernel places on such a boundary, so a page-aligned buffer would start just past it and
@@ -17,11 +17,6 @@ const HUGE_MIN: usize = 4 << 20;
 /// space; only the allocator's header, in its last page, is touched (with THP
 /// `enabled=always` too, RssAnon stays the tensors' size: checked on the development VM).
 const HUGE_ALIGN: usize = 2 << 20;
-
-fn huge_pages() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TENSORIZER_RS_HUGEPAGES").map_or(true, |v| v != "0"))
-}
 
 pub struct HostBuffer {
     ptr: NonNull<u8>,
@@ -42,7 +37,7 @@ impl HostBuffer {
         }
         // Small alignment for zeroed memory lets the allocator use calloc, whose fresh pages
         // cost nothing until touched.
-        let align = match (zeroed, len >= HUGE_MIN && huge_pages()) {
+        let align = match (zeroed, len >= HUGE_MIN) {
             (true, _) => 16,
             (false, true) => HUGE_ALIGN,
             (false, false) => ALIGN,
@@ -94,9 +89,69 @@ impl Drop for HostBuffer {
     }
 }
 
+/// `dst.copy_from_slice(src)` with non-temporal stores where the CPU has AVX2: for a
+/// destination that the CPU does not read next (a staging buffer the GPU copies from), filling
+/// the caches with it only costs bandwidth.
+pub fn copy_streaming(dst: &mut [u8], src: &[u8]) {
+    assert_eq!(dst.len(), src.len(), "copy_streaming of unequal lengths");
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: AVX2 is present; both slices hold `src.len()` bytes and cannot overlap (one
+        // is borrowed mutably).
+        unsafe { copy_streaming_avx2(dst.as_mut_ptr(), src.as_ptr(), src.len()) };
+        return;
+    }
+    dst.copy_from_slice(src);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn copy_streaming_avx2(dst: *mut u8, src: *const u8, len: usize) {
+    use std::arch::x86_64::*;
+    // SAFETY (whole body): all accesses stay within `len` bytes of `src`/`dst`; stores are to
+    // 32-byte aligned addresses after the head.
+    unsafe {
+        let head = dst.align_offset(32).min(len);
+        std::ptr::copy_nonoverlapping(src, dst, head);
+        let mut i = head;
+        while i + 128 <= len {
+            let s = src.add(i) as *const __m256i;
+            let d = dst.add(i) as *mut __m256i;
+            let (a, b, c, e) = (
+                _mm256_loadu_si256(s),
+                _mm256_loadu_si256(s.add(1)),
+                _mm256_loadu_si256(s.add(2)),
+                _mm256_loadu_si256(s.add(3)),
+            );
+            _mm256_stream_si256(d, a);
+            _mm256_stream_si256(d.add(1), b);
+            _mm256_stream_si256(d.add(2), c);
+            _mm256_stream_si256(d.add(3), e);
+            i += 128;
+        }
+        while i + 32 <= len {
+            _mm256_stream_si256(dst.add(i) as *mut __m256i, _mm256_loadu_si256(src.add(i) as *const __m256i));
+            i += 32;
+        }
+        std::ptr::copy_nonoverlapping(src.add(i), dst.add(i), len - i);
+        _mm_sfence();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn streaming_copy_matches_memcpy_at_any_alignment() {
+        let src: Vec<u8> = (0..70_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        for (s_off, d_off, len) in [(0, 0, 0), (1, 3, 31), (5, 0, 128), (3, 17, 4099), (0, 1, 65_000), (9, 31, 33)] {
+            let mut dst = vec![0xAAu8; len + 64];
+            copy_streaming(&mut dst[d_off..d_off + len], &src[s_off..s_off + len]);
+            assert_eq!(&dst[d_off..d_off + len], &src[s_off..s_off + len], "{s_off} {d_off} {len}");
+            assert!(dst[..d_off].iter().all(|&b| b == 0xAA) && dst[d_off + len..].iter().all(|&b| b == 0xAA));
+        }
+    }
 
     #[test]
     fn large_buffers_start_on_a_huge_page() {

@@ -2,10 +2,14 @@
 //!
 //! Data flows one way: `storage` (bytes from a file, HTTP or S3) → `format` (bytes ↔ structs)
 //! → `load` (plan, read, verify, decrypt via `crypto`, place) → `dlpack` → `bindings` (Python).
+//! The last two exist only with the `python` feature (the extension module maturin builds):
+//! the core builds and tests without Python.
+#[cfg(feature = "python")]
 pub mod bindings;
 pub mod buffer;
 pub mod crypto;
 pub mod cuda;
+#[cfg(feature = "python")]
 pub mod dlpack;
 pub mod error;
 pub mod format;

@@ -1,7 +1,8 @@
-//! An opt-in timeline of what each thread of a load did when (`TENSORIZER_RS_TRACE=1`), for
-//! benchmarks that must tell a fixed start from a slow middle or a long tail. Off, a mark is
-//! one load of a cached flag.
-use std::sync::{Mutex, OnceLock};
+//! An opt-in timeline of what each thread of a load did when (`TENSORIZER_RS_TRACE=1`, which
+//! the load options turn into [`set_enabled`]), for benchmarks that must tell a fixed start
+//! from a slow middle or a long tail. Off, a mark is one load of a flag.
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 /// One mark: `CLOCK_MONOTONIC` nanoseconds (Python's `time.monotonic_ns()`), the thread's name,
 /// what happened and two numbers whose meaning depends on it (offsets, lengths).
@@ -12,9 +13,15 @@ const MAX_EVENTS: usize = 1 << 20;
 
 static EVENTS: Mutex<Vec<Event>> = Mutex::new(Vec::new());
 
+static ON: AtomicBool = AtomicBool::new(false);
+
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| std::env::var("TENSORIZER_RS_TRACE").is_ok_and(|v| !v.is_empty() && v != "0"))
+    ON.load(Ordering::Relaxed)
+}
+
+/// Start or stop recording marks.
+pub fn set_enabled(on: bool) {
+    ON.store(on, Ordering::Relaxed);
 }
 
 pub fn now_ns() -> u64 {
@@ -53,7 +60,7 @@ pub fn take() -> Vec<Event> {
 mod tests {
     #[test]
     fn marks_keep_their_order_and_thread() {
-        // The flag is read once per process; this only checks recording and taking.
+        // This only checks recording and taking (the switch is process-wide).
         super::record(1, "a", 2, 3);
         super::record(4, "b", 5, 6);
         let ev: Vec<_> = super::take().into_iter().filter(|e| e.2 == "a" || e.2 == "b").collect();

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use common::{pattern, Nginx, PyHttp};
 use tensorizer_rs::error::ErrorKind;
-use tensorizer_rs::storage::{http_direct_bytes, open_source, read_all, Source, StorageOptions, StreamDest};
+use tensorizer_rs::storage::{http_direct_bytes, open_source, read_all, Source, Stop, StorageOptions, StreamDest};
 
 fn opts() -> StorageOptions {
     StorageOptions { request_size: Some(1 << 20), max_concurrency: Some(16), ..Default::default() }
@@ -126,7 +126,7 @@ static DIRECT_COUNTER: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn stream_into(source: &dyn Source, offset: usize, len: usize, room: usize) -> tensorizer_rs::error::Result<Vec<u8>> {
     let mut dest = Rooms { got: Vec::new(), room, lent: 0 };
-    source.read_stream_into(offset as u64, len, &mut dest)?;
+    source.read_stream_into(offset as u64, len, &mut dest, Stop::never())?;
     Ok(dest.got)
 }
 
@@ -232,12 +232,12 @@ fn http10_server_with_and_without_range_support() {
     let mut buf = vec![0u8; data.len() - 100];
     source.read_at(100, &mut buf).unwrap();
     assert!(buf[..] == data[100..]);
-    assert!(source.preferred_parallelism() > 1);
+    assert!(source.caps().parallelism > 1);
 
     // A server that ignores Range: reads still return the right bytes, one stream at a time.
     let source = open_source(&server.url("norange/m.tensors"), &opts()).unwrap();
     assert_eq!(source.size(), data.len() as u64);
-    assert_eq!(source.preferred_parallelism(), 1);
+    assert_eq!(source.caps().parallelism, 1);
     let mut buf = vec![0u8; 1 << 20];
     source.read_at(2 << 20, &mut buf).unwrap();
     assert!(buf[..] == data[2 << 20..3 << 20]);
@@ -284,7 +284,7 @@ fn read_stream_is_one_request_resumed_after_drops() {
             got.extend_from_slice(b);
             Ok(())
         };
-        source.read_stream(offset as u64, data.len() - offset, &mut sink).unwrap();
+        source.read_stream(offset as u64, data.len() - offset, &mut sink, Stop::never()).unwrap();
         assert!(got == data[offset..], "streamed bytes of {path} differ");
     };
     // One request for the range, not one per 1 MiB; a range inside the probe's first MiB
@@ -294,10 +294,15 @@ fn read_stream_is_one_request_resumed_after_drops() {
     let source = open_source(&server.url("data/m"), &opts()).unwrap();
     let mut got = Vec::new();
     source
-        .read_stream(10, 1000, &mut |b: &[u8]| {
-            got.extend_from_slice(b);
-            Ok(())
-        })
+        .read_stream(
+            10,
+            1000,
+            &mut |b: &[u8]| {
+                got.extend_from_slice(b);
+                Ok(())
+            },
+            Stop::never(),
+        )
         .unwrap();
     assert!(got == data[10..1010]);
     assert_eq!(server.count("data/m"), 3, "only the second probe");
@@ -308,7 +313,7 @@ fn read_stream_is_one_request_resumed_after_drops() {
     // An error from the sink ends the read with that error, with no retry.
     let source = open_source(&server.url("data/m"), &opts()).unwrap();
     let mut sink = |_: &[u8]| Err(tensorizer_rs::error::Error::io("sink refused"));
-    let err = source.read_stream(2 << 20, 1 << 20, &mut sink).unwrap_err();
+    let err = source.read_stream(2 << 20, 1 << 20, &mut sink, Stop::never()).unwrap_err();
     assert!(err.to_string().contains("sink refused"), "{err}");
     assert_eq!(server.count("data/m"), 3 + 2, "a third probe and one request");
 }

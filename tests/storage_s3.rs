@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use common::{pattern, Moto};
 use tensorizer_rs::error::ErrorKind;
-use tensorizer_rs::storage::{create_sink, open_source, read_all, write_all, Source, StorageOptions};
+use tensorizer_rs::storage::{create_sink, open_source, read_all, write_all, Source, Stop, StorageOptions};
 
 const MIB: usize = 1 << 20;
 
@@ -101,10 +101,15 @@ fn multipart_write_then_parallel_ranged_reads() {
     // A streamed range (what the GPU readers use) is one GET, whatever its length.
     let mut got = Vec::with_capacity(20 * MIB);
     source
-        .read_stream(3 * MIB as u64 + 5, 20 * MIB, &mut |b: &[u8]| {
-            got.extend_from_slice(b);
-            Ok(())
-        })
+        .read_stream(
+            3 * MIB as u64 + 5,
+            20 * MIB,
+            &mut |b: &[u8]| {
+                got.extend_from_slice(b);
+                Ok(())
+            },
+            Stop::never(),
+        )
         .unwrap();
     assert!(got[..] == data[3 * MIB + 5..23 * MIB + 5], "streamed range differs");
     let gets = || moto.log().lines().filter(|l| l.contains("GET /models/llm/model.tensors")).count();

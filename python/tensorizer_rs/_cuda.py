@@ -8,10 +8,17 @@ model is ever made in host memory.
 
 ``dtype=`` casts happen on the GPU after the copy, a group of tensors at a time, so the extra GPU
 memory they need is bounded by ``CAST_GROUP_BYTES`` (or the largest tensor).
+
+The interface with ``TensorDeserializer`` is explicit: it hands a :class:`Request` (the file,
+its index, where and how to load) to :func:`load` or :func:`load_into_module`, and gets a
+:class:`Loaded` back, which it files into its own cache. :func:`fits_in_place` is the one rule
+for which existing tensors are filled in place (the vLLM loader asks it too, through
+``TensorDeserializer.fills_in_place``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -21,8 +28,11 @@ from . import _dtypes, _gc, _native
 from .exceptions import TensorizerUnsupportedError, TensorizerValueError
 
 __all__ = [
+    "Loaded",
+    "Request",
     "available",
     "counters",
+    "fits_in_place",
     "release_staging",
     "reset_counters",
     "staging",
@@ -41,10 +51,42 @@ SHARE_MAX_BYTES = 64 << 10
 RESERVE_MIN_BYTES = 64 << 20
 #: Bytes of one shared allocation.
 SHARE_GROUP_BYTES = 4 << 20
-#: A/B switch for benchmarks: all new tensors of one native load as views of one allocation.
-ALLOC_ONE_BLOCK = False
-#: Options passed to every native load (benchmarks and tests set ``io`` and ``register_readers``).
-load_options: dict = {}
+#: How local files reach the staging buffers in this process's loads: ``"auto"`` (through the
+#: page cache where cached, ``O_DIRECT`` where not), ``"buffered"`` or ``"direct"``; ``None``:
+#: ``TENSORIZER_RS_IO``, else ``"auto"``. Tests set it.
+IO_MODE: str | None = None
+
+
+@dataclasses.dataclass
+class Request:
+    """What a CUDA load needs from the deserializer that asks for it."""
+
+    file: Any  #: the ``_native.TensorFile``
+    name: str  #: for messages
+    entries: list  #: the file's index entries (``TensorFile.entries()``)
+    device: Any  #: a ``torch.device``
+    dtype: Any = None  #: ``dtype=`` of the deserializer
+    num_readers: int | None = None
+    crypt: dict = dataclasses.field(default_factory=dict)  #: ``key=`` / ``passphrase=``
+    progress: Callable[[int, float], None] | None = None  #: called with (bytes done, GB/s)
+
+
+@dataclasses.dataclass
+class Loaded:
+    """What a CUDA load gives back."""
+
+    #: New tensors, as Parameters (``requires_grad`` from the stored dtype), by index.
+    tensors: dict = dataclasses.field(default_factory=dict)
+    #: The module index of every tensor loaded (new or in place), by index.
+    module_idx: dict = dataclasses.field(default_factory=dict)
+    #: Indices whose existing tensors now hold the file's data.
+    in_place: set = dataclasses.field(default_factory=set)
+    bytes: int = 0
+    seconds: float = 0.0
+    #: The native loads' statistics, in order.
+    stats: list = dataclasses.field(default_factory=list)
+    #: The time each allocation of new tensors took (benchmarks).
+    alloc_seconds: list = dataclasses.field(default_factory=list)
 
 
 def available() -> tuple:
@@ -71,25 +113,18 @@ def staging(
     total_bytes: int | None = None, chunk_bytes: int | None = None, pinned: str | None = None
 ) -> tuple:
     """Read or set the pinned staging pool: ``(total_bytes, chunk_bytes, streams, pinned)``.
-    Defaults: 256 MiB in 8 MiB buffers, 4 copy streams (env ``TENSORIZER_RS_STAGING_BYTES`` /
-    ``_CHUNK`` / ``_STREAMS``);
-    ``pinned`` is ``"driver"`` (cuMemHostAlloc) or ``"thp"`` (huge pages, registered; env
-    ``TENSORIZER_RS_PINNED``). Buffers are whole multiples of 2 MiB."""
+    Defaults: 256 MiB (``TENSORIZER_RS_STAGING_BYTES``) in 8 MiB buffers, 4 copy streams;
+    ``pinned`` is ``"thp"`` (huge pages, registered; the default) or ``"driver"``
+    (cuMemHostAlloc). Buffers are whole multiples of 2 MiB."""
     return _native.cuda_staging(total_bytes, chunk_bytes, None, pinned)
 
 
-def prewarm(device: Any, readers: int | None) -> None:
-    """Start making the staging buffers a load to ``device`` with ``readers`` readers will use
-    (two per reader for a local file), in the background, while the caller still parses the
-    index and allocates the destinations."""
-    _native.cuda_prewarm(_ordinal(device), readers)
-
-
 def prewarm_for(device: Any, uri: str | None, num_readers: int | None) -> None:
-    """`prewarm` for a load of `uri`: a remote load takes the whole pool, a local one the
-    buffers of `num_readers` readers (default: the native default)."""
-    remote = num_readers is None and uri is not None and "://" in uri
-    prewarm(device, 1 << 16 if remote else num_readers)
+    """Start making, in the background, the staging buffers a load of ``uri`` to ``device``
+    with ``num_readers`` readers will use (the core decides how many: the whole pool for a
+    remote source with its default readers, two per reader otherwise), while the caller still
+    parses the index, allocates the destinations or builds the model."""
+    _native.cuda_prewarm(_ordinal(device), num_readers, uri)
 
 
 def release_staging(device: int = 0) -> None:
@@ -117,6 +152,18 @@ def _dtypes_of(entry: dict, target: Any):
     return got
 
 
+def fits_in_place(entry: dict, tensor: Any, device: Any, dtype: Any) -> bool:
+    """Whether a load to ``device`` with ``dtype=`` writes index entry ``entry``'s data into
+    ``tensor`` itself: same device, shape and (cast) dtype, and contiguous. The one rule, for
+    ``load_into_module`` and for callers that free what will not be filled first."""
+    return (
+        tensor.device == device
+        and tuple(tensor.shape) == tuple(entry["shape"])
+        and tensor.dtype == _dtypes_of(entry, dtype)[1]
+        and tensor.is_contiguous()
+    )
+
+
 def _stream_of(device) -> int:
     import torch
 
@@ -130,28 +177,25 @@ def _ordinal(device) -> int:
 
 
 class _Run:
-    """One deserializer call: several native loads (casts go in groups) under one progress
-    report and one log line."""
+    """One call: several native loads (casts go in groups) under one progress report and one
+    log line, gathered into a :class:`Loaded`."""
 
-    def __init__(self, deser, verify: bool) -> None:
-        self.deser = deser
+    def __init__(self, req: Request, verify: bool) -> None:
+        self.req = req
         self.verify = verify
-        self.bytes = 0
-        self.tensors = 0
+        self.out = Loaded()
         self.started = time.perf_counter()
-        self.stats: list = []
-        self.alloc_seconds: list = []  # each allocation of new tensors in the run, for benchmarks
-        self.user = getattr(deser, "_progress", None)
 
     def _progress(self):
         """The native callback for a native load: reports bytes of the whole run."""
-        if self.user is None:
+        user = self.req.progress
+        if user is None:
             return None
 
         def report(done: int, total: int) -> None:
-            run_done = self.bytes + done
+            run_done = self.out.bytes + done
             elapsed = max(time.perf_counter() - self.started, 1e-9)
-            self.user(run_done, run_done / elapsed / 1e9)
+            user(run_done, run_done / elapsed / 1e9)
 
         return report
 
@@ -160,57 +204,53 @@ class _Run:
         module indices."""
         if not jobs:
             return []
-        d = self.deser
+        req = self.req
         _native.trace_mark("native_call", len(jobs))
         module_idx, stats = _native.cuda_load(
-            d._file,
+            req.file,
             [(i, p, n) for i, _, p, n in jobs],
-            _ordinal(d._device),
-            _stream_of(d._device),
-            num_readers=d._num_readers,
+            _ordinal(req.device),
+            _stream_of(req.device),
+            num_readers=req.num_readers,
             verify_hash=self.verify,
+            io=IO_MODE,
             progress=self._progress(),
-            **d._crypt,
-            **load_options,
+            **req.crypt,
         )
-        self.bytes += stats["bytes"]
-        self.tensors += len(jobs)
-        self.stats.append(stats)
+        self.out.bytes += stats["bytes"]
+        self.out.stats.append(stats)
+        for (i, _, _, _), idx in zip(jobs, module_idx):
+            self.out.module_idx[i] = idx
         return module_idx
 
-    def done(self) -> None:
-        d = self.deser
-        seconds = time.perf_counter() - self.started
-        d.total_tensor_bytes += self.bytes
-        d.total_bytes_read += self.bytes
-        d._seconds += seconds
-        d._cuda_stats = self.stats
-        d._cuda_alloc_seconds = self.alloc_seconds
+    def done(self) -> Loaded:
+        out = self.out
+        out.seconds = time.perf_counter() - self.started
         logger.info(
             "tensorizer_rs: loaded %d tensors (%d bytes) to %s in %.3f s, %.2f GB/s",
-            self.tensors,
-            self.bytes,
-            d._device,
-            seconds,
-            self.bytes / max(seconds, 1e-9) / 1e9,
+            len(out.module_idx),
+            out.bytes,
+            self.req.device,
+            out.seconds,
+            out.bytes / max(out.seconds, 1e-9) / 1e9,
         )
+        return out
 
 
-def _load(run: _Run, indices: list, into: dict) -> tuple[dict, dict]:
+def _load(run: _Run, indices: list, into: dict) -> None:
     """Load ``indices``; ``into`` maps some of them to existing tensors (final dtype and shape,
-    contiguous, on the device) to fill in place. Returns ``{index: (module_idx, tensor)}``, with
-    new tensors (cast to the deserializer's dtype) for the rest, and ``{index: requires_grad}``
-    (from the stored dtype)."""
+    contiguous, on the device) to fill in place. The others get new tensors (cast to the
+    request's dtype), kept as Parameters in ``run.out.tensors`` (``requires_grad`` from the
+    stored dtype)."""
     import torch
 
-    d = run.deser
-    entries = d._entries
-    device = d._device
+    req = run.req
+    entries = req.entries
     direct, casts, fresh = [], [], []
     grads = {}
     for i in indices:
         e = entries[i]
-        final, target, grads[i] = _dtypes_of(e, d._dtype)
+        final, target, grads[i] = _dtypes_of(e, req.dtype)
         dest = into.get(i)
         if dest is not None and dest.dtype == final:
             direct.append((i, dest, dest.data_ptr(), e["nbytes"]))
@@ -218,9 +258,10 @@ def _load(run: _Run, indices: list, into: dict) -> tuple[dict, dict]:
             fresh.append((i, final))
         else:
             casts.append((i, e, final, target, dest))
-    out = {}
-    for (i, t, _, _), idx in _load_fresh(run, direct, fresh):
-        out[i] = (idx, t)
+    new = {}
+    for i, t, _, _ in _load_fresh(run, direct, fresh):
+        if i not in into:
+            new[i] = t
     # Casts: load a group at its stored dtype into temporaries, then cast on the GPU.
     group, size = [], 0
     limit = max([CAST_GROUP_BYTES] + [c[1]["nbytes"] for c in casts])
@@ -228,41 +269,44 @@ def _load(run: _Run, indices: list, into: dict) -> tuple[dict, dict]:
         group.append(c)
         size += c[1]["nbytes"]
         if n + 1 == len(casts) or size + casts[n + 1][1]["nbytes"] > limit:
-            tmp = _allocate(entries, [(i, final) for i, _, final, _, _ in group], device)
-            idxs = run.native(tmp)
+            tmp = _allocate(entries, [(i, final) for i, _, final, _, _ in group], req.device)
+            run.native(tmp)
             with torch.no_grad():
-                for (i, _e, _f, target, dest), (_, t, _, _), idx in zip(group, tmp, idxs):
+                for (i, _e, _f, target, dest), (_, t, _, _) in zip(group, tmp):
                     if dest is not None:
                         dest.copy_(t)
-                        out[i] = (idx, dest)
                     else:
-                        out[i] = (idx, t.to(target))
+                        new[i] = t.to(target)
             del tmp
             group, size = [], 0
-    return out, grads
+    # What torch.nn.Parameter(t, requires_grad) does, without its Python-level __new__.
+    make, param = torch.Tensor._make_subclass, torch.nn.Parameter
+    for i, t in new.items():
+        run.out.tensors[i] = make(param, t, grads[i])
+    run.out.in_place.update(into)
 
 
 def _load_fresh(run: _Run, direct: list, fresh: list) -> list:
-    """Load ``direct`` jobs plus new tensors for ``fresh`` = ``[(index, dtype)]``; returns
-    ``[(job, module_idx)]``."""
+    """Load ``direct`` jobs plus new tensors for ``fresh`` = ``[(index, dtype)]``; returns the
+    jobs ``[(index, tensor, data_ptr, nbytes)]``."""
     import torch
 
-    d = run.deser
-    entries = d._entries
+    req = run.req
     t0 = time.perf_counter()
     _native.trace_mark("alloc_start", len(fresh))
-    total = sum(entries[i]["nbytes"] for i, _ in fresh)
-    reserve = total >= RESERVE_MIN_BYTES and _can_reserve(d._device)
+    total = sum(req.entries[i]["nbytes"] for i, _ in fresh)
+    reserve = total >= RESERVE_MIN_BYTES and _can_reserve(req.device)
     if reserve:
-        before = torch.cuda.memory_reserved(d._device)
-        _reserve(total + 512 * len(fresh), d._device)  # torch rounds each allocation to 512
-    jobs = direct + _allocate(entries, fresh, d._device)
-    if reserve and torch.cuda.memory_reserved(d._device) - before > 1.5 * total:
+        before = torch.cuda.memory_reserved(req.device)
+        _reserve(total + 512 * len(fresh), req.device)  # torch rounds each allocation to 512
+    jobs = direct + _allocate(req.entries, fresh, req.device)
+    if reserve and torch.cuda.memory_reserved(req.device) - before > 1.5 * total:
         # The block went unsplit (allocator settings changed at run time): give it back.
         torch.cuda.empty_cache()
     _native.trace_mark("alloc_end", len(fresh))
-    run.alloc_seconds.append(time.perf_counter() - t0)
-    return list(zip(jobs, run.native(jobs)))
+    run.out.alloc_seconds.append(time.perf_counter() - t0)
+    run.native(jobs)
+    return jobs
 
 
 def _can_reserve(device) -> bool:
@@ -272,7 +316,7 @@ def _can_reserve(device) -> bool:
     reserved block would sit unused beside the tensors)."""
     import torch
 
-    if device.type != "cuda" or os.environ.get("TENSORIZER_RS_RESERVE") == "0":
+    if device.type != "cuda":
         return False
     conf = (
         ",".join(os.environ.get(k, "") for k in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"))
@@ -304,8 +348,6 @@ def _allocate(entries: list, wanted: list, device) -> list:
     ``[(index, tensor, data_ptr, nbytes)]``."""
     import torch
 
-    if ALLOC_ONE_BLOCK:
-        return _allocate_one_block(entries, wanted, device)
     out, groups = {}, {}
     for i, final in wanted:
         e = entries[i]
@@ -330,38 +372,25 @@ def _allocate(entries: list, wanted: list, device) -> list:
     return [out[i] for i, _ in wanted]
 
 
-def _parameters(deser, loaded: tuple[dict, dict], skip=()) -> None:
-    """Cache ``_load``'s tensors as Parameters, as CoreWeave returns them (``requires_grad``
-    from the stored dtype)."""
-    import torch
-
-    # What torch.nn.Parameter(t, requires_grad) does, without its Python-level __new__.
-    make, param = torch.Tensor._make_subclass, torch.nn.Parameter
-    cache, module_idx = deser._cache, deser._module_idx
-    out, grads = loaded
-    for i, (idx, t) in out.items():
-        module_idx[i] = idx
-        if i not in skip:
-            cache[i] = make(param, t, grads[i])
-
-
-def load(deser, indices: list, verify: bool) -> None:
-    """The deserializer's ``_load`` for CUDA devices: new tensors for ``indices``."""
-    run = _Run(deser, verify)
+def load(req: Request, indices: list, verify: bool) -> Loaded:
+    """New tensors for ``indices``."""
+    run = _Run(req, verify)
     with _gc.paused():
-        _parameters(deser, _load(run, indices, {}))
-    run.done()
+        _load(run, indices, {})
+    return run.done()
 
 
-def load_into_module(deser, targets: list, rest: list, verify: bool) -> set:
+def load_into_module(
+    req: Request, targets: list, rest: list, verify: bool, cached=frozenset()
+) -> Loaded:
     """Fill ``targets`` = ``[(index, module, attr)]`` in place where the module already holds a
-    tensor of the right shape, dtype and device; load the others (and ``rest``, tensors that an
-    eager deserializer still owes its cache) into new tensors. Returns the indices filled in
-    place; the caller registers the others. Raises on a shape mismatch before reading anything."""
+    tensor that :func:`fits_in_place`; load the others (and ``rest``, tensors the caller still
+    owes its cache) into new tensors. Indices in ``cached`` are skipped (already loaded).
+    ``Loaded.in_place`` says which targets were filled; the caller registers the others. Raises
+    on a shape mismatch before reading anything."""
     import torch
 
-    entries = deser._entries
-    device = deser._device
+    entries = req.entries
     into = {}
     for i, mod, attr in targets:
         e = entries[i]
@@ -371,61 +400,15 @@ def load_into_module(deser, targets: list, rest: list, verify: bool) -> set:
             continue
         if tuple(old.shape) != tuple(e["shape"]):
             raise TensorizerValueError(
-                f"{deser._name}: tensor {e['name']!r}: shape {tuple(e['shape'])} in the file does "
+                f"{req.name}: tensor {e['name']!r}: shape {tuple(e['shape'])} in the file does "
                 f"not match {tuple(old.shape)} in the module"
             )
-        _, target, _ = _dtypes_of(e, deser._dtype)
-        if (
-            old.device == device
-            and old.dtype == target
-            and old.is_contiguous()
-            and i not in deser._cache
-        ):
+        if i not in cached and fits_in_place(e, old, req.device, req.dtype):
             into[i] = old.data if isinstance(old, torch.nn.Parameter) else old
-    todo = [i for i, _, _ in targets if i not in deser._cache]
+    todo = [i for i, _, _ in targets if i not in cached]
     seen = set(todo)
-    todo += [i for i in rest if i not in deser._cache and i not in seen]
-    if todo:
-        deser._check_open()
-    run = _Run(deser, verify)
+    todo += [i for i in rest if i not in cached and i not in seen]
+    run = _Run(req, verify)
     with _gc.paused():
-        loaded = _load(run, todo, into)
-        _parameters(deser, loaded, skip=into)
-    for i, mod, attr in targets:
-        if i in into:
-            table = mod._parameters if entries[i]["tensor_type"] == PARAM else mod._buffers
-            deser._cache[i] = table[attr]
-    run.done()
-    return set(into)
-
-
-def progress_printer(prefix: str = "tensorizer_rs") -> Callable[[int, float], None]:
-    """A ready-made ``progress`` callback that logs bytes done and the rate."""
-
-    def report(done: int, gbps: float) -> None:
-        logger.info("%s: %.2f GB loaded, %.2f GB/s", prefix, done / 1e9, gbps)
-
-    return report
-
-
-def _allocate_one_block(entries: list, wanted: list, device) -> list:
-    """`_allocate` with one allocation for all: each tensor a view at a 512-byte aligned
-    offset (benchmark A/B, ``ALLOC_ONE_BLOCK``)."""
-    import torch
-
-    offsets, end = [], 0
-    for i, _ in wanted:
-        offsets.append(end)
-        end += -(-entries[i]["nbytes"] // 512) * 512
-    block = torch.empty(end, dtype=torch.uint8, device=device)
-    base = block.data_ptr()
-    out = []
-    for (i, final), off in zip(wanted, offsets):
-        e = entries[i]
-        n = e["nbytes"]
-        if n == 0:
-            t = torch.empty(e["shape"], dtype=final, device=device)
-        else:
-            t = block[off : off + n].view(final).view(e["shape"])
-        out.append((i, t, base + off, n))
-    return out
+        _load(run, todo, into)
+    return run.done()

@@ -372,7 +372,7 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         if self._device.type == "cuda":
             from . import _cuda
 
-            _cuda.load(self, todo, verify)
+            self._take(_cuda.load(self._cuda_request(), todo, verify))
             if deferred:
                 self.close()
             return
@@ -386,6 +386,46 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
                 self.total_tensor_bytes += self._entries[i]["data_length"]
                 self.total_bytes_read += self._entries[i]["data_length"]
         self._seconds += time.perf_counter() - start
+
+    def _cuda_request(self):
+        """What the CUDA path (``_cuda``) needs from this deserializer."""
+        from . import _cuda
+
+        return _cuda.Request(
+            file=self._file,
+            name=self._name,
+            entries=self._entries,
+            device=self._device,
+            dtype=self._dtype,
+            num_readers=self._num_readers,
+            crypt=self._crypt,
+            progress=self._progress,
+        )
+
+    def _take(self, loaded) -> None:
+        """File a CUDA load's result (``_cuda.Loaded``): its new tensors into the cache, its
+        module indices and byte counts."""
+        self._cache.update(loaded.tensors)
+        self._module_idx.update(loaded.module_idx)
+        self.total_tensor_bytes += loaded.bytes
+        self.total_bytes_read += loaded.bytes
+        self._seconds += loaded.seconds
+        self._cuda_stats = loaded.stats  # what the native loads did (benchmarks read it)
+        self._cuda_alloc_seconds = loaded.alloc_seconds
+
+    def fills_in_place(self, name: str, tensor: Any) -> bool:
+        """Whether :meth:`load_into_module` would write the file's tensor ``name`` into
+        ``tensor`` itself rather than replace it (a tensorizer-rs extension: only loads to a
+        CUDA device fill in place, where device, shape, dtype after ``dtype=`` and contiguity
+        match). The vLLM loader frees the tensors that will be replaced before it loads."""
+        if self._device.type != "cuda":
+            return False
+        from . import _cuda
+
+        i = self._by_path.get((name,))
+        return i is not None and _cuda.fits_in_place(
+            self._entries[i], tensor, self._device, self._dtype
+        )
 
     def _to_tensor(self, i: int, host: Any):
         import torch
@@ -591,10 +631,19 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
 
             rest, self._deferred = (self._selected if self._deferred else []), False
             verify = self._verify_hash if verify_hash is None else bool(verify_hash)
-            in_place = _cuda.load_into_module(self, targets, rest, verify)
+            if any(i not in self._cache for i in chosen + rest):
+                self._check_open()
+            loaded = _cuda.load_into_module(
+                self._cuda_request(), targets, rest, verify, cached=self._cache
+            )
+            self._take(loaded)
             with torch.no_grad():
                 for i, mod, attr in targets:
-                    if i not in in_place:
+                    if i in loaded.in_place:
+                        # The module's own tensor holds the data: it is the cached one.
+                        param = self._entries[i]["tensor_type"] == TensorType.PARAM
+                        self._cache[i] = (mod._parameters if param else mod._buffers)[attr]
+                    else:
                         self._place(mod, attr, i)
             self.close()
             return len(targets)

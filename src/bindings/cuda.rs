@@ -5,9 +5,9 @@ use pyo3::types::PyDict;
 
 use super::errors::to_pyerr;
 use super::reader::PyTensorFile;
-use crate::cuda::{self, counters, PinnedMode, StagingConfig};
+use crate::cuda::{self, counters, DeviceSpan, PinnedMode, StagingConfig, StreamHandle};
 use crate::error::{Error, Result};
-use crate::load::device::{self, DeviceOptions, DeviceTarget, IoMode};
+use crate::load::device::{self, DeviceOptions, DeviceTarget};
 use crate::load::LoadOptions;
 
 /// `(True, None)` when the CUDA driver loads and initialises, else `(False, reason)`.
@@ -25,7 +25,7 @@ fn cuda_available() -> (bool, Option<String>) {
 /// `(module_indices, stats)`. `progress(bytes_done, bytes_total)` is called about every 100 ms.
 #[pyfunction]
 #[pyo3(signature = (file, targets, device, stream, *, num_readers=None, verify_hash=false, key=None,
-                    passphrase=None, io=None, register_readers=None, progress=None))]
+                    passphrase=None, io=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_load<'py>(
     py: Python<'py>,
@@ -38,21 +38,29 @@ fn cuda_load<'py>(
     key: Option<Vec<u8>>,
     passphrase: Option<Vec<u8>>,
     io: Option<String>,
-    register_readers: Option<usize>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<(Vec<u16>, Bound<'py, PyDict>)> {
     let f = file.file()?.clone();
     drop(file);
     let opts = DeviceOptions {
-        base: LoadOptions { num_readers, verify_hash, keys: super::crypto::keys_from(key, passphrase)? },
+        base: LoadOptions {
+            num_readers,
+            verify_hash,
+            keys: super::crypto::keys_from(key, passphrase)?,
+            io: io.as_deref().map(str::parse).transpose().map_err(to_pyerr)?,
+        },
         device,
-        stream,
-        io: IoMode::parse(&io.or_else(|| std::env::var("TENSORIZER_RS_IO").ok()).unwrap_or_else(|| DEFAULT_IO.into()))
-            .map_err(to_pyerr)?,
-        register_readers: register_readers.unwrap_or_else(default_register_readers),
+        // SAFETY: `tensorizer_rs._cuda` passes PyTorch's current stream of this device (or 0),
+        // alive for the length of this call.
+        stream: unsafe { StreamHandle::foreign(stream) },
     };
-    let targets: Vec<DeviceTarget> =
-        targets.into_iter().map(|(entry, dest, nbytes)| DeviceTarget { entry, dest, nbytes }).collect();
+    // SAFETY: `tensorizer_rs._cuda` passes the `data_ptr()` and size of tensors it keeps alive
+    // for the length of this call (or pointers into the same memory); the load synchronises
+    // its streams before it returns.
+    let targets: Vec<DeviceTarget> = targets
+        .into_iter()
+        .map(|(entry, ptr, nbytes)| DeviceTarget { entry, dest: unsafe { DeviceSpan::new(ptr, nbytes) } })
+        .collect();
     let progress = progress.map(|p| p.unbind());
     let raised = super::Raised::default();
     let result = py.detach(|| {
@@ -80,7 +88,6 @@ fn cuda_load<'py>(
     d.set_item("seconds", stats.seconds)?;
     d.set_item("readers", stats.readers)?;
     d.set_item("staged_bytes", stats.staged_bytes)?;
-    d.set_item("registered_bytes", stats.registered_bytes)?;
     d.set_item("pageable_bytes", stats.pageable_bytes)?;
     d.set_item("h2d_copies", stats.h2d_copies)?;
     d.set_item("batched_copy_calls", stats.batched_copy_calls)?;
@@ -91,19 +98,6 @@ fn cuda_load<'py>(
     d.set_item("staging_buffers", stats.staging_buffers)?;
     Ok((module_idx, d))
 }
-
-/// Readers that copy cached data from registered page-cache pages by default
-/// (`TENSORIZER_RS_REGISTER_READERS`; 0 turns the registered path off).
-fn default_register_readers() -> usize {
-    std::env::var("TENSORIZER_RS_REGISTER_READERS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(DEFAULT_REGISTER_READERS)
-}
-
-const DEFAULT_REGISTER_READERS: usize = 0;
-/// How file bytes reach staging unless `io=` or `TENSORIZER_RS_IO` says otherwise.
-const DEFAULT_IO: &str = "auto";
 
 /// The process-wide counters of the GPU path.
 #[pyfunction]
@@ -161,23 +155,13 @@ fn cuda_release_staging(device: i32) -> PyResult<()> {
     Ok(())
 }
 
-/// Start making the staging buffers of device `device` that a local load with `readers`
-/// readers takes (a remote load passes more readers than the pool has buffers), in the
-/// background (a load that starts meanwhile uses them as they come); returns at once. Failures
-/// are left to the load.
+/// Start making, in the background, the staging buffers of device `device` that a load of
+/// `uri` with `readers` readers takes (a load that starts meanwhile uses them as they come);
+/// returns at once. Failures are left to the load.
 #[pyfunction]
-#[pyo3(signature = (device, readers=None))]
-fn cuda_prewarm(device: i32, readers: Option<usize>) {
-    use crate::load::device::{buffers_per_reader, default_readers};
-    let buffers = readers.unwrap_or_else(default_readers).saturating_mul(buffers_per_reader());
-    if !matches!(cuda::device_count(), Ok(n) if n > 0) {
-        return;
-    }
-    std::thread::spawn(move || {
-        if let Ok(engine) = cuda::Engine::get(device) {
-            engine.pool().prewarm(buffers);
-        }
-    });
+#[pyo3(signature = (device, readers=None, uri=None))]
+fn cuda_prewarm(device: i32, readers: Option<usize>, uri: Option<&str>) {
+    device::prewarm(device, uri, readers);
 }
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

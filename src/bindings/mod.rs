@@ -38,6 +38,8 @@ impl Raised {
 
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // The process's settings are read once, now, before anything they govern is made.
+    crate::load::options::env();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<reader::PyTensorFile>()?;
     m.add_class::<writer::PyTensorWriter>()?;

@@ -186,7 +186,7 @@ impl PyTensorFile {
             return Err(pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {bad}")));
         }
         let keys = super::crypto::keys_from(key, passphrase)?;
-        let opts = LoadOptions { num_readers, verify_hash, keys };
+        let opts = LoadOptions { num_readers, verify_hash, keys, io: None };
         let raised = super::Raised::default();
         let loaded = py
             .detach(|| {
@@ -198,7 +198,7 @@ impl PyTensorFile {
             .into_iter()
             .map(|t| {
                 let e = &f.entries[t.entry];
-                let (code, bits) = e.dtype.dlpack_code();
+                let (code, bits) = crate::dlpack::dtype_code(&e.dtype);
                 (t.module_idx, HostTensor::new(t.data, e.shape.clone(), code, bits))
             })
             .collect())

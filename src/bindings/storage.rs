@@ -7,10 +7,11 @@ use super::errors::to_pyerr;
 use crate::error::Error;
 use crate::storage::{self, Source, StorageOptions};
 
-/// Build options from a dict such as `{"s3_access_key_id": ..., "s3_endpoint": ...}`.
-/// Unknown keys are an error so a typo is not silently ignored.
+/// Build options from a dict such as `{"s3_access_key_id": ..., "s3_endpoint": ...}`, over
+/// the environment's (`load::options::storage_options`). Unknown keys are an error so a typo
+/// is not silently ignored.
 pub fn options_from(d: Option<&Bound<'_, PyDict>>) -> PyResult<StorageOptions> {
-    let mut o = StorageOptions::default();
+    let mut o = crate::load::options::storage_options();
     let Some(d) = d else { return Ok(o) };
     for (k, v) in d.iter() {
         let key: String = k.extract()?;

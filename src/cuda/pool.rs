@@ -3,12 +3,13 @@
 //! the next user waits on the event before overwriting it. Buffers are allocated on demand up
 //! to the configured total and kept for later loads.
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::ops::Range;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 use super::counters::{self, Counter};
-use super::{synchronize, Context, Event, PinnedBuf, StagingConfig, StreamHandle};
-use crate::error::Result;
+use super::{result, Context, DeviceSpan, Event, PinnedBuf, StagingConfig, StreamHandle};
+use crate::error::{Error, Result};
 
 /// Room kept free in every buffer so an O_DIRECT read of a chunk can start and end on 4 KiB
 /// boundaries around it: a buffer of `chunk` bytes takes reads of `chunk - SLACK` bytes.
@@ -172,17 +173,13 @@ impl Pool {
     }
 }
 
-/// Threads that page-lock a prewarm's buffers (`TENSORIZER_RS_PREWARM_THREADS`). Faulting in
-/// fresh pages is most of the cost (256 MiB: ~50 ms of zeroing, page-locking it ~6 ms), and a
-/// thread per buffer (32) slowed everything else starting beside it, the file's opening and
-/// torch's allocations among them: on an H100 host 8 threads had all 32 buffers ready at
-/// 13–17 ms instead of 20–39, and the constructor took 5–9 ms instead of 13–25
-/// (docs/benchmarks.md). Half the cores, 2 to 8.
+/// Threads that page-lock a prewarm's buffers. Faulting in fresh pages is most of the cost
+/// (256 MiB: ~50 ms of zeroing, page-locking it ~6 ms), and a thread per buffer (32) slowed
+/// everything else starting beside it, the file's opening and torch's allocations among them:
+/// on an H100 host 8 threads had all 32 buffers ready at 13–17 ms instead of 20–39, and the
+/// constructor took 5–9 ms instead of 13–25 (docs/benchmarks.md). Half the cores, 2 to 8.
 fn prewarm_threads() -> usize {
-    std::env::var("TENSORIZER_RS_PREWARM_THREADS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| (crate::cores() / 2).clamp(2, 8))
+    (crate::cores() / 2).clamp(2, 8)
 }
 
 impl Drop for Pool {
@@ -218,18 +215,91 @@ impl Staged {
     pub fn capacity(&self) -> usize {
         self.buf().capacity()
     }
-    /// The buffer as a byte slice of `len` bytes. Only call while no queued copy reads it.
+    /// The buffer's first `len` bytes. Refused once a copy out of the buffer was queued: the
+    /// bytes are the copy's until it ran (the buffer is written again only after the pool's
+    /// next `acquire` waited for that).
     pub fn slice_mut(&mut self, len: usize) -> &mut [u8] {
         assert!(len <= self.capacity(), "staging read larger than its buffer");
-        // SAFETY: pinned memory of `capacity` bytes, exclusively ours while checked out.
+        assert!(self.used_on.is_none(), "staging buffer written after its copy was queued");
+        // SAFETY: pinned memory of `capacity` bytes, exclusively ours while checked out and
+        // before any copy out of it was queued.
         unsafe { std::slice::from_raw_parts_mut(self.ptr(), len) }
     }
-    /// Note that a copy out of this buffer was queued on `stream` (the last one wins: callers
-    /// queue all of a buffer's copies on one stream).
-    pub fn used_on(&mut self, stream: StreamHandle) {
-        self.used_on = Some(stream);
+    /// The buffer's first `len` bytes, read-only (what a copy will send).
+    pub fn slice(&self, len: usize) -> &[u8] {
+        assert!(len <= self.capacity(), "staging range larger than its buffer");
+        // SAFETY: pinned memory of `capacity` bytes, ours while checked out; only read here.
+        unsafe { std::slice::from_raw_parts(self.ptr(), len) }
+    }
+
+    /// Queue a copy of `self[range]` to `dst` on `stream`. The buffer returns to the pool when
+    /// dropped and is handed out again only after the copy ran. All of a buffer's copies go on
+    /// one stream.
+    pub fn copy_to(&mut self, range: Range<usize>, dst: DeviceSpan, stream: StreamHandle) -> Result<()> {
+        let dst = dst.sub(0, range.len() as u64)?;
+        self.used_on(stream)?;
+        let src = &self.slice(range.end)[range];
+        // SAFETY: `dst` is device memory of `src.len()` bytes (a checked sub-span); `src` is
+        // pinned memory that no one writes until the event recorded when this buffer goes back
+        // to the pool has passed, i.e. until the copy ran.
+        unsafe { result::copy_htod(dst.ptr, src, stream.0) }
+    }
+
+    /// Queue copies of `self[range]` to each destination: one `cuMemcpyBatchAsync` where the
+    /// driver has it (a copy launch costs microseconds, which adds up over thousands of small
+    /// tensors), else one call each. Returns whether it batched.
+    pub fn copy_many_to(
+        &mut self,
+        parts: &[(Range<usize>, DeviceSpan)],
+        device: i32,
+        stream: StreamHandle,
+    ) -> Result<bool> {
+        if parts.len() > 1 && batch_usable() {
+            let mut dsts = Vec::with_capacity(parts.len());
+            let mut srcs = Vec::with_capacity(parts.len());
+            let mut sizes = Vec::with_capacity(parts.len());
+            let end = parts.iter().map(|(r, _)| r.end).max().unwrap_or(0);
+            let base = self.slice(end).as_ptr() as u64;
+            for (range, dst) in parts {
+                dsts.push(dst.sub(0, range.len() as u64)?.ptr);
+                srcs.push(base + range.start as u64);
+                sizes.push(range.len());
+            }
+            self.used_on(stream)?;
+            // SAFETY: as for `copy_to`, for every element (ranges checked against the buffer,
+            // destinations against their spans).
+            match unsafe { result::copy_htod_batch(&mut dsts, &mut srcs, &mut sizes, device, stream.0) } {
+                Ok(()) => return Ok(true),
+                // Unsupported here: never try again; redo these one by one (copies are idempotent).
+                Err(_) => BATCH_FAILED.store(true, Ordering::Relaxed),
+            }
+        }
+        for (range, dst) in parts {
+            self.copy_to(range.clone(), *dst, stream)?;
+        }
+        Ok(false)
+    }
+
+    /// Note that copies out of this buffer go on `stream`.
+    fn used_on(&mut self, stream: StreamHandle) -> Result<()> {
+        match self.used_on {
+            Some(s) if s != stream => Err(Error::io("internal error: one staging buffer copied on two streams")),
+            _ => {
+                self.used_on = Some(stream);
+                Ok(())
+            }
+        }
     }
 }
+
+/// Whether `cuMemcpyBatchAsync` (drivers for CUDA 12.8+) may be used: present in the loaded
+/// driver and not failed before.
+fn batch_usable() -> bool {
+    static PRESENT: OnceLock<bool> = OnceLock::new();
+    *PRESENT.get_or_init(result::has_batch) && !BATCH_FAILED.load(Ordering::Relaxed)
+}
+
+static BATCH_FAILED: AtomicBool = AtomicBool::new(false);
 
 impl Drop for Staged {
     fn drop(&mut self) {
@@ -240,7 +310,7 @@ impl Drop for Staged {
                 slot.pending = true;
             } else {
                 // Cannot track the copy: wait for the whole stream instead.
-                let _ = synchronize(stream);
+                let _ = stream.synchronize();
             }
         }
         self.pool.give_back(slot);

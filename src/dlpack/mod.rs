@@ -7,6 +7,22 @@ use pyo3::ffi;
 use pyo3::prelude::*;
 
 use crate::buffer::HostBuffer;
+use crate::format::dtype::{DType, Kind};
+
+/// DLPack (type code, bits) of the container handed to Python: opaque types travel as signed
+/// ints of their width and are `.view()`ed to the torch dtype on the Python side.
+pub fn dtype_code(d: &DType) -> (u8, u8) {
+    use dlpack_rs::ffi::DLDataTypeCode as C;
+    let bits = (d.itemsize * 8) as u8;
+    let code = match d.kind {
+        Kind::Bool => C::kDLBool,
+        Kind::Int | Kind::Void => C::kDLInt,
+        Kind::UInt => C::kDLUInt,
+        Kind::Float => C::kDLFloat,
+        Kind::Complex => C::kDLComplex,
+    };
+    (code as u8, bits)
+}
 
 struct ManagerCtx {
     _buf: HostBuffer,

@@ -87,21 +87,6 @@ impl DType {
         let left = self.stored.split(|&b| b == 0).next().unwrap_or_default();
         String::from_utf8_lossy(left).replace('V', "i")
     }
-
-    /// DLPack (type code, bits) of the container handed to Python: opaque types travel as
-    /// signed ints of their width and are `.view()`ed to the torch dtype on the Python side.
-    pub fn dlpack_code(&self) -> (u8, u8) {
-        use dlpack_rs::ffi::DLDataTypeCode as C;
-        let bits = (self.itemsize * 8) as u8;
-        let code = match self.kind {
-            Kind::Bool => C::kDLBool,
-            Kind::Int | Kind::Void => C::kDLInt,
-            Kind::UInt => C::kDLUInt,
-            Kind::Float => C::kDLFloat,
-            Kind::Complex => C::kDLComplex,
-        };
-        (code as u8, bits)
-    }
 }
 
 #[cfg(test)]

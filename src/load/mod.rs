@@ -1,10 +1,15 @@
 //! The load pipeline: open a file and parse its index (`file`), turn the wanted tensors into
-//! a list of byte ranges (`plan`), then read them in parallel, check, decrypt and place them
-//! (`exec`).
+//! a list of reads (`plan`), then read them in parallel into buffers, verify, decrypt and place
+//! them (`pipeline`), into host memory (`host`) or a GPU through pinned staging (`device`).
+//! What a load runs with is decided once, in `options`.
 pub mod device;
-pub mod exec;
 pub mod file;
+pub mod host;
+pub mod options;
+mod pipeline;
 pub mod plan;
 
-pub use exec::{load_to_host, LoadOptions, LoadedTensor};
 pub use file::TensorFile;
+pub use host::{load_to_host, LoadedTensor};
+pub use options::LoadOptions;
+pub use pipeline::TICK;

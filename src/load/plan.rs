@@ -1,16 +1,53 @@
 //! Turning the wanted index entries into reads. Small records are coalesced into one read
 //! (few requests for files with thousands of tiny tensors, which matters most on HTTP/S3);
-//! large tensors are split into pieces that several readers fetch straight into place.
+//! large tensors are split into pieces that several readers fetch straight into place, or go
+//! whole to one reader when their bytes must pass in order (a hash over a tensor bound for the
+//! GPU). A large tensor's header always travels in a segment.
 use std::ops::Range;
 
+use crate::crypto::CHUNK_SIZE;
 use crate::format::IndexEntry;
 
-/// Records up to this size are read together with their neighbours.
-pub const SMALL_RECORD: u64 = 1 << 20;
-/// Upper bound for one coalesced read.
-pub const SEGMENT_MAX: u64 = 16 << 20;
-/// Size of one direct piece of a large tensor; a multiple of the 2 MiB cipher chunk.
-pub const PIECE: u64 = 32 << 20;
+/// How a plan cuts a file into reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// Records up to this size are read together with their neighbours.
+    pub small: u64,
+    /// Upper bound for one coalesced read.
+    pub segment_max: u64,
+    /// Size of one piece of a large tensor.
+    pub piece: u64,
+}
+
+impl Sizes {
+    /// Loads into host memory: pieces land in the tensors' own buffers; 32 MiB is a multiple
+    /// of the 2 MiB cipher chunk.
+    pub const HOST: Sizes = Sizes { small: 1 << 20, segment_max: 16 << 20, piece: 32 << 20 };
+
+    /// Loads through staging buffers of `chunk` bytes. Segments of small records stay small
+    /// enough that files of many tiny tensors still spread over all readers (each record costs
+    /// a header check and a copy launch). A local reader splits a piece into buffer-sized
+    /// reads; a remote one fetches it with one request streamed through the buffers.
+    /// Encrypted pieces are whole numbers of the reads that fit a buffer ([`sealed_step`]).
+    pub fn device(chunk: u64, encrypted: bool) -> Sizes {
+        let piece = match (encrypted, sealed_step(chunk as usize) as u64) {
+            (true, step) if step > 0 => (DEVICE_PIECE / step).max(1) * step,
+            _ => DEVICE_PIECE.max(chunk),
+        };
+        Sizes { small: (chunk / 4).min(1 << 20), segment_max: chunk.min(2 << 20), piece }
+    }
+}
+
+/// Pieces of large tensors loaded through staging: one ranged request each over the network
+/// (one request per 8 MiB buffer cost each reader ~6 ms per request; 64 and 32 MiB pieces
+/// were even, docs/benchmarks.md).
+const DEVICE_PIECE: u64 = 64 << 20;
+
+/// Bytes of encrypted data one buffer of `chunk` bytes takes per read: whole 2 MiB cipher
+/// chunks (0: none fits).
+pub fn sealed_step(chunk: usize) -> usize {
+    chunk / CHUNK_SIZE * CHUNK_SIZE
+}
 
 /// A part of a coalesced segment: ranges are relative to the segment's start.
 #[derive(Debug, Clone)]
@@ -29,10 +66,16 @@ pub enum Item {
         parts: Vec<SegmentPart>,
     },
     /// Bytes `offset..offset + len` of a large tensor's data.
-    Direct {
+    Piece {
         slot: usize,
         file_offset: u64,
         offset: u64,
+        len: u64,
+    },
+    /// All of a large tensor's data, in order, by one reader.
+    Whole {
+        slot: usize,
+        file_offset: u64,
         len: u64,
     },
 }
@@ -49,15 +92,9 @@ impl Item {
     pub fn bytes(&self) -> u64 {
         match self {
             Item::Segment { len, .. } => *len as u64,
-            Item::Direct { len, .. } => *len,
+            Item::Piece { len, .. } | Item::Whole { len, .. } => *len,
         }
     }
-}
-
-/// Whether remote loads call [`Plan::taper`] (`TENSORIZER_RS_TAPER=0`: no, for A/B
-/// benchmarks).
-pub fn tapering() -> bool {
-    std::env::var("TENSORIZER_RS_TAPER").map_or(true, |v| v.trim() != "0")
 }
 
 impl Plan {
@@ -73,7 +110,7 @@ impl Plan {
         let mut out = Vec::with_capacity(self.items.len());
         for item in std::mem::take(&mut self.items) {
             after -= item.bytes();
-            let Item::Direct { slot, file_offset, offset, len } = item else {
+            let Item::Piece { slot, file_offset, offset, len } = item else {
                 out.push(item);
                 continue;
             };
@@ -85,7 +122,7 @@ impl Plan {
             let mut done = 0;
             while done < len {
                 let n = size.min(len - done);
-                out.push(Item::Direct { slot, file_offset: file_offset + done, offset: offset + done, len: n });
+                out.push(Item::Piece { slot, file_offset: file_offset + done, offset: offset + done, len: n });
                 done += n;
                 if done < len {
                     self.pieces[slot] += 1;
@@ -96,15 +133,12 @@ impl Plan {
     }
 }
 
-/// `slots[i]` is the index entry of slot `i`. Items come out in file order.
-pub fn build(entries: &[IndexEntry], slots: &[usize]) -> Plan {
-    build_sized(entries, slots, SMALL_RECORD, SEGMENT_MAX, PIECE)
-}
-
-/// [`build`] with explicit sizes: records up to `small` bytes are coalesced into segments of at
-/// most `segment_max` bytes; larger tensors are split into `piece`-byte direct reads. The GPU
-/// path sizes these to its staging buffers.
-pub fn build_sized(entries: &[IndexEntry], slots: &[usize], small: u64, segment_max: u64, piece: u64) -> Plan {
+/// `slots[i]` is the index entry of slot `i`. Records up to `sizes.small` bytes are coalesced
+/// into segments of at most `sizes.segment_max` bytes; larger tensors are split into
+/// `sizes.piece`-byte pieces, or read whole where `whole(slot)` says so. Items come out in file
+/// order.
+pub fn build(entries: &[IndexEntry], slots: &[usize], sizes: Sizes, whole: impl Fn(usize) -> bool) -> Plan {
+    let Sizes { small, segment_max, piece } = sizes;
     let mut order: Vec<usize> = (0..slots.len()).collect();
     order.sort_by_key(|&s| entries[slots[s]].header_offset);
     let mut plan = Plan { items: Vec::new(), pieces: vec![0; slots.len()] };
@@ -135,10 +169,15 @@ pub fn build_sized(entries: &[IndexEntry], slots: &[usize], small: u64, segment_
         plan.pieces[slot] += 1;
         if large {
             flush(&mut seg, &mut plan.items);
+            if whole(slot) {
+                plan.items.push(Item::Whole { slot, file_offset: e.data_offset, len: e.data_length });
+                plan.pieces[slot] += 1;
+                continue;
+            }
             let mut off = 0;
             while off < e.data_length {
                 let len = piece.min(e.data_length - off);
-                plan.items.push(Item::Direct { slot, file_offset: e.data_offset + off, offset: off, len });
+                plan.items.push(Item::Piece { slot, file_offset: e.data_offset + off, offset: off, len });
                 plan.pieces[slot] += 1;
                 off += len;
             }
@@ -159,7 +198,7 @@ mod tests {
         let mut off = 0;
         while off < total {
             let len = piece.min(total - off);
-            plan.items.push(Item::Direct { slot: 0, file_offset: 100 + off, offset: off, len });
+            plan.items.push(Item::Piece { slot: 0, file_offset: 100 + off, offset: off, len });
             plan.pieces[0] += 1;
             off += len;
         }
@@ -174,7 +213,7 @@ mod tests {
         // Contiguous, same bytes, each piece counted for the slot.
         let mut at = 0;
         for it in &plan.items {
-            let Item::Direct { file_offset, offset, len, .. } = *it else { panic!("a segment appeared") };
+            let Item::Piece { file_offset, offset, len, .. } = *it else { panic!("a segment appeared") };
             assert_eq!((offset, file_offset), (at, 100 + at));
             assert!(len <= 64 * MIB && len > 0);
             at += len;
@@ -199,6 +238,63 @@ mod tests {
         let sizes: Vec<u64> = odd.items.iter().map(Item::bytes).collect();
         assert_eq!(sizes.iter().sum::<u64>(), 24 * MIB + 65536);
         assert!(sizes.iter().all(|&n| n >= 6 * MIB), "{sizes:?}");
+    }
+
+    /// Records back to back from offset 64: a 100-byte header, then `len` bytes of data each.
+    fn entries(lens: &[u64]) -> Vec<IndexEntry> {
+        let mut at = 64;
+        lens.iter()
+            .map(|&len| {
+                let e = IndexEntry {
+                    name: b"t".to_vec(),
+                    tensor_type: 2,
+                    dtype: crate::format::dtype::DType::parse(b"|u1").unwrap(),
+                    shape: vec![len],
+                    header_offset: at,
+                    data_offset: at + 100,
+                    data_length: len,
+                    entry_version: 1,
+                };
+                at += 100 + len;
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn small_records_share_segments_and_large_ones_split_or_go_whole() {
+        let sizes = Sizes { small: 1000, segment_max: 4000, piece: 5000 };
+        let es = entries(&[10, 20, 12_000, 30, 8000]);
+        let plan = build(&es, &[0, 1, 2, 3, 4], sizes, |slot| slot == 4);
+        let kinds: Vec<String> = plan
+            .items
+            .iter()
+            .map(|it| match it {
+                Item::Segment { parts, .. } => format!("S{}", parts.len()),
+                Item::Piece { slot, len, .. } => format!("P{slot}:{len}"),
+                Item::Whole { slot, len, .. } => format!("W{slot}:{len}"),
+            })
+            .collect();
+        // Two small records and the large one's header; its data in pieces; then the next
+        // small record with the last tensor's header, whose data goes whole.
+        assert_eq!(kinds, ["S3", "P2:5000", "P2:5000", "P2:2000", "S2", "W4:8000"]);
+        assert_eq!(plan.pieces, vec![1, 1, 4, 1, 2]);
+        let Item::Segment { parts, .. } = &plan.items[0] else { unreachable!() };
+        assert!(parts[2].data.is_none() && parts[0].data.as_ref().unwrap().len() == 10);
+        // Slots may name entries in any order; items still come in file order.
+        let plan = build(&es, &[3, 0], sizes, |_| false);
+        let Item::Segment { parts, .. } = &plan.items[0] else { unreachable!() };
+        assert_eq!((plan.items.len(), parts[0].slot), (2, 1));
+    }
+
+    #[test]
+    fn device_pieces_hold_whole_cipher_reads() {
+        let chunk = (8 << 20) - 8192;
+        assert_eq!(sealed_step(chunk), 6 << 20);
+        assert_eq!(Sizes::device(chunk as u64, true).piece, 60 << 20);
+        assert_eq!(Sizes::device(chunk as u64, false), Sizes { small: 1 << 20, segment_max: 2 << 20, piece: 64 << 20 });
+        assert_eq!(sealed_step((2 << 20) - 8192), 0);
+        assert_eq!(Sizes::device((2 << 20) - 8192, true).piece, 64 << 20);
     }
 
     #[test]

@@ -54,9 +54,9 @@ pub struct StorageOptions {
     pub ca_bundle: Option<PathBuf>,
     /// Skip certificate verification for `https://` and S3 endpoints (curl's `--insecure`).
     pub allow_untrusted: bool,
-    /// Read plain `http://` bodies from the socket straight into the load's buffers where that
-    /// is safe (`storage::http_direct`; default on, also `TENSORIZER_RS_HTTP_DIRECT=0`);
-    /// `Some(false)` sends every request through reqwest.
+    /// Read `http(s)://` bodies from the socket straight into the load's buffers where that
+    /// is safe (`storage::http_direct`; default on); `Some(false)` sends every request through
+    /// reqwest (the load options set it from `TENSORIZER_RS_HTTP_DIRECT=0`).
     pub http_direct: Option<bool>,
 }
 

@@ -227,7 +227,7 @@ impl RangeFetch for HttpFetch {
     ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
             let mut out = out;
-            if let (Some(direct), Out::Dest(dest)) = (&self.direct, &mut out) {
+            if let (Some(direct), Out::Dest(dest, stop)) = (&self.direct, &mut out) {
                 // Streamed reads run on the caller's thread (see `read_stream_into`): the
                 // socket reads may block it.
                 let mut headers = self.headers.clone();
@@ -235,7 +235,9 @@ impl RangeFetch for HttpFetch {
                     headers.insert(name, value);
                 }
                 let check = |h: &HeaderMap| self.validator.check(h);
-                if let Outcome::Done = direct.fetch(offset, len, self.size, &headers, &check, &mut **dest, filled)? {
+                if let Outcome::Done =
+                    direct.fetch(offset, len, self.size, &headers, &check, &mut **dest, stop, filled)?
+                {
                     return Ok(());
                 }
             }

@@ -25,7 +25,7 @@ use reqwest::{StatusCode, Url};
 use super::http::status_failure;
 use super::ranged::{changed, ContentRange};
 use super::retry::Failure;
-use super::StreamDest;
+use super::{Stop, StreamDest};
 use crate::error::Error;
 
 /// Largest response head we accept.
@@ -132,9 +132,6 @@ impl Direct {
         if !url.username().is_empty() || url.password().is_some() {
             return None;
         }
-        if env("TENSORIZER_RS_HTTP_DIRECT").is_some_and(|v| v == "0") {
-            return None;
-        }
         let tls = match (scheme, tls) {
             ("http", _) => None,
             (_, Some(config)) => {
@@ -190,7 +187,7 @@ impl Direct {
 
     /// GET `offset..offset + len` of an object of `size` bytes, sending `headers`, into `dest`,
     /// counting bytes in `filled`; `check` vets the response's headers (validators). Blocks the
-    /// calling thread.
+    /// calling thread; gives up (a fatal failure) once `stop` is set.
     #[allow(clippy::too_many_arguments)]
     pub fn fetch(
         &self,
@@ -200,8 +197,10 @@ impl Direct {
         headers: &HeaderMap,
         check: &dyn Fn(&HeaderMap) -> Result<(), Failure>,
         dest: &mut dyn StreamDest,
+        stop: &Stop,
         filled: &mut usize,
     ) -> Result<Outcome, Failure> {
+        let stopped = || stop.is_stopped();
         let last = offset + len as u64 - 1;
         let mut req =
             format!("GET {} HTTP/1.1\r\nHost: {}\r\nRange: bytes={offset}-{last}\r\n", self.target, self.host)
@@ -223,18 +222,18 @@ impl Direct {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut head = Vec::with_capacity(16 << 10);
         let mut conn = match pooled {
-            Some(mut c) => match exchange(&mut c, &req, &mut head, &|| dest.stopped()) {
+            Some(mut c) => match exchange(&mut c, &req, &mut head, &stopped) {
                 Ok(()) => c,
-                Err(_) if head.is_empty() && !dest.stopped() => {
+                Err(_) if head.is_empty() && !stopped() => {
                     let mut c = self.connect()?;
-                    exchange(&mut c, &req, &mut head, &|| dest.stopped())?;
+                    exchange(&mut c, &req, &mut head, &stopped)?;
                     c
                 }
                 Err(f) => return Err(f),
             },
             None => {
                 let mut c = self.connect()?;
-                exchange(&mut c, &req, &mut head, &|| dest.stopped())?;
+                exchange(&mut c, &req, &mut head, &stopped)?;
                 c
             }
         };
@@ -248,7 +247,7 @@ impl Direct {
                     return Err(Failure::fatal(Error::io("HTTP response head too large")));
                 }
                 quickack(&conn);
-                read_more(&mut conn, &mut head, &|| dest.stopped())?;
+                read_more(&mut conn, &mut head, &stopped)?;
                 continue;
             };
             let code = StatusCode::from_u16(resp.code.unwrap_or(0)).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -292,6 +291,10 @@ impl Direct {
         *filled += got;
         let mut heard = Instant::now();
         while got < len {
+            // A trickling server never leaves the socket idle: look at the stop between reads.
+            if stopped() {
+                return Err(Failure::fatal(Stop::error()));
+            }
             if len - got <= QUICKACK_TAIL {
                 quickack(&conn);
             }
@@ -306,7 +309,7 @@ impl Direct {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if waited(&e) => {
-                    idle(&heard, &|| dest.stopped())?;
+                    idle(&heard, &stopped)?;
                     continue;
                 }
                 Err(e) => return Err(io_failure("reading the body", e)),
@@ -416,8 +419,6 @@ mod tests {
         assert!(Direct::new(&url("http://u:p@example.com/m"), &none, None).is_none());
         let proxy = |k: &str| (k == "HTTP_PROXY").then(|| "http://proxy:3128".to_string());
         assert!(Direct::new(&url("http://example.com/m"), &proxy, None).is_none());
-        let off = |k: &str| (k == "TENSORIZER_RS_HTTP_DIRECT").then(|| "0".to_string());
-        assert!(Direct::new(&url("http://example.com/m"), &off, None).is_none());
     }
 
     #[test]

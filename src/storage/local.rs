@@ -1,16 +1,75 @@
-//! Local files: positional reads (`pread`) from many threads; writes to a temporary file in the
-//! destination directory, renamed into place on success.
+//! Local files: positional reads (`pread`) from many threads, and for reads into page-aligned
+//! buffers, `O_DIRECT` for the pages that are not in the page cache; writes to a temporary
+//! file in the destination directory, renamed into place on success.
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::OnceLock;
 
-use super::{Sink, Source};
+use super::{Caps, Landed, Sink, Source, Stop};
 use crate::error::{Error, ErrorKind, Result};
+
+/// The page size `O_DIRECT` reads align to.
+pub const PAGE: usize = 4096;
+/// Reads smaller than this never bypass the page cache (not worth the alignment dance).
+const DIRECT_MIN: usize = 256 << 10;
+
+/// How [`Source::read_aligned`] may reach a local file's bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum ReadMode {
+    /// Through the page cache where the pages are cached, `O_DIRECT` where they are not: a cold
+    /// load reads at the disk's speed without filling the cache, a warm one copies from it.
+    #[default]
+    Auto,
+    /// Always through the page cache.
+    Buffered,
+    /// Always `O_DIRECT` (where the file system allows it).
+    Direct,
+}
+
+impl std::str::FromStr for ReadMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "auto" => Ok(ReadMode::Auto),
+            "buffered" => Ok(ReadMode::Buffered),
+            "direct" => Ok(ReadMode::Direct),
+            _ => Err(Error::value(format!("unknown io mode {s:?} (expected auto, buffered or direct)"))),
+        }
+    }
+}
 
 pub struct LocalFile {
     file: File,
     path: String,
     size: u64,
+    /// What aligned reads need, made on the first one (loads to the host never ask).
+    direct: OnceLock<Direct>,
+}
+
+/// An `O_DIRECT` descriptor of the same file, and a read-only mapping of it whose residency
+/// (`mincore`) says which pages the page cache holds. The mapping is never read through.
+struct Direct {
+    fd: Option<File>,
+    usable: AtomicBool,
+    map: Option<Mapping>,
+}
+
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+// SAFETY: the mapping is only passed to `mincore`, never dereferenced.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: mapped in `Direct::open` with this length.
+        unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
+    }
 }
 
 impl LocalFile {
@@ -20,7 +79,72 @@ impl LocalFile {
         if meta.is_dir() {
             return Err(Error::new(ErrorKind::Value, "is a directory, not a .tensors file").in_file(path));
         }
-        Ok(LocalFile { file, path: path.to_string(), size: meta.len() })
+        Ok(LocalFile { file, path: path.to_string(), size: meta.len(), direct: OnceLock::new() })
+    }
+
+    fn direct(&self) -> &Direct {
+        self.direct.get_or_init(|| Direct::open(&self.file, &self.path, self.size))
+    }
+
+    /// Whole pages around `offset..offset + len`, read past the page cache into `buf`; the
+    /// bytes start at the returned offset.
+    fn read_direct(&self, fd: &File, offset: u64, len: usize, buf: &mut [u8]) -> Result<usize> {
+        let start = offset & !(PAGE as u64 - 1);
+        let need = (offset + len as u64 - start) as usize;
+        let total = need.next_multiple_of(PAGE);
+        let mut got = 0usize;
+        while got < need {
+            match fd.read_at(&mut buf[got..total], start + got as u64) {
+                Ok(0) => return Err(Error::format("file is truncated").in_file(&self.path)),
+                Ok(n) => got += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::EOPNOTSUPP)) => {
+                    return Err(Error::new(ErrorKind::Unsupported, "O_DIRECT not usable here"))
+                }
+                Err(e) => return Err(Error::from(e).in_file(&self.path)),
+            }
+        }
+        Ok((offset - start) as usize)
+    }
+}
+
+impl Direct {
+    fn open(file: &File, path: &str, size: u64) -> Self {
+        let mut d = Direct { fd: None, usable: AtomicBool::new(false), map: None };
+        if size == 0 {
+            return d;
+        }
+        // The same file as the one open (not whatever the path names now).
+        let same = |f: &File| match (f.metadata(), file.metadata()) {
+            (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+            _ => false,
+        };
+        d.fd = OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(path).ok().filter(same);
+        d.usable.store(d.fd.is_some(), Ordering::Relaxed);
+        let len = size as usize;
+        // SAFETY: a read-only shared mapping of a file we hold open; never read through.
+        let ptr =
+            unsafe { libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, file.as_raw_fd(), 0) };
+        if ptr != libc::MAP_FAILED {
+            d.map = Some(Mapping { ptr: ptr as *mut u8, len });
+        }
+        d
+    }
+
+    /// Whether every page of `offset..offset + len` is in the page cache (unknown: yes).
+    fn resident(&self, offset: u64, len: usize) -> bool {
+        let Some(map) = &self.map else { return true };
+        let start = offset & !(PAGE as u64 - 1);
+        let end = (offset + len as u64).min(map.len as u64);
+        if end <= start {
+            return true;
+        }
+        let mut vec = vec![0u8; (end - start).div_ceil(PAGE as u64) as usize];
+        // SAFETY: the range lies inside our mapping; `vec` has one byte per page.
+        let r = unsafe {
+            libc::mincore(map.ptr.add(start as usize) as *mut libc::c_void, (end - start) as usize, vec.as_mut_ptr())
+        };
+        r != 0 || vec.iter().all(|&b| b & 1 == 1)
     }
 }
 
@@ -31,11 +155,30 @@ impl Source for LocalFile {
     fn size(&self) -> u64 {
         self.size
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    fn caps(&self) -> Caps {
+        Caps { remote: false, reads_into_buffers: false, parallelism: crate::cores().clamp(4, 16) }
+    }
+    fn read(&self, offset: u64, buf: &mut [u8], _stop: &Stop) -> Result<()> {
         self.file.read_exact_at(buf, offset).map_err(|e| Error::from(e).in_file(&self.path))
     }
-    fn preferred_parallelism(&self) -> usize {
-        crate::cores().clamp(4, 16)
+    fn read_aligned(&self, offset: u64, len: usize, buf: &mut [u8], mode: ReadMode, stop: &Stop) -> Result<Landed> {
+        let span = (offset + len as u64).next_multiple_of(PAGE as u64) - (offset & !(PAGE as u64 - 1));
+        let aligned = buf.as_ptr() as usize % PAGE == 0 && buf.len() as u64 >= span;
+        if mode != ReadMode::Buffered && aligned && len >= DIRECT_MIN {
+            let d = self.direct();
+            if let (Some(fd), true) = (&d.fd, d.usable.load(Ordering::Relaxed)) {
+                if mode == ReadMode::Direct || !d.resident(offset, len) {
+                    match self.read_direct(fd, offset, len, buf) {
+                        Ok(start) => return Ok(Landed { start, direct: true }),
+                        // This file system refuses O_DIRECT: buffered reads from now on.
+                        Err(e) if e.kind == ErrorKind::Unsupported => d.usable.store(false, Ordering::Relaxed),
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+        }
+        self.read(offset, &mut buf[..len], stop)?;
+        Ok(Landed { start: 0, direct: false })
     }
 }
 
@@ -90,5 +233,58 @@ impl Drop for AtomicFile {
         if !self.done {
             let _ = std::fs::remove_file(&self.tmp);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A page-aligned buffer of `len` bytes.
+    fn aligned(len: usize) -> (Vec<u8>, usize) {
+        let v = vec![0xAAu8; len + PAGE];
+        let at = v.as_ptr().align_offset(PAGE);
+        (v, at)
+    }
+
+    #[test]
+    fn aligned_reads_land_the_same_bytes_every_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.bin");
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 + i / 251) as u8).collect();
+        std::fs::write(&path, &data).unwrap();
+        let f = LocalFile::open(path.to_str().unwrap()).unwrap();
+        for mode in [ReadMode::Auto, ReadMode::Buffered, ReadMode::Direct] {
+            for (offset, len) in [(0usize, 300_000usize), (4095, 1 << 20), (12345, 2_000_001), (2_999_000, 1000)] {
+                let (mut v, at) = aligned(len + 2 * PAGE);
+                let buf = &mut v[at..at + len + 2 * PAGE];
+                let landed = f.read_aligned(offset as u64, len, buf, mode, Stop::never()).unwrap();
+                assert_eq!(&buf[landed.start..landed.start + len], &data[offset..offset + len], "{mode:?} {offset}");
+                // Buffered never bypasses the cache; small reads never do (the file system may
+                // refuse O_DIRECT altogether, e.g. tmpfs: then nothing does).
+                assert!(!landed.direct || (mode != ReadMode::Buffered && len >= DIRECT_MIN), "{mode:?} {len}");
+                if !landed.direct {
+                    assert_eq!(landed.start, 0);
+                }
+            }
+        }
+        // A buffer without room for the whole pages reads exactly the bytes asked for.
+        let mut small = vec![0u8; 400_000];
+        let landed = f.read_aligned(5, 400_000, &mut small, ReadMode::Direct, Stop::never()).unwrap();
+        assert_eq!((landed, &small[..]), (Landed { start: 0, direct: false }, &data[5..400_005]));
+        // Past the end: an error, not a short read.
+        let (mut v, at) = aligned(1 << 20);
+        assert!(f
+            .read_aligned(2_900_000, 300_000, &mut v[at..at + (1 << 20)], ReadMode::Direct, Stop::never())
+            .is_err());
+    }
+
+    #[test]
+    fn io_modes_parse() {
+        for (s, m) in [("auto", ReadMode::Auto), ("buffered", ReadMode::Buffered), ("direct", ReadMode::Direct)] {
+            assert_eq!(s.parse::<ReadMode>().unwrap(), m);
+        }
+        let e = "mmap".parse::<ReadMode>().unwrap_err();
+        assert!(e.kind == ErrorKind::Value && e.message.contains("io mode"), "{e}");
     }
 }

@@ -16,14 +16,57 @@ mod tls;
 
 pub use config::StorageOptions;
 pub use http_direct::direct_bytes as http_direct_bytes;
+pub use local::{ReadMode, PAGE};
 pub use ranged::ByteSink;
-pub use retry::reads_stop_on;
 
 /// Bounce buffer of the default [`Source::read_stream`].
 const STREAM_BUFFER: usize = 8 << 20;
 
 use crate::error::{Error, ErrorKind, Result};
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// A load's stop signal, handed to each of its reads. Whoever drives the reads (the load
+/// pipeline) owns it and sets it when the load fails or is interrupted; a read then gives up
+/// soon instead of running to its end: one waiting on the network within 100 ms, rather than
+/// after a stalled server's read timeout.
+#[derive(Debug, Default)]
+pub struct Stop(AtomicBool);
+
+impl Stop {
+    pub const fn new() -> Self {
+        Stop(AtomicBool::new(false))
+    }
+    /// A signal nobody sets: for reads outside a load (opening a file, side files).
+    pub fn never() -> &'static Stop {
+        static NEVER: Stop = Stop::new();
+        &NEVER
+    }
+    pub fn stop(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+    pub fn is_stopped(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+    /// The error a read ends with once stopped.
+    pub fn error() -> Error {
+        Error::io("stopped: the load was stopped")
+    }
+}
+
+/// What a source can do, for the pipeline to plan with (it never looks at the URI itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Bytes come over a network: each request has a fixed cost, so a large piece goes as one
+    /// streamed request, and a read waiting on one must not hold scarce buffers meanwhile.
+    pub remote: bool,
+    /// [`Source::read_stream_into`] reads from the socket straight into the lent buffers
+    /// (plain HTTP): then one streamed request per piece beats a `read_at` split into
+    /// requests whose bodies are copied.
+    pub reads_into_buffers: bool,
+    /// How many concurrent reads this source serves well (used when the caller leaves
+    /// `num_readers` unset).
+    pub parallelism: usize,
+}
 
 /// A random-access, read-only byte source (a local file, an HTTP(S) URL, an S3 object).
 pub trait Source: Send + Sync {
@@ -31,20 +74,42 @@ pub trait Source: Send + Sync {
     fn describe(&self) -> &str;
     /// Total size in bytes, known once the source is open.
     fn size(&self) -> u64;
+    /// What this source can do.
+    fn caps(&self) -> Caps {
+        Caps { remote: false, reads_into_buffers: false, parallelism: 8 }
+    }
     /// Fill `buf` with the bytes at `offset..offset + buf.len()`; a short read is an error.
     /// Remote sources split a large read into concurrent ranged requests, retry each, and fail
-    /// (rather than return other bytes) if the object changed since it was opened.
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()>;
+    /// (rather than return other bytes) if the object changed since it was opened; they give
+    /// up once `stop` is set.
+    fn read(&self, offset: u64, buf: &mut [u8], stop: &Stop) -> Result<()>;
+    /// [`Source::read`] outside any load (nothing stops it).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+        self.read(offset, buf, Stop::never())
+    }
+    /// Read `len` bytes at `offset` into `buf` (at least `len` long) and return where in `buf`
+    /// they start. Given a page-aligned `buf` with room for the bytes plus a page on either
+    /// side, a local file may read the whole pages around them straight from the disk
+    /// (`O_DIRECT`, which needs that alignment) when `mode` allows it and they are not in the
+    /// page cache; `direct` in the answer says so. Other sources read into `buf[..len]`.
+    fn read_aligned(&self, offset: u64, len: usize, buf: &mut [u8], mode: ReadMode, stop: &Stop) -> Result<Landed> {
+        let _ = mode;
+        self.read(offset, &mut buf[..len], stop)?;
+        Ok(Landed { start: 0, direct: false })
+    }
     /// Hand `offset..offset + len` to `sink` in order, in pieces of any size, as the bytes come;
     /// an error from `sink` ends the read with that error. Remote sources fetch the range with
     /// one request (resumed where it stopped after a dropped connection), so a caller that
     /// consumes bytes as they arrive pays one request per range instead of one per buffer.
-    fn read_stream(&self, offset: u64, len: usize, sink: &mut ByteSink<'_>) -> Result<()> {
+    fn read_stream(&self, offset: u64, len: usize, sink: &mut ByteSink<'_>, stop: &Stop) -> Result<()> {
         let mut buf = vec![0u8; len.min(STREAM_BUFFER)];
         let mut done = 0;
         while done < len {
+            if stop.is_stopped() {
+                return Err(Stop::error());
+            }
             let n = (len - done).min(buf.len());
-            self.read_at(offset + done as u64, &mut buf[..n])?;
+            self.read(offset + done as u64, &mut buf[..n], stop)?;
             sink(&buf[..n])?;
             done += n;
         }
@@ -52,20 +117,18 @@ pub trait Source: Send + Sync {
     }
     /// [`Source::read_stream`] into buffers `dest` lends: a source that can (plain HTTP) reads
     /// from the socket straight into them; others copy each piece in with [`StreamDest::put`].
-    fn read_stream_into(&self, offset: u64, len: usize, dest: &mut dyn StreamDest) -> Result<()> {
-        self.read_stream(offset, len, &mut |bytes: &[u8]| dest.put(bytes))
+    fn read_stream_into(&self, offset: u64, len: usize, dest: &mut dyn StreamDest, stop: &Stop) -> Result<()> {
+        self.read_stream(offset, len, &mut |bytes: &[u8]| dest.put(bytes), stop)
     }
-    /// Whether [`Source::read_stream_into`] reads straight into the lent buffers (plain HTTP):
-    /// then one streamed request per piece beats a `read_at` split into requests whose bodies
-    /// are copied.
-    fn reads_into_buffers(&self) -> bool {
-        false
-    }
-    /// How many concurrent `read_at` calls this source serves well (local: many; remote: many
-    /// ranged requests). The pipeline uses it when the caller leaves `num_readers` unset.
-    fn preferred_parallelism(&self) -> usize {
-        8
-    }
+}
+
+/// Where [`Source::read_aligned`] put the bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Landed {
+    /// Offset of the first byte in the buffer (non-zero after an aligned direct read).
+    pub start: usize,
+    /// Read straight from the disk, past the page cache.
+    pub direct: bool,
 }
 
 /// Where the bytes of [`Source::read_stream_into`] go, in order: the source asks for room,
@@ -75,10 +138,6 @@ pub trait StreamDest: Send {
     fn room(&mut self) -> Result<&mut [u8]>;
     /// The first `n` bytes of the room last handed out hold the next bytes.
     fn advance(&mut self, n: usize) -> Result<()>;
-    /// Whether the load this read belongs to has stopped: a read waiting for bytes gives up.
-    fn stopped(&self) -> bool {
-        false
-    }
     /// Copy `bytes` in through as many rooms as they need.
     fn put(&mut self, mut bytes: &[u8]) -> Result<()> {
         while !bytes.is_empty() {
@@ -96,28 +155,16 @@ pub trait StreamDest: Send {
 pub struct SliceDest<'a> {
     buf: &'a mut [u8],
     at: usize,
-    stop: Option<&'a AtomicBool>,
 }
 
 impl<'a> SliceDest<'a> {
     pub fn new(buf: &'a mut [u8]) -> Self {
-        SliceDest { buf, at: 0, stop: None }
-    }
-    /// Refuse more bytes once `stop` is set: the read then ends with an error.
-    pub fn stopped_by(mut self, stop: &'a AtomicBool) -> Self {
-        self.stop = Some(stop);
-        self
+        SliceDest { buf, at: 0 }
     }
 }
 
 impl StreamDest for SliceDest<'_> {
-    fn stopped(&self) -> bool {
-        self.stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::Relaxed))
-    }
     fn room(&mut self) -> Result<&mut [u8]> {
-        if self.stopped() {
-            return Err(Error::io("stopped: the load was stopped"));
-        }
         if self.at == self.buf.len() {
             return Err(Error::io("a streamed read delivered more bytes than asked for"));
         }
@@ -164,6 +211,12 @@ fn scheme_of(uri: &str) -> Result<Scheme<'_>> {
         "redis" => Err(Error::new(ErrorKind::Unsupported, "redis:// sources are not supported").in_file(uri)),
         _ => Ok(Scheme::Local(uri)),
     }
+}
+
+/// Whether `uri` names a remote object (HTTP(S), S3) rather than a local file: what a caller
+/// must know before the source is open (to size buffers it prepares meanwhile).
+pub fn is_remote(uri: &str) -> bool {
+    matches!(scheme_of(uri), Ok(Scheme::Http | Scheme::S3))
 }
 
 /// Open a source by URI or path: `s3://bucket/key`, `http(s)://…`, `file://…` or a local path.
@@ -233,6 +286,7 @@ mod tests {
         assert_eq!(scheme_of("s3://b/k").unwrap(), Scheme::S3);
         assert_eq!(scheme_of("gs://b/k").unwrap(), Scheme::Local("gs://b/k"));
         assert!(scheme_of("redis://h:1/p").is_err());
+        assert!(is_remote("HTTP://x/y") && is_remote("s3://b/k") && !is_remote("file:///a") && !is_remote("/a"));
         assert!(create_sink("http://127.0.0.1:1/x", &StorageOptions::default()).is_err());
     }
 

@@ -7,7 +7,7 @@ use futures_util::future::{select_all, BoxFuture};
 use tokio::sync::Semaphore;
 
 use super::retry::{block_on, block_on_read, runtime, Backoff, Failure, RetryPolicy};
-use super::{Source, StreamDest};
+use super::{Caps, Source, Stop, StreamDest};
 use crate::error::{Error, Result};
 
 /// One backend's way of fetching a byte range, once (no retries).
@@ -37,7 +37,8 @@ pub(crate) enum Out<'a> {
     /// A callback that takes the bytes in order as they arrive; its error ends the read.
     Sink(&'a mut ByteSink<'a>),
     /// Buffers lent by the caller, filled in order (see [`StreamDest`]); its error ends the read.
-    Dest(&'a mut dyn StreamDest),
+    /// A fetch that blocks its thread (the direct HTTP client) gives up once `stop` is set.
+    Dest(&'a mut dyn StreamDest, &'a Stop),
 }
 
 /// The callback of [`Source::read_stream`](super::Source::read_stream).
@@ -50,7 +51,7 @@ impl Out<'_> {
             Out::Buf(b) => Out::Buf(&mut b[from..]),
             Out::Sink(f) => Out::Sink(&mut **f),
             // The destination keeps its own place.
-            Out::Dest(d) => Out::Dest(&mut **d),
+            Out::Dest(d, stop) => Out::Dest(&mut **d, stop),
         }
     }
 }
@@ -140,10 +141,10 @@ impl<F: RangeFetch> RangedSource<F> {
 
     /// Fetch `buf`: one request runs on the calling thread; several run as tasks on the
     /// runtime's workers, concurrently, and the call waits for all of them.
-    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    fn fetch_split(&self, offset: u64, buf: &mut [u8], stop: &Stop) -> Result<()> {
         if buf.len() <= self.request_size {
             let len = buf.len();
-            return block_on_read(self.requests.fetch_with_retries(offset, len, Out::Buf(buf)));
+            return block_on_read(self.requests.fetch_with_retries(offset, len, Out::Buf(buf)), stop);
         }
         let mut tasks = Tasks(Vec::with_capacity(buf.len().div_ceil(self.request_size)));
         let mut at = offset;
@@ -160,24 +161,27 @@ impl<F: RangeFetch> RangedSource<F> {
             }));
         }
         // Stopped early, `tasks` cancels the requests left and waits for them as it drops.
-        block_on_read(async {
-            let mut result = Ok(());
-            while !tasks.0.is_empty() {
-                let (joined, i, _) = select_all(tasks.0.iter_mut()).await;
-                tasks.0.swap_remove(i);
-                let outcome = match joined {
-                    Ok(r) => r,
-                    Err(e) if e.is_cancelled() => continue,
-                    Err(e) => Err(Error::io(format!("a read task failed: {e}"))),
-                };
-                if let (Err(e), true) = (outcome, result.is_ok()) {
-                    // The first failure cancels the other requests; they are still awaited.
-                    result = Err(e);
-                    tasks.0.iter().for_each(|t| t.abort());
+        block_on_read(
+            async {
+                let mut result = Ok(());
+                while !tasks.0.is_empty() {
+                    let (joined, i, _) = select_all(tasks.0.iter_mut()).await;
+                    tasks.0.swap_remove(i);
+                    let outcome = match joined {
+                        Ok(r) => r,
+                        Err(e) if e.is_cancelled() => continue,
+                        Err(e) => Err(Error::io(format!("a read task failed: {e}"))),
+                    };
+                    if let (Err(e), true) = (outcome, result.is_ok()) {
+                        // The first failure cancels the other requests; they are still awaited.
+                        result = Err(e);
+                        tasks.0.iter().for_each(|t| t.abort());
+                    }
                 }
-            }
-            result
-        })
+                result
+            },
+            stop,
+        )
     }
 }
 
@@ -236,7 +240,23 @@ impl<F: RangeFetch> Source for RangedSource<F> {
     fn size(&self) -> u64 {
         self.size
     }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<()> {
+    fn caps(&self) -> Caps {
+        let reads_into_buffers = self.requests.fetcher.reads_into_buffers();
+        // Callers that receive bodies themselves (plain HTTP) are busy while they read: one per
+        // core (H200 host, 8 GiB to the CPU: 16.8 GB/s with 16, 13.9–17.1 with 32, less CPU).
+        // Otherwise one caller per request in flight: a caller's read splits into requests, but
+        // the caller waits for all of them before it asks for more (HTTP to the CPU on the H200
+        // host: 17.3-19.0 GB/s with 32 callers vs 13.0-18.1 with 8, docs/benchmarks.md).
+        let parallelism = if reads_into_buffers {
+            crate::cores().clamp(4, self.max_in_flight.max(4))
+        } else if self.ranges {
+            self.max_in_flight.clamp(1, 64)
+        } else {
+            1
+        };
+        Caps { remote: true, reads_into_buffers, parallelism }
+    }
+    fn read(&self, offset: u64, buf: &mut [u8], stop: &Stop) -> Result<()> {
         self.check_range(offset, buf.len())?;
         if buf.is_empty() {
             return Ok(());
@@ -249,44 +269,26 @@ impl<F: RangeFetch> Source for RangedSource<F> {
         if cached == buf.len() {
             return Ok(());
         }
-        self.read(offset + cached as u64, &mut buf[cached..]).map_err(|e| e.in_file(&self.shown))
+        self.fetch_split(offset + cached as u64, &mut buf[cached..], stop).map_err(|e| e.in_file(&self.shown))
     }
-    fn read_stream(&self, offset: u64, len: usize, sink: &mut ByteSink<'_>) -> Result<()> {
+    fn read_stream(&self, offset: u64, len: usize, sink: &mut ByteSink<'_>, stop: &Stop) -> Result<()> {
         self.check_range(offset, len)?;
         // Only a range the probe holds whole is served from it: the sink must see no bytes
         // before the request slot is taken (callers take staging buffers in the sink).
         if offset + len as u64 <= self.prefix.len() as u64 {
             return sink(&self.prefix[offset as usize..offset as usize + len]);
         }
-        block_on_read(self.requests.fetch_with_retries(offset, len, Out::Sink(sink)))
+        block_on_read(self.requests.fetch_with_retries(offset, len, Out::Sink(sink)), stop)
             .map_err(|e| e.in_file(&self.shown))
     }
-    fn read_stream_into(&self, offset: u64, len: usize, dest: &mut dyn StreamDest) -> Result<()> {
+    fn read_stream_into(&self, offset: u64, len: usize, dest: &mut dyn StreamDest, stop: &Stop) -> Result<()> {
         self.check_range(offset, len)?;
         if offset + len as u64 <= self.prefix.len() as u64 {
             return dest.put(&self.prefix[offset as usize..offset as usize + len]);
         }
         // On the calling thread (block_on), so a fetcher may block in socket reads here.
-        block_on_read(self.requests.fetch_with_retries(offset, len, Out::Dest(dest)))
+        block_on_read(self.requests.fetch_with_retries(offset, len, Out::Dest(dest, stop)), stop)
             .map_err(|e| e.in_file(&self.shown))
-    }
-    fn reads_into_buffers(&self) -> bool {
-        self.requests.fetcher.reads_into_buffers()
-    }
-    fn preferred_parallelism(&self) -> usize {
-        // Callers that receive bodies themselves (plain HTTP) are busy while they read: one per
-        // core (H200 host, 8 GiB to the CPU: 16.8 GB/s with 16, 13.9–17.1 with 32, less CPU).
-        if self.reads_into_buffers() {
-            return crate::cores().clamp(4, self.max_in_flight.max(4));
-        }
-        // One caller per request in flight: a caller's read_at splits into requests, but the
-        // caller waits for all of them before it asks for more (HTTP to the CPU on the H200
-        // host: 17.3-19.0 GB/s with 32 callers vs 13.0-18.1 with 8, docs/benchmarks.md).
-        if self.ranges {
-            self.max_in_flight.clamp(1, 64)
-        } else {
-            1
-        }
     }
 }
 
@@ -323,7 +325,7 @@ impl<'a> Filler<'a> {
         match &mut self.out {
             Out::Buf(dst) => dst[self.got..self.got + n].copy_from_slice(&chunk[..n]),
             Out::Sink(sink) => sink(&chunk[..n]).map_err(Failure::fatal)?,
-            Out::Dest(dest) => dest.put(&chunk[..n]).map_err(Failure::fatal)?,
+            Out::Dest(dest, _) => dest.put(&chunk[..n]).map_err(Failure::fatal)?,
         }
         self.got += n;
         *self.filled += n;

@@ -1,13 +1,13 @@
 //! Retries with exponential backoff, shared by every remote backend, and the one tokio runtime
 //! they run on.
-use std::cell::Cell;
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures_util::future::{select, Either};
 
+use super::Stop;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy)]
@@ -109,16 +109,13 @@ impl Backoff {
 }
 
 /// The runtime that drives every network request of this process. Created on first use;
-/// its workers only do network I/O and TLS, the callers' threads wait in `block_on`.
+/// its workers only do network I/O and TLS, the callers' threads wait in `block_on`. One per
+/// core up to 16: fewer made HTTP to CUDA slower (4: 11.7–12.1 GB/s, 8: 19.0–20.9, 16:
+/// 21.8–22.4 on an H200 host, docs/benchmarks.md).
 pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
     RT.get_or_init(|| {
-        let cores = crate::cores();
-        let workers = std::env::var("TENSORIZER_RS_IO_THREADS")
-            .ok()
-            .and_then(|v| v.parse::<usize>().ok())
-            .unwrap_or(cores.clamp(2, 16))
-            .clamp(1, 64);
+        let workers = crate::cores().clamp(2, 16);
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("tensorizer-io")
@@ -141,48 +138,23 @@ where
     }
 }
 
-thread_local! {
-    /// The stop flag of the load this thread reads for (see [`reads_stop_on`]); null if none.
-    static STOP: Cell<*const AtomicBool> = const { Cell::new(std::ptr::null()) };
-}
-
-/// How often a remote read waiting on the network looks at its load's stop flag.
+/// How often a remote read waiting on the network looks at its load's stop signal.
 const STOP_POLL: Duration = Duration::from_millis(100);
 
-/// Run `f` with remote reads made on this thread giving up within [`STOP_POLL`] once `flag`
-/// is set (a load that failed or was interrupted), instead of waiting for their requests to
-/// end: a stalled server would otherwise hold them for the read timeout (60 s). Plain-HTTP
-/// reads into our buffers watch the flag themselves ([`super::StreamDest::stopped`]). A
-/// closure rather than a guard, so the flag cannot stay registered past its life.
-pub fn reads_stop_on<R>(flag: &AtomicBool, f: impl FnOnce() -> R) -> R {
-    struct Restore(*const AtomicBool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            STOP.with(|s| s.set(self.0));
-        }
-    }
-    let _restore = Restore(STOP.with(|s| s.replace(flag)));
-    f()
-}
-
-/// [`block_on`] for a read: ends early with an error once this thread's load stops.
-pub(crate) fn block_on_read<T: Send>(fut: impl Future<Output = Result<T>> + Send) -> Result<T> {
-    let flag = STOP.with(|s| s.get());
-    if flag.is_null() {
+/// [`block_on`] for a read: ends early with an error within [`STOP_POLL`] once `stop` is set
+/// (a load that failed or was interrupted), instead of waiting for its requests to end: a
+/// stalled server would otherwise hold it for the read timeout (60 s).
+pub(crate) fn block_on_read<T: Send>(fut: impl Future<Output = Result<T>> + Send, stop: &Stop) -> Result<T> {
+    if std::ptr::eq(stop, Stop::never()) {
         return block_on(fut);
     }
-    // SAFETY: set only for the length of a `reads_stop_on` call on this thread, whose borrow
-    // of the flag outlives this call and the future that reads it.
-    let flag: &AtomicBool = unsafe { &*flag };
     block_on(async move {
         let mut fut = std::pin::pin!(fut);
         let mut poll = tokio::time::interval(STOP_POLL);
         loop {
             match select(fut.as_mut(), std::pin::pin!(poll.tick())).await {
                 Either::Left((done, _)) => return done,
-                Either::Right(_) if flag.load(Ordering::Relaxed) => {
-                    return Err(Error::io("stopped: the load was stopped"));
-                }
+                Either::Right(_) if stop.is_stopped() => return Err(Stop::error()),
                 Either::Right(_) => {}
             }
         }
@@ -221,24 +193,24 @@ mod tests {
 
     #[test]
     fn a_read_gives_up_once_its_load_stops() {
-        let flag = AtomicBool::new(false);
+        let stop = Stop::new();
         let t0 = std::time::Instant::now();
-        reads_stop_on(&flag, || {
-            assert_eq!(block_on_read(async { Ok(5) }).unwrap(), 5);
-            std::thread::scope(|s| {
-                s.spawn(|| {
-                    std::thread::sleep(Duration::from_millis(150));
-                    flag.store(true, Ordering::Relaxed);
-                });
-                let stalled = block_on_read(async {
+        assert_eq!(block_on_read(async { Ok(5) }, &stop).unwrap(), 5);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(150));
+                stop.stop();
+            });
+            let stalled = block_on_read(
+                async {
                     tokio::time::sleep(Duration::from_secs(60)).await;
                     Ok(())
-                });
-                assert!(stalled.unwrap_err().message.contains("stopped"));
-            });
+                },
+                &stop,
+            );
+            assert!(stalled.unwrap_err().message.contains("stopped"));
         });
         assert!(t0.elapsed() < Duration::from_secs(2), "{:?}", t0.elapsed());
-        assert!(STOP.with(|s| s.get()).is_null(), "the flag stays registered");
     }
 
     #[test]

@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import torch
 from tensorizer_rs import (
+    CryptographyError,
     HashMismatchError,
     TensorDeserializer,
     TensorizerUnsupportedError,
@@ -61,8 +62,24 @@ def gpu_deser(path, **kw) -> TensorDeserializer:
 
 
 def gpu_load(d, verify=False):
-    _cuda.load(d, list(d._selected), verify)
+    d._take(_cuda.load(d._cuda_request(), list(d._selected), verify))
     return {d._entries[i]["name"]: d._cache[i] for i in d._selected}
+
+
+def gpu_fill(d, targets):
+    """``load_into_module`` through the GPU pipeline; the indices filled in place."""
+    loaded = _cuda.load_into_module(d._cuda_request(), targets, [], False, cached=d._cache)
+    d._take(loaded)
+    return loaded.in_place
+
+
+@contextlib.contextmanager
+def io_mode(mode):
+    _cuda.IO_MODE = mode
+    try:
+        yield
+    finally:
+        _cuda.IO_MODE = None
 
 
 def write(path, sd):
@@ -101,13 +118,7 @@ def assert_loaded(out, sd, *where):
         assert same, (*where, k)
 
 
-MODES = [
-    {"io": "buffered", "register_readers": 0},
-    {"io": "direct", "register_readers": 0},
-    {"io": "auto", "register_readers": 0},
-    {"io": "auto", "register_readers": 64},
-    {"io": "mmap", "register_readers": 0},
-]
+MODES = ["buffered", "direct", "auto"]
 
 
 def small_staging():
@@ -129,11 +140,10 @@ def vectors_exact_bytes():
             continue
         if m.get("encryption"):
             continue  # covered by encrypted_vectors
-        for mode in MODES:
-            _cuda.load_options.update(mode)
-            for verify in (False, True):
+        for mode, verify in itertools.product(MODES, (False, True)):
+            with io_mode(mode):
                 d = gpu_deser(VECTORS / m["file"])
-                _cuda.load(d, list(d._selected), verify)
+                gpu_load(d, verify)
                 for t in m["tensors"]:
                     key = tuple(t["name"]) if isinstance(t["name"], list) else t["name"]
                     i = d._by_path[key if isinstance(key, tuple) else (key,)]
@@ -142,7 +152,6 @@ def vectors_exact_bytes():
                     assert list(got.shape) == t["shape"], (m["file"], key)
                     assert sha(got) == t["sha256"], (m["file"], key, mode, verify)
         done += 1
-    _cuda.load_options.clear()
     assert done >= 10, done
 
 
@@ -171,7 +180,7 @@ def encrypted_vectors():
             raise
         for verify in (False, True):
             d = gpu_deser(VECTORS / m["file"], encryption=params)
-            _cuda.load(d, list(d._selected), verify)
+            gpu_load(d, verify)
             for t in m["tensors"]:
                 i = d._by_path[(t["name"],)]
                 assert sha(d._cache[i]) == t["sha256"], (m["file"], t["name"])
@@ -193,15 +202,14 @@ def encrypted_pieces():
     dec = DecryptionParams.from_key(enc.key)
     big = sd["embed"].nbytes + sd["long"].nbytes
     for mode in MODES:
-        _cuda.load_options.update(mode)
         _cuda.reset_counters()
-        out = gpu_load(gpu_deser(TMP / "enc.tensors", encryption=dec))
+        with io_mode(mode):
+            out = gpu_load(gpu_deser(TMP / "enc.tensors", encryption=dec))
         for k, v in expected(sd).items():
             assert torch.equal(out[k], v), (k, mode)
         c = _cuda.counters()
         assert c["decrypted_in_staging"] == big, (c, mode)
-        assert c["registered_bytes"] == 0, c  # encrypted bytes always pass through staging
-    _cuda.load_options.clear()
+        assert c["pageable_bytes"] == 0, c  # encrypted bytes pass through staging
     # Buffers too small for a whole cipher chunk: tensors go whole, through host memory.
     small_staging()
     _cuda.reset_counters()
@@ -242,24 +250,21 @@ def larger_than_pool_all_modes():
     path = write(TMP / "big.tensors", sd)
     total = sum(v.numel() * v.element_size() for v in sd.values())
     for mode in MODES:
-        _cuda.load_options.update(mode)
         _cuda.reset_counters()
-        assert_loaded(gpu_load(gpu_deser(path)), sd, mode)
+        with io_mode(mode):
+            assert_loaded(gpu_load(gpu_deser(path)), sd, mode)
         c = _cuda.counters()
-        moved = c["staged_bytes"] + c["registered_bytes"] + c["pageable_bytes"]
+        moved = c["staged_bytes"] + c["pageable_bytes"]
         meta = 128 * 129 * 4
         assert moved == total - meta, (moved, total, c)
+        assert c["staged_bytes"] == moved, c
         assert c["zero_fills"] == 1 and c["h2d_copies"] >= 7, c
         assert c["peak_staging_allocated"] <= 4 << 20, c
-        if mode["register_readers"]:
-            assert c["registered_bytes"] > 0, c
-        else:
-            assert c["registered_bytes"] == 0 and c["staged_bytes"] == moved, c
-        if mode["io"] == "direct":
+        assert c["buffered_read_bytes"] + c["direct_read_bytes"] >= moved, c
+        if mode == "direct":
             assert c["direct_read_bytes"] > 2_000_000, c
-        if mode["io"] == "buffered":
+        if mode == "buffered":
             assert c["direct_read_bytes"] == 0, c
-    _cuda.load_options.clear()
 
 
 @check
@@ -267,7 +272,7 @@ def hash_verification():
     small_staging()
     d = gpu_deser(VECTORS / "corrupt_data.tensors")
     try:
-        _cuda.load(d, list(d._selected), True)
+        gpu_load(d, True)
     except HashMismatchError as e:
         assert "corrupt_data.tensors" in str(e), e
     else:
@@ -290,6 +295,82 @@ def hash_verification():
         assert "embed" in str(err), err
     else:
         raise AssertionError("corruption not detected")
+
+
+@check
+def small_tensors_are_verified_in_their_segment():
+    """Small records travel together in one staging buffer; with verify_hash each is checked
+    there before the segment's copies, plain or encrypted, and a flipped byte names its tensor."""
+    from tensorizer_rs import DecryptionParams, EncryptionParams
+
+    small_staging()
+    g = torch.Generator().manual_seed(13)
+    sd = {f"s{k}": torch.randn(50 + k, generator=g) for k in range(20)}
+    enc = EncryptionParams.random()
+    for name, kw, dkw in (
+        ("plain", {}, {}),
+        ("sealed", {"encryption": enc}, {"encryption": DecryptionParams.from_key(enc.key)}),
+    ):
+        path = TMP / f"segverify-{name}.tensors"
+        s = TensorSerializer(str(path), **kw)
+        s.write_state_dict(sd)
+        s.close()
+        assert_loaded(gpu_load(gpu_deser(path, **dkw), verify=True), sd, name)
+        e = next(x for x in _native.TensorFile(str(path)).entries() if x["name"] == "s7")
+        data = bytearray(path.read_bytes())
+        data[e["data_offset"] + 3] ^= 0x10
+        bad = TMP / f"segverify-{name}-bad.tensors"
+        bad.write_bytes(bytes(data))
+        try:
+            gpu_load(gpu_deser(bad, **dkw), verify=True)
+        except (HashMismatchError, CryptographyError) as err:
+            assert "'s7'" in str(err), err
+        else:
+            raise AssertionError(f"{name}: a flipped byte passed verify_hash")
+
+
+_ENV_CHILD = """
+import json, sys
+from tensorizer_rs import TensorDeserializer, _cuda
+_cuda.reset_counters()
+d = TensorDeserializer(sys.argv[1], device="cpu", lazy_load=True, num_readers=2)
+try:
+    d._take(_cuda.load(d._cuda_request(), list(d._selected), False))
+    out = {"ok": True}
+except Exception as e:
+    out = {"error": f"{type(e).__name__}: {e}"}
+print(json.dumps({**out, "counters": _cuda.counters(), "staging": _cuda.staging()}))
+"""
+
+
+@check
+def environment_settings_reach_the_load():
+    """TENSORIZER_RS_IO and TENSORIZER_RS_STAGING_BYTES, read once when the module loads, govern
+    the loads of the process; a value that cannot be used fails each load, naming it."""
+    g = torch.Generator().manual_seed(14)
+    path = write(TMP / "env.tensors", {"w": torch.randn(1_000_000, generator=g)})
+
+    def child(**env):
+        out = subprocess.run(
+            [sys.executable, "-c", _ENV_CHILD, path],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    got = child(TENSORIZER_RS_IO="direct", TENSORIZER_RS_STAGING_BYTES=str(24 << 20))
+    assert got.get("ok") and got["counters"]["direct_read_bytes"] > 3_000_000, got
+    assert got["staging"][0] == 24 << 20, got
+    got = child(TENSORIZER_RS_IO="buffered")
+    assert got.get("ok") and got["counters"]["direct_read_bytes"] == 0, got
+    got = child(TENSORIZER_RS_IO="mmap")
+    assert "TensorizerValueError" in got.get("error", "") and "TENSORIZER_RS_IO" in got["error"], (
+        got
+    )
 
 
 @check
@@ -354,7 +435,7 @@ def load_into_module_in_place():
     lin_weight = dst.lin.weight
     d = gpu_deser(path)
     _cuda.reset_counters()
-    in_place = _cuda.load_into_module(d, targets_for(d, dst), [], False)
+    in_place = gpu_fill(d, targets_for(d, dst))
     assert len(in_place) == 5, in_place
     for k, v in list(dst.named_parameters()) + list(dst.named_buffers()):
         assert v.data_ptr() == ptrs[k], k
@@ -374,7 +455,7 @@ def load_into_module_meta_and_cast():
     dst = Block(device="meta")
     d = gpu_deser(path)
     targets = targets_for(d, dst)
-    in_place = _cuda.load_into_module(d, targets, [], False)
+    in_place = gpu_fill(d, targets)
     assert not in_place
     for i, mod, attr in targets:
         d._place(mod, attr, i)
@@ -383,7 +464,7 @@ def load_into_module_meta_and_cast():
     dst = Block(dtype=torch.bfloat16)
     ptr = dst.lin.weight.data_ptr()
     d = gpu_deser(path, dtype=torch.bfloat16)
-    in_place = _cuda.load_into_module(d, targets_for(d, dst), [], False)
+    in_place = gpu_fill(d, targets_for(d, dst))
     assert dst.lin.weight.data_ptr() == ptr
     assert torch.equal(dst.lin.weight, src.lin.weight.to(torch.bfloat16))
     # CoreWeave's rule casts the int64 buffer to bf16 too, so it cannot go into the module's
@@ -405,7 +486,7 @@ def shape_mismatch_is_clear_and_early():
     d = gpu_deser(path)
     _cuda.reset_counters()
     try:
-        _cuda.load_into_module(d, targets_for(d, dst), [], False)
+        gpu_fill(d, targets_for(d, dst))
     except TensorizerValueError as e:
         assert "shape" in str(e) and "lin.weight" in str(e), e
     else:
@@ -603,7 +684,7 @@ from tensorizer_rs import TensorDeserializer, _cuda, _native
 _cuda.staging(8 << 20, 2 << 20, "thp")
 _cuda.reset_counters()
 d = TensorDeserializer(sys.argv[1], device="cpu", lazy_load=True, num_readers=2)
-_cuda.load(d, list(d._selected), False)  # through the GPU pipeline, as gpu_load() does
+d._take(_cuda.load(d._cuda_request(), list(d._selected), False))  # as gpu_load() does
 c = _cuda.counters()
 print(json.dumps({"read": c["buffered_read_bytes"] + c["direct_read_bytes"],
                   "events": _native.trace_take()}))
@@ -707,72 +788,66 @@ def remote_pieces_stream_through_staging():
     root = TMP / "www"
     root.mkdir(exist_ok=True)
     write(root / "r.tensors", sd)
-    piece, chunk = 4 << 20, _cuda.staging()[1]
+    chunk = _cuda.staging()[1]
     total = sum(v.numel() * v.element_size() for k, v in sd.items() if k != "meta")
-    large = [v.numel() * v.element_size() for v in sd.values() if v.device.type != "meta"]
-    pieces = sum(-(-n // piece) for n in large if n > chunk // 4)
-    os.environ["TENSORIZER_RS_REMOTE_PIECE"] = str(piece)
-    os.environ["TENSORIZER_RS_TAPER"] = "0"  # pieces as planned; the taper is checked below
-    try:
-        with http_server(root) as base:
-            for path in ("data/r.tensors", "dropmid/3/r.tensors", "fail500/2/r.tensors"):
-                _cuda.reset_counters()
-                assert_loaded(gpu_load(gpu_deser(f"{base}/{path}")), sd, path)
-                c = _cuda.counters()
-                assert c["staged_bytes"] == total, (path, c)
-            n = requests_seen(base)["/data/r.tensors"]
-            # The probe, one per piece, and the segments of small records; one request per
-            # staging buffer would take more than there are buffers' worth of bytes.
-            assert n <= 1 + pieces + len(sd), (n, pieces)
-            assert n < -(-total // chunk), (n, total)
-            # With the last pieces split finer (the default): the same bytes, and no piece
-            # smaller than a staging buffer, so at most one request per buffer's worth.
-            os.environ.pop("TENSORIZER_RS_TAPER")
-            before = requests_seen(base)["/data/r.tensors"]
-            for path in ("data/r.tensors", "dropmid/4/r.tensors"):
-                _cuda.reset_counters()
-                assert_loaded(gpu_load(gpu_deser(f"{base}/{path}")), sd, path)
-                assert _cuda.counters()["staged_bytes"] == total
-            tapered = requests_seen(base)["/data/r.tensors"] - before
-            assert pieces < tapered <= 1 + -(-total // chunk) + len(sd), (tapered, pieces, total)
+    with http_server(root) as base:
+        for path in ("data/r.tensors", "dropmid/3/r.tensors", "fail500/2/r.tensors"):
+            _cuda.reset_counters()
+            assert_loaded(gpu_load(gpu_deser(f"{base}/{path}")), sd, path)
+            c = _cuda.counters()
+            assert c["staged_bytes"] == total, (path, c)
+            assert c["buffered_read_bytes"] >= total, (path, c)
+        # One reader: the last pieces split in two at most (each still several buffers), so
+        # the load takes a request per segment of small records beyond the probe's first MiB
+        # (two) and per piece (embed, odd, big in two): fewer than buffers' worth of bytes.
+        before = requests_seen(base)["/data/r.tensors"]
+        assert_loaded(gpu_load(gpu_deser(f"{base}/data/r.tensors", num_readers=1)), sd)
+        n = requests_seen(base)["/data/r.tensors"] - before
+        assert n <= 1 + 2 + 4 < -(-total // chunk), (n, total)
+        # Default readers split the last pieces finer, never below a buffer: at most one
+        # request per buffer's worth (and the segments of small records).
+        before = requests_seen(base)["/data/r.tensors"]
+        assert_loaded(gpu_load(gpu_deser(f"{base}/data/r.tensors")), sd)
+        tapered = requests_seen(base)["/data/r.tensors"] - before
+        assert n <= tapered <= 1 + -(-total // chunk) + len(sd), (tapered, n, total)
 
-            # Encrypted, over HTTP: cipher chunks opened in the staging buffers (4 MiB buffers
-            # hold one 2 MiB chunk a read); verify_hash goes tensor by tensor.
-            from tensorizer_rs import DecryptionParams, EncryptionParams
+        # Encrypted, over HTTP: cipher chunks opened in the staging buffers (4 MiB buffers
+        # hold one 2 MiB chunk a read), also after dropped connections; verify_hash goes
+        # tensor by tensor.
+        from tensorizer_rs import DecryptionParams, EncryptionParams
 
-            enc = EncryptionParams.random()
-            s = TensorSerializer(str(root / "e.tensors"), encryption=enc)
-            s.write_state_dict(sd)
-            s.close()
-            _cuda.staging(16 << 20, 4 << 20)
-            for verify in (False, True):
-                _cuda.reset_counters()
-                d = gpu_deser(
-                    f"{base}/dropmid/2/e.tensors", encryption=DecryptionParams.from_key(enc.key)
-                )
-                assert_loaded(gpu_load(d, verify=verify), sd, verify)
-                assert verify or _cuda.counters()["decrypted_in_staging"] > 0, _cuda.counters()
+        enc = EncryptionParams.random()
+        s = TensorSerializer(str(root / "e.tensors"), encryption=enc)
+        s.write_state_dict(sd)
+        s.close()
+        _cuda.staging(16 << 20, 4 << 20)
+        for verify in (False, True):
+            _cuda.reset_counters()
+            d = gpu_deser(
+                f"{base}/dropmid/2/e.tensors", encryption=DecryptionParams.from_key(enc.key)
+            )
+            assert_loaded(gpu_load(d, verify=verify), sd, verify)
+            assert verify or _cuda.counters()["decrypted_in_staging"] > 0, _cuda.counters()
 
-            # More readers than request slots and staging buffers together: no reader may
-            # hold a buffer while it waits for a slot (that could stall the load for good).
-            small_staging()
+        # More readers than request slots and staging buffers together: no reader may
+        # hold a buffer while it waits for a slot (that could stall the load for good).
+        small_staging()
+        for enc_args in ({}, {"encryption": DecryptionParams.from_key(enc.key)}):
+            name = "e.tensors" if enc_args else "r.tensors"
             few = SimpleNamespace(
-                _tensorizer_uri=f"{base}/data/r.tensors",
+                _tensorizer_uri=f"{base}/data/{name}",
                 _tensorizer_storage={"max_concurrency": 1},
             )
             done = {}
 
-            def crowded():
-                done["out"] = gpu_load(gpu_deser(few, num_readers=8))
+            def crowded(few=few, enc_args=enc_args, done=done):
+                done["out"] = gpu_load(gpu_deser(few, num_readers=8, **enc_args))
 
             t = threading.Thread(target=crowded, daemon=True)
             t.start()
             t.join(120)
-            assert "out" in done, "a load with 8 readers, 1 request slot and 2 buffers hung"
+            assert "out" in done, f"{name}: 8 readers, 1 request slot and 2 buffers hung"
             assert_loaded(done["out"], sd)
-    finally:
-        del os.environ["TENSORIZER_RS_REMOTE_PIECE"]
-        os.environ.pop("TENSORIZER_RS_TAPER", None)
 
 
 @check
@@ -786,22 +861,18 @@ def https_pieces_stream_through_staging():
     root.mkdir(exist_ok=True)
     write(root / "t.tensors", sd)
     total = sum(v.numel() * v.element_size() for k, v in sd.items() if k != "meta")
-    os.environ["TENSORIZER_RS_REMOTE_PIECE"] = str(4 << 20)
-    try:
-        with http_server(root, self_signed(TMP)) as base:
-            for path in ("data/t.tensors", "dropmid/3/t.tensors"):
-                src = SimpleNamespace(
-                    _tensorizer_uri=f"{base}/{path}",
-                    _tensorizer_storage={"allow_untrusted": True},
-                )
-                _cuda.reset_counters()
-                before = _native.http_direct_bytes()
-                assert_loaded(gpu_load(gpu_deser(src)), sd, path)
-                assert _cuda.counters()["staged_bytes"] == total, (path, _cuda.counters())
-                moved = _native.http_direct_bytes() - before
-                assert moved >= 24_000_000 - (1 << 20), (path, moved)  # all but the probe
-    finally:
-        del os.environ["TENSORIZER_RS_REMOTE_PIECE"]
+    with http_server(root, self_signed(TMP)) as base:
+        for path in ("data/t.tensors", "dropmid/3/t.tensors"):
+            src = SimpleNamespace(
+                _tensorizer_uri=f"{base}/{path}",
+                _tensorizer_storage={"allow_untrusted": True},
+            )
+            _cuda.reset_counters()
+            before = _native.http_direct_bytes()
+            assert_loaded(gpu_load(gpu_deser(src)), sd, path)
+            assert _cuda.counters()["staged_bytes"] == total, (path, _cuda.counters())
+            moved = _native.http_direct_bytes() - before
+            assert moved >= 24_000_000 - (1 << 20), (path, moved)  # all but the probe
 
 
 @check
@@ -810,7 +881,7 @@ def ctrl_c_stops_a_load():
     load would take a minute) or a silent one (nothing after the first 16 KiB, the connection
     left open) raises KeyboardInterrupt within moments, as it would in Python code, instead of
     when the load ends, through either HTTP client (reqwest's requests are S3's path too); the
-    pipeline works afterwards."""
+    pipeline works afterwards. The stop reaches every read through the load's one stop signal."""
     small_staging()
     root = TMP / "www-slow"
     root.mkdir(exist_ok=True)
@@ -822,11 +893,13 @@ def ctrl_c_stops_a_load():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     with http_server(root) as base, contextlib.ExitStack() as undo:
         undo.callback(signal.signal, signal.SIGINT, previous)
-        undo.callback(os.environ.pop, "TENSORIZER_RS_HTTP_DIRECT", None)
         for client, mode in itertools.product(("direct", "reqwest"), ("slow", "stall")):
-            if client == "reqwest":
-                os.environ["TENSORIZER_RS_HTTP_DIRECT"] = "0"
             path, sent = f"/{mode}/{client}.tensors", []
+            # reqwest: the client S3's requests go through too.
+            src = SimpleNamespace(
+                _tensorizer_uri=base + path,
+                _tensorizer_storage={"http_direct": client == "direct"},
+            )
 
             def interrupt(path=path, sent=sent):  # once ranged reads reach the server
                 while requests_seen(base).get(path, 0) < 2:
@@ -837,7 +910,7 @@ def ctrl_c_stops_a_load():
 
             threading.Thread(target=interrupt, daemon=True).start()
             try:
-                gpu_load(gpu_deser(base + path))
+                gpu_load(gpu_deser(src))
                 raise AssertionError(f"{client}, {mode}: the load ended before the interrupt")
             except KeyboardInterrupt:
                 took = time.monotonic() - sent[0]

@@ -312,7 +312,7 @@ def test_objstore_credentials(tmp_path, s3_env, monkeypatch):
 
 @pytest.mark.vllm
 def test_objstore_patches_vllm_object_storage_model(tmp_path, s3_env, monkeypatch):
-    from tensorizer_rs.vllm import objstore
+    from tensorizer_rs.vllm import patches
     from vllm.transformers_utils import runai_utils
 
     # vLLM's own pull_files (the plugin may have patched it already in this process)
@@ -320,8 +320,8 @@ def test_objstore_patches_vllm_object_storage_model(tmp_path, s3_env, monkeypatc
     monkeypatch.setattr(
         runai_utils.ObjectStorageModel, "pull_files", getattr(current, "_original", current)
     )
-    assert objstore.install()
-    assert not objstore.install()  # once
+    assert patches.patch_pull_files()
+    assert not patches.patch_pull_files()  # once
     _put(s3_env, "s3://objstore/v/config.json", b"{}")
     _put(s3_env, "s3://objstore/v/tokenizer.json", b"{}")
     monkeypatch.setenv("VLLM_ASSETS_CACHE", str(tmp_path / "cache"))

@@ -32,10 +32,12 @@ from tensorizer_rs import (
 from tensorizer_rs.stream_io import open_stream
 from tensorizer_rs.vllm import (
     TensorizerConfig,
+    patches,
     prepare_lora_dir,
     tensorize_lora_adapter,
 )
 from tensorizer_rs.vllm import lora as tzlora
+from tensorizer_rs.vllm.lora.read import _is_encrypted
 from vllm_helpers import (
     REPO,
     get_json,
@@ -197,7 +199,7 @@ def test_tensorize_lora_adapter_to_s3_and_lora_dir(adapters, s3, keys):
         with open_stream(f"{uri}/adapter_model.tensors", **s3) as f:
             assert f.read(5) == b"|TZR|"
         stream = open_stream(f"{uri}/adapter_model.tensors", **s3)
-        assert tzlora._is_encrypted(stream) == encrypted
+        assert _is_encrypted(stream) == encrypted
         stream.close()
 
 
@@ -292,18 +294,30 @@ def _peft_helper(path):
 
 
 def test_hooks_match_this_vllm():
-    """The installed vLLM has exactly the signatures the hooks were written against."""
+    """The installed vLLM has exactly the signatures every patch was written against."""
+    from vllm.config import vllm as vllm_config_module
+    from vllm.engine.arg_utils import EngineArgs
     from vllm.lora import lora_model, utils, worker_manager
+    from vllm.transformers_utils import runai_utils
+
+    def unpatched(fn):  # the plugin may have patched it in this process already
+        original = getattr(fn, "_original", fn)
+        if isinstance(original, classmethod):  # kept as found in the class
+            return original.__get__(None, lora_model.LoRAModel)
+        return original
 
     fns = {
         "LoRAModel.from_local_checkpoint": lora_model.LoRAModel.from_local_checkpoint,
         "LoRAModel.from_lora_tensors": lora_model.LoRAModel.from_lora_tensors,
         "worker_manager.get_adapter_absolute_path": worker_manager.get_adapter_absolute_path,
         "utils.parse_fine_tuned_lora_name": utils.parse_fine_tuned_lora_name,
+        "ObjectStorageModel.pull_files": runai_utils.ObjectStorageModel.pull_files,
+        "EngineArgs.create_engine_config": EngineArgs.create_engine_config,
+        "config.vllm.is_runai_obj_uri": vllm_config_module.is_runai_obj_uri,
     }
-    assert set(fns) == set(tzlora.TESTED_SIGNATURES)
+    assert set(fns) == set(patches.TESTED_SIGNATURES)
     for what, fn in fns.items():
-        assert tzlora._mismatch(what, fn) is None
+        assert patches._mismatch(what, unpatched(fn)) is None, what
 
 
 def test_hook_reads_tensorized_dir_like_vllm_reads_safetensors(adapters, monkeypatch):
@@ -322,8 +336,8 @@ def test_hook_reads_tensorized_dir_like_vllm_reads_safetensors(adapters, monkeyp
     # CPU tensors are pinned where vLLM thinks a GPU is (its GPU build, as in the check against
     # newer vLLM on a machine without one); pinning needs a driver, and both sides do it alike.
     monkeypatch.setattr(lora_model, "PIN_MEMORY", False, raising=False)
-    assert tzlora._patch_from_local_checkpoint()
-    assert not tzlora._patch_from_local_checkpoint()  # idempotent
+    assert patches.patch_from_local_checkpoint()
+    assert not patches.patch_from_local_checkpoint()  # idempotent
     kw = {"lora_model_id": 1, "device": "cpu", "dtype": torch.bfloat16}
     ref = original(adapters["st"], TARGETS, _peft_helper(adapters["st"]), **kw)
     ours = cls.from_local_checkpoint(
@@ -359,8 +373,8 @@ def test_hook_signature_mismatch_warns_and_leaves_vllm_alone(monkeypatch, caplog
 
     monkeypatch.setattr(worker_manager, "get_adapter_absolute_path", get_adapter_absolute_path)
     with caplog.at_level(logging.WARNING, logger="vllm.tensorizer_rs"):
-        assert not tzlora._patch_from_local_checkpoint()
-        assert not tzlora._patch_adapter_path()
+        assert not patches.patch_from_local_checkpoint()
+        assert not patches.patch_adapter_path()
     assert Changed.from_local_checkpoint("x", set(), None) == "vLLM's"
     assert worker_manager.get_adapter_absolute_path is get_adapter_absolute_path
     text = caplog.text

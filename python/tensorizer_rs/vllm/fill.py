@@ -83,9 +83,10 @@ def fill_module(
     without grad.
 
     With `release` (the file's tensor names), the model's tensors are first checked against the
-    file: on a CUDA device those with the file's shape and the loaded dtype stay and are filled
-    in place (no release, no second allocation: the fastest path, docs/vllm.md); the rest are
-    released to meta (`release_file_tensors`) and loaded as new tensors."""
+    file: those the reader fills in place stay (`TensorDeserializer.fills_in_place`: on a CUDA
+    device, the file's shape and the loaded dtype; no release, no second allocation: the
+    fastest path, docs/vllm.md); the rest are released to meta (`release_file_tensors`) and
+    loaded as new tensors."""
     from tensorizer_rs import TensorDeserializer
 
     start = time.perf_counter()
@@ -93,7 +94,7 @@ def fill_module(
         source, device=str(device), dtype=dtype, **deserialization_kwargs
     ) as deserializer:
         if release is not None:
-            release_file_tensors(model, release, keep=_fits_in_place(deserializer))
+            release_file_tensors(model, release, keep=deserializer.fills_in_place)
         deserializer.load_into_module(model)
         nbytes = deserializer.total_tensor_bytes
     secs = time.perf_counter() - start
@@ -103,26 +104,3 @@ def fill_module(
     for p in model.parameters():
         p.requires_grad_(False)
     return nbytes, secs
-
-
-def _fits_in_place(deserializer):
-    """A `keep` predicate: whether `load_into_module` would fill this tensor in place. Only CUDA
-    loads fill in place; a CPU load makes new tensors, so there everything is released first."""
-    from tensorizer_rs._cuda import _dtypes_of
-
-    device = deserializer._device
-    if device.type != "cuda":
-        return None
-    entries = {e["name"]: e for e in deserializer._entries}
-
-    def keep(name: str, t: torch.Tensor) -> bool:
-        e = entries.get(name)
-        return (
-            e is not None
-            and t.device == device
-            and tuple(t.shape) == tuple(e["shape"])
-            and t.dtype == _dtypes_of(e, deserializer._dtype)[1]
-            and t.is_contiguous()
-        )
-
-    return keep

@@ -3,18 +3,19 @@
 vLLM 0.32 handles `--model s3://bucket/dir` in `ModelConfig.maybe_pull_model_tokenizer_for_runai`:
 `ObjectStorageModel(url).pull_files(url, allow_pattern=[...] | ignore_pattern=[...])` mirrors the
 dir's small files into a local cache dir through `runai_model_streamer.pull_files`. Without that
-package installed it fails. When it is missing, `install()` (called by the plugin in every vLLM
-process) replaces `pull_files` for `s3://` URLs with one that reads through
-`tensorizer_rs.stream_io.open_stream`.
+package installed it fails. When it is missing, `tensorizer_rs.vllm.patches` (installed by the
+plugin in every vLLM process) sends `pull_files` for `s3://` URLs to `pull_into`, which reads
+through `tensorizer_rs.stream_io.open_stream`.
 
 vLLM 0.32 then refuses the engine config (`VllmConfig`: "To load a model from object storage
 (S3/GCS/Azure), 'load_format' must be 'modelexpress', 'runai_streamer' or
 'runai_streamer_sharded'"), although its own tensorizer example documents `vllm serve s3://...
---load-format tensorizer`. `install()` therefore also wraps `EngineArgs.create_engine_config` so
+--load-format tensorizer`. The patches therefore also wrap `EngineArgs.create_engine_config` so
 that, for load_format "tensorizer" only, that check does not see the s3:// model as object
-storage. The weights are read from `{s3 dir}/model.tensors` by our loader: vLLM derives
-`tensorizer_dir` from `model` only after replacing it with the local mirror, so the wrapper sets
-`tensorizer_uri` to the S3 location first (unless the extra config names a URI or dir itself).
+storage (`is_tensorizer_s3`). The weights are read from `{s3 dir}/model.tensors` by our loader:
+vLLM derives `tensorizer_dir` from `model` only after replacing it with the local mirror, so the
+wrapper sets `tensorizer_uri` to the S3 location first (unless the extra config names a URI or
+dir itself), in `s3_model_config`.
 
 Our storage layer has no listing call, so this fetches a fixed list of well-known config and
 tokenizer file names (those absent are skipped); custom `*.py` code for `trust_remote_code` is not
@@ -30,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import fnmatch
-import importlib.util
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -65,7 +65,7 @@ KNOWN_FILES = (
 )
 
 
-#: Storage options for the pulls of the engine config being built (see `_patch_object_storage_check`):
+#: Storage options for the pulls of the engine config being built (see `s3_model_config`):
 #: the S3 settings of load_format="tensorizer"'s extra config, so that config, tokenizer and
 #: weights are read with the same credentials and endpoint.
 _storage: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
@@ -164,87 +164,37 @@ def pull_files(
     return copied
 
 
-def install() -> bool:
-    """Apply both patches (see the module docstring); returns True if anything was patched."""
-    return _patch_pull_files() | _patch_object_storage_check()
+def pull_into(model, model_path: str, allow_pattern=None, ignore_pattern=None) -> None:
+    """vLLM's `ObjectStorageModel.pull_files` for an s3:// URL: into the instance's dir. vLLM
+    pulls twice into one instance (configs, then everything but weights): each file is fetched
+    once per instance (a later LLM() with the same URL fetches afresh)."""
+    done = model.__dict__.setdefault("_tensorizer_rs_fetched", set())
+    done.update(pull_files(model_path, model.dir, allow_pattern, ignore_pattern, skip=done))
 
 
-def _patch_pull_files() -> bool:
-    """Route vLLM's object-storage file pulls for s3:// through tensorizer_rs, unless
-    runai-model-streamer is installed (then vLLM's own path works)."""
-    if importlib.util.find_spec("runai_model_streamer") is not None:
-        return False
-    try:
-        from vllm.transformers_utils import runai_utils
-    except ImportError:
-        return False
-    cls = getattr(runai_utils, "ObjectStorageModel", None)
-    original = getattr(cls, "pull_files", None)
-    if original is None or getattr(original, "_tensorizer_rs", False):
-        return False
-
-    def patched(self, model_path: str = "", allow_pattern=None, ignore_pattern=None) -> None:
-        if not model_path.lower().startswith("s3://"):
-            return original(self, model_path, allow_pattern, ignore_pattern)
-        # vLLM pulls twice into one instance (configs, then everything but weights): fetch
-        # each file once per instance (a later LLM() with the same URL fetches afresh).
-        done = self.__dict__.setdefault("_tensorizer_rs_fetched", set())
-        done.update(pull_files(model_path, self.dir, allow_pattern, ignore_pattern, skip=done))
-        return None
-
-    patched._tensorizer_rs = True
-    patched._original = original
-    patched.__doc__ = original.__doc__
-    cls.pull_files = patched
-    return True
-
-
-def _patch_object_storage_check() -> bool:
-    """Let load_format="tensorizer" pass VllmConfig's object-storage load-format check."""
-    try:
-        from vllm.config import vllm as vllm_config_module
-        from vllm.engine.arg_utils import EngineArgs
-    except ImportError:
-        return False
-    original = EngineArgs.create_engine_config
-    if getattr(original, "_tensorizer_rs", False) or not hasattr(
-        vllm_config_module, "is_runai_obj_uri"
-    ):
-        return False
-
-    def create_engine_config(self, *args, **kwargs):
-        if str(self.load_format).lower() != "tensorizer" or not str(self.model).lower().startswith(
-            "s3://"
-        ):
-            return original(self, *args, **kwargs)
-        extra = self.model_loader_extra_config
-        if hasattr(extra, "to_serializable"):  # as vLLM's create_load_config does
-            extra = extra.to_serializable()
-        extra = dict(extra or {})
-        if not extra.get("tensorizer_uri") and not extra.get("tensorizer_dir"):
-            # vLLM replaces `model` by its local mirror of the config files before it derives
-            # tensorizer_dir from it; the weights stay at {s3 dir}/model.tensors.
-            extra["tensorizer_uri"] = f"{str(self.model).rstrip('/')}/model.tensors"
-        self.model_loader_extra_config = extra
-        token = _storage.set(storage_options_of(extra))
-        try:
-            with _not_object_storage(vllm_config_module):
-                return original(self, *args, **kwargs)
-        finally:
-            _storage.reset(token)
-
-    create_engine_config._tensorizer_rs = True
-    create_engine_config._original = original
-    create_engine_config.__doc__ = original.__doc__
-    EngineArgs.create_engine_config = create_engine_config
-    return True
+def is_tensorizer_s3(engine_args) -> bool:
+    """An engine with load_format="tensorizer" whose model is an s3:// dir."""
+    return str(engine_args.load_format).lower() == "tensorizer" and str(
+        engine_args.model
+    ).lower().startswith("s3://")
 
 
 @contextlib.contextmanager
-def _not_object_storage(module):
-    check = module.is_runai_obj_uri
-    module.is_runai_obj_uri = lambda uri: False
+def s3_model_config(engine_args):
+    """While vLLM builds such an engine's config: the weights at `{s3 dir}/model.tensors`
+    unless the extra config names a URI or dir, and the config and tokenizer files pulled with
+    the weights' S3 settings."""
+    extra = engine_args.model_loader_extra_config
+    if hasattr(extra, "to_serializable"):  # as vLLM's create_load_config does
+        extra = extra.to_serializable()
+    extra = dict(extra or {})
+    if not extra.get("tensorizer_uri") and not extra.get("tensorizer_dir"):
+        # vLLM replaces `model` by its local mirror of the config files before it derives
+        # tensorizer_dir from it; the weights stay at {s3 dir}/model.tensors.
+        extra["tensorizer_uri"] = f"{str(engine_args.model).rstrip('/')}/model.tensors"
+    engine_args.model_loader_extra_config = extra
+    token = _storage.set(storage_options_of(extra))
     try:
         yield
     finally:
-        module.is_runai_obj_uri = check
+        _storage.reset(token)

@@ -2,9 +2,9 @@
 
 vLLM calls `register()` once in every process it starts (front end, engine core, workers).
 It makes `load_format="tensorizer"` use tensorizer_rs, adds `load_format=
-"tensorizer_rs_serialize"` (used by `tensorize_vllm_model`), and lets vLLM fetch the config and
-tokenizer of `s3://` model dirs without runai-model-streamer (`objstore.install`), and lets vLLM
-load tensorized LoRA adapters, local or remote (`lora.install`). Needs vLLM >= 0.10.1 for
+"tensorizer_rs_serialize"` (used by `tensorize_vllm_model`), and installs the patches of vLLM's
+internals (`patches.install`: the config and tokenizer of `s3://` model dirs without
+runai-model-streamer, tensorized LoRA adapters, local or remote). Needs vLLM >= 0.10.1 for
 `register_model_loader`; on older versions it logs a warning and changes nothing. On vLLM's CPU
 backend it also requests the AMX permission that vLLM's attention kernel needs but does not ask
 for (`_request_amx_permission`).
@@ -41,16 +41,11 @@ def register() -> None:
 
     _register_quietly(register_model_loader, "tensorizer", TensorizerRsLoader)
     _register_quietly(register_model_loader, SERIALIZE_FORMAT, TensorizerRsSerializeLoader)
-    # s3:// model dirs: config/tokenizer files through our open_stream when vLLM's
-    # runai-model-streamer route is not installed.
-    from . import objstore
-
-    objstore.install()
-    # LoRA adapters with adapter_model.tensors (local, s3://, http(s)://); each hook checks the
+    # s3:// model dirs and LoRA adapters with adapter_model.tensors; each patch checks the
     # signature of what it wraps and otherwise warns and leaves vLLM alone.
-    from . import lora
+    from . import patches
 
-    lora.install()
+    patches.install()
     _request_amx_permission()
     _registered = True
 
