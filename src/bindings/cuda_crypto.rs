@@ -55,7 +55,7 @@ fn cuda_open_chunks(
         let ctx = cuda::Context::primary(device)?;
         let verdicts = Verdicts::new(&ctx, list.len())?;
         // SAFETY: foreign stream handle from the caller (torch's), of this device's context.
-        let stream = unsafe { cuda::foreign_stream(stream) };
+        let stream = unsafe { cuda::StreamHandle::foreign(stream) };
         // SAFETY: the caller names device memory it owns (a test or benchmark buffer).
         unsafe { kernels.open_in_place(&key, &list, &verdicts, stream)? };
         Ok(verdicts

@@ -204,3 +204,76 @@ pub unsafe fn memset_zero(dst: u64, len: usize, stream: sys::CUstream) -> Result
     // SAFETY: the caller's contract.
     unsafe { cu::memset_d8_async(dst, 0, len, stream) }.map_err(named("cuMemsetD8Async"))
 }
+
+/// `len` bytes of device memory in the current context, uninitialised.
+pub fn mem_alloc(len: usize) -> Result<sys::CUdeviceptr> {
+    // SAFETY: an allocation call; the memory is handed out as a raw address, read by no one
+    // before it is written.
+    unsafe { cu::malloc_sync(len) }.map_err(named("cuMemAlloc"))
+}
+
+/// # Safety
+/// `ptr` came from [`mem_alloc`] and nothing uses it any more (cuMemFree waits for queued work).
+pub unsafe fn mem_free(ptr: sys::CUdeviceptr) {
+    // SAFETY: the caller's contract.
+    let _ = unsafe { cu::free_sync(ptr) };
+}
+
+/// Zero `len` device bytes at `dst` and wait for it.
+///
+/// # Safety
+/// `dst` is device memory of at least `len` bytes.
+pub unsafe fn memset_zero_sync(dst: sys::CUdeviceptr, len: usize) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { cu::memset_d8_sync(dst, 0, len) }.map_err(named("cuMemsetD8"))
+}
+
+/// Copy `size_of_val(dst)` bytes of device memory at `src` into `dst`, waiting for it.
+///
+/// # Safety
+/// `src` is device memory of at least that many bytes, no longer written by queued work, and
+/// any bit pattern is a valid `T`.
+pub unsafe fn copy_dtoh<T>(dst: &mut [T], src: sys::CUdeviceptr) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { cu::memcpy_dtoh_sync(dst, src) }.map_err(named("cuMemcpyDtoH"))
+}
+
+/// One of the device's attributes (compute capability, ...).
+pub fn device_attribute(dev: sys::CUdevice, attr: sys::CUdevice_attribute) -> Result<i32> {
+    // SAFETY: a device handle from `device`.
+    unsafe { cu::device::get_attribute(dev, attr) }.map_err(named("cuDeviceGetAttribute"))
+}
+
+/// Load a module into the current context (for the life of the process: never unloaded).
+///
+/// # Safety
+/// `image` is a cubin, or PTX ending in a NUL byte.
+pub unsafe fn module_load_data(image: &[u8]) -> Result<sys::CUmodule> {
+    // SAFETY: the caller's contract.
+    unsafe { cu::module::load_data(image.as_ptr() as *const c_void) }.map_err(named("cuModuleLoadData"))
+}
+
+/// # Safety
+/// `module` is loaded (and stays loaded while the function is used).
+pub unsafe fn module_function(module: sys::CUmodule, name: &std::ffi::CStr) -> Result<sys::CUfunction> {
+    // SAFETY: the caller's contract.
+    unsafe { cu::module::get_function(module, name.to_owned()) }.map_err(named("cuModuleGetFunction"))
+}
+
+/// Queue `f` on `stream` over a one-dimensional grid of `grid` blocks of `threads` threads.
+///
+/// # Safety
+/// `f` is a loaded function whose parameters are exactly `params` (pointers to the argument
+/// values, which the driver copies before returning); every memory the arguments name is valid
+/// for what the kernel does with it until the stream has run it; `stream` is live.
+pub unsafe fn launch_kernel(
+    f: sys::CUfunction,
+    grid: u32,
+    threads: u32,
+    stream: sys::CUstream,
+    params: &mut [*mut c_void],
+    what: &'static str,
+) -> Result<()> {
+    // SAFETY: the caller's contract.
+    unsafe { cu::launch_kernel(f, (grid, 1, 1), (threads, 1, 1), 0, stream, params) }.map_err(named(what))
+}

@@ -21,7 +21,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use cudarc::driver::sys;
 use zeroize::Zeroize;
 
-use super::{check, driver, nvrtc, Context, StreamHandle};
+use super::{driver, nvrtc, result, Context, StreamHandle};
 use crate::crypto::{Piece, KEY_LEN, MAC_LEN, NONCE_LEN};
 use crate::error::{Error, ErrorKind, Result};
 
@@ -183,14 +183,12 @@ impl Verdicts {
         let n = n.max(1);
         let bytes = n * std::mem::size_of::<Slot>();
         let _bound = ctx.bind_scoped()?;
-        let mut dptr = 0;
-        // SAFETY: out-parameter call, then a fill of the allocation just made.
-        unsafe {
-            check(sys::cuMemAlloc_v2(&mut dptr, bytes), "cuMemAlloc")?;
-            if let Err(e) = check(sys::cuMemsetD8_v2(dptr, 0, bytes), "cuMemsetD8") {
-                sys::cuMemFree_v2(dptr);
-                return Err(e);
-            }
+        let dptr = result::mem_alloc(bytes)?;
+        // SAFETY: the allocation just made, of `bytes` bytes.
+        if let Err(e) = unsafe { result::memset_zero_sync(dptr, bytes) } {
+            // SAFETY: ours, never handed out.
+            unsafe { result::mem_free(dptr) };
+            return Err(e);
         }
         Ok(Verdicts { ctx: *ctx, dptr, n, used: Mutex::new(vec![false; n]) })
     }
@@ -225,15 +223,11 @@ impl Verdicts {
     /// synchronise any other stream that launched into these slots first).
     pub fn read(&self, stream: StreamHandle) -> Result<Vec<Verdict>> {
         let _bound = self.ctx.bind_scoped()?;
-        super::synchronize(stream)?;
+        stream.synchronize()?;
         let mut slots = vec![Slot::default(); self.n];
-        // SAFETY: our allocation of exactly this many slots; the kernels writing them are done.
-        check(
-            unsafe {
-                sys::cuMemcpyDtoH_v2(slots.as_mut_ptr() as *mut c_void, self.dptr, self.n * std::mem::size_of::<Slot>())
-            },
-            "cuMemcpyDtoH",
-        )?;
+        // SAFETY: our allocation of exactly this many slots (plain integers); the kernels
+        // writing them are done.
+        unsafe { result::copy_dtoh(&mut slots, self.dptr)? };
         Ok(slots.iter().map(|s| Verdict::from_raw(s.verdict)).collect())
     }
 }
@@ -242,7 +236,7 @@ impl Drop for Verdicts {
     fn drop(&mut self) {
         if let Ok(_bound) = self.ctx.bind_scoped() {
             // SAFETY: our allocation; cuMemFree waits for work that uses it.
-            unsafe { sys::cuMemFree_v2(self.dptr) };
+            unsafe { result::mem_free(self.dptr) };
         }
     }
 }
@@ -272,13 +266,6 @@ pub struct SecretboxKernels {
 unsafe impl Send for SecretboxKernels {}
 unsafe impl Sync for SecretboxKernels {}
 
-fn attribute(dev: sys::CUdevice, a: sys::CUdevice_attribute) -> Result<i32> {
-    let mut v = 0;
-    // SAFETY: out-parameter call.
-    check(unsafe { sys::cuDeviceGetAttribute(&mut v, a, dev) }, "cuDeviceGetAttribute")?;
-    Ok(v)
-}
-
 impl SecretboxKernels {
     /// The kernels for device `ordinal`: compiled on first use in the process, loaded on first
     /// use on the device. Any error means they cannot run here: use the host path and log the
@@ -294,25 +281,18 @@ impl SecretboxKernels {
             return Ok(k.clone());
         }
         let _bound = ctx.bind_scoped()?;
-        let mut dev = 0;
-        // SAFETY: out-parameter call.
-        check(unsafe { sys::cuDeviceGet(&mut dev, ordinal) }, "cuDeviceGet")?;
+        let dev = result::device(ordinal)?;
         use sys::CUdevice_attribute::*;
-        let cc = 10 * attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?
-            + attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        let cc = 10 * result::device_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?
+            + result::device_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
         let image = compiled(cc)?;
-        let mut module = std::ptr::null_mut();
-        // SAFETY: a cubin or NUL-terminated PTX image; the module stays loaded for the process.
-        let r = unsafe { sys::cuModuleLoadData(&mut module, image.code.as_ptr() as *const c_void) };
-        check(r, "cuModuleLoadData").map_err(|e| {
+        // SAFETY: NVRTC's cubin, or its PTX (NUL-terminated); the module stays loaded for the
+        // process.
+        let module = unsafe { result::module_load_data(&image.code) }.map_err(|e| {
             Error::new(ErrorKind::Unsupported, format!("the decryption kernels ({}) do not load: {e}", image.arch))
         })?;
-        let func = |name: &std::ffi::CStr| -> Result<sys::CUfunction> {
-            let mut f = std::ptr::null_mut();
-            // SAFETY: a loaded module and a NUL-terminated name.
-            check(unsafe { sys::cuModuleGetFunction(&mut f, module, name.as_ptr()) }, "cuModuleGetFunction")?;
-            Ok(f)
-        };
+        // SAFETY: a module loaded above, never unloaded.
+        let func = |name: &std::ffi::CStr| unsafe { result::module_function(module, name) };
         let kernels = Arc::new(SecretboxKernels {
             ctx,
             verify: func(c"tz_secretbox_verify")?,
@@ -358,22 +338,7 @@ impl SecretboxKernels {
             ] {
                 // SAFETY: the kernel takes one `tz_open_args` by value, which the driver copies
                 // before returning; the caller vouches for the memory it names.
-                let r = unsafe {
-                    sys::cuLaunchKernel(
-                        f,
-                        grid,
-                        1,
-                        1,
-                        threads,
-                        1,
-                        1,
-                        0,
-                        stream.0,
-                        params.as_mut_ptr(),
-                        std::ptr::null_mut(),
-                    )
-                };
-                check(r, what)?;
+                unsafe { result::launch_kernel(f, grid, threads, stream.0, &mut params, what)? };
             }
         }
         super::counters::add(super::counters::Counter::DecryptedOnDevice, chunks.iter().map(|c| c.len).sum());
