@@ -92,9 +92,7 @@ fn cuda_tensor_chunks<'py>(
     let keys = DecryptionKeys::Key(array::<KEY_LEN>(&key, "key")?);
     let plan = py
         .detach(|| -> crate::error::Result<Option<DecryptPlan>> {
-            let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
-            f.source().read_at(e.header_offset, &mut buf)?;
-            let h = crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())?;
+            let (_, h) = f.record_header(index)?;
             let info = h.crypt.ok_or_else(|| Error::crypto("the tensor is not encrypted"))?;
             DecryptPlan::new(&keys, &info, e.data_length)
         })

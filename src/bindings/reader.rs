@@ -40,41 +40,6 @@ fn path_to_py<'py>(py: Python<'py>, path: &[PathComponent], structured: bool) ->
     Ok(PyTuple::new(py, items)?.into_any())
 }
 
-/// A source shown under another name in messages.
-struct Renamed {
-    inner: Box<dyn storage::Source>,
-    name: String,
-}
-
-impl storage::Source for Renamed {
-    fn describe(&self) -> &str {
-        &self.name
-    }
-    fn size(&self) -> u64 {
-        self.inner.size()
-    }
-    fn read_at(&self, offset: u64, buf: &mut [u8]) -> crate::error::Result<()> {
-        self.inner.read_at(offset, buf)
-    }
-    fn read_stream(&self, offset: u64, len: usize, sink: &mut storage::ByteSink<'_>) -> crate::error::Result<()> {
-        self.inner.read_stream(offset, len, sink)
-    }
-    fn read_stream_into(
-        &self,
-        offset: u64,
-        len: usize,
-        dest: &mut dyn storage::StreamDest,
-    ) -> crate::error::Result<()> {
-        self.inner.read_stream_into(offset, len, dest)
-    }
-    fn reads_into_buffers(&self) -> bool {
-        self.inner.reads_into_buffers()
-    }
-    fn preferred_parallelism(&self) -> usize {
-        self.inner.preferred_parallelism()
-    }
-}
-
 #[pymethods]
 impl PyTensorFile {
     /// `name`: what messages call the file instead of `uri` (a stream spilled to a temporary
@@ -85,14 +50,7 @@ impl PyTensorFile {
         let opts = super::storage::options_from(storage.as_ref())?;
         let file = py
             .detach(|| -> crate::error::Result<TensorFile> {
-                let source = storage::open_source(&uri, &opts).map_err(|e| match &name {
-                    Some(n) => crate::error::Error::new(e.kind, e.message).in_file(n),
-                    None => e,
-                })?;
-                TensorFile::open(match name {
-                    Some(name) => Box::new(Renamed { inner: source, name }),
-                    None => source,
-                })
+                TensorFile::open(storage::open_source_named(&uri, &opts, name.as_deref())?)
             })
             .map_err(to_pyerr)?;
         Ok(PyTensorFile { inner: Some(Arc::new(file)) })
@@ -220,17 +178,7 @@ impl PyTensorFile {
             .detach(|| {
                 indices
                     .iter()
-                    .map(|&i| {
-                        let e = &f.entries[i];
-                        let read = || -> crate::error::Result<_> {
-                            let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
-                            f.source().read_at(e.header_offset, &mut buf)?;
-                            let h =
-                                crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())?;
-                            Ok((h.hashable(&buf), h.hashes))
-                        };
-                        read().map_err(|err| err.in_tensor(&e.name_lossy()).in_file(f.name()))
-                    })
+                    .map(|&i| f.record_header(i).map(|(buf, h)| (h.hashable(&buf), h.hashes)))
                     .collect::<crate::error::Result<Vec<_>>>()
             })
             .map_err(to_pyerr)?;
@@ -249,17 +197,10 @@ impl PyTensorFile {
     /// The record header of entry `i`: module index, stored hashes, and crypt info summary.
     fn header_info<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyDict>> {
         let f = self.file()?.clone();
-        let e = f
-            .entries
-            .get(i)
-            .ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")))?;
-        let h = py
-            .detach(|| -> crate::error::Result<_> {
-                let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
-                f.source().read_at(e.header_offset, &mut buf)?;
-                crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())
-            })
-            .map_err(|err| to_pyerr(err.in_tensor(&e.name_lossy()).in_file(f.name())))?;
+        if i >= f.entries.len() {
+            return Err(pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")));
+        }
+        let (_, h) = py.detach(|| f.record_header(i)).map_err(to_pyerr)?;
         let d = PyDict::new(py);
         d.set_item("module_idx", h.module_idx)?;
         let hashes = PyDict::new(py);
@@ -291,12 +232,7 @@ impl PyTensorFile {
     /// `TensorDeserializer.to_redis`.
     fn read_at<'py>(&self, py: Python<'py>, offset: u64, length: u64) -> PyResult<Bound<'py, PyBytes>> {
         let f = self.file()?.clone();
-        let end = offset.saturating_add(length).min(f.size());
-        let n = usize::try_from(end.saturating_sub(offset))
-            .map_err(|_| pyo3::exceptions::PyOverflowError::new_err("read too large"))?;
-        let mut buf = vec![0u8; n];
-        py.detach(|| if n > 0 { f.source().read_at(offset, &mut buf) } else { Ok(()) })
-            .map_err(|err| to_pyerr(err.in_file(f.name())))?;
+        let buf = py.detach(|| f.read_bytes(offset, length)).map_err(to_pyerr)?;
         Ok(PyBytes::new(py, &buf))
     }
 

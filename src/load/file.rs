@@ -4,6 +4,7 @@ use crate::error::{Error, Result};
 use crate::format::header::{FileHeader, HEADER_LEN};
 use crate::format::index::{parse_index, IndexEntry};
 use crate::format::names::{self, PathRegistry, TensorPath};
+use crate::format::TensorHeader;
 use crate::storage::Source;
 
 /// Headers hold names, shapes, hashes and one 16-byte MAC per 2 MiB: 64 MiB covers any real tensor.
@@ -71,6 +72,31 @@ impl TensorFile {
     }
     pub fn size(&self) -> u64 {
         self.source.size()
+    }
+
+    /// Entry `i`'s record header, read and parsed, with its bytes (what
+    /// [`TensorHeader::hashable`] reads); errors name the tensor and the file.
+    pub fn record_header(&self, i: usize) -> Result<(Vec<u8>, TensorHeader)> {
+        let e =
+            self.entries.get(i).ok_or_else(|| Error::value(format!("no tensor at index {i}")).in_file(self.name()))?;
+        let read = || -> Result<_> {
+            let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
+            self.source.read_at(e.header_offset, &mut buf)?;
+            let h = TensorHeader::parse(&buf, e.wide_shape(), self.header.has_crypt_info())?;
+            Ok((buf, h))
+        };
+        read().map_err(|err| err.in_tensor(&e.name_lossy()).in_file(self.name()))
+    }
+
+    /// The file's bytes `offset..offset + len`, cut at its end.
+    pub fn read_bytes(&self, offset: u64, len: u64) -> Result<Vec<u8>> {
+        let end = offset.saturating_add(len).min(self.size());
+        let n = usize::try_from(end.saturating_sub(offset)).map_err(|_| Error::value("read too large"))?;
+        let mut buf = vec![0u8; n];
+        if n > 0 {
+            self.source.read_at(offset, &mut buf).map_err(|e| e.in_file(self.name()))?;
+        }
+        Ok(buf)
     }
 }
 

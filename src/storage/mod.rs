@@ -228,6 +228,44 @@ pub fn open_source(uri: &str, opts: &StorageOptions) -> Result<Box<dyn Source>> 
     })
 }
 
+/// [`open_source`], called `name` in messages instead of `uri` when one is given (a stream
+/// spilled to a temporary file is named after the stream, e.g. its `redis://` URI).
+pub fn open_source_named(uri: &str, opts: &StorageOptions, name: Option<&str>) -> Result<Box<dyn Source>> {
+    let Some(name) = name else { return open_source(uri, opts) };
+    let inner = open_source(uri, opts).map_err(|e| Error { file: Some(name.to_string()), ..e })?;
+    Ok(Box::new(Named { inner, name: name.to_string() }))
+}
+
+/// A source shown under another name; everything else is the inner source's.
+struct Named {
+    inner: Box<dyn Source>,
+    name: String,
+}
+
+impl Source for Named {
+    fn describe(&self) -> &str {
+        &self.name
+    }
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn caps(&self) -> Caps {
+        self.inner.caps()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8], stop: &Stop) -> Result<()> {
+        self.inner.read(offset, buf, stop)
+    }
+    fn read_aligned(&self, offset: u64, len: usize, buf: &mut [u8], mode: ReadMode, stop: &Stop) -> Result<Landed> {
+        self.inner.read_aligned(offset, len, buf, mode, stop)
+    }
+    fn read_stream(&self, offset: u64, len: usize, sink: &mut ByteSink<'_>, stop: &Stop) -> Result<()> {
+        self.inner.read_stream(offset, len, sink, stop)
+    }
+    fn read_stream_into(&self, offset: u64, len: usize, dest: &mut dyn StreamDest, stop: &Stop) -> Result<()> {
+        self.inner.read_stream_into(offset, len, dest, stop)
+    }
+}
+
 /// Open a sink by URI or path: `s3://bucket/key`, `file://…` or a local path (HTTP is read-only).
 pub fn create_sink(uri: &str, opts: &StorageOptions) -> Result<Box<dyn Sink>> {
     Ok(match scheme_of(uri)? {
@@ -288,6 +326,24 @@ mod tests {
         assert!(scheme_of("redis://h:1/p").is_err());
         assert!(is_remote("HTTP://x/y") && is_remote("s3://b/k") && !is_remote("file:///a") && !is_remote("/a"));
         assert!(create_sink("http://127.0.0.1:1/x", &StorageOptions::default()).is_err());
+    }
+
+    #[test]
+    fn a_named_source_reads_as_the_inner_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spilled.bin");
+        std::fs::write(&path, b"0123456789").unwrap();
+        let opts = StorageOptions::default();
+        let src = open_source_named(path.to_str().unwrap(), &opts, Some("redis://h:1/p")).unwrap();
+        assert_eq!((src.describe(), src.size()), ("redis://h:1/p", 10));
+        assert_eq!(src.caps(), open_source(path.to_str().unwrap(), &opts).unwrap().caps());
+        let mut buf = [0u8; 4];
+        src.read_at(3, &mut buf).unwrap();
+        assert_eq!(&buf, b"3456");
+        // Failing to open: the error names what the caller calls it.
+        let missing = dir.path().join("missing");
+        let e = open_source_named(missing.to_str().unwrap(), &opts, Some("redis://h:1/p")).err().unwrap();
+        assert_eq!(e.file.as_deref(), Some("redis://h:1/p"), "{e}");
     }
 
     #[test]
