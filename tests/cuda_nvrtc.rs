@@ -2,8 +2,8 @@
 //! machine code, and for an architecture newer than NVRTC knows as PTX of the newest it does.
 //!
 //! NVRTC comes from the venv's `nvidia-cuda-nvrtc` wheel (scripts/setup-env.sh installs it;
-//! torch's CUDA wheels bring the same). This test fails when it cannot find or run NVRTC,
-//! never skips silently: set `TENSORIZER_RS_SKIP_NVRTC=1` to skip it on purpose.
+//! torch's CUDA wheels bring the same). This test fails when it cannot find or run NVRTC; it
+//! never skips.
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -23,23 +23,14 @@ fn venv_nvidia_dirs() -> Vec<PathBuf> {
     ["cu13", "cuda_nvrtc", "cu12"].iter().map(|s| site.join("nvidia").join(s).join("lib")).collect()
 }
 
-fn nvrtc_or_skip() -> Option<&'static nvrtc::Nvrtc> {
-    if std::env::var("TENSORIZER_RS_SKIP_NVRTC").as_deref() == Ok("1") {
-        eprintln!("TENSORIZER_RS_SKIP_NVRTC=1: not compiling the kernels");
-        return None;
-    }
+fn nvrtc() -> &'static nvrtc::Nvrtc {
     nvrtc::add_search_dirs(venv_nvidia_dirs());
-    match nvrtc::library() {
-        Ok(l) => Some(l),
-        Err(e) => panic!(
-            "{e}\n(install the nvidia-cuda-nvrtc wheel, e.g. scripts/setup-env.sh, or set TENSORIZER_RS_SKIP_NVRTC=1)"
-        ),
-    }
+    nvrtc::library().unwrap_or_else(|e| panic!("{e}\n(install the nvidia-cuda-nvrtc wheel, e.g. scripts/setup-env.sh)"))
 }
 
 #[test]
 fn kernels_compile_to_sm_90_machine_code() {
-    let Some(lib) = nvrtc_or_skip() else { return };
+    let lib = nvrtc();
     eprintln!("NVRTC {:?} from {}", lib.version(), lib.path());
     assert!(lib.supported_archs().contains(&90), "{:?}", lib.supported_archs());
     let image = secretbox::compiled(90).unwrap_or_else(|e| panic!("{e}"));
@@ -56,7 +47,7 @@ fn kernels_compile_to_sm_90_machine_code() {
 
 #[test]
 fn an_unknown_architecture_gets_ptx_and_bad_source_a_clear_error() {
-    let Some(lib) = nvrtc_or_skip() else { return };
+    let lib = nvrtc();
     let newest = *lib.supported_archs().iter().max().unwrap();
     let image = lib.compile(secretbox::SOURCE, "secretbox.cu", newest + 1, &[]).unwrap_or_else(|e| panic!("{e}"));
     assert!(!image.cubin && image.arch == format!("compute_{newest}"), "{image:?}");

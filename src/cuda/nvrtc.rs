@@ -7,7 +7,8 @@
 //! wheels ship `libnvrtc.so.13` inside `site-packages/nvidia/cu13/lib`, which is on no loader
 //! path. So we open it ourselves ([`library`]), trying in order:
 //!
-//! 1. `TENSORIZER_RS_NVRTC`: a file, or a folder holding `libnvrtc.so*`;
+//! 1. the place given with [`set_path`] (`TENSORIZER_RS_NVRTC`, read by `load::options`): a
+//!    file, or a folder holding `libnvrtc.so*`;
 //! 2. folders given with [`add_search_dirs`] (the Python side passes torch's `nvidia/*/lib`);
 //! 3. the folders of CUDA libraries this process has already loaded (`libcudart`, `libcublas`,
 //!    `libtorch_cuda`, ... from `/proc/self/maps`), and the `nvidia/{cu13,cuda_nvrtc,cu12}/lib`
@@ -59,6 +60,17 @@ pub struct Nvrtc {
 
 fn unsupported(msg: impl Into<String>) -> Error {
     Error::new(ErrorKind::Unsupported, msg)
+}
+
+fn given_path() -> &'static Mutex<Option<PathBuf>> {
+    static PATH: Mutex<Option<PathBuf>> = Mutex::new(None);
+    &PATH
+}
+
+/// The NVRTC library to try first: a file, or a folder holding `libnvrtc.so*` (the user's
+/// setting). Effective until the library has been loaded.
+pub fn set_path(path: Option<PathBuf>) {
+    *given_path().lock().unwrap_or_else(|p| p.into_inner()) = path;
 }
 
 fn search_dirs() -> &'static Mutex<Vec<PathBuf>> {
@@ -136,12 +148,11 @@ fn loaded_cuda_dirs() -> Vec<PathBuf> {
 /// Where NVRTC would be looked for, in order (for error messages and tests).
 pub fn candidates() -> Vec<String> {
     let mut c = Vec::new();
-    if let Ok(v) = std::env::var("TENSORIZER_RS_NVRTC") {
-        let p = PathBuf::from(&v);
+    if let Some(p) = given_path().lock().unwrap_or_else(|p| p.into_inner()).clone() {
         if p.is_dir() {
             c.extend(nvrtc_files_in(&p).into_iter().map(|f| f.display().to_string()));
         } else {
-            c.push(v);
+            c.push(p.display().to_string());
         }
     }
     let dirs = search_dirs().lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -1,11 +1,13 @@
 //! A load's settings, built once: the caller's arguments over the process environment over the
 //! defaults measured on the GPU machine (docs/benchmarks.md). This is the one module that reads
 //! `TENSORIZER_RS_*` variables; the layers below get plain values (storage its options, cuda
-//! its pool size, trace its switch). Every knob a user can turn is in docs/gpu.md, "Settings".
+//! its pool size and where NVRTC is, trace its switch). Every knob a user can turn is in the
+//! README's "Settings" table.
 //!
 //! [`Tuning`] is what a load runs with once its source and destination are known: readers,
 //! staging buffers, read sizes. Where a count scales with the machine (cores; later the local
 //! ranks sharing it), it is decided here.
+use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use super::plan::Sizes;
@@ -37,6 +39,9 @@ pub struct Env {
     pub staging_bytes: Option<usize>,
     /// `TENSORIZER_RS_IO`: how GPU loads read local files (`auto`, `buffered`, `direct`).
     pub io: Option<ReadMode>,
+    /// `TENSORIZER_RS_NVRTC`: the CUDA run-time compiler (`libnvrtc.so*`, or its folder) for the
+    /// GPU decryption kernels, where it is not found beside torch's CUDA libraries.
+    pub nvrtc: Option<PathBuf>,
     /// Values that could not be used, as messages naming the variable; every load fails with
     /// the first, rather than run with a setting the user did not ask for.
     pub problems: Vec<String>,
@@ -65,6 +70,11 @@ impl Env {
                 _ => bad("TENSORIZER_RS_STAGING_BYTES", &v, "a positive number of bytes"),
             }
         }
+        if let Some(v) = get("TENSORIZER_RS_NVRTC") {
+            if !v.trim().is_empty() {
+                env.nvrtc = Some(PathBuf::from(v));
+            }
+        }
         if let Some(v) = get("TENSORIZER_RS_IO") {
             match v.parse::<ReadMode>() {
                 Ok(m) => env.io = Some(m),
@@ -84,12 +94,14 @@ impl Env {
 }
 
 /// This process's environment, read on first use (the extension reads it on import), and
-/// handed to the layers that act on it: the trace switch, the staging pool's bound.
+/// handed to the layers that act on it: the trace switch, the staging pool's bound, where
+/// NVRTC is.
 pub fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
         let env = Env::parse(|k| std::env::var(k).ok());
         crate::trace::set_enabled(env.trace);
+        cuda::nvrtc::set_path(env.nvrtc.clone());
         if let Some(total) = env.staging_bytes {
             cuda::set_staging_config(cuda::StagingConfig { total, ..cuda::staging_config() });
         }
@@ -222,12 +234,14 @@ mod tests {
             ("TENSORIZER_RS_HTTP_DIRECT", "0"),
             ("TENSORIZER_RS_STAGING_BYTES", "134217728"),
             ("TENSORIZER_RS_IO", "direct"),
+            ("TENSORIZER_RS_NVRTC", "/opt/cuda/lib64"),
         ]));
         assert!(env.trace && env.problems.is_empty(), "{:?}", env.problems);
         assert_eq!(
             (env.http_direct, env.staging_bytes, env.io),
             (Some(false), Some(128 << 20), Some(ReadMode::Direct))
         );
+        assert_eq!(env.nvrtc.as_deref(), Some(std::path::Path::new("/opt/cuda/lib64")));
         assert!(env.check().is_ok());
         let env = Env::parse(vars(&[("TENSORIZER_RS_TRACE", "0"), ("TENSORIZER_RS_HTTP_DIRECT", "1")]));
         assert!(!env.trace && env.http_direct.is_none() && env.check().is_ok());
