@@ -502,7 +502,8 @@ def _ours_stats(d) -> dict:
     """What our loader says about a CUDA load: the pinned staging it used, its counters."""
     out = {}
     try:
-        stats = getattr(d, "_cuda_stats", None) or []
+        # TensorDeserializer.cuda_load_stats: absent in wheels from before it (then no stats).
+        stats = getattr(d, "cuda_load_stats", {}).get("loads", [])
         out["load_stats"] = stats
         pinned = max(
             (s.get("staging_chunk", 0) * s.get("staging_buffers", 0) for s in stats), default=0

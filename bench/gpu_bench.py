@@ -448,8 +448,10 @@ def child(args):
         c = _cuda.counters()
         out["counters"] = {k: c[k] - counters0.get(k, 0) for k in c}
         out["staging_pool_bytes"] = _cuda.staging()[0]
-        out["load_stats"] = getattr(keep, "_cuda_stats", None)
-        out["alloc_seconds"] = getattr(keep, "_cuda_alloc_seconds", None)
+        # TensorDeserializer.cuda_load_stats: absent in wheels from before it (then None).
+        stats = getattr(keep, "cuda_load_stats", None)
+        out["load_stats"] = stats and stats["loads"]
+        out["alloc_seconds"] = stats and stats["alloc_seconds"]
     del keep
     return out
 
@@ -510,7 +512,7 @@ def small_overhead(path, out, spec):
             t2 = time.perf_counter()
             total.append(t2 - t0)
             ctor.append(t1 - t0)
-            stats = getattr(d, "_cuda_stats", None)
+            stats = getattr(d, "cuda_load_stats", {}).get("loads")
             native.append(stats[0]["seconds"] if stats else 0.0)
             del d
         us = lambda xs: statistics.median(xs) / n * 1e6

@@ -255,6 +255,8 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         self.total_tensor_bytes = 0
         self._total_bytes_read = 0
         self._seconds = 0.0
+        self._cuda_stats: list = []
+        self._cuda_alloc_seconds: list = []
         if not lazy_load:
             self._last_yielded = len(self._selected) - 1
             if self._device.type == "cuda":
@@ -410,7 +412,7 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         self.total_tensor_bytes += loaded.bytes
         self.total_bytes_read += loaded.bytes
         self._seconds += loaded.seconds
-        self._cuda_stats = loaded.stats  # what the native loads did (benchmarks read it)
+        self._cuda_stats = loaded.stats
         self._cuda_alloc_seconds = loaded.alloc_seconds
 
     def fills_in_place(self, name: str, tensor: Any) -> bool:
@@ -793,6 +795,14 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
     @property
     def read_bytes(self) -> int:
         return self.total_bytes_read
+
+    @property
+    def cuda_load_stats(self) -> dict:
+        """What this deserializer's last load to a CUDA device did (a tensorizer-rs extension,
+        for benchmarks): ``{"loads": [...], "alloc_seconds": [...]}``, one dict per native load
+        (``seconds``, ``readers``, ``staged_bytes``, ``staging_chunk``, ``staging_buffers``, ...)
+        and the time each allocation of new tensors took; both empty before such a load."""
+        return {"loads": list(self._cuda_stats), "alloc_seconds": list(self._cuda_alloc_seconds)}
 
     @property
     def cache_status(self) -> str | None:

@@ -251,12 +251,17 @@ def larger_than_pool_all_modes():
     total = sum(v.numel() * v.element_size() for v in sd.values())
     for mode in MODES:
         _cuda.reset_counters()
+        d = gpu_deser(path)
+        assert d.cuda_load_stats == {"loads": [], "alloc_seconds": []}
         with io_mode(mode):
-            assert_loaded(gpu_load(gpu_deser(path)), sd, mode)
+            assert_loaded(gpu_load(d), sd, mode)
         c = _cuda.counters()
         moved = c["staged_bytes"] + c["pageable_bytes"]
         meta = 128 * 129 * 4
         assert moved == total - meta, (moved, total, c)
+        # The deserializer's public account of its load agrees with the process's counters.
+        loads = d.cuda_load_stats["loads"]
+        assert loads and sum(s["staged_bytes"] for s in loads) == c["staged_bytes"], (loads, c)
         assert c["staged_bytes"] == moved, c
         assert c["zero_fills"] == 1 and c["h2d_copies"] >= 7, c
         assert c["peak_staging_allocated"] <= 4 << 20, c
