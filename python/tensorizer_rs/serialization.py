@@ -315,7 +315,7 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
 
     def _open(self, file_obj: Any):
         uri = _uri_of(file_obj)
-        if uri is not None and uri.partition("://")[0].lower() == "redis":
+        if uri is not None and _native.uri_scheme(uri) == "redis":
             from .stream_io import RedisStreamFile
 
             with RedisStreamFile(uri) as stream:
@@ -891,7 +891,7 @@ class TensorSerializer:
         self._written = 0
         self._file_obj = None
         uri = _uri_of(file_obj)
-        scheme = uri.partition("://")[0].lower() if uri is not None and "://" in uri else None
+        scheme = _native.uri_scheme(uri) if uri is not None else None
         if scheme in ("http", "https", "redis"):
             # Read-only schemes, refused as CoreWeave's open_stream(file_obj, "wb+") does.
             kind = "redis" if scheme == "redis" else "http(s)"

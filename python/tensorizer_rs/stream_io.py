@@ -54,8 +54,10 @@ _ = (SEEK_CUR, SEEK_END, SEEK_SET)
 
 
 def _scheme(uri: str) -> str | None:
-    head, sep, _ = uri.partition("://")
-    return head.lower() if sep else None
+    """The URI's scheme, lowercased, or None for a path (the storage layer decides)."""
+    from . import _native
+
+    return _native.uri_scheme(uri) if isinstance(uri, str) else None
 
 
 class CAInfo:
@@ -348,7 +350,7 @@ def _parse_redis_uri(uri: str) -> tuple[str, int, str]:
     from urllib.parse import urlparse
 
     parts = urlparse(uri)
-    if parts.scheme.lower() != "redis":
+    if _scheme(uri) != "redis":
         raise TensorizerValueError(f"Invalid Redis URI: {uri}")
     host = parts.hostname
     port = parts.port  # ValueError for a port that is not a number

@@ -51,6 +51,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(storage::write_all, m)?)?;
     m.add_function(wrap_pyfunction!(storage::copy_file, m)?)?;
     m.add_function(wrap_pyfunction!(storage::http_direct_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(storage::uri_scheme, m)?)?;
+    m.add_function(wrap_pyfunction!(storage::is_remote, m)?)?;
     m.add_function(wrap_pyfunction!(trace_take, m)?)?;
     m.add_function(wrap_pyfunction!(trace_mark, m)?)?;
     Ok(())

@@ -90,6 +90,18 @@ pub fn copy_file(py: Python<'_>, path: String, uri: String, storage: Option<Boun
     py.detach(|| storage::copy(&path, &uri, &opts, &mut || raised.check_signals())).map_err(|e| raised.or(e))
 }
 
+/// The scheme of `uri`, lowercased, or None for a plain path (`storage::scheme`).
+#[pyfunction]
+pub fn uri_scheme(uri: &str) -> Option<String> {
+    storage::scheme(uri)
+}
+
+/// Whether `uri` names a remote object (`http(s)://`, `s3://`) rather than a local file.
+#[pyfunction]
+pub fn is_remote(uri: &str) -> bool {
+    storage::is_remote(uri)
+}
+
 /// Body bytes plain-HTTP reads have received straight into their buffers, process-wide (tests
 /// check which path a load took).
 #[pyfunction]

@@ -213,6 +213,13 @@ fn scheme_of(uri: &str) -> Result<Scheme<'_>> {
     }
 }
 
+/// The scheme of `uri`, lowercased (`"s3"`, `"https"`, `"file"`, `"redis"`, ...), or `None`
+/// for a plain path: for callers that choose among places this crate does not serve itself
+/// (the Python package's `redis://` streams) or check a URI before opening it.
+pub fn scheme(uri: &str) -> Option<String> {
+    uri.split_once("://").map(|(s, _)| s.to_ascii_lowercase())
+}
+
 /// Whether `uri` names a remote object (HTTP(S), S3) rather than a local file: what a caller
 /// must know before the source is open (to size buffers it prepares meanwhile).
 pub fn is_remote(uri: &str) -> bool {
@@ -325,6 +332,9 @@ mod tests {
         assert_eq!(scheme_of("gs://b/k").unwrap(), Scheme::Local("gs://b/k"));
         assert!(scheme_of("redis://h:1/p").is_err());
         assert!(is_remote("HTTP://x/y") && is_remote("s3://b/k") && !is_remote("file:///a") && !is_remote("/a"));
+        assert!(!is_remote("redis://h/p") && !is_remote("gs://b/k"));
+        assert_eq!(scheme("Redis://h:1/p").as_deref(), Some("redis"));
+        assert_eq!((scheme("/a/b"), scheme("rel/x.tensors")), (None, None));
         assert!(create_sink("http://127.0.0.1:1/x", &StorageOptions::default()).is_err());
     }
 

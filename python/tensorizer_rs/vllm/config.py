@@ -43,8 +43,9 @@ def validate_config(config: dict) -> None:
 
 def is_valid_deserialization_uri(uri: str | None) -> bool:
     if uri:
-        scheme = uri.lower().split("://")[0]
-        return scheme in {"s3", "http", "https"} or os.path.exists(uri)
+        from tensorizer_rs import _native
+
+        return _native.is_remote(uri) or os.path.exists(uri)
     return False
 
 

@@ -174,9 +174,12 @@ def pull_into(model, model_path: str, allow_pattern=None, ignore_pattern=None) -
 
 def is_tensorizer_s3(engine_args) -> bool:
     """An engine with load_format="tensorizer" whose model is an s3:// dir."""
-    return str(engine_args.load_format).lower() == "tensorizer" and str(
-        engine_args.model
-    ).lower().startswith("s3://")
+    from tensorizer_rs import _native
+
+    return (
+        str(engine_args.load_format).lower() == "tensorizer"
+        and _native.uri_scheme(str(engine_args.model)) == "s3"
+    )
 
 
 @contextlib.contextmanager

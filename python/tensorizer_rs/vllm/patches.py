@@ -27,6 +27,8 @@ import functools
 import importlib.util
 import inspect
 
+from tensorizer_rs import _native
+
 from .config import logger
 
 #: Parameter names of the vLLM functions we wrap or call, as tested (vLLM 0.32). A vLLM whose
@@ -245,7 +247,7 @@ def patch_pull_files() -> bool:
         return False
 
     def patched(self, model_path: str = "", allow_pattern=None, ignore_pattern=None) -> None:
-        if not model_path.lower().startswith("s3://"):
+        if _native.uri_scheme(model_path) != "s3":
             return original(self, model_path, allow_pattern, ignore_pattern)
         objstore.pull_into(self, model_path, allow_pattern, ignore_pattern)
         return None

@@ -46,7 +46,9 @@ ARTIFACT_IGNORE = (
 
 
 def _is_remote(uri: str) -> bool:
-    return "://" in uri
+    from tensorizer_rs import _native
+
+    return _native.is_remote(uri)
 
 
 def tp_rank() -> int:

@@ -33,8 +33,12 @@ def _make_resolver_class():
             return True
 
         async def resolve_lora(self, base_model_name: str, lora_name: str):
+            from tensorizer_rs import _native
+
             parts = lora_name.split("/")
-            if not lora_name or "://" in lora_name or lora_name.startswith("/") or ".." in parts:
+            # A name, not a URI or a path out of the base dir.
+            uri = bool(lora_name) and _native.uri_scheme(lora_name) is not None
+            if not lora_name or uri or lora_name.startswith("/") or ".." in parts:
                 return None
             path = f"{self.base}/{lora_name}"
             if not await asyncio.to_thread(self._exists, f"{path}/{ADAPTER_CONFIG}"):

@@ -24,11 +24,13 @@ RESOLVER_ENV = "TENSORIZER_RS_LORA_RESOLVER_DIR"
 _LOCATION_FIELDS = frozenset({"tensorizer_uri", "tensorizer_dir"})
 #: Fields never written to a sidecar file: credentials stay in the caller's process and env.
 _SECRET_FIELDS = frozenset({"s3_access_key_id", "s3_secret_access_key"})
-_REMOTE_SCHEMES = ("s3://", "http://", "https://")
 
 
 def is_remote(path: str) -> bool:
-    return isinstance(path, str) and path.lower().startswith(_REMOTE_SCHEMES)
+    """Whether `path` is an `s3://` / `http(s)://` URI (the storage layer decides)."""
+    from tensorizer_rs import _native
+
+    return isinstance(path, str) and _native.is_remote(path)
 
 
 def _as_config(tensorizer_config: Any) -> tuple[TensorizerConfig, str | None]:
