@@ -14,7 +14,7 @@ use super::plan::Sizes;
 use crate::crypto::DecryptionKeys;
 use crate::cuda::{self, Pool};
 use crate::error::{Error, Result};
-use crate::storage::{Caps, ReadMode, StorageOptions};
+use crate::storage::{Caps, ReadMode, StorageOptions, PAGE};
 
 /// What the caller of one load asked for.
 #[derive(Clone, Default)]
@@ -215,7 +215,9 @@ impl Tuning {
             } else {
                 readers
             },
-            fill: if local_plain { LOCAL_FILL.min(chunk) } else { chunk },
+            // A page short of the buffer at most: a direct read of an unaligned range rounds
+            // out to whole pages on both sides and must still fit.
+            fill: if local_plain { LOCAL_FILL.min(chunk.saturating_sub(PAGE).max(PAGE)) } else { chunk },
         }
     }
 }

@@ -267,7 +267,8 @@ def larger_than_pool_all_modes():
         assert c["peak_staging_allocated"] <= 4 << 20, c
         assert c["buffered_read_bytes"] + c["direct_read_bytes"] >= moved, c
         if mode == "direct":
-            assert c["direct_read_bytes"] > 2_000_000, c
+            # The 5.6 MB tensor too: its buffer-sized reads leave room to round out to pages.
+            assert c["direct_read_bytes"] > 5_600_000, c
         if mode == "buffered":
             assert c["direct_read_bytes"] == 0, c
 
