@@ -25,6 +25,8 @@
 #   peers      bench/peers_bench.py: us beside InstantTensor, fastsafetensors, Run:ai, CoreWeave and
 #              safetensors; page cache, tmpfs, cold (~9 min; needs .device/peers and .device/cw from
 #              scripts/fetch-device-wheels.sh; PEERS_ARGS, e.g. "--gib 16 --columns page,tmpfs")
+#   disk       bench/disk_probe.py: the cold disk's ceiling by request pattern (O_DIRECT and buffered,
+#              threads x request size) and our cold loads beside it (~3 min; DISK_GIB)
 #   tp         bench/tp_bench.py: N ranks load their shards at once (N = the GPUs, or 4 sharing one);
 #              ~8 min; TP_ARGS, e.g. "--ranks 2 --rows page,cold"
 #   Each of ab / peers / tp fills a call; run it alone. peers and tp write peers.* / tp.* (json,
@@ -84,6 +86,9 @@ for phase in $phases; do
       timeout 560 python3 bench/peers_bench.py --dir /tmp/tzpeers --out "$OUT" --coreweave "$HOME/cw" \
         --peers "$HOME/peers" ${PEERS_ARGS:-}
       rm -rf /tmp/tzpeers /dev/shm/tzpeers-* ;;
+    disk)
+      timeout 300 python3 bench/disk_probe.py --dir /tmp/tzdisk --gib "${DISK_GIB:-6}" --out "$OUT" 2>&1 | tee "$OUT/disk-probe.log"
+      rm -rf /tmp/tzdisk ;;
     tp)
       # shellcheck disable=SC2086
       timeout 560 python3 bench/tp_bench.py --dir /tmp/tztp --out "$OUT" --coreweave "$HOME/cw" ${TP_ARGS:-}
