@@ -50,7 +50,7 @@ def _sha(t: torch.Tensor) -> str:
 
 
 def _stats(d) -> list:
-    loads = d.cuda_load_stats()["loads"]
+    loads = d.cuda_load_stats["loads"]
     assert loads, "no CUDA load ran"
     return loads
 
@@ -73,11 +73,15 @@ def test_tmpfs_new_tensors_and_in_place(shm_dir, tmp_path):
     d.close()
 
     # In place: a module holding tensors of the right shapes on the GPU.
-    m = torch.nn.Module()
-    for k, v in sd.items():
-        m.register_buffer(k.replace(".", "_"), torch.zeros_like(v, device="cuda:0"))
     named = {k.replace(".", "_"): v for k, v in sd.items()}
-    path = _write(shm_dir / "module.tensors", named)
+    src, m = torch.nn.Module(), torch.nn.Module()
+    for k, v in named.items():
+        src.register_buffer(k, v)
+        m.register_buffer(k, torch.zeros_like(v, device="cuda:0"))
+    s = TensorSerializer(str(shm_dir / "module.tensors"))
+    s.write_module(src)
+    s.close()
+    path = str(shm_dir / "module.tensors")
     ptrs = {k: v.data_ptr() for k, v in m.state_dict().items()}
     d = TensorDeserializer(path, device="cuda:0")
     d.load_into_module(m)
@@ -140,7 +144,7 @@ path, dev = sys.argv[1], int(sys.argv[2])
 d = TensorDeserializer(path, device=f"cuda:{dev}")
 raw = lambda t: t.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes()
 sha = {k: hashlib.sha256(raw(v)).hexdigest() for k, v in d.items()}
-print(json.dumps({"stats": d.cuda_load_stats()["loads"], "sha256": sha}))
+print(json.dumps({"stats": d.cuda_load_stats["loads"], "sha256": sha}))
 """
 
 
