@@ -207,6 +207,11 @@ pub fn prewarm(device: i32, uri: Option<&str>, readers: Option<usize>) {
     }
     std::thread::spawn(move || {
         if let Ok(engine) = Engine::get(device) {
+            // The page-locking threads inherit this one's CPUs: the buffers are first touched,
+            // so placed, on the GPU's NUMA node, like the readers that fill them.
+            if let Some(cpus) = options::gpu_placement(device).cpus {
+                super::numa::pin_current_thread(&cpus);
+            }
             engine.pool().prewarm(buffers);
         }
     });
