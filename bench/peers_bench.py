@@ -69,6 +69,15 @@ COLUMNS = ("page", "tmpfs", "cold")
 COLUMN_TITLES = {"page": "page cache (ext4)", "tmpfs": "tmpfs", "cold": "cold"}
 
 
+def _path(r: dict) -> str:
+    """Which path our loads took (file system, read mode, readers), from their stats."""
+    stats = r.get("load_stats") or []
+    if not stats or "fs" not in stats[0]:
+        return ""
+    s = stats[0]
+    return f"  {s['fs']}/{s['read_mode']} {s['readers']} readers x {s.get('load_buffers', '?')} buf"
+
+
 def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", required=True, help="a directory on a local disk (ext4)")
@@ -330,6 +339,7 @@ def main():
                         if r.get("pinned_bytes")
                         else ""
                     )
+                    + _path(r)
                 )
 
         def rotated(rnd):  # no loader always first

@@ -96,6 +96,12 @@ fn cuda_load<'py>(
     d.set_item("buffered_read_bytes", stats.buffered_read_bytes)?;
     d.set_item("staging_chunk", stats.staging_chunk)?;
     d.set_item("staging_buffers", stats.staging_buffers)?;
+    d.set_item("load_buffers", stats.load_buffers)?;
+    d.set_item("read_mode", stats.read_mode)?;
+    d.set_item("fs", stats.fs)?;
+    d.set_item("local_ranks", stats.local_ranks)?;
+    d.set_item("numa_node", stats.numa_node)?;
+    d.set_item("reader_cpus", stats.reader_cpus)?;
     Ok((module_idx, d))
 }
 

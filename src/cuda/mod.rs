@@ -60,6 +60,15 @@ pub fn device_count() -> Result<usize> {
     Ok(result::device_count()?.max(0) as usize)
 }
 
+/// The PCI bus id of device `ordinal` (`"0000:1B:00.0"`). A driver without the call (cudarc
+/// panics on a missing symbol) is an `Unsupported` error.
+pub fn pci_bus_id(ordinal: i32) -> Result<String> {
+    driver()?;
+    let dev = result::device(ordinal)?;
+    std::panic::catch_unwind(|| result::device_pci_bus_id(dev))
+        .unwrap_or_else(|_| Err(unsupported("the CUDA driver has no cuDeviceGetPCIBusId")))
+}
+
 /// A device's primary context (retained once and kept for the life of the process, as
 /// PyTorch does).
 #[derive(Clone, Copy)]

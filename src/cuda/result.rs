@@ -39,6 +39,17 @@ pub fn device(ordinal: i32) -> Result<sys::CUdevice> {
     cu::device::get(ordinal).map_err(named("cuDeviceGet"))
 }
 
+/// The device's PCI bus id (`"0000:1B:00.0"`), to find it in sysfs.
+pub fn device_pci_bus_id(dev: sys::CUdevice) -> Result<String> {
+    let mut buf = [0 as std::ffi::c_char; 32];
+    // SAFETY: a device handle from `device`; the driver writes at most `len` bytes,
+    // NUL-terminated.
+    check(unsafe { sys::cuDeviceGetPCIBusId(buf.as_mut_ptr(), buf.len() as i32, dev) }, "cuDeviceGetPCIBusId")?;
+    // SAFETY: NUL-terminated within the buffer (written by the driver, or our zeroes).
+    buf[buf.len() - 1] = 0;
+    Ok(unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }.to_string_lossy().into_owned())
+}
+
 /// The device's primary context, retained (never released: it lives as long as the process,
 /// as PyTorch's does).
 pub fn primary_context(dev: sys::CUdevice) -> Result<sys::CUcontext> {

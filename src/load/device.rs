@@ -31,6 +31,7 @@ use super::plan::{self, sealed_step};
 use crate::cuda::counters::{self, Counter};
 use crate::cuda::{self, DeviceSpan, Engine, Event, Pool, Staged, StreamHandle};
 use crate::error::{Error, Result};
+use crate::storage::ReadMode;
 
 /// One tensor to load: index entry `entry` into the device memory `dest`.
 #[derive(Clone, Copy, Debug)]
@@ -65,6 +66,18 @@ pub struct DeviceStats {
     pub buffered_read_bytes: u64,
     pub staging_chunk: usize,
     pub staging_buffers: usize,
+    /// Staging buffers this load could make (`Pool::acquire`'s bound).
+    pub load_buffers: usize,
+    /// How local reads went: `auto`, `buffered` or `direct` (`Tuning::read_mode`).
+    pub read_mode: &'static str,
+    /// The source's file system (`tmpfs`, `ext4`, ...; `remote` for URLs).
+    pub fs: &'static str,
+    /// Processes the defaults were shared among (`LOCAL_WORLD_SIZE`).
+    pub local_ranks: usize,
+    /// The GPU's NUMA node, where sysfs names it.
+    pub numa_node: Option<u32>,
+    /// CPUs the readers were pinned to (0: not pinned).
+    pub reader_cpus: usize,
 }
 
 /// Load `targets` into device memory. Returns each target's module index, in order, and what
@@ -105,7 +118,9 @@ pub fn load_to_device(
 
     let caps = file.source().caps();
     let encrypted = file.header.has_crypt_info();
-    let tuning = Tuning::device(&opts.base, caps, encrypted, &pool);
+    let mut tuning = Tuning::device(&opts.base, caps, encrypted, &pool);
+    let placement = options::gpu_placement(opts.device);
+    tuning.cpus = placement.cpus.map(Arc::from);
     let entries: Vec<usize> = targets.iter().map(|t| t.entry).collect();
     // Large tensors go whole where their bytes must pass in order: hashed, or sealed where no
     // cipher chunk fits a buffer.
@@ -168,6 +183,16 @@ pub fn load_to_device(
         buffered_read_bytes: get(&t.buffered),
         staging_chunk: pool.chunk(),
         staging_buffers: pool.max_buffers(),
+        load_buffers: tuning.buffers.min(pool.max_buffers()),
+        read_mode: match tuning.read_mode {
+            ReadMode::Auto => "auto",
+            ReadMode::Buffered => "buffered",
+            ReadMode::Direct => "direct",
+        },
+        fs: if caps.remote { "remote" } else { caps.fs.name() },
+        local_ranks: tuning.ranks,
+        numa_node: placement.node,
+        reader_cpus: tuning.cpus.as_ref().map_or(0, |c| c.len()),
     };
     Ok((module_idx, stats))
 }
@@ -182,6 +207,11 @@ pub fn prewarm(device: i32, uri: Option<&str>, readers: Option<usize>) {
     }
     std::thread::spawn(move || {
         if let Ok(engine) = Engine::get(device) {
+            // The page-locking threads inherit this one's CPUs: the buffers are first touched,
+            // so placed, on the GPU's NUMA node, like the readers that fill them.
+            if let Some(cpus) = options::gpu_placement(device).cpus {
+                super::numa::pin_current_thread(&cpus);
+            }
             engine.pool().prewarm(buffers);
         }
     });

@@ -5,6 +5,7 @@
 pub mod device;
 pub mod file;
 pub mod host;
+pub mod numa;
 pub mod options;
 mod pipeline;
 pub mod plan;

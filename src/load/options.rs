@@ -5,11 +5,13 @@
 //! README's "Settings" table.
 //!
 //! [`Tuning`] is what a load runs with once its source and destination are known: readers,
-//! staging buffers, read sizes. Where a count scales with the machine (cores; later the local
-//! ranks sharing it), it is decided here.
-use std::path::PathBuf;
-use std::sync::OnceLock;
+//! staging buffers, read sizes, the CPUs readers run on. Where a count scales with the machine
+//! (cores, the local ranks sharing it, the file system a local file lives on), it is decided
+//! here.
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
+use super::numa::{self, Placement};
 use super::plan::Sizes;
 use crate::crypto::DecryptionKeys;
 use crate::cuda::{self, Pool};
@@ -42,6 +44,15 @@ pub struct Env {
     /// `TENSORIZER_RS_NVRTC`: the CUDA run-time compiler (`libnvrtc.so*`, or its folder) for the
     /// GPU decryption kernels, where it is not found beside torch's CUDA libraries.
     pub nvrtc: Option<PathBuf>,
+    /// `LOCAL_WORLD_SIZE` (set by vLLM, torchrun): processes of one job on this host, each
+    /// loading at the same time. Not ours, so a value we cannot read is ignored.
+    pub local_world_size: Option<usize>,
+    /// `TENSORIZER_RS_LOCAL_RANKS`: the same, set by hand; wins over `LOCAL_WORLD_SIZE`.
+    pub local_ranks: Option<usize>,
+    /// `TENSORIZER_RS_NUMA=0`: leave GPU readers where the scheduler puts them.
+    pub numa: bool,
+    /// `TENSORIZER_RS_SYSFS`: where sysfs is (tests hand a fake topology); default `/sys`.
+    pub sysfs: Option<PathBuf>,
     /// Values that could not be used, as messages naming the variable; every load fails with
     /// the first, rather than run with a setting the user did not ask for.
     pub problems: Vec<String>,
@@ -50,7 +61,7 @@ pub struct Env {
 impl Env {
     /// Parse the variables `get` returns.
     pub fn parse(get: impl Fn(&str) -> Option<String>) -> Env {
-        let mut env = Env::default();
+        let mut env = Env { numa: true, ..Env::default() };
         let mut bad = |name: &str, value: &str, want: &str| {
             env.problems.push(format!("{name}={value:?} is not {want}"));
         };
@@ -81,7 +92,38 @@ impl Env {
                 Err(_) => bad("TENSORIZER_RS_IO", &v, "auto, buffered or direct"),
             }
         }
+        if let Some(v) = get("TENSORIZER_RS_LOCAL_RANKS") {
+            match v.trim().parse::<usize>() {
+                Ok(n) if (1..=4096).contains(&n) => env.local_ranks = Some(n),
+                _ => bad("TENSORIZER_RS_LOCAL_RANKS", &v, "a number of processes from 1 to 4096"),
+            }
+        }
+        if let Some(v) = get("TENSORIZER_RS_NUMA") {
+            match v.trim() {
+                "0" => env.numa = false,
+                "1" | "" => {}
+                _ => bad("TENSORIZER_RS_NUMA", &v, "0 or 1"),
+            }
+        }
+        if let Some(v) = get("TENSORIZER_RS_SYSFS") {
+            if !v.trim().is_empty() {
+                env.sysfs = Some(PathBuf::from(v));
+            }
+        }
+        env.local_world_size =
+            get("LOCAL_WORLD_SIZE").and_then(|v| v.trim().parse::<usize>().ok()).filter(|n| (1..=4096).contains(n));
         env
+    }
+
+    /// Processes of one job loading on this host at once: `TENSORIZER_RS_LOCAL_RANKS`, else
+    /// `LOCAL_WORLD_SIZE`, else 1.
+    pub fn local_ranks(&self) -> usize {
+        self.local_ranks.or(self.local_world_size).unwrap_or(1)
+    }
+
+    /// The root of sysfs.
+    pub fn sysfs(&self) -> &Path {
+        self.sysfs.as_deref().unwrap_or(Path::new("/sys"))
     }
 
     /// The first problem, as the error a load fails with.
@@ -102,7 +144,11 @@ pub fn env() -> &'static Env {
         let env = Env::parse(|k| std::env::var(k).ok());
         crate::trace::set_enabled(env.trace);
         cuda::nvrtc::set_path(env.nvrtc.clone());
-        if let Some(total) = env.staging_bytes {
+        let total = env.staging_bytes.or_else(|| {
+            let ranks = env.local_ranks();
+            (ranks > 1).then(|| staging_per_rank(cuda::DEFAULT_STAGING.total, ranks))
+        });
+        if let Some(total) = total {
             cuda::set_staging_config(cuda::StagingConfig { total, ..cuda::staging_config() });
         }
         env
@@ -112,6 +158,27 @@ pub fn env() -> &'static Env {
 /// Storage options before the caller's own: the environment's.
 pub fn storage_options() -> StorageOptions {
     StorageOptions { http_direct: env().http_direct, ..StorageOptions::default() }
+}
+
+/// What one process gets of a host-wide default `n` when `ranks` processes load at once (a
+/// tensor-parallel group on one host): an equal share, so the group together uses what one
+/// process alone would (cores, memory bandwidth, pinned memory), and never less than `min`
+/// (or `n`, if smaller).
+pub fn per_rank(n: usize, ranks: usize, min: usize) -> usize {
+    (n / ranks.max(1)).max(min.min(n))
+}
+
+/// The fewest readers a rank's default gives it: one to read while the other's buffer copies.
+pub const MIN_READERS_PER_RANK: usize = 2;
+
+/// The smallest staging pool a rank's default gives it: two buffers for each of its
+/// [`MIN_READERS_PER_RANK`] readers (32 MiB of 8 MiB buffers).
+pub const MIN_STAGING_PER_RANK: usize = 32 << 20;
+
+/// The staging pool of one of `ranks` processes (`TENSORIZER_RS_STAGING_BYTES` and
+/// `_cuda.staging()` win).
+pub fn staging_per_rank(total: usize, ranks: usize) -> usize {
+    per_rank(total, ranks, MIN_STAGING_PER_RANK)
 }
 
 /// Local GPU loads: one reader per core, 4 to 12. The host->device copies read the staging
@@ -142,10 +209,25 @@ const HOST_TAPER_MIN: u64 = 4 << 20;
 /// loader's prewarm, while the index is read and the model built): the whole pool for a remote
 /// source with its default readers (one per buffer), two per reader otherwise.
 pub fn prewarm_buffers(uri: Option<&str>, readers: Option<usize>) -> usize {
+    let ranks = env().local_ranks();
     match (readers, uri) {
         (None, Some(u)) if crate::storage::is_remote(u) => usize::MAX,
-        _ => readers.unwrap_or_else(local_gpu_readers).saturating_mul(BUFFERS_PER_READER),
+        _ => readers
+            .unwrap_or_else(|| per_rank(local_gpu_readers(), ranks, MIN_READERS_PER_RANK))
+            .saturating_mul(BUFFERS_PER_READER),
     }
+}
+
+/// Where the reader threads of a load to GPU `device` run ([`numa::placement`]): on its NUMA
+/// node's CPUs where the host has more than one node and sysfs names the GPU's;
+/// `TENSORIZER_RS_NUMA=0` turns it off.
+pub fn gpu_placement(device: i32) -> Placement {
+    let env = env();
+    if !env.numa {
+        return Placement::default();
+    }
+    let bus_id = cuda::pci_bus_id(device).ok();
+    numa::placement(env.sysfs(), bus_id.as_deref(), numa::allowed_cpus().as_deref())
 }
 
 /// What one load runs with.
@@ -163,13 +245,24 @@ pub struct Tuning {
     pub buffers: usize,
     /// Bytes of a tensor one staging buffer takes per read (GPU loads; host: unbounded).
     pub fill: usize,
+    /// Pin each reader thread to these CPUs (a GPU's NUMA node, [`gpu_placement`]).
+    pub cpus: Option<Arc<[usize]>>,
+    /// Processes this load's defaults were shared among ([`Env::local_ranks`]).
+    pub ranks: usize,
 }
 
 impl Tuning {
     /// A load into host memory: readers as the source serves best, reads straight into the
     /// tensors' buffers through the page cache.
     pub fn host(opts: &LoadOptions, caps: Caps) -> Tuning {
-        let readers = opts.num_readers.unwrap_or(caps.parallelism).clamp(1, 64);
+        Tuning::host_for(opts, caps, env().local_ranks())
+    }
+
+    /// [`Tuning::host`] for one of `ranks` processes loading at once: a share of the source's
+    /// readers.
+    pub fn host_for(opts: &LoadOptions, caps: Caps, ranks: usize) -> Tuning {
+        let default = per_rank(caps.parallelism, ranks, MIN_READERS_PER_RANK);
+        let readers = opts.num_readers.unwrap_or(default).clamp(1, 64);
         Tuning {
             readers,
             read_mode: ReadMode::Buffered,
@@ -177,39 +270,65 @@ impl Tuning {
             taper: caps.remote.then_some(HOST_TAPER_MIN),
             buffers: 0,
             fill: usize::MAX,
+            cpus: None,
+            ranks,
         }
     }
 
     /// A load to a GPU through `pool`'s staging buffers.
     pub fn device(opts: &LoadOptions, caps: Caps, encrypted: bool, pool: &Pool) -> Tuning {
-        let chunk = pool.chunk();
+        let env = env();
+        let io = opts.io.or(env.io);
+        Tuning::device_for(opts, caps, encrypted, pool.chunk(), pool.max_buffers(), io, env.local_ranks())
+    }
+
+    /// [`Tuning::device`] with the pool's buffer size (`chunk`) and count, the read mode asked
+    /// for (`io`: the caller's, else the environment's) and the processes loading at once.
+    pub fn device_for(
+        opts: &LoadOptions,
+        caps: Caps,
+        encrypted: bool,
+        chunk: usize,
+        max_buffers: usize,
+        io: Option<ReadMode>,
+        ranks: usize,
+    ) -> Tuning {
         // Decryption is CPU-bound: encrypted loads use every core by default. Over the network
         // each reader waits on one request at a time: one reader per buffer keeps the most in
         // flight (HTTP on the H200 host: 16.3 vs 13.0–13.8 GB/s with 12), except where readers
         // receive the bodies themselves (plain HTTP): there the source's own figure, one per
         // core (24.2–24.3 vs 20.4–22.8 GB/s with 32, docs/benchmarks.md).
+        // A memory-backed file (tmpfs) has no disk below its pages: buffered reads, without the
+        // O_DIRECT attempt and `mincore` that `auto` would make. Readers and buffers as for the
+        // page cache: that reached 85–86 % of pinned host→device from /dev/shm (H100,
+        // e3e5822, docs/benchmarks.md); more readers there is not measured yet.
+        let in_memory = !caps.remote && caps.fs.in_memory();
+        // Ranks sharing the host share its cores: each gets its part of a per-core count. The
+        // pool is shared the same way (in `env()`), so one reader per buffer needs no more.
+        let share = |n| per_rank(n, ranks, MIN_READERS_PER_RANK);
         let default = if caps.remote && caps.reads_into_buffers {
-            caps.parallelism
+            share(caps.parallelism)
         } else {
-            let cpu = if encrypted { decrypting_readers() } else { local_gpu_readers() };
+            let cpu = share(if encrypted { decrypting_readers() } else { local_gpu_readers() });
             if caps.remote {
-                cpu.max(pool.max_buffers())
+                cpu.max(max_buffers)
             } else {
                 cpu
             }
         };
         let readers = opts.num_readers.unwrap_or(default).clamp(1, 64);
         let local_plain = !caps.remote && !encrypted;
+        let default_mode = if in_memory { ReadMode::Buffered } else { ReadMode::Auto };
         Tuning {
             readers,
-            read_mode: opts.io.or(env().io).unwrap_or_default(),
+            read_mode: io.unwrap_or(default_mode),
             sizes: Sizes::device(chunk as u64, encrypted),
             // Encrypted pieces stay whole numbers of cipher chunks.
             taper: (caps.remote && !encrypted).then_some(chunk as u64),
             // Remote loads keep the whole pool: one buffer per reader made no difference there
             // (HTTP to CUDA, H200 host, docs/benchmarks.md).
             buffers: if caps.remote {
-                pool.max_buffers()
+                max_buffers
             } else if local_plain {
                 readers * BUFFERS_PER_READER
             } else {
@@ -218,6 +337,8 @@ impl Tuning {
             // A page short of the buffer at most: a direct read of an unaligned range rounds
             // out to whole pages on both sides and must still fit.
             fill: if local_plain { LOCAL_FILL.min(chunk.saturating_sub(PAGE).max(PAGE)) } else { chunk },
+            cpus: None,
+            ranks,
         }
     }
 }
@@ -252,6 +373,90 @@ mod tests {
         assert_eq!(env.problems.len(), 2);
         let e = env.check().unwrap_err();
         assert!(e.message.contains("TENSORIZER_RS_STAGING_BYTES") || e.message.contains("TENSORIZER_RS_IO"), "{e}");
+    }
+
+    #[test]
+    fn local_ranks_come_from_the_override_then_vllm() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        };
+        assert_eq!(Env::parse(vars(&[])).local_ranks(), 1);
+        assert_eq!(Env::parse(vars(&[("LOCAL_WORLD_SIZE", "8")])).local_ranks(), 8);
+        let both = Env::parse(vars(&[("LOCAL_WORLD_SIZE", "8"), ("TENSORIZER_RS_LOCAL_RANKS", "2")]));
+        assert_eq!(both.local_ranks(), 2);
+        // vLLM's variable is not ours: unusable, it is ignored; ours fails loads.
+        let env = Env::parse(vars(&[("LOCAL_WORLD_SIZE", "lots")]));
+        assert!(env.local_ranks() == 1 && env.check().is_ok());
+        let env = Env::parse(vars(&[("TENSORIZER_RS_LOCAL_RANKS", "0"), ("TENSORIZER_RS_NUMA", "off")]));
+        assert_eq!(env.problems.len(), 2, "{:?}", env.problems);
+        let env = Env::parse(vars(&[("TENSORIZER_RS_NUMA", "0"), ("TENSORIZER_RS_SYSFS", "/tmp/fake")]));
+        assert!(!env.numa && env.sysfs() == Path::new("/tmp/fake"));
+        assert!(Env::parse(vars(&[])).numa && Env::parse(vars(&[])).sysfs() == Path::new("/sys"));
+    }
+
+    fn local(fs: crate::storage::FileSystem) -> Caps {
+        Caps { remote: false, reads_into_buffers: false, parallelism: 16, fs }
+    }
+
+    #[test]
+    fn ranks_on_one_host_share_readers_and_staging() {
+        use crate::storage::FileSystem;
+        let chunk = (8 << 20) - crate::cuda::pool::SLACK;
+        let ext4 = local(FileSystem::Ext4);
+        let opts = LoadOptions::default();
+        let gpu = |ranks, opts: &LoadOptions| Tuning::device_for(opts, ext4, false, chunk, 32, None, ranks);
+        let one = gpu(1, &opts);
+        assert_eq!((one.readers, one.buffers, one.ranks), (local_gpu_readers(), local_gpu_readers() * 2, 1));
+        for ranks in [2, 8] {
+            let t = gpu(ranks, &opts);
+            assert_eq!(t.readers, (local_gpu_readers() / ranks).max(2), "{ranks}");
+            assert_eq!((t.buffers, t.ranks), (t.readers * BUFFERS_PER_READER, ranks));
+        }
+        // Explicit readers win.
+        let five = LoadOptions { num_readers: Some(5), ..LoadOptions::default() };
+        assert_eq!(gpu(8, &five).readers, 5);
+        // The pool: 256 MiB for one, 128 for two, 32 (four buffers) from eight on.
+        let total = crate::cuda::DEFAULT_STAGING.total;
+        assert_eq!(
+            [1, 2, 8, 64].map(|r| staging_per_rank(total, r)),
+            [256 << 20, 128 << 20, 32 << 20, MIN_STAGING_PER_RANK]
+        );
+        assert_eq!(per_rank(3, 8, 2), 2);
+        assert_eq!(per_rank(1, 8, 2), 1);
+        // Host loads share the source's readers the same way.
+        assert_eq!(Tuning::host_for(&opts, ext4, 1).readers, 16);
+        assert_eq!(Tuning::host_for(&opts, ext4, 2).readers, 8);
+        assert_eq!(Tuning::host_for(&opts, ext4, 8).readers, 2);
+        assert_eq!(Tuning::host_for(&five, ext4, 8).readers, 5);
+        // Remote loads keep one reader per (already shared) buffer.
+        let s3 = Caps { remote: true, reads_into_buffers: false, parallelism: 32, fs: FileSystem::Other };
+        assert_eq!(Tuning::device_for(&opts, s3, false, chunk, 4, None, 8).readers, 4);
+    }
+
+    #[test]
+    fn memory_backed_files_read_buffered() {
+        use crate::storage::FileSystem;
+        let chunk = (8 << 20) - crate::cuda::pool::SLACK;
+        let opts = LoadOptions::default();
+        for fs in [FileSystem::Tmpfs, FileSystem::Ramfs, FileSystem::Hugetlbfs] {
+            let t = Tuning::device_for(&opts, local(fs), false, chunk, 32, None, 1);
+            assert_eq!((t.read_mode, t.readers, t.buffers), (ReadMode::Buffered, local_gpu_readers(), t.readers * 2));
+            assert_eq!(t.fill, LOCAL_FILL);
+            // Asked for explicitly, another mode wins.
+            let d = Tuning::device_for(&opts, local(fs), false, chunk, 32, Some(ReadMode::Direct), 1);
+            assert_eq!(d.read_mode, ReadMode::Direct);
+            // Shared among ranks like any other default.
+            let t = Tuning::device_for(&opts, local(fs), false, chunk, 32, None, 4);
+            assert_eq!(t.readers, (local_gpu_readers() / 4).max(2));
+        }
+        // Page cache over a disk: as before.
+        for fs in [FileSystem::Ext4, FileSystem::Overlay, FileSystem::Other] {
+            let t = Tuning::device_for(&opts, local(fs), false, chunk, 32, None, 1);
+            assert_eq!((t.read_mode, t.readers, t.buffers), (ReadMode::Auto, local_gpu_readers(), t.readers * 2));
+        }
+        // Encrypted files on tmpfs: decryption's readers, buffered reads.
+        let t = Tuning::device_for(&opts, local(FileSystem::Tmpfs), true, chunk, 32, None, 1);
+        assert_eq!((t.read_mode, t.readers), (ReadMode::Buffered, decrypting_readers()));
     }
 
     #[test]

@@ -295,6 +295,10 @@ pub(crate) fn run<D: Destination>(
             let job = &job;
             let spawned = std::thread::Builder::new().name(format!("{}{w}", D::READER)).spawn_scoped(s, move || {
                 let _exit = exit;
+                if let Some(cpus) = &job.tuning.cpus {
+                    // On the GPU's NUMA node; refused, the reader runs where it would have.
+                    super::numa::pin_current_thread(cpus);
+                }
                 crate::trace::mark("reader_start", w as u64, 0);
                 // A panic must end the load with an error, not leave it half done.
                 match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job.reader(w))) {

@@ -41,10 +41,81 @@ impl std::str::FromStr for ReadMode {
     }
 }
 
+/// The file system a local file lives on, as far as reading it matters: whether its pages
+/// are the file itself (memory-backed: nothing below them, no `O_DIRECT` worth trying) or a
+/// cache of a disk. Told from `fstatfs` of the open file, never from its path.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum FileSystem {
+    /// Not a local file, or one we do not tell apart.
+    #[default]
+    Other,
+    /// tmpfs / shmem: `/dev/shm`, Kubernetes memory volumes.
+    Tmpfs,
+    Ramfs,
+    Hugetlbfs,
+    Ext4,
+    Xfs,
+    Btrfs,
+    Overlay,
+    Nfs,
+}
+
+impl FileSystem {
+    /// `statfs.f_type` magic numbers (linux/magic.h).
+    fn from_magic(magic: u64) -> FileSystem {
+        match magic {
+            0x0102_1994 => FileSystem::Tmpfs,
+            0x8584_58f6 => FileSystem::Ramfs,
+            0x9584_58f6 => FileSystem::Hugetlbfs,
+            0xEF53 => FileSystem::Ext4,
+            0x5846_5342 => FileSystem::Xfs,
+            0x9123_683E => FileSystem::Btrfs,
+            0x794c_7630 => FileSystem::Overlay,
+            0x6969 => FileSystem::Nfs,
+            _ => FileSystem::Other,
+        }
+    }
+
+    /// The file system of `file` (`Other` where `fstatfs` fails).
+    pub fn of(file: &File) -> FileSystem {
+        let mut st = std::mem::MaybeUninit::<libc::statfs>::zeroed();
+        // SAFETY: an out-parameter call on a descriptor we hold open.
+        if unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) } != 0 {
+            return FileSystem::Other;
+        }
+        // SAFETY: fstatfs succeeded, so it filled the struct.
+        let f_type = unsafe { st.assume_init() }.f_type;
+        // f_type is signed on some targets; the magics are 32-bit.
+        FileSystem::from_magic(f_type as u64 & 0xFFFF_FFFF)
+    }
+
+    /// The file's pages are memory, not a cache of a disk: reads from them are copies out of
+    /// RAM, bound by the copying threads rather than a device.
+    pub fn in_memory(self) -> bool {
+        matches!(self, FileSystem::Tmpfs | FileSystem::Ramfs | FileSystem::Hugetlbfs)
+    }
+
+    /// A short name for stats and messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            FileSystem::Other => "other",
+            FileSystem::Tmpfs => "tmpfs",
+            FileSystem::Ramfs => "ramfs",
+            FileSystem::Hugetlbfs => "hugetlbfs",
+            FileSystem::Ext4 => "ext4",
+            FileSystem::Xfs => "xfs",
+            FileSystem::Btrfs => "btrfs",
+            FileSystem::Overlay => "overlay",
+            FileSystem::Nfs => "nfs",
+        }
+    }
+}
+
 pub struct LocalFile {
     file: File,
     path: String,
     size: u64,
+    fs: FileSystem,
     /// What aligned reads need, made on the first one (loads to the host never ask).
     direct: OnceLock<Direct>,
 }
@@ -79,7 +150,8 @@ impl LocalFile {
         if meta.is_dir() {
             return Err(Error::new(ErrorKind::Value, "is a directory, not a .tensors file").in_file(path));
         }
-        Ok(LocalFile { file, path: path.to_string(), size: meta.len(), direct: OnceLock::new() })
+        let fs = FileSystem::of(&file);
+        Ok(LocalFile { file, path: path.to_string(), size: meta.len(), fs, direct: OnceLock::new() })
     }
 
     fn direct(&self) -> &Direct {
@@ -156,7 +228,7 @@ impl Source for LocalFile {
         self.size
     }
     fn caps(&self) -> Caps {
-        Caps { remote: false, reads_into_buffers: false, parallelism: crate::cores().clamp(4, 16) }
+        Caps { remote: false, reads_into_buffers: false, parallelism: crate::cores().clamp(4, 16), fs: self.fs }
     }
     fn read(&self, offset: u64, buf: &mut [u8], _stop: &Stop) -> Result<()> {
         self.file.read_exact_at(buf, offset).map_err(|e| Error::from(e).in_file(&self.path))
@@ -277,6 +349,29 @@ mod tests {
         assert!(f
             .read_aligned(2_900_000, 300_000, &mut v[at..at + (1 << 20)], ReadMode::Direct, Stop::never())
             .is_err());
+    }
+
+    #[test]
+    fn the_file_system_is_told_from_the_open_file() {
+        assert!(FileSystem::from_magic(0x0102_1994).in_memory());
+        assert!(FileSystem::from_magic(0x8584_58f6).in_memory() && FileSystem::from_magic(0x9584_58f6).in_memory());
+        assert_eq!(FileSystem::from_magic(0xEF53), FileSystem::Ext4);
+        assert!(!FileSystem::from_magic(0xEF53).in_memory() && !FileSystem::from_magic(7).in_memory());
+        // A file in the working tree (ext4/overlay/... here, never tmpfs in CI) against one in
+        // /dev/shm where that is tmpfs.
+        let dir = tempfile::tempdir_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        let disk = dir.path().join("f.bin");
+        std::fs::write(&disk, b"x").unwrap();
+        let on_disk = LocalFile::open(disk.to_str().unwrap()).unwrap();
+        assert!(!on_disk.caps().fs.in_memory(), "the checkout is on {:?}", on_disk.fs);
+        let shm = std::path::Path::new("/dev/shm");
+        if let Ok(dir) = tempfile::tempdir_in(shm) {
+            let f = dir.path().join("f.bin");
+            std::fs::write(&f, b"x").unwrap();
+            let in_shm = LocalFile::open(f.to_str().unwrap()).unwrap();
+            // /dev/shm is tmpfs on every Linux host we run on; say so if it is not.
+            assert_eq!(in_shm.caps().fs, FileSystem::Tmpfs, "/dev/shm is not tmpfs here");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ mod tls;
 
 pub use config::StorageOptions;
 pub use http_direct::direct_bytes as http_direct_bytes;
-pub use local::{ReadMode, PAGE};
+pub use local::{FileSystem, ReadMode, PAGE};
 pub use ranged::ByteSink;
 
 /// Bounce buffer of the default [`Source::read_stream`].
@@ -66,6 +66,9 @@ pub struct Caps {
     /// How many concurrent reads this source serves well (used when the caller leaves
     /// `num_readers` unset).
     pub parallelism: usize,
+    /// The file system of a local file (`Other` for remote sources): memory-backed ones
+    /// (tmpfs) are read differently (`load::options::Tuning`).
+    pub fs: FileSystem,
 }
 
 /// A random-access, read-only byte source (a local file, an HTTP(S) URL, an S3 object).
@@ -76,7 +79,7 @@ pub trait Source: Send + Sync {
     fn size(&self) -> u64;
     /// What this source can do.
     fn caps(&self) -> Caps {
-        Caps { remote: false, reads_into_buffers: false, parallelism: 8 }
+        Caps { remote: false, reads_into_buffers: false, parallelism: 8, fs: FileSystem::Other }
     }
     /// Fill `buf` with the bytes at `offset..offset + buf.len()`; a short read is an error.
     /// Remote sources split a large read into concurrent ranged requests, retry each, and fail

@@ -254,7 +254,7 @@ impl<F: RangeFetch> Source for RangedSource<F> {
         } else {
             1
         };
-        Caps { remote: true, reads_into_buffers, parallelism }
+        Caps { remote: true, reads_into_buffers, parallelism, fs: super::FileSystem::Other }
     }
     fn read(&self, offset: u64, buf: &mut [u8], stop: &Stop) -> Result<()> {
         self.check_range(offset, buf.len())?;

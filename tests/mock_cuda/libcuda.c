@@ -6,6 +6,8 @@
  *
  * Build: cc -shared -fPIC -O1 -pthread -Wl,-soname,libcuda.so.1 -o libcuda.so libcuda.c
  * Env: MOCK_CUDA_DEVICES (default 1), MOCK_CUDA_INIT_ERROR (cuInit fails), MOCK_CUDA_DELAY_US.
+ * Device N's PCI bus id is "0000:1B:0N.0" (upper case, as the real driver writes it), for
+ * tests that find its NUMA node in a fake sysfs tree.
  */
 #include <pthread.h>
 #include <stdint.h>
@@ -200,6 +202,12 @@ CUresult cuDeviceGetCount(int *n) { *n = device_count(); return OK; }
 CUresult cuDeviceGet(int *dev, int ordinal) {
     if (ordinal < 0 || ordinal >= device_count()) return ERR_INVALID_DEVICE;
     *dev = ordinal;
+    return OK;
+}
+
+CUresult cuDeviceGetPCIBusId(char *out, int len, int dev) {
+    if (dev < 0 || dev >= device_count() || len < 13) return ERR_INVALID_DEVICE;
+    snprintf(out, (size_t)len, "0000:1B:%02X.0", dev);
     return OK;
 }
 
