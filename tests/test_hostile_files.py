@@ -4,15 +4,18 @@ in work and memory linear in the file's size, never a partial model."""
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_coreweave
 from tensorizer_rs import (
     TensorDeserializer,
+    TensorizerFormatError,
     TensorSerializer,
     _native,
 )
@@ -124,3 +127,71 @@ def test_deeply_nested_state_dict_round_trips(tmp_path):
     assert tree["w"].tolist() == [1.0, 1.0]
     assert sub["w"].tolist() == [1.0, 1.0]
     assert d.tree(default="none", filter_func=lambda p: False) == "none"
+
+
+# ----------------------------------------------------------------------------- 4: count vs index
+@pytest.fixture
+def four(tmp_path):
+    path = tmp_path / "four.tensors"
+    with TensorSerializer(str(path)) as s:
+        s.write_state_dict({f"t{i}": torch.full((4,), float(i)) for i in range(4)})
+    return path
+
+
+def _entry_len(e: dict) -> int:
+    return 2 + len(e["name_bytes"]) + 1 + 1 + len(e["dtype"]) + 1 + 4 * len(e["shape"]) + 24
+
+
+def _with(src: Path, dst: Path, edit) -> Path:
+    data = bytearray(src.read_bytes())
+    edit(data)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def test_lowered_tensor_count_is_an_error(four, tmp_path):
+    """Was: the first two tensors loaded without complaint (eager and lazy)."""
+    low = _with(
+        four, tmp_path / "low.tensors", lambda d: d.__setitem__(slice(57, 65), struct.pack("<Q", 2))
+    )
+    for lazy in (False, True):
+        with pytest.raises(TensorizerFormatError, match="more than the header's 2 tensors") as e:
+            TensorDeserializer(str(low), device="cpu", lazy_load=lazy)
+        assert "low.tensors" in str(e.value)
+
+
+def test_data_past_the_last_listed_tensor_is_an_error(four, tmp_path):
+    """The count lowered and the entries after it wiped: the records are still there."""
+    entries = _native.TensorFile(str(four)).entries()
+    used = 73 + sum(_entry_len(e) for e in entries[:2])
+
+    def edit(d):
+        d[57:65] = struct.pack("<Q", 2)
+        d[used : entries[0]["header_offset"]] = bytes(entries[0]["header_offset"] - used)
+
+    wiped = _with(four, tmp_path / "wiped.tensors", edit)
+    with pytest.raises(TensorizerFormatError, match="follow the last tensor"):
+        TensorDeserializer(str(wiped), device="cpu")
+    junk = _with(four, tmp_path / "junk.tensors", lambda d: d.extend(b"\x01" * 100))
+    with pytest.raises(TensorizerFormatError, match="108 bytes follow the last tensor"):
+        TensorDeserializer(str(junk), device="cpu")
+
+
+def test_zero_padding_after_the_terminator_loads(four, tmp_path):
+    padded = _with(four, tmp_path / "padded.tensors", lambda d: d.extend(bytes(4096)))
+    d = TensorDeserializer(str(padded), device="cpu")
+    assert [d[f"t{i}"].tolist() for i in range(4)] == [[float(i)] * 4 for i in range(4)]
+    bare = _with(four, tmp_path / "bare.tensors", lambda d: d.__delitem__(slice(-8, None)))
+    assert len(TensorDeserializer(str(bare), device="cpu")) == 4
+
+
+def test_records_sharing_or_skipping_bytes_are_errors(four, tmp_path):
+    entries = _native.TensorFile(str(four)).entries()
+    # Entry 1 pointed at entry 0's record: names differ, but the layout check says so first.
+    at = 73 + _entry_len(entries[0]) + _entry_len(entries[1]) - 24
+    rec = struct.pack("<QQQ", entries[0]["header_offset"], entries[0]["data_offset"], 16)
+    shared = _with(
+        four, tmp_path / "shared.tensors", lambda d: d.__setitem__(slice(at, at + 24), rec)
+    )
+    with pytest.raises(TensorizerFormatError, match="overlapping records"):
+        TensorDeserializer(str(shared), device="cpu")
