@@ -8,12 +8,16 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_coreweave
 from tensorizer_rs import (
+    CryptographyError,
+    DecryptionParams,
+    EncryptionParams,
     TensorDeserializer,
     TensorizerFormatError,
     TensorSerializer,
@@ -195,3 +199,66 @@ def test_records_sharing_or_skipping_bytes_are_errors(four, tmp_path):
     )
     with pytest.raises(TensorizerFormatError, match="overlapping records"):
         TensorDeserializer(str(shared), device="cpu")
+
+
+# ----------------------------------------------------------------------------- 2: KDF bounds
+FAST = {"opslimit": EncryptionParams.OpsLimit.MIN, "memlimit": EncryptionParams.MemLimit.MIN}
+
+
+@pytest.fixture(scope="module")
+def pw_file(tmp_path_factory):
+    """A passphrase-encrypted file with the cheapest KDF parameters, and its salt."""
+    path = tmp_path_factory.mktemp("kdf") / "pw.tensors"
+    enc = EncryptionParams.from_string("hunter2", **FAST)
+    with TensorSerializer(str(path), encryption=enc) as s:
+        s.write_state_dict({"a": torch.arange(6.0), "b": torch.ones(3)})
+    return path, enc.salt
+
+
+def kdf_patched(src: tuple, dst: Path, opslimit: int, memlimit: int) -> Path:
+    """`src` with every tensor's stored KDF parameters replaced (the crypt info is outside
+    the hashes, so nothing else notices)."""
+    path, salt = src
+    old = struct.pack("<HHQQiH", 1, 1, 1, 8192, 2, 16) + salt
+    new = struct.pack("<HHQQiH", 1, 1, opslimit, memlimit, 2, 16) + salt
+    data = path.read_bytes()
+    assert data.count(old) == 2
+    dst.write_bytes(data.replace(old, new))
+    return dst
+
+
+@pytest.mark.parametrize(
+    ("opslimit", "memlimit", "what"),
+    [
+        (2**32 - 1, 8192, "opslimit 4294967295 is above the bound"),
+        (16_777_217, 1 << 30, "opslimit 16777217 is above the bound"),
+        (1, 1 << 40, "memlimit 1099511627776 bytes is above the bound"),
+    ],
+)
+def test_kdf_parameters_from_the_file_are_bounded(pw_file, tmp_path, opslimit, memlimit, what):
+    """Was: the derivation ran for longer than anyone waits. Now refused before it starts,
+    naming the file, the tensor and the parameter."""
+    bad = kdf_patched(pw_file, tmp_path / "kdf.tensors", opslimit, memlimit)
+    t0 = time.monotonic()
+    with pytest.raises(CryptographyError, match=what) as e:
+        TensorDeserializer(
+            str(bad), device="cpu", encryption=DecryptionParams.from_string("hunter2")
+        )
+    assert time.monotonic() - t0 < 5
+    assert "kdf.tensors" in str(e.value) and "tensor 'a'" in str(e.value)
+    assert "max_opslimit" in str(e.value)
+
+
+def test_kdf_bounds_come_from_decryption_params(pw_file):
+    path = str(pw_file[0])
+    tight = DecryptionParams.from_string("hunter2", max_opslimit=1, max_memlimit=4096)
+    with pytest.raises(CryptographyError, match="memlimit 8192 bytes is above the bound of 4096"):
+        TensorDeserializer(path, device="cpu", encryption=tight)
+    exact = DecryptionParams.from_string("hunter2", max_opslimit=1, max_memlimit=8192)
+    assert TensorDeserializer(path, device="cpu", encryption=exact)["a"].tolist() == list(
+        map(float, range(6))
+    )
+    with pytest.raises(TypeError):
+        DecryptionParams.from_string("hunter2", max_opslimit="4")
+    with pytest.raises(ValueError):
+        DecryptionParams.from_string("hunter2", max_memlimit=0)

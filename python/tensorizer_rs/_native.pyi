@@ -39,6 +39,8 @@ class TensorFile:
         verify_hash: bool = ...,
         key: bytes | None = ...,
         passphrase: bytes | None = ...,
+        max_opslimit: int | None = ...,
+        max_memlimit: int | None = ...,
     ) -> list[tuple[int, HostTensor]]: ...
     def close(self) -> None: ...
 
@@ -69,6 +71,8 @@ def cuda_load(
     verify_hash: bool = ...,
     key: bytes | None = ...,
     passphrase: bytes | None = ...,
+    max_opslimit: int | None = ...,
+    max_memlimit: int | None = ...,
     io: str = ...,
     register_readers: int | None = ...,
     progress: Any = ...,

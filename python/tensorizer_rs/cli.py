@@ -99,6 +99,9 @@ def cmd_verify(args) -> int:
             kw["key"] = k.read()
     elif args.passphrase_env:
         kw["passphrase"] = os.environ[args.passphrase_env].encode()
+        for name in ("max_opslimit", "max_memlimit"):
+            if getattr(args, name) is not None:
+                kw[name] = getattr(args, name)
     entries = f.entries()
     start = time.perf_counter()
     total = 0
@@ -131,6 +134,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument(
         "--passphrase-env", help="name of an environment variable holding the passphrase"
     )
+    for flag, what in (("--max-opslimit", "passes"), ("--max-memlimit", "bytes")):
+        v.add_argument(
+            flag,
+            type=int,
+            help=f"raise the bound on the key derivation {what} a passphrase file may ask for",
+        )
     v.set_defaults(fn=cmd_verify)
     k = sub.add_parser("keygen", help="write a random 32-byte key file (mode 0600)")
     k.add_argument("path")

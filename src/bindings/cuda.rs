@@ -25,7 +25,8 @@ fn cuda_available() -> (bool, Option<String>) {
 /// `(module_indices, stats)`. `progress(bytes_done, bytes_total)` is called about every 100 ms.
 #[pyfunction]
 #[pyo3(signature = (file, targets, device, stream, *, num_readers=None, verify_hash=false, key=None,
-                    passphrase=None, io=None, register_readers=None, progress=None))]
+                    passphrase=None, max_opslimit=None, max_memlimit=None, io=None, register_readers=None,
+                    progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_load<'py>(
     py: Python<'py>,
@@ -37,6 +38,8 @@ fn cuda_load<'py>(
     verify_hash: bool,
     key: Option<Vec<u8>>,
     passphrase: Option<Vec<u8>>,
+    max_opslimit: Option<u64>,
+    max_memlimit: Option<u64>,
     io: Option<String>,
     register_readers: Option<usize>,
     progress: Option<Bound<'py, PyAny>>,
@@ -44,7 +47,11 @@ fn cuda_load<'py>(
     let f = file.file()?.clone();
     drop(file);
     let opts = DeviceOptions {
-        base: LoadOptions { num_readers, verify_hash, keys: super::crypto::keys_from(key, passphrase)? },
+        base: LoadOptions {
+            num_readers,
+            verify_hash,
+            keys: super::crypto::keys_from(key, passphrase, max_opslimit, max_memlimit)?,
+        },
         device,
         stream,
         io: IoMode::parse(&io.or_else(|| std::env::var("TENSORIZER_RS_IO").ok()).unwrap_or_else(|| DEFAULT_IO.into()))

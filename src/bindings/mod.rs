@@ -35,6 +35,49 @@ impl Raised {
     }
 }
 
+/// Run `f` (an open, a probe, a remote read) on a helper thread while this thread checks
+/// Python's signals every [`crate::load::exec::TICK`]: Ctrl-C raises KeyboardInterrupt here
+/// within moments, and the remote waits in `f` give up (they watch the stop flag,
+/// [`crate::storage::reads_stop_on`]) instead of running into their timeouts and retries.
+fn interruptible<T: Send>(py: Python<'_>, f: impl FnOnce() -> crate::error::Result<T> + Send) -> PyResult<T> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+    let stop = AtomicBool::new(false);
+    let (tx, rx) = sync_channel(1);
+    std::thread::scope(|s| {
+        let stop = &stop;
+        let spawned = std::thread::Builder::new().name("tz-open".into()).spawn_scoped(s, move || {
+            let run = std::panic::AssertUnwindSafe(|| crate::storage::reads_stop_on(stop, f));
+            let result = std::panic::catch_unwind(run)
+                .unwrap_or_else(|_| Err(crate::error::Error::io("internal error: the reader panicked")));
+            let _ = tx.send(result);
+        });
+        if let Err(e) = spawned {
+            return Err(to_pyerr(crate::error::Error::io(format!("cannot start a thread: {e}"))));
+        }
+        let mut rx = rx;
+        loop {
+            // The receiver goes into the detached closure and back (it may not be shared).
+            let (got, back) = py.detach(move || (rx.recv_timeout(crate::load::exec::TICK), rx));
+            rx = back;
+            match got {
+                Ok(result) => return result.map_err(to_pyerr),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = py.check_signals() {
+                        stop.store(true, Ordering::Relaxed);
+                        // The helper gives up within moments; the scope waits for it.
+                        py.detach(move || drop(rx.recv()));
+                        return Err(e);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(to_pyerr(crate::error::Error::io("internal error: the reader thread ended")))
+                }
+            }
+        }
+    })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -46,9 +46,7 @@ impl PyTensorFile {
     #[pyo3(signature = (uri, storage=None))]
     fn new(py: Python<'_>, uri: String, storage: Option<Bound<'_, PyDict>>) -> PyResult<Self> {
         let opts = super::storage::options_from(storage.as_ref())?;
-        let file = py
-            .detach(|| -> crate::error::Result<TensorFile> { TensorFile::open(storage::open_source(&uri, &opts)?) })
-            .map_err(to_pyerr)?;
+        let file = super::interruptible(py, || TensorFile::open(storage::open_source(&uri, &opts)?))?;
         Ok(PyTensorFile { inner: Some(Arc::new(file)) })
     }
 
@@ -125,7 +123,9 @@ impl PyTensorFile {
 
     /// Load index entries `indices` (any order); returns `[(module_idx, HostTensor)]` in the same
     /// order. Raises on the first bad tensor, so nothing partial is ever returned.
-    #[pyo3(signature = (indices, *, num_readers=None, verify_hash=false, key=None, passphrase=None))]
+    #[pyo3(signature = (indices, *, num_readers=None, verify_hash=false, key=None, passphrase=None,
+                        max_opslimit=None, max_memlimit=None))]
+    #[allow(clippy::too_many_arguments)]
     fn load(
         &self,
         py: Python<'_>,
@@ -134,12 +134,14 @@ impl PyTensorFile {
         verify_hash: bool,
         key: Option<Vec<u8>>,
         passphrase: Option<Vec<u8>>,
+        max_opslimit: Option<u64>,
+        max_memlimit: Option<u64>,
     ) -> PyResult<Vec<(u16, HostTensor)>> {
         let f = self.file()?.clone();
         if let Some(&bad) = indices.iter().find(|&&i| i >= f.entries.len()) {
             return Err(pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {bad}")));
         }
-        let keys = super::crypto::keys_from(key, passphrase)?;
+        let keys = super::crypto::keys_from(key, passphrase, max_opslimit, max_memlimit)?;
         let opts = LoadOptions { num_readers, verify_hash, keys };
         let raised = super::Raised::default();
         let loaded = py
@@ -165,13 +167,12 @@ impl PyTensorFile {
             .entries
             .get(i)
             .ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")))?;
-        let h = py
-            .detach(|| -> crate::error::Result<_> {
-                let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
-                f.source().read_at(e.header_offset, &mut buf)?;
-                crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())
-            })
-            .map_err(|err| to_pyerr(err.in_tensor(&e.name_lossy()).in_file(f.name())))?;
+        let h = super::interruptible(py, || {
+            let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
+            f.source().read_at(e.header_offset, &mut buf)?;
+            crate::format::TensorHeader::parse(&buf, e.wide_shape(), f.header.has_crypt_info())
+                .map_err(|err| err.in_tensor(&e.name_lossy()).in_file(f.name()))
+        })?;
         let d = PyDict::new(py);
         d.set_item("module_idx", h.module_idx)?;
         let hashes = PyDict::new(py);

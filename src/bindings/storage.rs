@@ -51,7 +51,7 @@ impl PyRemoteSource {
     #[pyo3(signature = (uri, storage=None))]
     fn new(py: Python<'_>, uri: String, storage: Option<Bound<'_, PyDict>>) -> PyResult<Self> {
         let opts = options_from(storage.as_ref())?;
-        let inner = py.detach(|| storage::open_source(&uri, &opts)).map_err(to_pyerr)?;
+        let inner = super::interruptible(py, || storage::open_source(&uri, &opts))?;
         Ok(PyRemoteSource { inner })
     }
     #[getter]
@@ -66,7 +66,13 @@ impl PyRemoteSource {
         let end = offset.saturating_add(length as u64).min(self.inner.size());
         let n = end.saturating_sub(offset) as usize;
         let mut buf = vec![0u8; n];
-        py.detach(|| if n > 0 { self.inner.read_at(offset, &mut buf) } else { Ok(()) }).map_err(to_pyerr)?;
+        let source = &self.inner;
+        let buf = super::interruptible(py, move || {
+            if n > 0 {
+                source.read_at(offset, &mut buf)?;
+            }
+            Ok(buf)
+        })?;
         Ok(PyBytes::new(py, &buf))
     }
 }

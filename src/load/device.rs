@@ -1074,7 +1074,7 @@ impl Job<'_> {
             .as_ref()
             .ok_or_else(|| Error::crypto("Tensor is encrypted, but decryption was not requested"))?;
         let step = sealed_step(self.pool.chunk());
-        let sealed = match DecryptPlan::new(keys, info, e.data_length)? {
+        let sealed = match DecryptPlan::new_until(keys, info, e.data_length, &crate::storage::load_stopped)? {
             Some(plan) => {
                 let cs = plan.pieces()[0].range.len();
                 // Each read must hold whole cipher chunks of this size.

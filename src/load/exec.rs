@@ -284,7 +284,8 @@ pub fn finalize(
                     .keys
                     .as_ref()
                     .ok_or_else(|| Error::crypto("Tensor is encrypted, but decryption was not requested"))?;
-                crypto::decrypt_tensor(keys, info, data)?;
+                // A key derivation gives up when the load stops (Ctrl-C, another tensor failed).
+                crypto::decrypt_tensor_until(keys, info, data, &crate::storage::load_stopped)?;
             }
             None if !data.is_empty() => {
                 return Err(Error::crypto("Tensor is not encrypted, but decryption was requested"));

@@ -16,7 +16,7 @@ mod tls;
 pub use config::StorageOptions;
 pub use http_direct::direct_bytes as http_direct_bytes;
 pub use ranged::ByteSink;
-pub use retry::reads_stop_on;
+pub use retry::{load_stopped, reads_stop_on};
 
 /// Bounce buffer of the default [`Source::read_stream`].
 const STREAM_BUFFER: usize = 8 << 20;

@@ -98,7 +98,9 @@ impl<F: RangeFetch> RangedSource<F> {
     /// Probe the object (with retries) and wrap the fetcher.
     pub fn open(mut fetcher: F, shown: String, opts: &super::StorageOptions) -> Result<Self> {
         let retry = opts.retry_policy();
-        let opened = block_on(async {
+        // block_on_read: a caller that stops (Ctrl-C at the open) does not wait out a silent
+        // server's timeouts and retries.
+        let opened = block_on_read(async {
             let mut backoff = Backoff::new(retry);
             loop {
                 match fetcher.probe().await {

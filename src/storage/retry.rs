@@ -165,6 +165,14 @@ pub fn reads_stop_on<R>(flag: &AtomicBool, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// Whether the load this thread works for (see [`reads_stop_on`]) has stopped; `false` on a
+/// thread outside one. For waits outside storage (a key derivation) that should give up too.
+pub fn load_stopped() -> bool {
+    let flag = STOP.with(|s| s.get());
+    // SAFETY: as in `block_on_read`: set only while the `reads_stop_on` borrow lives.
+    !flag.is_null() && unsafe { &*flag }.load(Ordering::Relaxed)
+}
+
 /// [`block_on`] for a read: ends early with an error once this thread's load stops.
 pub(crate) fn block_on_read<T: Send>(fut: impl Future<Output = Result<T>> + Send) -> Result<T> {
     let flag = STOP.with(|s| s.get());

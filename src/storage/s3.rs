@@ -243,7 +243,8 @@ fn client_for(opts: &StorageOptions) -> Result<Client> {
     if let Some(c) = cache.lock().unwrap().get(&key) {
         return Ok(c.clone());
     }
-    let client = block_on(build_client(&settings))?;
+    // Finding credentials may wait on the network (AWS chain): give up when the caller stops.
+    let client = super::retry::block_on_read(build_client(&settings))?;
     cache.lock().unwrap().insert(key, client.clone());
     Ok(client)
 }
