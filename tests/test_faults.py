@@ -14,7 +14,10 @@ import torch
 from helpers import http_server, interrupt_load
 from tensorizer_rs import (
     EncryptionParams,
+    HashMismatchError,
+    TensorDeserializer,
     TensorSerializer,
+    serialization,
 )
 
 
@@ -99,3 +102,59 @@ def test_ctrl_c_during_key_derivation_for_writing():
     assert "KeyboardInterrupt" in err, err
     assert "finished" not in out
     assert took < 1.5, f"the derivation went on for {took:.1f} s after Ctrl-C"
+
+
+# ----------------------------------------------------------------------------- 5: changed object
+@pytest.fixture(scope="module")
+def two_versions(tmp_path_factory):
+    """m.tensors and m.tensors.alt: the same layout, other bytes (a retrained model); one 24 MiB
+    tensor, so its bytes come from several requests."""
+    root = tmp_path_factory.mktemp("versions")
+    for seed, name in ((1, "m.tensors"), (2, "m.tensors.alt")):
+        g = torch.Generator().manual_seed(seed)
+        with TensorSerializer(str(root / name)) as s:
+            s.write_state_dict({"w": torch.randn(6 << 20, generator=g), "b": torch.ones(8)})
+    assert (root / "m.tensors").stat().st_size == (root / "m.tensors.alt").stat().st_size
+    with http_server(root) as base:
+        yield base, root
+
+
+@pytest.mark.parametrize("client", ["direct", "reqwest"])
+@pytest.mark.parametrize("mode", ["novalid", "weaketag"])
+def test_object_without_strong_validator_is_verified(
+    two_versions, mode, client, monkeypatch, caplog
+):
+    """Was: mixed bytes of two versions returned with verify_hash=False. Now the stored hashes
+    are checked whatever verify_hash says, and the log says so once."""
+    base, _ = two_versions
+    monkeypatch.setattr(serialization, "_UNPINNED_WARNED", set())  # "once" is per process
+    if client == "reqwest":
+        monkeypatch.setenv("TENSORIZER_RS_HTTP_DIRECT", "0")
+    url = f"{base}/{mode}/m.tensors"
+    for lazy in (False, True):
+        with (
+            caplog.at_level("WARNING", logger="tensorizer_rs"),
+            pytest.raises(HashMismatchError, match="CRC32 hash mismatch") as e,
+        ):
+            d = TensorDeserializer(url, device="cpu", lazy_load=lazy, verify_hash=False)
+            d["w"]
+        assert f"/{mode}/m.tensors" in str(e.value) and "tensor 'w'" in str(e.value)
+    warned = [r for r in caplog.records if "no strong validator" in r.getMessage()]
+    assert len(warned) == 1 and url in warned[0].getMessage()
+
+
+def test_strong_validators_leave_verification_to_the_caller(two_versions, caplog):
+    base, _ = two_versions
+    with caplog.at_level("WARNING", logger="tensorizer_rs"):
+        d = TensorDeserializer(f"{base}/data/m.tensors", device="cpu", lazy_load=True)
+        assert d._file.pins_version
+        assert d["b"].tolist() == [1.0] * 8
+    assert not [r for r in caplog.records if "no strong validator" in r.getMessage()]
+
+
+def test_etag_kept_while_bytes_change_is_caught_by_the_hashes(two_versions):
+    """A server whose strong ETag stays while the bytes change defeats every validator: the
+    stored hashes catch it where they are checked (verify_hash=True)."""
+    base, _ = two_versions
+    with pytest.raises(HashMismatchError, match="tensor 'w'"):
+        TensorDeserializer(f"{base}/sameetag/m.tensors", device="cpu", verify_hash=True)

@@ -29,6 +29,7 @@ class TensorFile:
     index_len: int
     file_size: int
     encrypted: bool
+    pins_version: bool
     def entries(self) -> list[dict[str, Any]]: ...
     def header_info(self, i: int) -> dict[str, Any]: ...
     def load(

@@ -55,6 +55,21 @@ def _uri_of(obj: Any) -> str | None:
     return None
 
 
+_UNPINNED_WARNED: set = set()
+
+
+def _warn_unpinned(f) -> None:
+    """Say once per object when loads from it verify hashes whatever ``verify_hash`` says."""
+    if not f.pins_version and f.name not in _UNPINNED_WARNED:
+        _UNPINNED_WARNED.add(f.name)
+        logger.warning(
+            "%s: the server sends no strong validator (ETag or Last-Modified), so a change of "
+            "the object during a load could not be noticed; verifying the stored hashes of "
+            "every tensor read from it",
+            f.name,
+        )
+
+
 def _decryption_args(encryption: Any) -> dict:
     from .encryption import DecryptionParams
 
@@ -109,6 +124,7 @@ class TensorDeserializer(collections.abc.Mapping):
             # Page-locking staging buffers overlaps with opening the file and allocating.
             _cuda.prewarm_for(self._device, _uri_of(file_obj), num_readers)
         self._file = self._open(file_obj)
+        _warn_unpinned(self._file)
         self._closed = False
         with _gc.paused():
             self._index(self._file.entries(), filter_func)

@@ -74,6 +74,12 @@ impl PyTensorFile {
     fn file_size(&self) -> PyResult<u64> {
         Ok(self.file()?.size())
     }
+    /// Whether the source pins one version of the object (a strong validator); when it does
+    /// not, loads verify the stored hashes whatever `verify_hash` says.
+    #[getter]
+    fn pins_version(&self) -> PyResult<bool> {
+        Ok(self.file()?.source().pins_version())
+    }
     #[getter]
     fn encrypted(&self) -> PyResult<bool> {
         Ok(self.file()?.header.has_crypt_info())

@@ -481,6 +481,14 @@ pub fn load_to_device(
     let started = Instant::now();
     crate::trace::mark("load_enter", targets.len() as u64, 0);
     exec::check_keys(file, opts.base.keys.as_ref())?;
+    let verified;
+    let opts = match exec::verifying(file, &opts.base) {
+        Some(base) => {
+            verified = DeviceOptions { base, ..opts.clone() };
+            &verified
+        }
+        None => opts,
+    };
     let name = file.name().to_string();
     let mut total = 0u64;
     for t in targets {

@@ -51,6 +51,14 @@ pub fn check_keys(file: &TensorFile, keys: Option<&DecryptionKeys>) -> Result<()
     .map_err(|e| e.in_file(file.name()))
 }
 
+/// `opts` with hash verification turned on, when the caller left it off and the source cannot
+/// pin one version of the object (no strong validator: see [`crate::storage::Source::pins_version`]):
+/// then a server handing out another version mid-load is caught by the stored hashes instead of
+/// returning mixed bytes. `None` when `opts` stand as they are.
+pub fn verifying(file: &TensorFile, opts: &LoadOptions) -> Option<LoadOptions> {
+    (!opts.verify_hash && !file.source().pins_version()).then(|| LoadOptions { verify_hash: true, ..opts.clone() })
+}
+
 /// The smallest piece a remote load's last pieces are split into (see [`plan::Plan::taper`]).
 const TAPER_MIN: u64 = 4 << 20;
 
@@ -108,6 +116,14 @@ pub fn load_to_host(
     mut tick: Option<&mut dyn FnMut() -> Result<()>>,
 ) -> Result<Vec<LoadedTensor>> {
     check_keys(file, opts.keys.as_ref())?;
+    let verified;
+    let opts = match verifying(file, opts) {
+        Some(o) => {
+            verified = o;
+            &verified
+        }
+        None => opts,
+    };
     let name = file.name().to_string();
     let mut buffers = Vec::with_capacity(which.len());
     for &i in which {

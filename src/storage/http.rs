@@ -214,6 +214,10 @@ impl RangeFetch for HttpFetch {
         self.direct.is_some() && self.ranges
     }
 
+    fn pins_version(&self) -> bool {
+        self.validator.condition().is_some()
+    }
+
     fn probe(&mut self) -> BoxFuture<'_, Result<Opened, Failure>> {
         Box::pin(self.probe_once())
     }

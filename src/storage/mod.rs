@@ -60,6 +60,13 @@ pub trait Source: Send + Sync {
     fn reads_into_buffers(&self) -> bool {
         false
     }
+    /// Whether every read is checked to come from the version of the object seen at open (a
+    /// strong validator: an ETag that is not weak, or a Last-Modified date). Without one, a
+    /// server could hand out another version mid-load unnoticed: the loader then verifies the
+    /// stored hashes whatever the caller asked.
+    fn pins_version(&self) -> bool {
+        true
+    }
     /// How many concurrent `read_at` calls this source serves well (local: many; remote: many
     /// ranged requests). The pipeline uses it when the caller leaves `num_readers` unset.
     fn preferred_parallelism(&self) -> usize {

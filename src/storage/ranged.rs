@@ -28,6 +28,9 @@ pub(crate) trait RangeFetch: Send + Sync + 'static {
     fn reads_into_buffers(&self) -> bool {
         false
     }
+    /// Whether every response is checked against a strong validator seen by the probe (see
+    /// [`Source::pins_version`]).
+    fn pins_version(&self) -> bool;
 }
 
 /// Where a response body goes.
@@ -274,6 +277,9 @@ impl<F: RangeFetch> Source for RangedSource<F> {
     }
     fn reads_into_buffers(&self) -> bool {
         self.requests.fetcher.reads_into_buffers()
+    }
+    fn pins_version(&self) -> bool {
+        self.requests.fetcher.pins_version()
     }
     fn preferred_parallelism(&self) -> usize {
         // Callers that receive bodies themselves (plain HTTP) are busy while they read: one per

@@ -306,6 +306,10 @@ impl S3Fetch {
 }
 
 impl RangeFetch for S3Fetch {
+    fn pins_version(&self) -> bool {
+        self.etag.as_deref().is_some_and(|e| !e.starts_with("W/"))
+    }
+
     fn probe(&mut self) -> BoxFuture<'_, Result<Opened, Failure>> {
         Box::pin(self.probe_once())
     }
