@@ -4,6 +4,8 @@ to child processes."""
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import subprocess
 import sys
@@ -158,3 +160,95 @@ def test_etag_kept_while_bytes_change_is_caught_by_the_hashes(two_versions):
     base, _ = two_versions
     with pytest.raises(HashMismatchError, match="tensor 'w'"):
         TensorDeserializer(f"{base}/sameetag/m.tensors", device="cpu", verify_hash=True)
+
+
+# ----------------------------------------------------------------------------- 6: killed writers
+_ENDLESS_WRITER = """
+import json, sys, torch
+from tensorizer_rs import TensorSerializer
+from tensorizer_rs.stream_io import open_stream
+target, opts = sys.argv[1], json.loads(sys.argv[2])
+s = TensorSerializer(open_stream(target, "wb+", **opts) if opts else target)
+s.write_tensor(0, "t0", 0, torch.zeros(2 << 20))
+print("writing", flush=True)
+i = 1
+while True:  # 8 MiB per tensor until killed
+    s.write_tensor(i, f"t{i}", 0, torch.full((2 << 20,), float(i)))
+    i += 1
+"""
+
+
+def _start_writer(target: str, opts: dict | None = None, env: dict | None = None):
+    p = subprocess.Popen(
+        [sys.executable, "-c", _ENDLESS_WRITER, target, json.dumps(opts or {})],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert p.stdout.readline().strip() == "writing", p.communicate()
+    return p
+
+
+def _kill(p) -> None:
+    assert p.poll() is None, p.communicate()
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+
+
+@pytest.mark.parametrize("unnamed", [True, False])
+def test_killed_local_writer_leaves_nothing(tmp_path, unnamed):
+    """Was: `kill -9` during TensorSerializer(path) left `.out.tensors.tmp-PID-N` (up to 537 MB)
+    beside the target every time. Now the bytes go to an unnamed temporary (O_TMPFILE); where
+    that is unavailable (forced here), the next write to the target removes the dead writer's
+    named temporary."""
+    out = tmp_path / "out.tensors"
+    env = {} if unnamed else {"TENSORIZER_RS_O_TMPFILE": "0"}
+    p = _start_writer(str(out), env=env)
+    time.sleep(0.5)
+    _kill(p)
+    left = sorted(x.name for x in tmp_path.iterdir())
+    if unnamed:
+        assert left == []
+        return
+    assert len(left) == 1 and left[0].startswith(f".out.tensors.tmp-{p.pid}-"), left
+    with TensorSerializer(str(out)) as s:
+        s.write_state_dict({"a": torch.ones(2)})
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["out.tensors"]
+    assert TensorDeserializer(str(out), device="cpu")["a"].tolist() == [1.0, 1.0]
+
+
+def test_killed_s3_writer_leaves_an_upload_the_cli_aborts(s3_server):
+    """A killed S3 writer cannot abort its multipart upload: `tensorizer-rs s3-uploads` lists
+    it and aborts it (live ones, younger than --older-than, are left alone)."""
+    s3_server.bucket("models")
+    client = s3_server.client()
+    p = _start_writer("s3://models/killed/model.tensors", s3_server.opts)
+    try:
+        deadline = time.monotonic() + 60
+        while not client.list_multipart_uploads(Bucket="models", Prefix="killed/").get("Uploads"):
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.1)
+        time.sleep(0.3)
+    finally:
+        _kill(p)
+
+    def cli(*args):
+        proc = subprocess.run(
+            [sys.executable, "-m", "tensorizer_rs", "s3-uploads", "s3://models/killed/", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, **s3_server.env},
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
+    listed = cli()
+    assert "pending  s3://models/killed/model.tensors" in listed and "1 pending uploads" in listed
+    # moto reports every upload as started in 2010, so "too young to abort" needs a long bound.
+    assert "0 of 1 pending uploads aborted" in cli("--abort", "--older-than", "1e10")
+    assert "1 of 1 pending uploads aborted" in cli("--abort", "--older-than", "0")
+    assert not client.list_multipart_uploads(Bucket="models", Prefix="killed/").get("Uploads")
+    assert "0 pending uploads" in cli()

@@ -91,3 +91,30 @@ pub fn write_all(py: Python<'_>, uri: String, data: Vec<u8>, storage: Option<Bou
 pub fn http_direct_bytes() -> u64 {
     storage::http_direct_bytes()
 }
+
+/// The pending multipart uploads under `s3://bucket/prefix`: `[(key, upload_id, initiated)]`,
+/// `initiated` in seconds since the epoch (or `None`).
+#[pyfunction]
+#[pyo3(signature = (uri, storage=None))]
+pub fn s3_pending_uploads(
+    py: Python<'_>,
+    uri: String,
+    storage: Option<Bound<'_, PyDict>>,
+) -> PyResult<Vec<(String, String, Option<i64>)>> {
+    let opts = options_from(storage.as_ref())?;
+    let uploads = super::interruptible(py, || storage::s3_pending_uploads(&uri, &opts))?;
+    Ok(uploads.into_iter().map(|u| (u.key, u.upload_id, u.initiated)).collect())
+}
+
+/// Abort the multipart upload `upload_id` of `s3://bucket/key`.
+#[pyfunction]
+#[pyo3(signature = (uri, upload_id, storage=None))]
+pub fn s3_abort_upload(
+    py: Python<'_>,
+    uri: String,
+    upload_id: String,
+    storage: Option<Bound<'_, PyDict>>,
+) -> PyResult<()> {
+    let opts = options_from(storage.as_ref())?;
+    super::interruptible(py, || storage::s3_abort_upload(&uri, &upload_id, &opts))
+}

@@ -17,6 +17,7 @@ pub use config::StorageOptions;
 pub use http_direct::direct_bytes as http_direct_bytes;
 pub use ranged::ByteSink;
 pub use retry::{load_stopped, reads_stop_on};
+pub use s3::{abort_upload as s3_abort_upload, pending_uploads as s3_pending_uploads, PendingUpload};
 
 /// Bounce buffer of the default [`Source::read_stream`].
 const STREAM_BUFFER: usize = 8 << 20;

@@ -365,6 +365,86 @@ pub(crate) fn open(uri: &str, opts: &StorageOptions) -> Result<S3Source> {
 }
 
 // ------------------------------------------------------------------------------------------------
+// Abandoned multipart uploads
+// ------------------------------------------------------------------------------------------------
+
+/// A multipart upload that was started and neither completed nor aborted: a writer that was
+/// killed, or cut off from the server before it could abort (S3 keeps its parts, and bills
+/// them, until the upload is aborted or a lifecycle rule removes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub key: String,
+    pub upload_id: String,
+    /// When it was started, in seconds since the Unix epoch, where the server says.
+    pub initiated: Option<i64>,
+}
+
+/// `s3://bucket[/prefix]` split; the prefix may be empty.
+fn parse_prefix(uri: &str) -> Result<(String, String)> {
+    let rest = uri.strip_prefix("s3://").or_else(|| uri.strip_prefix("S3://")).unwrap_or(uri);
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(Error::value(format!("invalid S3 URI {uri:?}: expected s3://bucket[/prefix]")));
+    }
+    Ok((bucket.to_string(), prefix.to_string()))
+}
+
+/// The pending multipart uploads of keys under `s3://bucket/prefix`.
+pub fn pending_uploads(uri: &str, opts: &StorageOptions) -> Result<Vec<PendingUpload>> {
+    let (bucket, prefix) = parse_prefix(uri)?;
+    let client = client_for(opts).map_err(|e| e.in_file(uri))?;
+    let retry = opts.retry_policy();
+    super::retry::block_on_read(async {
+        let mut out = Vec::new();
+        let mut markers: (Option<String>, Option<String>) = (None, None);
+        loop {
+            let page = with_retries(retry, || async {
+                client
+                    .list_multipart_uploads()
+                    .bucket(&bucket)
+                    .prefix(&prefix)
+                    .set_key_marker(markers.0.clone())
+                    .set_upload_id_marker(markers.1.clone())
+                    .send()
+                    .await
+                    .map_err(failure)
+            })
+            .await?;
+            for u in page.uploads() {
+                if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
+                    let initiated = u.initiated().map(|t| t.secs());
+                    out.push(PendingUpload { key: key.to_string(), upload_id: id.to_string(), initiated });
+                }
+            }
+            let next = (page.next_key_marker().map(str::to_string), page.next_upload_id_marker().map(str::to_string));
+            if !page.is_truncated().unwrap_or(false) || next.0.is_none() || next == markers {
+                return Ok(out);
+            }
+            markers = next;
+        }
+    })
+    .map_err(|e: Error| e.in_file(uri))
+}
+
+/// Abort the multipart upload `upload_id` of `s3://bucket/key`: its parts are deleted.
+pub fn abort_upload(uri: &str, upload_id: &str, opts: &StorageOptions) -> Result<()> {
+    let (bucket, key) = parse_uri(uri)?;
+    let client = client_for(opts).map_err(|e| e.in_file(uri))?;
+    super::retry::block_on_read(with_retries(opts.retry_policy(), || async {
+        client
+            .abort_multipart_upload()
+            .bucket(&bucket)
+            .key(&key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(failure)
+    }))
+    .map_err(|e| e.in_file(uri))
+}
+
+// ------------------------------------------------------------------------------------------------
 // Writes
 // ------------------------------------------------------------------------------------------------
 
@@ -814,6 +894,9 @@ mod tests {
         assert!(parse_uri("s3://b").is_err());
         assert!(parse_uri("s3:///k").is_err());
         assert!(parse_uri("s3://b/").is_err());
+        assert_eq!(parse_prefix("s3://b").unwrap(), ("b".into(), "".into()));
+        assert_eq!(parse_prefix("s3://b/m/x").unwrap(), ("b".into(), "m/x".into()));
+        assert!(parse_prefix("s3:///m").is_err());
     }
 
     #[test]
