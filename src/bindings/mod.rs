@@ -90,6 +90,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(storage::write_all, m)?)?;
     m.add_function(wrap_pyfunction!(storage::http_direct_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(storage::s3_pending_uploads, m)?)?;
+    m.add_function(wrap_pyfunction!(storage::hedged_requests, m)?)?;
     m.add_function(wrap_pyfunction!(storage::s3_abort_upload, m)?)?;
     m.add_function(wrap_pyfunction!(trace_take, m)?)?;
     m.add_function(wrap_pyfunction!(trace_mark, m)?)?;

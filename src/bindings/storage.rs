@@ -31,12 +31,19 @@ pub fn options_from(d: Option<&Bound<'_, PyDict>>) -> PyResult<StorageOptions> {
             "http_direct" => o.http_direct = Some(v.extract()?),
             "ca_bundle" => o.ca_bundle = Some(v.extract::<std::path::PathBuf>()?),
             "allow_untrusted" => o.allow_untrusted = v.extract()?,
+            "stall_timeout" => o.stall_timeout = Some(seconds(&key, v.extract()?)?),
+            "hedge_after" => o.hedge_after = Some(seconds(&key, v.extract()?)?),
             other => {
                 return Err(to_pyerr(Error::value(format!("unknown storage option {other:?}"))));
             }
         }
     }
     Ok(o)
+}
+
+fn seconds(key: &str, v: f64) -> PyResult<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(v)
+        .map_err(|_| to_pyerr(Error::value(format!("storage option {key:?} must be a number of seconds >= 0"))))
 }
 
 /// A remote (or local) object opened for positional reads.
@@ -117,4 +124,10 @@ pub fn s3_abort_upload(
 ) -> PyResult<()> {
     let opts = options_from(storage.as_ref())?;
     super::interruptible(py, || storage::s3_abort_upload(&uri, &upload_id, &opts))
+}
+
+/// Read requests re-issued because they stalled while others flowed, process-wide (tests).
+#[pyfunction]
+pub fn hedged_requests() -> u64 {
+    storage::hedged_requests()
 }

@@ -15,7 +15,7 @@ mod tls;
 
 pub use config::StorageOptions;
 pub use http_direct::direct_bytes as http_direct_bytes;
-pub use ranged::ByteSink;
+pub use ranged::{hedged_requests, ByteSink};
 pub use retry::{load_stopped, reads_stop_on};
 pub use s3::{abort_upload as s3_abort_upload, pending_uploads as s3_pending_uploads, PendingUpload};
 

@@ -26,7 +26,9 @@ use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use super::config::{resolve_s3, wants_path_style, S3Credentials, S3Settings, MIN_PART_SIZE};
-use super::ranged::{changed, error_chain, ContentRange, Filler, Opened, Out, RangeFetch, RangedSource, PROBE_LEN};
+use super::ranged::{
+    changed, error_chain, ContentRange, Filler, Opened, Out, Progress, RangeFetch, RangedSource, PROBE_LEN,
+};
 use super::retry::{block_on, runtime, Backoff, Failure, RetryPolicy};
 use super::tls::{self, Trust};
 use super::{Sink, StorageOptions};
@@ -259,7 +261,7 @@ pub struct S3Fetch {
 
 impl S3Fetch {
     /// The first GET: size, ETag and the first bytes.
-    async fn probe_once(&mut self) -> Result<Opened, Failure> {
+    async fn probe_once(&mut self, progress: &Progress) -> Result<Opened, Failure> {
         let resp = self
             .client
             .get_object()
@@ -290,9 +292,8 @@ impl S3Fetch {
         self.size = size;
         let mut prefix = vec![0u8; size.min(PROBE_LEN) as usize];
         let mut done = prefix.is_empty();
-        let mut filled = 0;
         let len = prefix.len();
-        let mut filler = Filler::new(Out::Buf(&mut prefix), len, &mut filled, 0, true);
+        let mut filler = Filler::new(Out::Buf(&mut prefix), len, progress, 0, true);
         let mut body = out.body;
         while !done {
             match body.try_next().await.map_err(|e| Failure::transient(Error::io(error_chain(&e))))? {
@@ -310,8 +311,8 @@ impl RangeFetch for S3Fetch {
         self.etag.as_deref().is_some_and(|e| !e.starts_with("W/"))
     }
 
-    fn probe(&mut self) -> BoxFuture<'_, Result<Opened, Failure>> {
-        Box::pin(self.probe_once())
+    fn probe<'a>(&'a mut self, progress: &'a Progress) -> BoxFuture<'a, Result<Opened, Failure>> {
+        Box::pin(self.probe_once(progress))
     }
 
     fn fetch<'a>(
@@ -319,7 +320,7 @@ impl RangeFetch for S3Fetch {
         offset: u64,
         len: usize,
         out: Out<'a>,
-        filled: &'a mut usize,
+        progress: &'a Progress,
     ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
             let end = offset + len as u64 - 1;
@@ -343,7 +344,7 @@ impl RangeFetch for S3Fetch {
                 None => offset,
             };
             let whole_object = resp.content_range().is_none();
-            let mut filler = Filler::new(out, len, filled, skip, whole_object);
+            let mut filler = Filler::new(out, len, progress, skip, whole_object);
             let mut body = resp.body;
             while let Some(chunk) = body.try_next().await.map_err(|e| Failure::transient(Error::io(error_chain(&e))))? {
                 if filler.push(&chunk)? {

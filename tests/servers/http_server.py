@@ -21,13 +21,15 @@ Paths (NAME is a file under ROOT):
   /slow/NAME           like /data/, but ranges after byte 0 trickle: 16 KiB every 100 ms
   /stall/NAME          like /data/, but ranges after byte 0 send 16 KiB, then nothing more
   /silent/NAME         reads the request and never answers (the connection left open)
-  /stallone/NAME       like /data/, but the first request for a range after byte 0 sends 16 KiB,
-                       then nothing more (one stalled request among flowing ones)
+  /stallone/NAME       like /data/, but the first request for a range after byte 0 sends 16 KiB
+                       (half of a shorter range), then nothing more (one stalled request among
+                       flowing ones)
   /novalid/NAME        no ETag, no Last-Modified; ranges after byte 0 come from NAME.alt (an
                        object that changed after it was opened)
   /weaketag/NAME       like /novalid/, with a weak ETag (W/"v") that never changes
   /sameetag/NAME       like /novalid/, with a strong ETag ("v") that never changes
-  /__stats             JSON: requests seen per path
+  /__stats             JSON: requests seen per path (a query string, otherwise ignored, makes
+                       a path count separately)
 """
 
 import email.utils
@@ -72,7 +74,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         limit = 0
         if mode in ("fail500", "fail500mid", "drop", "dropmid"):
             limit, rest = int(rest[0]), rest[1:]
-        name = "/".join(rest)
+        name = "/".join(rest).split("?")[0]  # a query string only makes a path count apart
         if mode == "silent":
             time.sleep(3600)  # a server that accepted the connection and went quiet
             return
@@ -154,7 +156,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 else:
                     stall = mode == "stall" and start > 0
                 if stall:
-                    self.wfile.write(f.read(min(length, 16 << 10)))
+                    part = min(length, 16 << 10) if mode == "stall" else min(length // 2, 16 << 10)
+                    self.wfile.write(f.read(part))
                     self.wfile.flush()
                     time.sleep(3600)  # a server gone silent, the connection left open
                     return
