@@ -262,3 +262,58 @@ def test_kdf_bounds_come_from_decryption_params(pw_file):
         DecryptionParams.from_string("hunter2", max_opslimit="4")
     with pytest.raises(ValueError):
         DecryptionParams.from_string("hunter2", max_memlimit=0)
+
+
+# ----------------------------------------------------------------------------- 8: exceptions
+def test_a_full_tmpdir_while_spilling_a_stream_is_a_tensorizer_error(four):
+    """Was a bare OSError. A file-size limit makes every write past 1 MiB fail as on a full disk."""
+    code = """
+        import io, resource, signal, sys
+        import torch
+        from tensorizer_rs import TensorDeserializer, TensorizerIOError
+        data = open(sys.argv[1], "rb").read() + bytes(2 << 20)  # spill more than the limit
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+        try:
+            TensorDeserializer(io.BytesIO(data), device="cpu")
+        except TensorizerIOError as e:
+            print(isinstance(e, OSError), e)
+    """
+    proc = _run(code, four)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("True cannot spill the stream to a temporary file"), proc.stdout
+
+
+def test_load_into_module_of_a_state_dict_file(four):
+    from tensorizer_rs import TensorizerNotImplementedError
+
+    d = TensorDeserializer(str(four), device="cpu", lazy_load=True)
+    with pytest.raises(TensorizerNotImplementedError) as e:
+        d.load_into_module(torch.nn.Linear(2, 2))
+    assert isinstance(e.value, NotImplementedError)
+
+
+def test_exception_classes_keep_coreweaves_builtin_bases():
+    """Each class CoreWeave 2.12.1 raises, found by introspection: ours of the same name derive
+    from the same builtin exceptions (and from TensorizerError)."""
+    import builtins
+
+    import tensorizer_rs
+
+    script = (
+        "import builtins, inspect, json\n"
+        "import tensorizer.serialization as s\n"
+        "out = {}\n"
+        "for scope in (vars(s), vars(s._FileHeader)):\n"
+        "    for name, c in scope.items():\n"
+        "        if inspect.isclass(c) and issubclass(c, BaseException) and c.__module__.startswith('tensorizer'):\n"
+        "            out[name] = sorted({b.__name__ for b in c.__mro__ if getattr(builtins, b.__name__, None) is b})\n"
+        "print(json.dumps(out))"
+    )
+    theirs = json.loads(run_coreweave("2.12.1", script).stdout.splitlines()[-1])
+    assert {"HashMismatchError", "CryptographyError", "InvalidVersionError"} <= set(theirs)
+    for name, bases in theirs.items():
+        ours = getattr(tensorizer_rs, name)
+        assert issubclass(ours, tensorizer_rs.TensorizerError), name
+        for b in bases:
+            assert issubclass(ours, getattr(builtins, b)), (name, b)

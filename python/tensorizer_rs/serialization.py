@@ -18,7 +18,9 @@ from typing import Any, Callable, Union
 from . import _dtypes, _gc, _native
 from .exceptions import (
     HashMismatchError,
+    TensorizerIOError,
     TensorizerKeyError,
+    TensorizerNotImplementedError,
     TensorizerTypeError,
     TensorizerUnsupportedError,
     TensorizerValueError,
@@ -201,7 +203,13 @@ class TensorDeserializer(collections.abc.Mapping):
         if isinstance(file_obj, io.TextIOBase):
             raise TensorizerValueError("file_obj must be opened in binary mode")
         # Streams without a path (BytesIO, pipes): spill to a private temp file, read natively.
-        fd, tmp = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
+        # The name is gone once the file is open (the GPU path reopens files by name, and
+        # finds none: it reads through the open source).
+        where = tempfile.gettempdir()
+        try:
+            fd, tmp = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
+        except OSError as e:
+            raise TensorizerIOError(f"cannot make a temporary file in {where}: {e}") from e
         try:
             with os.fdopen(fd, "wb") as out:
                 while True:
@@ -209,6 +217,12 @@ class TensorDeserializer(collections.abc.Mapping):
                     if not chunk:
                         break
                     out.write(chunk)
+        except OSError as e:
+            os.unlink(tmp)
+            raise TensorizerIOError(
+                f"cannot spill the stream to a temporary file in {where} (is it full?): {e}"
+            ) from e
+        try:
             return _native.TensorFile(tmp)
         finally:
             os.unlink(tmp)
@@ -412,7 +426,7 @@ class TensorDeserializer(collections.abc.Mapping):
             if filter_func is not None and not filter_func(e["name"]):
                 continue
             if e["tensor_type"] == TensorType.STATE_DICT or isinstance(e["name"], tuple):
-                raise NotImplementedError(
+                raise TensorizerNotImplementedError(
                     f"tensor {e['name']!r} is a state-dict entry; load_into_module needs write_module files"
                 )
             chosen.append(i)
@@ -614,7 +628,12 @@ class TensorSerializer:
                 raise TensorizerValueError("file_obj must be seekable")
             # A nameless stream (BytesIO): build the file privately, copy it in at close.
             self._file_obj = file_obj
-            fd, uri = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
+            try:
+                fd, uri = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
+            except OSError as e:
+                raise TensorizerIOError(
+                    f"cannot make a temporary file in {tempfile.gettempdir()}: {e}"
+                ) from e
             os.close(fd)
             os.unlink(uri)
             self._spill = uri

@@ -20,7 +20,7 @@ impl PyTensorFile {
     pub(crate) fn file(&self) -> PyResult<&Arc<TensorFile>> {
         self.inner
             .as_ref()
-            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("I/O operation on a closed TensorDeserializer"))
+            .ok_or_else(|| to_pyerr(crate::error::Error::value("I/O operation on a closed TensorDeserializer")))
     }
 }
 
@@ -145,7 +145,7 @@ impl PyTensorFile {
     ) -> PyResult<Vec<(u16, HostTensor)>> {
         let f = self.file()?.clone();
         if let Some(&bad) = indices.iter().find(|&&i| i >= f.entries.len()) {
-            return Err(pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {bad}")));
+            return Err(to_pyerr(crate::error::Error::value(format!("no tensor at index {bad}"))));
         }
         let keys = super::crypto::keys_from(key, passphrase, max_opslimit, max_memlimit)?;
         let opts = LoadOptions { num_readers, verify_hash, keys };
@@ -172,7 +172,7 @@ impl PyTensorFile {
         let e = f
             .entries
             .get(i)
-            .ok_or_else(|| pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")))?;
+            .ok_or_else(|| to_pyerr(crate::error::Error::value(format!("no tensor at index {i}"))))?;
         let h = super::interruptible(py, || {
             let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
             f.source().read_at(e.header_offset, &mut buf)?;

@@ -16,7 +16,7 @@ pub struct PyTensorWriter {
 
 impl PyTensorWriter {
     fn writer(&mut self) -> PyResult<&mut Writer> {
-        self.inner.as_mut().ok_or_else(|| pyo3::exceptions::PyValueError::new_err("the serializer is closed"))
+        self.inner.as_mut().ok_or_else(|| to_pyerr(Error::value("the serializer is closed")))
     }
 }
 
