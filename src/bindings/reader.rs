@@ -169,10 +169,8 @@ impl PyTensorFile {
     /// The record header of entry `i`: module index, stored hashes, and crypt info summary.
     fn header_info<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyDict>> {
         let f = self.file()?.clone();
-        let e = f
-            .entries
-            .get(i)
-            .ok_or_else(|| to_pyerr(crate::error::Error::value(format!("no tensor at index {i}"))))?;
+        let e =
+            f.entries.get(i).ok_or_else(|| to_pyerr(crate::error::Error::value(format!("no tensor at index {i}"))))?;
         let h = super::interruptible(py, || {
             let mut buf = vec![0u8; (e.data_offset - e.header_offset) as usize];
             f.source().read_at(e.header_offset, &mut buf)?;

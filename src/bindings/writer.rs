@@ -42,7 +42,7 @@ impl PyTensorWriter {
                 kdf: kdf.map(|(opslimit, memlimit, alg, salt)| PwHashParams { opslimit, memlimit, alg, salt }),
             }),
         };
-        let sink = py.detach(|| storage::create_sink(&uri, &opts)).map_err(to_pyerr)?;
+        let sink = super::interruptible(py, || storage::create_sink(&uri, &opts))?;
         Ok(PyTensorWriter { inner: Some(Writer::new(sink, keys)) })
     }
 

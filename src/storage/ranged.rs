@@ -128,11 +128,23 @@ pub(crate) struct Progress {
     last: AtomicU64,
     /// The source's `total` at that moment.
     total_then: AtomicU64,
+    /// Bytes not yet added to the source's `total` (added in batches: one shared counter
+    /// updated for every body chunk of every request would be a contended cache line).
+    unreported: AtomicU64,
 }
+
+/// Bytes a request receives before it adds them to its source's total.
+const REPORT_BATCH: u64 = 256 << 10;
 
 impl Progress {
     pub fn new(flow: &Arc<Flow>) -> Self {
-        let p = Progress { flow: Arc::clone(flow), filled: AtomicUsize::new(0), last: 0.into(), total_then: 0.into() };
+        let p = Progress {
+            flow: Arc::clone(flow),
+            filled: AtomicUsize::new(0),
+            last: 0.into(),
+            total_then: 0.into(),
+            unreported: 0.into(),
+        };
         p.restart();
         p
     }
@@ -146,8 +158,11 @@ impl Progress {
             return;
         }
         self.filled.fetch_add(n, Ordering::Relaxed);
-        let total = self.flow.total.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
-        self.total_then.store(total, Ordering::Relaxed);
+        if self.unreported.fetch_add(n as u64, Ordering::Relaxed) + n as u64 >= REPORT_BATCH {
+            let batch = self.unreported.swap(0, Ordering::Relaxed);
+            self.flow.total.fetch_add(batch, Ordering::Relaxed);
+        }
+        self.total_then.store(self.flow.total.load(Ordering::Relaxed), Ordering::Relaxed);
         self.last.store(self.flow.now(), Ordering::Relaxed);
     }
     /// A new attempt starts: its silence counts from now.
