@@ -9,6 +9,7 @@
 //! ranks sharing it), it is decided here.
 use std::path::PathBuf;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use super::plan::Sizes;
 use crate::crypto::DecryptionKeys;
@@ -28,6 +29,20 @@ pub struct LoadOptions {
     pub io: Option<ReadMode>,
 }
 
+impl LoadOptions {
+    /// These options for a source with `caps`: hash verification turned on where the caller
+    /// left it off and the source cannot pin one version of the object (no strong validator,
+    /// [`Caps::pins_version`]), so a server handing out another version mid-load is caught by
+    /// the stored hashes instead of returning mixed bytes.
+    pub fn for_source(&self, caps: Caps) -> std::borrow::Cow<'_, LoadOptions> {
+        if self.verify_hash || caps.pins_version {
+            std::borrow::Cow::Borrowed(self)
+        } else {
+            std::borrow::Cow::Owned(LoadOptions { verify_hash: true, ..self.clone() })
+        }
+    }
+}
+
 /// The environment, read once per process.
 #[derive(Debug, Default)]
 pub struct Env {
@@ -42,6 +57,15 @@ pub struct Env {
     /// `TENSORIZER_RS_NVRTC`: the CUDA run-time compiler (`libnvrtc.so*`, or its folder) for the
     /// GPU decryption kernels, where it is not found beside torch's CUDA libraries.
     pub nvrtc: Option<PathBuf>,
+    /// `TENSORIZER_RS_STALL_TIMEOUT`: seconds a remote read request may receive nothing before
+    /// it is dropped and sent again.
+    pub stall_timeout: Option<Duration>,
+    /// `TENSORIZER_RS_HEDGE_AFTER`: seconds a remote read request may receive nothing while the
+    /// source's other requests flow before it is sent again on another connection (0: never).
+    pub hedge_after: Option<Duration>,
+    /// `TENSORIZER_RS_O_TMPFILE=0`: local writes through a named, locked temporary file instead
+    /// of an unnamed `O_TMPFILE` one.
+    pub local_tmpfile: Option<bool>,
     /// Values that could not be used, as messages naming the variable; every load fails with
     /// the first, rather than run with a setting the user did not ask for.
     pub problems: Vec<String>,
@@ -81,6 +105,26 @@ impl Env {
                 Err(_) => bad("TENSORIZER_RS_IO", &v, "auto, buffered or direct"),
             }
         }
+        if let Some(v) = get("TENSORIZER_RS_O_TMPFILE") {
+            match v.trim() {
+                "0" => env.local_tmpfile = Some(false),
+                "1" | "" => {}
+                _ => bad("TENSORIZER_RS_O_TMPFILE", &v, "0 or 1"),
+            }
+        }
+        let seconds = |v: &str| v.trim().parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok());
+        if let Some(v) = get("TENSORIZER_RS_STALL_TIMEOUT") {
+            match seconds(&v) {
+                Some(d) => env.stall_timeout = Some(d),
+                None => bad("TENSORIZER_RS_STALL_TIMEOUT", &v, "a number of seconds >= 0"),
+            }
+        }
+        if let Some(v) = get("TENSORIZER_RS_HEDGE_AFTER") {
+            match seconds(&v) {
+                Some(d) => env.hedge_after = Some(d),
+                None => bad("TENSORIZER_RS_HEDGE_AFTER", &v, "a number of seconds >= 0"),
+            }
+        }
         env
     }
 
@@ -111,7 +155,14 @@ pub fn env() -> &'static Env {
 
 /// Storage options before the caller's own: the environment's.
 pub fn storage_options() -> StorageOptions {
-    StorageOptions { http_direct: env().http_direct, ..StorageOptions::default() }
+    let env = env();
+    StorageOptions {
+        http_direct: env.http_direct,
+        stall_timeout: env.stall_timeout,
+        hedge_after: env.hedge_after,
+        local_tmpfile: env.local_tmpfile,
+        ..StorageOptions::default()
+    }
 }
 
 /// Local GPU loads: one reader per core, 4 to 12. The host->device copies read the staging
@@ -235,6 +286,9 @@ mod tests {
             ("TENSORIZER_RS_STAGING_BYTES", "134217728"),
             ("TENSORIZER_RS_IO", "direct"),
             ("TENSORIZER_RS_NVRTC", "/opt/cuda/lib64"),
+            ("TENSORIZER_RS_STALL_TIMEOUT", "1.5"),
+            ("TENSORIZER_RS_HEDGE_AFTER", "0"),
+            ("TENSORIZER_RS_O_TMPFILE", "0"),
         ]));
         assert!(env.trace && env.problems.is_empty(), "{:?}", env.problems);
         assert_eq!(
@@ -242,6 +296,8 @@ mod tests {
             (Some(false), Some(128 << 20), Some(ReadMode::Direct))
         );
         assert_eq!(env.nvrtc.as_deref(), Some(std::path::Path::new("/opt/cuda/lib64")));
+        assert_eq!((env.stall_timeout, env.hedge_after), (Some(Duration::from_millis(1500)), Some(Duration::ZERO)));
+        assert_eq!(env.local_tmpfile, Some(false));
         assert!(env.check().is_ok());
         let env = Env::parse(vars(&[("TENSORIZER_RS_TRACE", "0"), ("TENSORIZER_RS_HTTP_DIRECT", "1")]));
         assert!(!env.trace && env.http_direct.is_none() && env.check().is_ok());
@@ -250,6 +306,8 @@ mod tests {
         assert_eq!(env.problems.len(), 2);
         let e = env.check().unwrap_err();
         assert!(e.message.contains("TENSORIZER_RS_STAGING_BYTES") || e.message.contains("TENSORIZER_RS_IO"), "{e}");
+        let env = Env::parse(vars(&[("TENSORIZER_RS_STALL_TIMEOUT", "-1"), ("TENSORIZER_RS_HEDGE_AFTER", "soon")]));
+        assert_eq!(env.problems.len(), 2, "{:?}", env.problems);
     }
 
     #[test]
