@@ -376,6 +376,26 @@ mod tests {
     }
 
     #[test]
+    fn a_stopped_open_gives_up_on_a_silent_server() {
+        // Accepts connections (the backlog does) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("http://{}/m.tensors", silent.local_addr().unwrap());
+        let opts = StorageOptions { http_direct: Some(false), ..Default::default() };
+        let stop = Stop::new();
+        let t0 = std::time::Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                stop.stop();
+            });
+            let e = open_source_until(&uri, &opts, &stop).err().expect("nothing to open");
+            assert!(e.message.contains("stopped"), "{e}");
+        });
+        // The probe waits on the stop (within 100 ms), not its stall timeout (60 s) and retries.
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "{:?}", t0.elapsed());
+    }
+
+    #[test]
     fn local_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sub/side.json");
