@@ -311,6 +311,17 @@ mod tests {
     }
 
     #[test]
+    fn sources_without_a_strong_validator_are_loaded_verified() {
+        let caps = |pins_version| Caps { remote: true, reads_into_buffers: false, parallelism: 8, pins_version };
+        let opts = LoadOptions { num_readers: Some(3), ..Default::default() };
+        assert!(!opts.for_source(caps(true)).verify_hash);
+        let forced = opts.for_source(caps(false));
+        assert!(forced.verify_hash && forced.num_readers == Some(3));
+        let asked = LoadOptions { verify_hash: true, ..Default::default() };
+        assert!(matches!(asked.for_source(caps(false)), std::borrow::Cow::Borrowed(_)));
+    }
+
+    #[test]
     fn prewarm_takes_the_pool_only_for_remote_sources_with_default_readers() {
         assert_eq!(prewarm_buffers(Some("/m.tensors"), Some(3)), 6);
         assert_eq!(prewarm_buffers(Some("http://h/m.tensors"), Some(2)), 4);
