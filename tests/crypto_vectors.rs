@@ -170,10 +170,10 @@ fn tz2101_passphrase_derives_and_decrypts() {
     let (pass, params, derived) = pw_params(&m);
     assert_eq!((params.opslimit, params.memlimit), (1, 8192));
     assert_eq!(crypto::derive_key(&pass, &params).unwrap(), derived);
-    assert_all_ok(&decrypt_file("tz2101_enc_passphrase", &DecryptionKeys::Passphrase(pass)));
+    assert_all_ok(&decrypt_file("tz2101_enc_passphrase", &DecryptionKeys::passphrase(pass)));
     assert_all_ok(&decrypt_file("tz2101_enc_passphrase", &DecryptionKeys::Key(derived)));
     // A passphrase file with a wrong passphrase fails authentication.
-    let r = decrypt_file("tz2101_enc_passphrase", &DecryptionKeys::Passphrase(b"nope".to_vec()));
+    let r = decrypt_file("tz2101_enc_passphrase", &DecryptionKeys::passphrase(b"nope".to_vec()));
     assert!(r.iter().all(|(_, res)| res.as_ref().is_err_and(|e| e.message == AUTH_FAILED)));
 }
 
@@ -184,9 +184,9 @@ fn enc_passphrase_v4_derives_and_decrypts() {
     assert_eq!((params.opslimit, params.memlimit), (3, 256 << 20));
     // Argon2id, 3 passes over 256 MiB: derived once here, then served from the cache for all
     // tensors of the file.
-    let cached = crypto::derive_key_cached(&pass, &params).unwrap();
+    let cached = crypto::derive_key_cached(&pass, &params, &Default::default(), &|| false).unwrap();
     assert_eq!(*cached, derived);
-    let r = decrypt_file("enc_passphrase_v4", &DecryptionKeys::Passphrase(pass));
+    let r = decrypt_file("enc_passphrase_v4", &DecryptionKeys::passphrase(pass));
     assert_eq!(r.len(), 4);
     assert_all_ok(&r);
     assert_all_ok(&decrypt_file("enc_passphrase_v4", &DecryptionKeys::Key(derived)));
@@ -194,7 +194,7 @@ fn enc_passphrase_v4_derives_and_decrypts() {
 
 #[test]
 fn passphrase_against_raw_key_file_is_a_crypto_error() {
-    let r = decrypt_file("enc_random_v3", &DecryptionKeys::Passphrase(b"pw".to_vec()));
+    let r = decrypt_file("enc_random_v3", &DecryptionKeys::passphrase(b"pw".to_vec()));
     for (n, res) in &r {
         let e = res.as_ref().unwrap_err();
         assert_eq!(e.kind, ErrorKind::Crypto, "{n}");

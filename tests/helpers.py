@@ -81,12 +81,12 @@ def requests_seen(base: str) -> dict:
 
 
 def interrupt_load(
-    base: str, path: str, load: str, env: dict | None = None
+    base: str, path: str, load: str, env: dict | None = None, min_requests: int = 2
 ) -> tuple[str, str, float]:
     """Run `load` (Python statements loading `base + path`) in a subprocess (with `env` added
-    to the environment), send it SIGINT once the native load is under way (the open probe and
-    a ranged read have reached the server), and return its stdout, its stderr and the seconds
-    it took to end after that."""
+    to the environment), send it SIGINT once the native load is under way (`min_requests` have
+    reached the server: by default the open probe and a ranged read), and return its stdout,
+    its stderr and the seconds it took to end after that."""
     code = (
         # Python leaves SIGINT ignored when it starts so (a background job of a shell without
         # job control, as CI may run us): ask for KeyboardInterrupt explicitly.
@@ -104,7 +104,7 @@ def interrupt_load(
     )
     try:
         deadline = time.monotonic() + 60
-        while requests_seen(base).get(path, 0) < 2:
+        while requests_seen(base).get(path, 0) < min_requests:
             assert p.poll() is None and time.monotonic() < deadline, p.communicate()
             time.sleep(0.05)
         time.sleep(0.5)

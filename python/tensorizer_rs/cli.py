@@ -1,4 +1,4 @@
-"""The ``tensorizer-rs`` command: ``inspect``, ``verify`` and ``keygen``."""
+"""The ``tensorizer-rs`` command: ``inspect``, ``verify``, ``keygen`` and ``s3-uploads``."""
 
 from __future__ import annotations
 
@@ -108,6 +108,9 @@ def cmd_verify(args) -> int:
                 f"--passphrase-env {args.passphrase_env}: that environment variable is not set"
             )
         kw["passphrase"] = passphrase.encode()
+        for name in ("max_opslimit", "max_memlimit"):
+            if getattr(args, name) is not None:
+                kw[name] = getattr(args, name)
     f = _native.TensorFile(args.file)
     if f.encrypted and not kw:
         raise UsageError(
@@ -135,6 +138,29 @@ def cmd_keygen(args) -> int:
     return 0
 
 
+def cmd_s3_uploads(args) -> int:
+    storage = {"s3_endpoint": args.endpoint} if args.endpoint else None
+    uploads = _native.s3_pending_uploads(args.uri, storage)
+    bucket = args.uri.split("://", 1)[-1].split("/", 1)[0]
+    now = time.time()
+    aborted = 0
+    for key, upload_id, initiated in uploads:
+        age = None if initiated is None else now - initiated
+        when = "?" if age is None else f"{age / 3600:.1f} h ago"
+        # Only uploads old enough to have no live writer, unless told otherwise.
+        due = args.abort and (age is None or age >= args.older_than)
+        if due:
+            _native.s3_abort_upload(f"s3://{bucket}/{key}", upload_id, storage)
+            aborted += 1
+        state = "aborted" if due else "pending"
+        print(f"{state}  s3://{bucket}/{key}  started {when}  upload {upload_id}")
+    if args.abort:
+        print(f"{aborted} of {len(uploads)} pending uploads aborted")
+    else:
+        print(f"{len(uploads)} pending uploads")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="tensorizer-rs", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -148,10 +174,36 @@ def main(argv: Sequence[str] | None = None) -> int:
     v.add_argument(
         "--passphrase-env", help="name of an environment variable holding the passphrase"
     )
+    for flag, what in (("--max-opslimit", "passes"), ("--max-memlimit", "bytes")):
+        v.add_argument(
+            flag,
+            type=int,
+            help=f"raise the bound on the key derivation {what} a passphrase file may ask for",
+        )
     v.set_defaults(fn=cmd_verify)
     k = sub.add_parser("keygen", help="write a random 32-byte key file (mode 0600)")
     k.add_argument("path")
     k.set_defaults(fn=cmd_keygen)
+    u = sub.add_parser(
+        "s3-uploads",
+        help="list (and abort) multipart uploads that killed writers left under an S3 prefix",
+        description="S3 keeps the parts of an upload whose writer died before completing or "
+        "aborting it, and bills them, until it is aborted (see docs/storage.md for the "
+        "lifecycle rule that does this automatically). Credentials and endpoint as for loads "
+        "(S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY, S3_ENDPOINT_URL, ~/.s3cfg, the AWS chain).",
+    )
+    u.add_argument("uri", help="s3://bucket[/prefix]")
+    u.add_argument("--abort", action="store_true", help="abort them (their parts are deleted)")
+    u.add_argument(
+        "--older-than",
+        type=float,
+        default=3600,
+        metavar="SECONDS",
+        help="with --abort, only uploads started at least this long ago, so that writers "
+        "still running are left alone (default 3600)",
+    )
+    u.add_argument("--endpoint", help="S3 endpoint URL (default: as for loads)")
+    u.set_defaults(fn=cmd_s3_uploads)
     args = p.parse_args(argv)
     try:
         return args.fn(args)

@@ -123,6 +123,7 @@ class DecryptionParams:
     def __init__(self) -> None:
         self._key: bytes | None = None
         self._source: bytes | None = None
+        self._limits: dict = {}
 
     def __repr__(self) -> str:
         return f"<DecryptionParams ({'key' if self._key else 'passphrase'})>"
@@ -140,9 +141,28 @@ class DecryptionParams:
         return p
 
     @classmethod
-    def from_string(cls, source: str | bytes, *, encoding: str = "utf-8") -> DecryptionParams:
+    def from_string(
+        cls,
+        source: str | bytes,
+        *,
+        encoding: str = "utf-8",
+        max_opslimit: int | None = None,
+        max_memlimit: int | None = None,
+    ) -> DecryptionParams:
+        """The key is derived with the parameters stored in the file, which are bounded: at
+        most ``max_memlimit`` bytes (default ``MemLimit.SENSITIVE``, 1 GiB) and the work of
+        ``max_opslimit`` passes over that much memory (default ``OpsLimit.SENSITIVE``, 4). Every
+        combination of the presets fits; raise the bounds only for a file you trust."""
         p = cls()
         p._source = _to_bytes(source, encoding)
+        for name, value in (("max_opslimit", max_opslimit), ("max_memlimit", max_memlimit)):
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TensorizerTypeError(f"{name} must be an int, not {type(value).__name__}")
+            if value < 1:
+                raise TensorizerValueError(f"{name} must be at least 1, got {value}")
+            p._limits[name] = int(value)
         return p
 
     @property
@@ -154,4 +174,6 @@ class DecryptionParams:
         return self._source
 
     def _native_args(self) -> dict:
-        return {"key": self._key} if self._key is not None else {"passphrase": self._source}
+        if self._key is not None:
+            return {"key": self._key}
+        return {"passphrase": self._source, **self._limits}

@@ -49,6 +49,11 @@ class TensorizerKeyError(TensorizerError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class TensorizerNotImplementedError(TensorizerError, NotImplementedError):
+    """A request CoreWeave's reader refuses the same way (e.g. ``load_into_module`` on a file
+    written by ``write_state_dict``)."""
+
+
 class TensorizerUnsupportedError(TensorizerError, RuntimeError):
     """Something this build or machine cannot do (e.g. CUDA without a GPU)."""
 

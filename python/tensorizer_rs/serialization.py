@@ -21,7 +21,9 @@ from .encryption import DecryptionParams, EncryptionParams
 from .exceptions import (
     CryptographyError,
     HashMismatchError,
+    TensorizerIOError,
     TensorizerKeyError,
+    TensorizerNotImplementedError,
     TensorizerTypeError,
     TensorizerUnsupportedError,
     TensorizerValueError,
@@ -186,6 +188,21 @@ def _uri_of(obj: Any) -> str | None:
     return None
 
 
+_UNPINNED_WARNED: set = set()
+
+
+def _warn_unpinned(f) -> None:
+    """Say once per object when loads from it verify hashes whatever ``verify_hash`` says."""
+    if not f.pins_version and f.name not in _UNPINNED_WARNED:
+        _UNPINNED_WARNED.add(f.name)
+        logger.warning(
+            "%s: the server sends no strong validator (ETag or Last-Modified), so a change of "
+            "the object during a load could not be noticed; verifying the stored hashes of "
+            "every tensor read from it",
+            f.name,
+        )
+
+
 def _decryption_args(encryption: Any) -> dict:
     from .encryption import DecryptionParams
 
@@ -246,6 +263,7 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         self._file = self._open(file_obj)
         self._file_name = self._file.name  # for messages after the file is closed
         self.total_file_bytes = self._file.total_data_bytes  # the header's field, as in CoreWeave
+        _warn_unpinned(self._file)
         self._closed = False
         with _gc.paused():
             self._index(self._file.entries(), filter_func)
@@ -340,14 +358,23 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
     def _spill(self, read: Callable[[int], bytes], name: str):
         """Streams without a path (BytesIO, pipes, Redis): copy to a private temp file and read
         that natively; messages name the stream."""
-        fd, tmp = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
+        where = tempfile.gettempdir()
         try:
-            with os.fdopen(fd, "wb") as out:
-                while True:
-                    chunk = read(16 << 20)
-                    if not chunk:
-                        break
-                    out.write(chunk)
+            fd, tmp = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
+        except OSError as e:
+            raise TensorizerIOError(f"cannot make a temporary file in {where}: {e}") from e
+        try:
+            try:
+                with os.fdopen(fd, "wb") as out:
+                    while True:
+                        chunk = read(16 << 20)
+                        if not chunk:
+                            break
+                        out.write(chunk)
+            except OSError as e:
+                raise TensorizerIOError(
+                    f"cannot spill the stream to a temporary file in {where} (is it full?): {e}"
+                ) from e
             f = _native.TensorFile(tmp, None, name)
             self._spilled = True
             return f
@@ -476,14 +503,28 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         return self._subtree(path)
 
     def _subtree(self, prefix: tuple):
+        """The tensors under ``prefix`` as nested read-only mappings. One pass over the paths,
+        each walked once, no recursion: a path of 32,000 components costs 32,000 steps."""
         out: dict = {}
+        depth = len(prefix)
         for p, j in self._by_path.items():
-            if p[: len(prefix)] == prefix and len(p) > len(prefix):
-                k = p[len(prefix)]
-                if len(p) == len(prefix) + 1:
-                    out[k] = self._cache[j]
-                elif k not in out:
-                    out[k] = self._subtree(prefix + (k,))
+            if len(p) <= depth or p[:depth] != prefix:
+                continue
+            node = out
+            for k in p[depth:-1]:
+                child = node.get(k)
+                if child is None:
+                    child = node[k] = {}
+                node = child
+            node[p[-1]] = self._cache[j]
+        # A mapping proxy is a live view of its dict, so wrapping top-down is enough.
+        stack = [out]
+        while stack:
+            node = stack.pop()
+            for k, v in node.items():
+                if type(v) is dict:
+                    node[k] = types.MappingProxyType(v)
+                    stack.append(v)
         return types.MappingProxyType(out)
 
     def __iter__(self) -> Iterator:
@@ -537,15 +578,7 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
             for k in p[:-1]:
                 node = node.setdefault(k, {})
             node[p[-1]] = self._cache[j]
-
-        def build(node):
-            if not isinstance(node, dict):
-                return node
-            if node and all(isinstance(k, int) for k in node):
-                return [build(node[k]) for k in sorted(node)]
-            return {k: build(v) for k, v in node.items()}
-
-        return build(root)
+        return _lists_for_int_levels(root)
 
     def _path_of(self, i: int) -> tuple:
         name = self._entries[i]["name"]
@@ -614,7 +647,7 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
             if filter_func is not None and not filter_func(e["name"]):
                 continue
             if e["tensor_type"] == TensorType.STATE_DICT or isinstance(e["name"], tuple):
-                raise NotImplementedError(
+                raise TensorizerNotImplementedError(
                     f"tensor {e['name']!r} is a state-dict entry; load_into_module needs write_module files"
                 )
             chosen.append(i)
@@ -839,6 +872,27 @@ def _hashes_match(entry: dict, header: dict, tensor: Any) -> bool:
     return True
 
 
+def _lists_for_int_levels(root: dict):
+    """``tree()``'s result: nested dicts, with lists for levels whose keys are all ints.
+    Built top-down with an explicit stack, so any nesting depth works."""
+    holder: list = [None]
+    stack = [(holder, 0, root)]
+    while stack:
+        parent, key, node = stack.pop()
+        if type(node) is not dict:
+            parent[key] = node
+            continue
+        if node and all(type(k) is int for k in node):
+            keys = sorted(node)
+            new: Any = [None] * len(keys)
+            stack.extend((new, n, node[k]) for n, k in enumerate(keys))
+        else:
+            new = dict.fromkeys(node)
+            stack.extend((new, k, v) for k, v in node.items())
+        parent[key] = new
+    return holder[0]
+
+
 # --------------------------------------------------------------------------------------------
 class _Item:
     __slots__ = ("module_idx", "name", "tensor", "ttype")
@@ -855,6 +909,41 @@ def _encode_path(path: tuple) -> bytes:
     return b"\x1e" + json.dumps(list(path), separators=(",", ":"), ensure_ascii=True).encode(
         "ascii"
     )
+
+
+def _state_dict_items(state_dict: Any) -> list:
+    """The leaves of a nested state dict in order, as STATE_DICT items named by their paths.
+    An explicit stack instead of recursion: any nesting depth works, in time linear in the
+    size of the paths."""
+    items: list = []
+    path: list = []
+    stack = [iter(((None, state_dict),))]
+    while stack:
+        step = next(stack[-1], None)
+        if step is None:
+            stack.pop()
+            if path:
+                path.pop()
+            continue
+        key, obj = step
+        if key is not None:
+            path.append(key)
+        if isinstance(obj, collections.abc.Mapping):
+            for k in obj:
+                if not isinstance(k, str):
+                    raise TensorizerTypeError(
+                        f"state dict keys must be str, got {type(k).__name__} {k!r}"
+                    )
+            stack.append(iter(list(obj.items())))
+            continue
+        if isinstance(obj, (list, tuple)):
+            stack.append(iter(list(enumerate(obj))))
+            continue
+        if not path:
+            raise TensorizerTypeError("write_state_dict needs a dict, list or tuple")
+        items.append(_Item(0, TensorType.STATE_DICT, tuple(path), obj))
+        path.pop()
+    return items
 
 
 class TensorSerializer:
@@ -905,7 +994,12 @@ class TensorSerializer:
                 raise TensorizerValueError("file_obj must be seekable")
             # A nameless stream (BytesIO): build the file privately, copy it in at close.
             self._file_obj = file_obj
-            fd, uri = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
+            try:
+                fd, uri = tempfile.mkstemp(prefix="tensorizer-rs-", suffix=".tensors")
+            except OSError as e:
+                raise TensorizerIOError(
+                    f"cannot make a temporary file in {tempfile.gettempdir()}: {e}"
+                ) from e
             os.close(fd)
             os.unlink(uri)
             self._spill = uri
@@ -955,26 +1049,7 @@ class TensorSerializer:
                 getattr(mod, where)[attr] = None
 
     def write_state_dict(self, state_dict: Any) -> None:
-        items: list = []
-
-        def walk(obj, path):
-            if isinstance(obj, collections.abc.Mapping):
-                for k, v in obj.items():
-                    if not isinstance(k, str):
-                        raise TensorizerTypeError(
-                            f"state dict keys must be str, got {type(k).__name__} {k!r}"
-                        )
-                    walk(v, path + (k,))
-            elif isinstance(obj, (list, tuple)):
-                for n, v in enumerate(obj):
-                    walk(v, path + (n,))
-            else:
-                if not path:
-                    raise TensorizerTypeError("write_state_dict needs a dict, list or tuple")
-                items.append(_Item(0, TensorType.STATE_DICT, path, obj))
-
-        walk(state_dict, ())
-        self._write(items)
+        self._write(_state_dict_items(state_dict))
 
     # -- machinery -------------------------------------------------------------------------
     def _describe(self, item: _Item):

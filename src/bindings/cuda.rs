@@ -25,7 +25,7 @@ fn cuda_available() -> (bool, Option<String>) {
 /// `(module_indices, stats)`. `progress(bytes_done, bytes_total)` is called about every 100 ms.
 #[pyfunction]
 #[pyo3(signature = (file, targets, device, stream, *, num_readers=None, verify_hash=false, key=None,
-                    passphrase=None, io=None, progress=None))]
+                    passphrase=None, max_opslimit=None, max_memlimit=None, io=None, progress=None))]
 #[allow(clippy::too_many_arguments)]
 fn cuda_load<'py>(
     py: Python<'py>,
@@ -37,6 +37,8 @@ fn cuda_load<'py>(
     verify_hash: bool,
     key: Option<Vec<u8>>,
     passphrase: Option<Vec<u8>>,
+    max_opslimit: Option<u64>,
+    max_memlimit: Option<u64>,
     io: Option<String>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<(Vec<u16>, Bound<'py, PyDict>)> {
@@ -46,7 +48,7 @@ fn cuda_load<'py>(
         base: LoadOptions {
             num_readers,
             verify_hash,
-            keys: super::crypto::keys_from(key, passphrase)?,
+            keys: super::crypto::keys_from(key, passphrase, max_opslimit, max_memlimit)?,
             io: io.as_deref().map(str::parse).transpose().map_err(to_pyerr)?,
         },
         device,

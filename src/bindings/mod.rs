@@ -10,6 +10,8 @@ mod writer;
 
 use pyo3::prelude::*;
 
+use crate::storage::Stop;
+
 pub use errors::to_pyerr;
 
 /// An exception raised on this thread while a native load ran without the GIL (a signal
@@ -36,6 +38,48 @@ impl Raised {
     }
 }
 
+/// Run `f` (an open, a probe, a remote read) on a helper thread while this thread checks
+/// Python's signals every [`crate::load::TICK`]: Ctrl-C raises KeyboardInterrupt here within
+/// moments, and the remote waits in `f` give up (they watch the [`Stop`] `f` is handed)
+/// instead of running into their timeouts and retries.
+fn interruptible<T: Send>(py: Python<'_>, f: impl FnOnce(&Stop) -> crate::error::Result<T> + Send) -> PyResult<T> {
+    use std::sync::mpsc::{sync_channel, RecvTimeoutError};
+    let stop = Stop::new();
+    let (tx, rx) = sync_channel(1);
+    std::thread::scope(|s| {
+        let stop = &stop;
+        let spawned = std::thread::Builder::new().name("tz-open".into()).spawn_scoped(s, move || {
+            let run = std::panic::AssertUnwindSafe(|| f(stop));
+            let result = std::panic::catch_unwind(run)
+                .unwrap_or_else(|_| Err(crate::error::Error::io("internal error: the reader panicked")));
+            let _ = tx.send(result);
+        });
+        if let Err(e) = spawned {
+            return Err(to_pyerr(crate::error::Error::io(format!("cannot start a thread: {e}"))));
+        }
+        let mut rx = rx;
+        loop {
+            // The receiver goes into the detached closure and back (it may not be shared).
+            let (got, back) = py.detach(move || (rx.recv_timeout(crate::load::TICK), rx));
+            rx = back;
+            match got {
+                Ok(result) => return result.map_err(to_pyerr),
+                Err(RecvTimeoutError::Timeout) => {
+                    if let Err(e) = py.check_signals() {
+                        stop.stop();
+                        // The helper gives up within moments; the scope waits for it.
+                        py.detach(move || drop(rx.recv()));
+                        return Err(e);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    return Err(to_pyerr(crate::error::Error::io("internal error: the reader thread ended")))
+                }
+            }
+        }
+    })
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // The process's settings are read once, now, before anything they govern is made.
@@ -53,6 +97,9 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(storage::http_direct_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(storage::uri_scheme, m)?)?;
     m.add_function(wrap_pyfunction!(storage::is_remote, m)?)?;
+    m.add_function(wrap_pyfunction!(storage::s3_pending_uploads, m)?)?;
+    m.add_function(wrap_pyfunction!(storage::hedged_requests, m)?)?;
+    m.add_function(wrap_pyfunction!(storage::s3_abort_upload, m)?)?;
     m.add_function(wrap_pyfunction!(trace_take, m)?)?;
     m.add_function(wrap_pyfunction!(trace_mark, m)?)?;
     Ok(())

@@ -20,7 +20,7 @@ impl PyTensorFile {
     pub(crate) fn file(&self) -> PyResult<&Arc<TensorFile>> {
         self.inner
             .as_ref()
-            .ok_or_else(|| pyo3::exceptions::PyValueError::new_err("I/O operation on a closed TensorDeserializer"))
+            .ok_or_else(|| to_pyerr(crate::error::Error::value("I/O operation on a closed TensorDeserializer")))
     }
 }
 
@@ -48,11 +48,9 @@ impl PyTensorFile {
     #[pyo3(signature = (uri, storage=None, name=None))]
     fn new(py: Python<'_>, uri: String, storage: Option<Bound<'_, PyDict>>, name: Option<String>) -> PyResult<Self> {
         let opts = super::storage::options_from(storage.as_ref())?;
-        let file = py
-            .detach(|| -> crate::error::Result<TensorFile> {
-                TensorFile::open(storage::open_source_named(&uri, &opts, name.as_deref())?)
-            })
-            .map_err(to_pyerr)?;
+        let file = super::interruptible(py, |stop| {
+            TensorFile::open_until(storage::open_source_named(&uri, &opts, name.as_deref(), stop)?, stop)
+        })?;
         Ok(PyTensorFile { inner: Some(Arc::new(file)) })
     }
 
@@ -79,6 +77,12 @@ impl PyTensorFile {
     #[getter]
     fn file_size(&self) -> PyResult<u64> {
         Ok(self.file()?.size())
+    }
+    /// Whether the source pins one version of the object (a strong validator); when it does
+    /// not, loads verify the stored hashes whatever `verify_hash` says.
+    #[getter]
+    fn pins_version(&self) -> PyResult<bool> {
+        Ok(self.file()?.source().caps().pins_version)
     }
     #[getter]
     fn encrypted(&self) -> PyResult<bool> {
@@ -129,7 +133,9 @@ impl PyTensorFile {
 
     /// Load index entries `indices` (any order); returns `[(module_idx, HostTensor)]` in the same
     /// order. Raises on the first bad tensor, so nothing partial is ever returned.
-    #[pyo3(signature = (indices, *, num_readers=None, verify_hash=false, key=None, passphrase=None))]
+    #[pyo3(signature = (indices, *, num_readers=None, verify_hash=false, key=None, passphrase=None,
+                        max_opslimit=None, max_memlimit=None))]
+    #[allow(clippy::too_many_arguments)]
     fn load(
         &self,
         py: Python<'_>,
@@ -138,12 +144,14 @@ impl PyTensorFile {
         verify_hash: bool,
         key: Option<Vec<u8>>,
         passphrase: Option<Vec<u8>>,
+        max_opslimit: Option<u64>,
+        max_memlimit: Option<u64>,
     ) -> PyResult<Vec<(u16, HostTensor)>> {
         let f = self.file()?.clone();
         if let Some(&bad) = indices.iter().find(|&&i| i >= f.entries.len()) {
-            return Err(pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {bad}")));
+            return Err(to_pyerr(crate::error::Error::value(format!("no tensor at index {bad}"))));
         }
-        let keys = super::crypto::keys_from(key, passphrase)?;
+        let keys = super::crypto::keys_from(key, passphrase, max_opslimit, max_memlimit)?;
         let opts = LoadOptions { num_readers, verify_hash, keys, io: None };
         let raised = super::Raised::default();
         let loaded = py
@@ -172,16 +180,14 @@ impl PyTensorFile {
     ) -> PyResult<Vec<(Bound<'py, PyBytes>, Bound<'py, PyDict>)>> {
         let f = self.file()?.clone();
         if let Some(&bad) = indices.iter().find(|&&i| i >= f.entries.len()) {
-            return Err(pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {bad}")));
+            return Err(to_pyerr(crate::error::Error::value(format!("no tensor at index {bad}"))));
         }
-        let parsed = py
-            .detach(|| {
-                indices
-                    .iter()
-                    .map(|&i| f.record_header(i).map(|(buf, h)| (h.hashable(&buf), h.hashes)))
-                    .collect::<crate::error::Result<Vec<_>>>()
-            })
-            .map_err(to_pyerr)?;
+        let parsed = super::interruptible(py, |stop| {
+            indices
+                .iter()
+                .map(|&i| f.record_header_until(i, stop).map(|(buf, h)| (h.hashable(&buf), h.hashes)))
+                .collect::<crate::error::Result<Vec<_>>>()
+        })?;
         parsed
             .into_iter()
             .map(|(hashable, hashes)| {
@@ -198,9 +204,9 @@ impl PyTensorFile {
     fn header_info<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyDict>> {
         let f = self.file()?.clone();
         if i >= f.entries.len() {
-            return Err(pyo3::exceptions::PyIndexError::new_err(format!("no tensor at index {i}")));
+            return Err(to_pyerr(crate::error::Error::value(format!("no tensor at index {i}"))));
         }
-        let (_, h) = py.detach(|| f.record_header(i)).map_err(to_pyerr)?;
+        let (_, h) = super::interruptible(py, |stop| f.record_header_until(i, stop))?;
         let d = PyDict::new(py);
         d.set_item("module_idx", h.module_idx)?;
         let hashes = PyDict::new(py);

@@ -32,12 +32,19 @@ pub fn options_from(d: Option<&Bound<'_, PyDict>>) -> PyResult<StorageOptions> {
             "http_direct" => o.http_direct = Some(v.extract()?),
             "ca_bundle" => o.ca_bundle = Some(v.extract::<std::path::PathBuf>()?),
             "allow_untrusted" => o.allow_untrusted = v.extract()?,
+            "stall_timeout" => o.stall_timeout = Some(seconds(&key, v.extract()?)?),
+            "hedge_after" => o.hedge_after = Some(seconds(&key, v.extract()?)?),
             other => {
                 return Err(to_pyerr(Error::value(format!("unknown storage option {other:?}"))));
             }
         }
     }
     Ok(o)
+}
+
+fn seconds(key: &str, v: f64) -> PyResult<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(v)
+        .map_err(|_| to_pyerr(Error::value(format!("storage option {key:?} must be a number of seconds >= 0"))))
 }
 
 /// A remote (or local) object opened for positional reads.
@@ -52,7 +59,7 @@ impl PyRemoteSource {
     #[pyo3(signature = (uri, storage=None))]
     fn new(py: Python<'_>, uri: String, storage: Option<Bound<'_, PyDict>>) -> PyResult<Self> {
         let opts = options_from(storage.as_ref())?;
-        let inner = py.detach(|| storage::open_source(&uri, &opts)).map_err(to_pyerr)?;
+        let inner = super::interruptible(py, |stop| storage::open_source_until(&uri, &opts, stop))?;
         Ok(PyRemoteSource { inner })
     }
     #[getter]
@@ -67,7 +74,13 @@ impl PyRemoteSource {
         let end = offset.saturating_add(length as u64).min(self.inner.size());
         let n = end.saturating_sub(offset) as usize;
         let mut buf = vec![0u8; n];
-        py.detach(|| if n > 0 { self.inner.read_at(offset, &mut buf) } else { Ok(()) }).map_err(to_pyerr)?;
+        let source = &self.inner;
+        let buf = super::interruptible(py, move |stop| {
+            if n > 0 {
+                source.read(offset, &mut buf, stop)?;
+            }
+            Ok(buf)
+        })?;
         Ok(PyBytes::new(py, &buf))
     }
 }
@@ -107,4 +120,37 @@ pub fn is_remote(uri: &str) -> bool {
 #[pyfunction]
 pub fn http_direct_bytes() -> u64 {
     storage::http_direct_bytes()
+}
+
+/// The pending multipart uploads under `s3://bucket/prefix`: `[(key, upload_id, initiated)]`,
+/// `initiated` in seconds since the epoch (or `None`).
+#[pyfunction]
+#[pyo3(signature = (uri, storage=None))]
+pub fn s3_pending_uploads(
+    py: Python<'_>,
+    uri: String,
+    storage: Option<Bound<'_, PyDict>>,
+) -> PyResult<Vec<(String, String, Option<i64>)>> {
+    let opts = options_from(storage.as_ref())?;
+    let uploads = super::interruptible(py, |stop| storage::s3_pending_uploads(&uri, &opts, stop))?;
+    Ok(uploads.into_iter().map(|u| (u.key, u.upload_id, u.initiated)).collect())
+}
+
+/// Abort the multipart upload `upload_id` of `s3://bucket/key`.
+#[pyfunction]
+#[pyo3(signature = (uri, upload_id, storage=None))]
+pub fn s3_abort_upload(
+    py: Python<'_>,
+    uri: String,
+    upload_id: String,
+    storage: Option<Bound<'_, PyDict>>,
+) -> PyResult<()> {
+    let opts = options_from(storage.as_ref())?;
+    super::interruptible(py, |stop| storage::s3_abort_upload(&uri, &upload_id, &opts, stop))
+}
+
+/// Read requests re-issued because they stalled while others flowed, process-wide (tests).
+#[pyfunction]
+pub fn hedged_requests() -> u64 {
+    storage::hedged_requests()
 }

@@ -16,7 +16,7 @@ pub struct PyTensorWriter {
 
 impl PyTensorWriter {
     fn writer(&mut self) -> PyResult<&mut Writer> {
-        self.inner.as_mut().ok_or_else(|| pyo3::exceptions::PyValueError::new_err("the serializer is closed"))
+        self.inner.as_mut().ok_or_else(|| to_pyerr(Error::value("the serializer is closed")))
     }
 }
 
@@ -42,7 +42,7 @@ impl PyTensorWriter {
                 kdf: kdf.map(|(opslimit, memlimit, alg, salt)| PwHashParams { opslimit, memlimit, alg, salt }),
             }),
         };
-        let sink = py.detach(|| storage::create_sink(&uri, &opts)).map_err(to_pyerr)?;
+        let sink = super::interruptible(py, |stop| storage::create_sink_until(&uri, &opts, stop))?;
         Ok(PyTensorWriter { inner: Some(Writer::new(sink, keys)) })
     }
 

@@ -27,7 +27,7 @@ pub mod kdf;
 pub mod salsa;
 pub mod secretbox;
 
-pub use kdf::{clear_key_cache, derive_key, derive_key_cached, validate_params, ALG_ARGON2ID13, SALT_LEN};
+pub use kdf::{clear_key_cache, derive_key, derive_key_cached, validate_params, KdfLimits, ALG_ARGON2ID13, SALT_LEN};
 use secretbox::{nonce_add, SecretBox};
 
 /// Key size of XSalsa20-Poly1305.
@@ -43,15 +43,16 @@ pub const AUTH_FAILED: &str = "authentication failed — wrong key or corrupted 
 pub enum DecryptionKeys {
     /// A raw 32-byte key: works for any file, passphrase files included.
     Key([u8; 32]),
-    /// A passphrase: the key is derived per the KDF chunk stored in each tensor header.
-    Passphrase(Vec<u8>),
+    /// A passphrase: the key is derived per the KDF chunk stored in each tensor header, whose
+    /// parameters must be within the limits.
+    Passphrase(Vec<u8>, KdfLimits),
 }
 
 impl Drop for DecryptionKeys {
     fn drop(&mut self) {
         match self {
             DecryptionKeys::Key(k) => k.zeroize(),
-            DecryptionKeys::Passphrase(p) => p.zeroize(),
+            DecryptionKeys::Passphrase(p, _) => p.zeroize(),
         }
     }
 }
@@ -60,19 +61,30 @@ impl fmt::Debug for DecryptionKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DecryptionKeys::Key(_) => f.write_str("DecryptionKeys::Key(<redacted>)"),
-            DecryptionKeys::Passphrase(_) => f.write_str("DecryptionKeys::Passphrase(<redacted>)"),
+            DecryptionKeys::Passphrase(_, l) => write!(f, "DecryptionKeys::Passphrase(<redacted>, {l:?})"),
         }
     }
 }
 
 impl DecryptionKeys {
+    /// A passphrase with the default [`KdfLimits`].
+    pub fn passphrase(p: Vec<u8>) -> Self {
+        DecryptionKeys::Passphrase(p, KdfLimits::default())
+    }
+
     /// The key that opens a tensor with this crypt info: the raw key as-is, or the passphrase
     /// run through the tensor's KDF chunk (cached, so a file derives once).
     pub fn key_for(&self, info: &CryptInfo) -> Result<Zeroizing<[u8; KEY_LEN]>> {
+        self.key_for_until(info, &|| false)
+    }
+
+    /// [`DecryptionKeys::key_for`], giving up with an error once `stop()` says so while a
+    /// key derivation runs (see [`derive_key_cached`]).
+    pub fn key_for_until(&self, info: &CryptInfo, stop: &dyn Fn() -> bool) -> Result<Zeroizing<[u8; KEY_LEN]>> {
         match self {
             DecryptionKeys::Key(k) => Ok(Zeroizing::new(*k)),
-            DecryptionKeys::Passphrase(p) => match info.kdf() {
-                Some(params) => derive_key_cached(p, params),
+            DecryptionKeys::Passphrase(p, limits) => match info.kdf() {
+                Some(params) => derive_key_cached(p, params, limits, stop),
                 None => Err(Error::crypto(
                     "a passphrase was given, but the tensor has no key-derivation parameters \
                      (it was encrypted with a raw key; pass the key instead)",
@@ -190,6 +202,16 @@ impl DecryptPlan {
     /// is not encrypted but has data, or when no key can be had (passphrase without KDF chunk,
     /// bad KDF parameters).
     pub fn new(keys: &DecryptionKeys, info: &CryptInfo, data_len: u64) -> Result<Option<Self>> {
+        Self::new_until(keys, info, data_len, &|| false)
+    }
+
+    /// [`DecryptPlan::new`], giving up once `stop()` says so while a key derivation runs.
+    pub fn new_until(
+        keys: &DecryptionKeys,
+        info: &CryptInfo,
+        data_len: u64,
+        stop: &dyn Fn() -> bool,
+    ) -> Result<Option<Self>> {
         let cipher_chunk = info.cipher()?;
         if data_len == 0 {
             // The real reader skips decryption of empty data, whatever the MACs say.
@@ -227,7 +249,7 @@ impl DecryptPlan {
             },
             Some(CryptChunk::Kdf(_)) => return Err(Error::format("a key-derivation chunk is not a cipher")),
         };
-        let key = keys.key_for(info)?;
+        let key = keys.key_for_until(info, stop)?;
         Ok(Some(DecryptPlan { cipher: SecretBox::new(&key), key, pieces }))
     }
 
@@ -281,7 +303,17 @@ impl DecryptPlan {
 /// Decrypt `data` in place using the tensor's crypt info. Fails on any MAC mismatch with
 /// [`AUTH_FAILED`]; empty data is left alone (no key is derived for it).
 pub fn decrypt_tensor(keys: &DecryptionKeys, info: &CryptInfo, data: &mut [u8]) -> Result<()> {
-    match DecryptPlan::new(keys, info, data.len() as u64)? {
+    decrypt_tensor_until(keys, info, data, &|| false)
+}
+
+/// [`decrypt_tensor`], giving up once `stop()` says so while a key derivation runs.
+pub fn decrypt_tensor_until(
+    keys: &DecryptionKeys,
+    info: &CryptInfo,
+    data: &mut [u8],
+    stop: &dyn Fn() -> bool,
+) -> Result<()> {
+    match DecryptPlan::new_until(keys, info, data.len() as u64, stop)? {
         Some(plan) => plan.open_all(data),
         None => Ok(()),
     }

@@ -82,7 +82,7 @@ fn empty_data_gets_no_chunks_and_decrypts_to_nothing() {
     assert!(Encryptor::new(keys2).encrypt(&mut []).unwrap().chunks.is_empty());
     // An empty crypt info (meta tensor) or a cipher chunk with 0 MACs over 0 bytes: nothing to do,
     // and no key is derived even for a passphrase.
-    let pw = DecryptionKeys::Passphrase(b"x".to_vec());
+    let pw = DecryptionKeys::passphrase(b"x".to_vec());
     decrypt_tensor(&pw, &CryptInfo::default(), &mut []).unwrap();
     let zero_macs = CryptInfo {
         chunks: vec![CryptChunk::XSalsa20Parallel { chunk_size: CHUNK_SIZE as u64, nonce: [0; 24], macs: vec![] }],
@@ -228,7 +228,7 @@ fn passphrase_needs_a_kdf_chunk() {
     let keys = EncryptionKeys::from_key([4u8; 32]);
     let mut data = pattern(100);
     let info = encrypt_tensor(&keys, &mut data).unwrap();
-    let err = decrypt_tensor(&DecryptionKeys::Passphrase(b"pw".to_vec()), &info, &mut data).unwrap_err();
+    let err = decrypt_tensor(&DecryptionKeys::passphrase(b"pw".to_vec()), &info, &mut data).unwrap_err();
     assert_eq!(err.kind, ErrorKind::Crypto);
 }
 
@@ -248,13 +248,13 @@ fn passphrase_round_trip_stores_the_kdf_chunk_first() {
     assert_eq!(info.chunks[0], CryptChunk::Kdf(params.clone()));
     assert!(matches!(info.chunks[1], CryptChunk::XSalsa20Parallel { .. }));
     let mut d = data.clone();
-    decrypt_tensor(&DecryptionKeys::Passphrase(b"hunter2".to_vec()), &info, &mut d).unwrap();
+    decrypt_tensor(&DecryptionKeys::passphrase(b"hunter2".to_vec()), &info, &mut d).unwrap();
     assert!(d == plain);
     // The raw derived key opens it too; a wrong passphrase does not.
     let mut d = data.clone();
     decrypt_tensor(&DecryptionKeys::Key(keys.key), &info, &mut d).unwrap();
     assert!(d == plain);
-    let err = decrypt_tensor(&DecryptionKeys::Passphrase(b"hunter3".to_vec()), &info, &mut data.clone()).unwrap_err();
+    let err = decrypt_tensor(&DecryptionKeys::passphrase(b"hunter3".to_vec()), &info, &mut data.clone()).unwrap_err();
     assert_eq!(err.message, AUTH_FAILED);
     // A fixed salt is used as given.
     let k2 = EncryptionKeys::from_passphrase(b"hunter2", OPSLIMIT_MIN, MEMLIMIT_MIN, Some([1; 16])).unwrap();
@@ -276,7 +276,7 @@ fn kdf_parameters_are_validated() {
         PwHashParams { memlimit: MEMLIMIT_MAX + 1, ..ok.clone() },
     ] {
         assert_eq!(derive_key(b"pw", &bad).unwrap_err().kind, ErrorKind::Crypto, "{bad:?}");
-        assert!(derive_key_cached(b"pw", &bad).is_err());
+        assert!(derive_key_cached(b"pw", &bad, &KdfLimits::default(), &|| false).is_err());
     }
     // memlimit is rounded down to whole KiB, as libsodium does.
     let a = derive_key(b"pw", &PwHashParams { memlimit: 8192, ..ok.clone() }).unwrap();
@@ -287,20 +287,22 @@ fn kdf_parameters_are_validated() {
 #[test]
 fn derived_keys_are_cached_per_passphrase_and_params() {
     let p = min_params(0xab);
-    let a = derive_key_cached(b"cache-test", &p).unwrap();
+    let a = derive_key_cached(b"cache-test", &p, &KdfLimits::default(), &|| false).unwrap();
     let n = super::kdf::cache_len();
     assert!(n >= 1);
-    let b = derive_key_cached(b"cache-test", &p).unwrap();
+    let b = derive_key_cached(b"cache-test", &p, &KdfLimits::default(), &|| false).unwrap();
     assert_eq!(*a, *b);
     assert_eq!(*a, derive_key(b"cache-test", &p).unwrap());
     // A different passphrase or salt is a different entry with a different key.
-    let c = derive_key_cached(b"cache-test2", &p).unwrap();
+    let c = derive_key_cached(b"cache-test2", &p, &KdfLimits::default(), &|| false).unwrap();
     assert_ne!(*a, *c);
-    let d = derive_key_cached(b"cache-test", &min_params(0xac)).unwrap();
+    let d = derive_key_cached(b"cache-test", &min_params(0xac), &KdfLimits::default(), &|| false).unwrap();
     assert_ne!(*a, *d);
     // Concurrent callers agree.
     let keys: Vec<_> = std::thread::scope(|s| {
-        let hs: Vec<_> = (0..4).map(|_| s.spawn(|| *derive_key_cached(b"cache-test3", &p).unwrap())).collect();
+        let hs: Vec<_> = (0..4)
+            .map(|_| s.spawn(|| *derive_key_cached(b"cache-test3", &p, &KdfLimits::default(), &|| false).unwrap()))
+            .collect();
         hs.into_iter().map(|h| h.join().unwrap()).collect()
     });
     assert!(keys.windows(2).all(|w| w[0] == w[1]));
@@ -309,7 +311,7 @@ fn derived_keys_are_cached_per_passphrase_and_params() {
 #[test]
 fn debug_never_shows_secrets() {
     let k = DecryptionKeys::Key([0xAB; 32]);
-    let p = DecryptionKeys::Passphrase(b"supersecret".to_vec());
+    let p = DecryptionKeys::passphrase(b"supersecret".to_vec());
     let e = EncryptionKeys::from_key([0xAB; 32]);
     for s in [format!("{k:?}"), format!("{p:?}"), format!("{e:?}"), format!("{:?}", Encryptor::new(e.clone()))] {
         assert!(s.contains("redacted"), "{s}");
@@ -323,4 +325,46 @@ fn random_helpers_differ() {
     assert_ne!(random_salt().unwrap(), random_salt().unwrap());
     assert_ne!(random_nonce().unwrap(), random_nonce().unwrap());
     assert_ne!(EncryptionKeys::random().unwrap().key, [0u8; 32]);
+}
+
+#[test]
+fn kdf_limits_bound_what_a_file_may_ask_for() {
+    use super::kdf::{MEMLIMIT_MODERATE, MEMLIMIT_SENSITIVE, OPSLIMIT_SENSITIVE};
+    let d = KdfLimits::default();
+    let p = |opslimit: u64, memlimit: u64| PwHashParams { opslimit, memlimit, ..min_params(0) };
+    // Every preset combination, and more passes over less memory.
+    for ops in 1..=OPSLIMIT_SENSITIVE {
+        for mem in [MEMLIMIT_MIN, 64 << 20, MEMLIMIT_MODERATE, MEMLIMIT_SENSITIVE] {
+            d.check(&p(ops, mem)).unwrap();
+        }
+    }
+    d.check(&p(16, MEMLIMIT_MODERATE)).unwrap();
+    // The fuzzing campaign's values: 2^32 - 1, and 1 with bit 24 flipped.
+    for ops in [u32::MAX as u64, 16_777_217, OPSLIMIT_SENSITIVE + 1] {
+        let e = d.check(&p(ops, MEMLIMIT_SENSITIVE)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::Crypto);
+        assert!(e.message.contains(&format!("opslimit {ops} is above the bound")), "{}", e.message);
+        assert!(e.message.contains("max_opslimit"), "{}", e.message);
+    }
+    let e = d.check(&p(1, MEMLIMIT_SENSITIVE + 1024)).unwrap_err();
+    assert!(e.message.contains("memlimit 1073742848 bytes is above the bound"), "{}", e.message);
+    // Raised explicitly, they pass; the cached derivation checks before it starts.
+    KdfLimits::new(Some(5), None).check(&p(5, MEMLIMIT_SENSITIVE)).unwrap();
+    KdfLimits::new(None, Some(2 << 30)).check(&p(1, 2 << 30)).unwrap();
+    let t0 = std::time::Instant::now();
+    assert!(derive_key_cached(b"pw", &p(u32::MAX as u64, MEMLIMIT_SENSITIVE), &d, &|| false).is_err());
+    assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+}
+
+#[test]
+fn a_waiting_derivation_gives_up_when_told_and_finishes_unobserved() {
+    let params = PwHashParams { opslimit: 8, memlimit: 128 << 20, ..min_params(0x5a) };
+    let t0 = std::time::Instant::now();
+    let stop = || t0.elapsed() > std::time::Duration::from_millis(100);
+    let err = derive_key_cached(b"interrupt-me", &params, &KdfLimits::default(), &stop).unwrap_err();
+    assert!(err.message.contains("stopped"), "{}", err.message);
+    assert!(t0.elapsed() < std::time::Duration::from_millis(600), "{:?}", t0.elapsed());
+    // The derivation went on and is cached for the next caller.
+    let key = derive_key_cached(b"interrupt-me", &params, &KdfLimits::default(), &|| false).unwrap();
+    assert_eq!(*key, derive_key(b"interrupt-me", &params).unwrap());
 }

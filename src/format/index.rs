@@ -75,6 +75,11 @@ pub fn expected_nbytes(shape: &[u64], itemsize: usize) -> Result<u64> {
 
 /// Parse exactly `count` entries from the index bytes, ignoring the padding after them.
 pub fn parse_index(buf: &[u8], count: u64, versioned: bool) -> Result<Vec<IndexEntry>> {
+    parse_index_used(buf, count, versioned).map(|(entries, _)| entries)
+}
+
+/// [`parse_index`], also returning how many bytes the entries took (the rest is padding).
+pub fn parse_index_used(buf: &[u8], count: u64, versioned: bool) -> Result<(Vec<IndexEntry>, usize)> {
     if count > buf.len() as u64 / MIN_ENTRY_LEN + 1 {
         return Err(Error::format(format!(
             "header claims {count} tensors, more than a {}-byte metadata index can hold",
@@ -122,5 +127,5 @@ pub fn parse_index(buf: &[u8], count: u64, versioned: bool) -> Result<Vec<IndexE
             entry_version,
         });
     }
-    Ok(out)
+    Ok((out, c.pos()))
 }

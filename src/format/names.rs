@@ -120,41 +120,66 @@ pub fn display(path: &[PathComponent]) -> String {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Node {
     Leaf,
-    Branch { int_keys: bool },
+    /// `int_keys` is set by the first child: every child of a level has the same key kind.
+    Branch {
+        int_keys: Option<bool>,
+    },
 }
 
 /// The prefix-tree checks both CoreWeave's writer and reader apply: no duplicate paths, no
 /// path that is both a leaf and a prefix of another, no str and int keys at one level.
-#[derive(Default)]
+///
+/// A trie of numbered nodes: each path component is stored once, under its parent's number, so
+/// the work and memory of registering a path are linear in its length (a map of whole prefixes
+/// would hold every prefix of a 32,000-component path: quadratic).
 pub struct PathRegistry {
-    nodes: HashMap<TensorPath, Node>,
+    /// Node 0 is the root.
+    nodes: Vec<Node>,
+    children: HashMap<(u32, PathComponent), u32>,
+}
+
+impl Default for PathRegistry {
+    fn default() -> Self {
+        PathRegistry { nodes: vec![Node::Branch { int_keys: None }], children: HashMap::new() }
+    }
 }
 
 impl PathRegistry {
     pub fn register(&mut self, path: &[PathComponent]) -> Result<()> {
         let conflict = |why: &str| Error::format(format!("Conflicting tensor paths: {:?} {why}", display(path)));
-        for depth in 0..path.len() {
-            let int_keys = matches!(path[depth], PathComponent::Int(_));
-            let prefix = path[..depth].to_vec();
-            match self.nodes.get(&prefix) {
-                Some(Node::Leaf) => return Err(conflict("extends a path that is already a tensor")),
-                Some(Node::Branch { int_keys: k }) if *k != int_keys => {
+        if path.is_empty() {
+            return Err(Error::format("Invalid empty tensor path"));
+        }
+        let mut cur = 0u32;
+        for (depth, c) in path.iter().enumerate() {
+            let int_keys = matches!(c, PathComponent::Int(_));
+            match &mut self.nodes[cur as usize] {
+                Node::Leaf => return Err(conflict("extends a path that is already a tensor")),
+                Node::Branch { int_keys: Some(k) } if *k != int_keys => {
                     return Err(conflict("mixes string and integer keys at one level"))
                 }
-                Some(_) => {}
+                Node::Branch { int_keys: k } => *k = Some(int_keys),
+            }
+            let last = depth + 1 == path.len();
+            let key = (cur, c.clone());
+            match self.children.get(&key) {
+                Some(&child) if last => {
+                    return Err(match self.nodes[child as usize] {
+                        Node::Leaf => conflict("appears twice"),
+                        Node::Branch { .. } => conflict("is a prefix of another tensor path"),
+                    })
+                }
+                Some(&child) => cur = child,
                 None => {
-                    self.nodes.insert(prefix, Node::Branch { int_keys });
+                    let id = u32::try_from(self.nodes.len())
+                        .map_err(|_| Error::format("too many distinct tensor path components"))?;
+                    self.nodes.push(if last { Node::Leaf } else { Node::Branch { int_keys: None } });
+                    self.children.insert(key, id);
+                    cur = id;
                 }
             }
         }
-        match self.nodes.get(path) {
-            Some(Node::Leaf) => Err(conflict("appears twice")),
-            Some(Node::Branch { .. }) => Err(conflict("is a prefix of another tensor path")),
-            None => {
-                self.nodes.insert(path.to_vec(), Node::Leaf);
-                Ok(())
-            }
-        }
+        Ok(())
     }
 }
 
@@ -187,5 +212,25 @@ mod tests {
         assert!(r.register(&[Str("a".into()), Str("x".into())]).is_err());
         assert!(r.register(&[Str("a".into()), Int(0), Str("deeper".into())]).is_err());
         assert!(r.register(&[Int(0)]).is_err());
+        assert!(r.register(&[]).is_err());
+        r.register(&[Str("b".into())]).unwrap();
+        assert!(r.register(&[Str("b".into())]).unwrap_err().message.contains("appears twice"));
+        r.register(&[Str("c".into()), Str("d".into())]).unwrap();
+        assert!(r.register(&[Str("c".into())]).unwrap_err().message.contains("prefix of another"));
+    }
+
+    #[test]
+    fn deep_paths_cost_linear_memory() {
+        // 32,000 components: a map of whole prefixes would hold ~512 million components.
+        let mut r = PathRegistry::default();
+        let deep = vec![Int(0); 32_000];
+        r.register(&deep).unwrap();
+        assert_eq!(r.nodes.len(), 32_001);
+        assert!(r.register(&deep).is_err());
+        let mut other = deep.clone();
+        other[31_999] = Int(1);
+        r.register(&other).unwrap();
+        assert_eq!(r.nodes.len(), 32_002);
+        assert!(r.register(&deep[..100]).unwrap_err().message.contains("prefix of another"));
     }
 }

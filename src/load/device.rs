@@ -117,14 +117,15 @@ pub fn load_to_device(
     crate::trace::mark("load_engine", 0, 0);
 
     let caps = file.source().caps();
+    let base = &*opts.base.for_source(caps);
     let encrypted = file.header.has_crypt_info();
-    let mut tuning = Tuning::device(&opts.base, caps, encrypted, &pool);
+    let mut tuning = Tuning::device(base, caps, encrypted, &pool);
     let placement = options::gpu_placement(opts.device);
     tuning.cpus = placement.cpus.map(Arc::from);
     let entries: Vec<usize> = targets.iter().map(|t| t.entry).collect();
     // Large tensors go whole where their bytes must pass in order: hashed, or sealed where no
     // cipher chunk fits a buffer.
-    let whole = opts.base.verify_hash || (encrypted && sealed_step(pool.chunk()) == 0);
+    let whole = base.verify_hash || (encrypted && sealed_step(pool.chunk()) == 0);
     let mut plan = plan::build(&file.entries, &entries, tuning.sizes, |_| whole);
     if let Some(min) = tuning.taper {
         plan.taper(tuning.readers, min);
@@ -153,7 +154,7 @@ pub fn load_to_device(
     let done = &gpu.tally.done;
     let mut tick = progress.as_mut().map(|cb| move || cb(done.load(Ordering::Relaxed), total));
     let tick = tick.as_mut().map(|t| t as &mut dyn FnMut() -> Result<()>);
-    let ran = pipeline::run(file, &gpu, &entries, &opts.base, &tuning, plan, tick);
+    let ran = pipeline::run(file, &gpu, &entries, base, &tuning, plan, tick);
 
     // Whatever happened, no copy may outlive this call: torch's stream waits for ours, and we
     // wait for them too.

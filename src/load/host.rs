@@ -27,6 +27,8 @@ pub fn load_to_host(
 ) -> Result<Vec<LoadedTensor>> {
     options::env().check()?;
     pipeline::check_keys(file, opts.keys.as_ref())?;
+    let caps = file.source().caps();
+    let opts = &*opts.for_source(caps);
     let name = file.name();
     let mut buffers = Vec::with_capacity(which.len());
     for &i in which {
@@ -38,7 +40,6 @@ pub fn load_to_host(
         buffers.push(buf);
     }
     crate::trace::mark("host_buffers_made", which.len() as u64, 0);
-    let caps = file.source().caps();
     let tuning = Tuning::host(opts, caps);
     let mut plan = plan::build(&file.entries, which, Sizes::HOST, |_| false);
     if let Some(min) = tuning.taper {

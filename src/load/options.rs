@@ -10,6 +10,7 @@
 //! here.
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use super::numa::{self, Placement};
 use super::plan::Sizes;
@@ -28,6 +29,20 @@ pub struct LoadOptions {
     /// How local files reach the staging buffers of a GPU load; `None`: `TENSORIZER_RS_IO`,
     /// else [`ReadMode::Auto`].
     pub io: Option<ReadMode>,
+}
+
+impl LoadOptions {
+    /// These options for a source with `caps`: hash verification turned on where the caller
+    /// left it off and the source cannot pin one version of the object (no strong validator,
+    /// [`Caps::pins_version`]), so a server handing out another version mid-load is caught by
+    /// the stored hashes instead of returning mixed bytes.
+    pub fn for_source(&self, caps: Caps) -> std::borrow::Cow<'_, LoadOptions> {
+        if self.verify_hash || caps.pins_version {
+            std::borrow::Cow::Borrowed(self)
+        } else {
+            std::borrow::Cow::Owned(LoadOptions { verify_hash: true, ..self.clone() })
+        }
+    }
 }
 
 /// The environment, read once per process.
@@ -53,6 +68,15 @@ pub struct Env {
     pub numa: bool,
     /// `TENSORIZER_RS_SYSFS`: where sysfs is (tests hand a fake topology); default `/sys`.
     pub sysfs: Option<PathBuf>,
+    /// `TENSORIZER_RS_STALL_TIMEOUT`: seconds a remote read request may receive nothing before
+    /// it is dropped and sent again.
+    pub stall_timeout: Option<Duration>,
+    /// `TENSORIZER_RS_HEDGE_AFTER`: seconds a remote read request may receive nothing while the
+    /// source's other requests flow before it is sent again on another connection (0: never).
+    pub hedge_after: Option<Duration>,
+    /// `TENSORIZER_RS_O_TMPFILE=0`: local writes through a named, locked temporary file instead
+    /// of an unnamed `O_TMPFILE` one.
+    pub local_tmpfile: Option<bool>,
     /// Values that could not be used, as messages naming the variable; every load fails with
     /// the first, rather than run with a setting the user did not ask for.
     pub problems: Vec<String>,
@@ -112,6 +136,26 @@ impl Env {
         }
         env.local_world_size =
             get("LOCAL_WORLD_SIZE").and_then(|v| v.trim().parse::<usize>().ok()).filter(|n| (1..=4096).contains(n));
+        if let Some(v) = get("TENSORIZER_RS_O_TMPFILE") {
+            match v.trim() {
+                "0" => env.local_tmpfile = Some(false),
+                "1" | "" => {}
+                _ => bad("TENSORIZER_RS_O_TMPFILE", &v, "0 or 1"),
+            }
+        }
+        let seconds = |v: &str| v.trim().parse::<f64>().ok().and_then(|s| Duration::try_from_secs_f64(s).ok());
+        if let Some(v) = get("TENSORIZER_RS_STALL_TIMEOUT") {
+            match seconds(&v) {
+                Some(d) => env.stall_timeout = Some(d),
+                None => bad("TENSORIZER_RS_STALL_TIMEOUT", &v, "a number of seconds >= 0"),
+            }
+        }
+        if let Some(v) = get("TENSORIZER_RS_HEDGE_AFTER") {
+            match seconds(&v) {
+                Some(d) => env.hedge_after = Some(d),
+                None => bad("TENSORIZER_RS_HEDGE_AFTER", &v, "a number of seconds >= 0"),
+            }
+        }
         env
     }
 
@@ -157,7 +201,14 @@ pub fn env() -> &'static Env {
 
 /// Storage options before the caller's own: the environment's.
 pub fn storage_options() -> StorageOptions {
-    StorageOptions { http_direct: env().http_direct, ..StorageOptions::default() }
+    let env = env();
+    StorageOptions {
+        http_direct: env.http_direct,
+        stall_timeout: env.stall_timeout,
+        hedge_after: env.hedge_after,
+        local_tmpfile: env.local_tmpfile,
+        ..StorageOptions::default()
+    }
 }
 
 /// What one process gets of a host-wide default `n` when `ranks` processes load at once (a
@@ -358,6 +409,9 @@ mod tests {
             ("TENSORIZER_RS_STAGING_BYTES", "134217728"),
             ("TENSORIZER_RS_IO", "direct"),
             ("TENSORIZER_RS_NVRTC", "/opt/cuda/lib64"),
+            ("TENSORIZER_RS_STALL_TIMEOUT", "1.5"),
+            ("TENSORIZER_RS_HEDGE_AFTER", "0"),
+            ("TENSORIZER_RS_O_TMPFILE", "0"),
         ]));
         assert!(env.trace && env.problems.is_empty(), "{:?}", env.problems);
         assert_eq!(
@@ -365,6 +419,8 @@ mod tests {
             (Some(false), Some(128 << 20), Some(ReadMode::Direct))
         );
         assert_eq!(env.nvrtc.as_deref(), Some(std::path::Path::new("/opt/cuda/lib64")));
+        assert_eq!((env.stall_timeout, env.hedge_after), (Some(Duration::from_millis(1500)), Some(Duration::ZERO)));
+        assert_eq!(env.local_tmpfile, Some(false));
         assert!(env.check().is_ok());
         let env = Env::parse(vars(&[("TENSORIZER_RS_TRACE", "0"), ("TENSORIZER_RS_HTTP_DIRECT", "1")]));
         assert!(!env.trace && env.http_direct.is_none() && env.check().is_ok());
@@ -373,6 +429,25 @@ mod tests {
         assert_eq!(env.problems.len(), 2);
         let e = env.check().unwrap_err();
         assert!(e.message.contains("TENSORIZER_RS_STAGING_BYTES") || e.message.contains("TENSORIZER_RS_IO"), "{e}");
+        let env = Env::parse(vars(&[("TENSORIZER_RS_STALL_TIMEOUT", "-1"), ("TENSORIZER_RS_HEDGE_AFTER", "soon")]));
+        assert_eq!(env.problems.len(), 2, "{:?}", env.problems);
+    }
+
+    #[test]
+    fn sources_without_a_strong_validator_are_loaded_verified() {
+        let caps = |pins_version| Caps {
+            remote: true,
+            reads_into_buffers: false,
+            parallelism: 8,
+            fs: crate::storage::FileSystem::Other,
+            pins_version,
+        };
+        let opts = LoadOptions { num_readers: Some(3), ..Default::default() };
+        assert!(!opts.for_source(caps(true)).verify_hash);
+        let forced = opts.for_source(caps(false));
+        assert!(forced.verify_hash && forced.num_readers == Some(3));
+        let asked = LoadOptions { verify_hash: true, ..Default::default() };
+        assert!(matches!(asked.for_source(caps(false)), std::borrow::Cow::Borrowed(_)));
     }
 
     #[test]
@@ -395,7 +470,7 @@ mod tests {
     }
 
     fn local(fs: crate::storage::FileSystem) -> Caps {
-        Caps { remote: false, reads_into_buffers: false, parallelism: 16, fs }
+        Caps { remote: false, reads_into_buffers: false, parallelism: 16, fs, pins_version: true }
     }
 
     #[test]
@@ -429,7 +504,13 @@ mod tests {
         assert_eq!(Tuning::host_for(&opts, ext4, 8).readers, 2);
         assert_eq!(Tuning::host_for(&five, ext4, 8).readers, 5);
         // Remote loads keep one reader per (already shared) buffer.
-        let s3 = Caps { remote: true, reads_into_buffers: false, parallelism: 32, fs: FileSystem::Other };
+        let s3 = Caps {
+            remote: true,
+            reads_into_buffers: false,
+            parallelism: 32,
+            fs: FileSystem::Other,
+            pins_version: true,
+        };
         assert_eq!(Tuning::device_for(&opts, s3, false, chunk, 4, None, 8).readers, 4);
     }
 

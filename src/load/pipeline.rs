@@ -127,7 +127,14 @@ pub(crate) struct Header {
 }
 
 impl Header {
-    fn new(file: &TensorFile, e: &IndexEntry, bytes: &[u8], keys: Option<&DecryptionKeys>) -> Result<Header> {
+    /// A key derivation the header needs gives up once `stop` is set.
+    fn new(
+        file: &TensorFile,
+        e: &IndexEntry,
+        bytes: &[u8],
+        keys: Option<&DecryptionKeys>,
+        stop: &Stop,
+    ) -> Result<Header> {
         let h = TensorHeader::parse(bytes, e.wide_shape(), file.header.has_crypt_info())?;
         if h.name != e.name
             || h.dtype.stored != e.dtype.stored
@@ -148,7 +155,7 @@ impl Header {
                 Some(_) => {
                     let keys =
                         keys.ok_or_else(|| Error::crypto("Tensor is encrypted, but decryption was not requested"))?;
-                    DecryptPlan::new(keys, info, e.data_length)?
+                    DecryptPlan::new_until(keys, info, e.data_length, &|| stop.is_stopped())?
                 }
                 None if e.data_length > 0 => {
                     return Err(Error::crypto("Tensor is not encrypted, but decryption was requested"))
@@ -589,7 +596,8 @@ impl<D: Destination> Job<'_, D> {
             Err(std::sync::TryLockError::WouldBlock) => return Ok(()),
         };
         if kept.is_none() {
-            *kept = Some(Arc::new(Header::new(self.file, self.entry(slot), bytes, self.opts.keys.as_ref())?));
+            *kept =
+                Some(Arc::new(Header::new(self.file, self.entry(slot), bytes, self.opts.keys.as_ref(), &self.stop)?));
         }
         Ok(())
     }
@@ -600,7 +608,7 @@ impl<D: Destination> Job<'_, D> {
         if let Some(h) = kept.as_ref() {
             return Ok(h.clone());
         }
-        let h = Arc::new(Header::new(self.file, self.entry(slot), bytes, self.opts.keys.as_ref())?);
+        let h = Arc::new(Header::new(self.file, self.entry(slot), bytes, self.opts.keys.as_ref(), &self.stop)?);
         *kept = Some(h.clone());
         Ok(h)
     }
@@ -615,7 +623,7 @@ impl<D: Destination> Job<'_, D> {
         let e = self.entry(slot);
         let mut bytes = vec![0u8; (e.data_offset - e.header_offset) as usize];
         self.file.source().read(e.header_offset, &mut bytes, &self.stop)?;
-        let h = Arc::new(Header::new(self.file, e, &bytes, self.opts.keys.as_ref())?);
+        let h = Arc::new(Header::new(self.file, e, &bytes, self.opts.keys.as_ref(), &self.stop)?);
         *kept = Some(h.clone());
         Ok(h)
     }

@@ -58,6 +58,17 @@ pub struct StorageOptions {
     /// is safe (`storage::http_direct`; default on); `Some(false)` sends every request through
     /// reqwest (the load options set it from `TENSORIZER_RS_HTTP_DIRECT=0`).
     pub http_direct: Option<bool>,
+    /// A read request that receives nothing for this long is dropped and sent again (default
+    /// 60 s; the load options set it from `TENSORIZER_RS_STALL_TIMEOUT`).
+    pub stall_timeout: Option<Duration>,
+    /// A read request that receives nothing for this long while the source's other requests
+    /// keep receiving data is sent again on another connection (default 3 s; zero turns this
+    /// off; the load options set it from `TENSORIZER_RS_HEDGE_AFTER`).
+    pub hedge_after: Option<Duration>,
+    /// Write local files through an unnamed temporary (`O_TMPFILE`) where the file system
+    /// allows (default on); `Some(false)`: a named, locked temporary (the load options set it
+    /// from `TENSORIZER_RS_O_TMPFILE=0`).
+    pub local_tmpfile: Option<bool>,
 }
 
 /// Defaults, in one place.
@@ -67,6 +78,8 @@ pub(crate) const DEFAULT_MAX_RETRIES: u32 = 5;
 pub(crate) const DEFAULT_PART_SIZE: usize = 8 << 20;
 pub(crate) const MIN_PART_SIZE: usize = 5 << 20;
 pub(crate) const DEFAULT_UPLOAD_BUFFER: usize = 256 << 20;
+pub(crate) const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const DEFAULT_HEDGE_AFTER: Duration = Duration::from_secs(3);
 
 impl StorageOptions {
     pub(crate) fn max_concurrency(&self) -> usize {
@@ -74,6 +87,14 @@ impl StorageOptions {
     }
     pub(crate) fn request_size(&self) -> usize {
         self.request_size.unwrap_or(DEFAULT_REQUEST_SIZE).max(4096)
+    }
+    pub(crate) fn stall_timeout(&self) -> Duration {
+        self.stall_timeout.unwrap_or(DEFAULT_STALL_TIMEOUT).max(Duration::from_millis(100))
+    }
+    /// `None`: no hedging.
+    pub(crate) fn hedge_after(&self) -> Option<Duration> {
+        let d = self.hedge_after.unwrap_or(DEFAULT_HEDGE_AFTER);
+        (!d.is_zero()).then_some(d)
     }
     pub(crate) fn retry_policy(&self) -> super::retry::RetryPolicy {
         super::retry::RetryPolicy {
@@ -106,6 +127,9 @@ impl fmt::Debug for StorageOptions {
             .field("ca_bundle", &self.ca_bundle)
             .field("allow_untrusted", &self.allow_untrusted)
             .field("http_direct", &self.http_direct)
+            .field("stall_timeout", &self.stall_timeout)
+            .field("hedge_after", &self.hedge_after)
+            .field("local_tmpfile", &self.local_tmpfile)
             .finish()
     }
 }

@@ -14,7 +14,9 @@ use reqwest::header::{
 use reqwest::{StatusCode, Url};
 
 use super::http_direct::{Direct, Outcome};
-use super::ranged::{changed, error_chain, ContentRange, Filler, Opened, Out, RangeFetch, RangedSource, PROBE_LEN};
+use super::ranged::{
+    changed, error_chain, ContentRange, Filler, Opened, Out, Progress, RangeFetch, RangedSource, PROBE_LEN,
+};
 use super::retry::Failure;
 use super::tls::{self, Trust};
 use super::StorageOptions;
@@ -35,8 +37,8 @@ fn client(trust: &Trust) -> Result<reqwest::Client> {
     let builder = reqwest::Client::builder()
         .user_agent(concat!("tensorizer-rs/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(Duration::from_secs(10))
-        // No byte for this long on an open connection: drop it and retry the rest.
-        .read_timeout(Duration::from_secs(60))
+        // No read timeout here: every request is watched for silence (`ranged::Progress`),
+        // with the source's stall timeout and hedging.
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(60))
         .redirect(reqwest::redirect::Policy::limited(10))
@@ -150,7 +152,7 @@ impl HttpFetch {
 
     /// The first request: learn the size, whether ranges work and the validators, and keep the
     /// first bytes (the header and usually the whole index).
-    async fn probe_once(&mut self) -> Result<Opened, Failure> {
+    async fn probe_once(&mut self, progress: &Progress) -> Result<Opened, Failure> {
         let resp = self
             .client
             .get(self.url.clone())
@@ -194,9 +196,8 @@ impl HttpFetch {
         self.ranges = ranges;
         let mut prefix = vec![0u8; size.min(PROBE_LEN) as usize];
         let mut done = prefix.is_empty();
-        let mut filled = 0;
         let len = prefix.len();
-        let mut filler = Filler::new(Out::Buf(&mut prefix), len, &mut filled, 0, true);
+        let mut filler = Filler::new(Out::Buf(&mut prefix), len, progress, 0, true);
         let mut resp = resp;
         while !done {
             match resp.chunk().await.map_err(request_failure)? {
@@ -214,8 +215,12 @@ impl RangeFetch for HttpFetch {
         self.direct.is_some() && self.ranges
     }
 
-    fn probe(&mut self) -> BoxFuture<'_, Result<Opened, Failure>> {
-        Box::pin(self.probe_once())
+    fn pins_version(&self) -> bool {
+        self.validator.condition().is_some()
+    }
+
+    fn probe<'a>(&'a mut self, progress: &'a Progress) -> BoxFuture<'a, Result<Opened, Failure>> {
+        Box::pin(self.probe_once(progress))
     }
 
     fn fetch<'a>(
@@ -223,7 +228,7 @@ impl RangeFetch for HttpFetch {
         offset: u64,
         len: usize,
         out: Out<'a>,
-        filled: &'a mut usize,
+        progress: &'a Progress,
     ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
             let mut out = out;
@@ -236,7 +241,7 @@ impl RangeFetch for HttpFetch {
                 }
                 let check = |h: &HeaderMap| self.validator.check(h);
                 if let Outcome::Done =
-                    direct.fetch(offset, len, self.size, &headers, &check, &mut **dest, stop, filled)?
+                    direct.fetch(offset, len, self.size, &headers, &check, &mut **dest, stop, progress)?
                 {
                     return Ok(());
                 }
@@ -266,7 +271,7 @@ impl RangeFetch for HttpFetch {
                 _ => return Err(status_failure(status)),
             };
             self.validator.check(resp.headers())?;
-            let mut filler = Filler::new(out, len, filled, skip, status == StatusCode::OK);
+            let mut filler = Filler::new(out, len, progress, skip, status == StatusCode::OK);
             while let Some(chunk) = resp.chunk().await.map_err(request_failure)? {
                 if filler.push(&chunk)? {
                     return Ok(());
@@ -293,7 +298,7 @@ fn header_map(opts: &StorageOptions) -> Result<HeaderMap> {
 }
 
 /// Open an `http://` or `https://` URL for ranged reads.
-pub(crate) fn open(uri: &str, opts: &StorageOptions) -> Result<HttpSource> {
+pub(crate) fn open(uri: &str, opts: &StorageOptions, stop: &super::Stop) -> Result<HttpSource> {
     let url = Url::parse(uri).map_err(|e| Error::value(format!("invalid URL: {e}")))?;
     let shown = shown_url(&url);
     let trust = tls::http_trust(opts, &|k| std::env::var(k).ok());
@@ -315,7 +320,7 @@ pub(crate) fn open(uri: &str, opts: &StorageOptions) -> Result<HttpSource> {
         size: 0,
         ranges: true,
     };
-    RangedSource::open(fetch, shown, opts)
+    RangedSource::open(fetch, shown, opts, stop)
 }
 
 #[cfg(test)]

@@ -23,7 +23,7 @@ use reqwest::header::{CONTENT_ENCODING, TRANSFER_ENCODING, USER_AGENT};
 use reqwest::{StatusCode, Url};
 
 use super::http::status_failure;
-use super::ranged::{changed, ContentRange};
+use super::ranged::{changed, ContentRange, Progress};
 use super::retry::Failure;
 use super::{Stop, StreamDest};
 use crate::error::Error;
@@ -31,11 +31,12 @@ use crate::error::Error;
 /// Largest response head we accept.
 const HEAD_MAX: usize = 64 << 10;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// No byte for this long on an open connection: drop it and retry the rest (as reqwest's).
+/// A request that cannot be sent for this long fails (and is retried).
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
 /// A read waiting for bytes wakes this often to see whether its load was stopped (Ctrl-C, or
-/// another part of the load failed), so a server gone silent holds nobody for `IO_TIMEOUT`.
-const POLL: Duration = Duration::from_secs(1);
+/// another part of the load failed) and whether the request has stalled (`Progress::verdict`:
+/// silent for the stall timeout, or for a few seconds while the source's other requests flow).
+const POLL: Duration = Duration::from_millis(250);
 /// Idle connections kept for later requests.
 const POOL_MAX: usize = 64;
 
@@ -186,8 +187,8 @@ impl Direct {
     }
 
     /// GET `offset..offset + len` of an object of `size` bytes, sending `headers`, into `dest`,
-    /// counting bytes in `filled`; `check` vets the response's headers (validators). Blocks the
-    /// calling thread; gives up (a fatal failure) once `stop` is set.
+    /// counting bytes in `progress`; `check` vets the response's headers (validators). Blocks
+    /// the calling thread; gives up (a fatal failure) once `stop` is set.
     #[allow(clippy::too_many_arguments)]
     pub fn fetch(
         &self,
@@ -198,7 +199,7 @@ impl Direct {
         check: &dyn Fn(&HeaderMap) -> Result<(), Failure>,
         dest: &mut dyn StreamDest,
         stop: &Stop,
-        filled: &mut usize,
+        progress: &Progress,
     ) -> Result<Outcome, Failure> {
         let stopped = || stop.is_stopped();
         let last = offset + len as u64 - 1;
@@ -222,18 +223,18 @@ impl Direct {
         let pooled = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let mut head = Vec::with_capacity(16 << 10);
         let mut conn = match pooled {
-            Some(mut c) => match exchange(&mut c, &req, &mut head, &stopped) {
+            Some(mut c) => match exchange(&mut c, &req, &mut head, progress, &stopped) {
                 Ok(()) => c,
                 Err(_) if head.is_empty() && !stopped() => {
                     let mut c = self.connect()?;
-                    exchange(&mut c, &req, &mut head, &stopped)?;
+                    exchange(&mut c, &req, &mut head, progress, &stopped)?;
                     c
                 }
                 Err(f) => return Err(f),
             },
             None => {
                 let mut c = self.connect()?;
-                exchange(&mut c, &req, &mut head, &stopped)?;
+                exchange(&mut c, &req, &mut head, progress, &stopped)?;
                 c
             }
         };
@@ -247,7 +248,7 @@ impl Direct {
                     return Err(Failure::fatal(Error::io("HTTP response head too large")));
                 }
                 quickack(&conn);
-                read_more(&mut conn, &mut head, &stopped)?;
+                read_more(&mut conn, &mut head, progress, &stopped)?;
                 continue;
             };
             let code = StatusCode::from_u16(resp.code.unwrap_or(0)).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -288,8 +289,7 @@ impl Direct {
         dest.put(early).map_err(Failure::fatal)?;
         DIRECT_BYTES.fetch_add(early.len() as u64, Ordering::Relaxed);
         let mut got = early.len();
-        *filled += got;
-        let mut heard = Instant::now();
+        progress.add(got);
         while got < len {
             // A trickling server never leaves the socket idle: look at the stop between reads.
             if stopped() {
@@ -309,16 +309,15 @@ impl Direct {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) if waited(&e) => {
-                    idle(&heard, &stopped)?;
+                    idle(progress, &stopped)?;
                     continue;
                 }
                 Err(e) => return Err(io_failure("reading the body", e)),
             };
-            heard = Instant::now();
             dest.advance(n).map_err(Failure::fatal)?;
             DIRECT_BYTES.fetch_add(n as u64, Ordering::Relaxed);
             got += n;
-            *filled += n;
+            progress.add(n);
         }
         crate::trace::mark("http_body_done", offset, len as u64);
         if keep_alive {
@@ -332,22 +331,28 @@ impl Direct {
 }
 
 /// Send the request and read at least the start of the response into `head`.
-fn exchange(conn: &mut Conn, req: &[u8], head: &mut Vec<u8>, stopped: &dyn Fn() -> bool) -> Result<(), Failure> {
+fn exchange(
+    conn: &mut Conn,
+    req: &[u8],
+    head: &mut Vec<u8>,
+    progress: &Progress,
+    stopped: &dyn Fn() -> bool,
+) -> Result<(), Failure> {
     // Over TLS the first write runs the handshake, whose reads may come back after `POLL`
     // with nothing: those are waits like any other, not failures.
-    let (mut sent, heard) = (0, Instant::now());
+    let (mut sent, start) = (0, Instant::now());
     while sent < req.len() {
         match conn.write(&req[sent..]) {
             Ok(0) => return Err(Failure::transient(Error::io("the connection closed before the request was sent"))),
             Ok(n) => sent += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) if waited(&e) => idle(&heard, stopped)?,
+            Err(e) if waited(&e) && start.elapsed() < IO_TIMEOUT => idle(progress, stopped)?,
             Err(e) => return Err(io_failure("sending the request", e)),
         }
     }
     conn.flush().map_err(|e| io_failure("sending the request", e))?;
     quickack(conn);
-    read_more(conn, head, stopped)
+    read_more(conn, head, progress, stopped)
 }
 
 /// A read that came back empty-handed after `POLL`.
@@ -356,15 +361,12 @@ fn waited(e: &std::io::Error) -> bool {
 }
 
 /// After a read found no bytes: go on waiting unless the load was stopped (fatal: nothing to
-/// retry) or the server has been silent since `heard` for `IO_TIMEOUT` (transient).
-fn idle(heard: &Instant, stopped: &dyn Fn() -> bool) -> Result<(), Failure> {
+/// retry) or the request has stalled (transient: see `Progress::verdict`).
+fn idle(progress: &Progress, stopped: &dyn Fn() -> bool) -> Result<(), Failure> {
     if stopped() {
         return Err(Failure::fatal(Error::io("stopped: the load was stopped")));
     }
-    if heard.elapsed() >= IO_TIMEOUT {
-        return Err(Failure::transient(Error::io(format!("no data for {} s", IO_TIMEOUT.as_secs()))));
-    }
-    Ok(())
+    progress.verdict()
 }
 
 /// The last bytes of a response within which every read first acknowledges what came.
@@ -382,14 +384,18 @@ fn quickack(conn: &Conn) {
     let _ = conn;
 }
 
-fn read_more(conn: &mut Conn, head: &mut Vec<u8>, stopped: &dyn Fn() -> bool) -> Result<(), Failure> {
+fn read_more(
+    conn: &mut Conn,
+    head: &mut Vec<u8>,
+    progress: &Progress,
+    stopped: &dyn Fn() -> bool,
+) -> Result<(), Failure> {
     let mut buf = [0u8; 16 << 10];
-    let heard = Instant::now();
     let n = loop {
         match conn.read(&mut buf) {
             Ok(n) => break n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) if waited(&e) => idle(&heard, stopped)?,
+            Err(e) if waited(&e) => idle(progress, stopped)?,
             Err(e) => return Err(io_failure("reading the response", e)),
         }
     };

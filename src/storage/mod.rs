@@ -17,7 +17,8 @@ mod tls;
 pub use config::StorageOptions;
 pub use http_direct::direct_bytes as http_direct_bytes;
 pub use local::{FileSystem, ReadMode, PAGE};
-pub use ranged::ByteSink;
+pub use ranged::{hedged_requests, ByteSink};
+pub use s3::{abort_upload as s3_abort_upload, pending_uploads as s3_pending_uploads, PendingUpload};
 
 /// Bounce buffer of the default [`Source::read_stream`].
 const STREAM_BUFFER: usize = 8 << 20;
@@ -69,6 +70,11 @@ pub struct Caps {
     /// The file system of a local file (`Other` for remote sources): memory-backed ones
     /// (tmpfs) are read differently (`load::options::Tuning`).
     pub fs: FileSystem,
+    /// Every read is checked to come from the version of the object seen at open (a strong
+    /// validator: an ETag that is not weak, or a Last-Modified date). Without one, a server
+    /// could hand out another version mid-load unnoticed: the loader then verifies the stored
+    /// hashes whatever the caller asked.
+    pub pins_version: bool,
 }
 
 /// A random-access, read-only byte source (a local file, an HTTP(S) URL, an S3 object).
@@ -79,7 +85,7 @@ pub trait Source: Send + Sync {
     fn size(&self) -> u64;
     /// What this source can do.
     fn caps(&self) -> Caps {
-        Caps { remote: false, reads_into_buffers: false, parallelism: 8, fs: FileSystem::Other }
+        Caps { remote: false, reads_into_buffers: false, parallelism: 8, fs: FileSystem::Other, pins_version: true }
     }
     /// Fill `buf` with the bytes at `offset..offset + buf.len()`; a short read is an error.
     /// Remote sources split a large read into concurrent ranged requests, retry each, and fail
@@ -231,18 +237,24 @@ pub fn is_remote(uri: &str) -> bool {
 
 /// Open a source by URI or path: `s3://bucket/key`, `http(s)://…`, `file://…` or a local path.
 pub fn open_source(uri: &str, opts: &StorageOptions) -> Result<Box<dyn Source>> {
+    open_source_until(uri, opts, Stop::never())
+}
+
+/// [`open_source`], giving up once `stop` is set: a remote open's probe (with its retries)
+/// ends within moments instead of waiting out a silent server.
+pub fn open_source_until(uri: &str, opts: &StorageOptions, stop: &Stop) -> Result<Box<dyn Source>> {
     Ok(match scheme_of(uri)? {
         Scheme::Local(path) => Box::new(local::LocalFile::open(path)?),
-        Scheme::Http => Box::new(http::open(uri, opts)?),
-        Scheme::S3 => Box::new(s3::open(uri, opts)?),
+        Scheme::Http => Box::new(http::open(uri, opts, stop)?),
+        Scheme::S3 => Box::new(s3::open(uri, opts, stop)?),
     })
 }
 
-/// [`open_source`], called `name` in messages instead of `uri` when one is given (a stream
-/// spilled to a temporary file is named after the stream, e.g. its `redis://` URI).
-pub fn open_source_named(uri: &str, opts: &StorageOptions, name: Option<&str>) -> Result<Box<dyn Source>> {
-    let Some(name) = name else { return open_source(uri, opts) };
-    let inner = open_source(uri, opts).map_err(|e| Error { file: Some(name.to_string()), ..e })?;
+/// [`open_source_until`], called `name` in messages instead of `uri` when one is given (a
+/// stream spilled to a temporary file is named after the stream, e.g. its `redis://` URI).
+pub fn open_source_named(uri: &str, opts: &StorageOptions, name: Option<&str>, stop: &Stop) -> Result<Box<dyn Source>> {
+    let Some(name) = name else { return open_source_until(uri, opts, stop) };
+    let inner = open_source_until(uri, opts, stop).map_err(|e| Error { file: Some(name.to_string()), ..e })?;
     Ok(Box::new(Named { inner, name: name.to_string() }))
 }
 
@@ -278,12 +290,18 @@ impl Source for Named {
 
 /// Open a sink by URI or path: `s3://bucket/key`, `file://…` or a local path (HTTP is read-only).
 pub fn create_sink(uri: &str, opts: &StorageOptions) -> Result<Box<dyn Sink>> {
+    create_sink_until(uri, opts, Stop::never())
+}
+
+/// [`create_sink`], giving up once `stop` is set (an S3 sink may wait on the network for
+/// credentials).
+pub fn create_sink_until(uri: &str, opts: &StorageOptions, stop: &Stop) -> Result<Box<dyn Sink>> {
     Ok(match scheme_of(uri)? {
-        Scheme::Local(path) => Box::new(local::AtomicFile::create(path)?),
+        Scheme::Local(path) => Box::new(local::AtomicFile::create(path, opts.local_tmpfile != Some(false))?),
         Scheme::Http => {
             return Err(Error::new(ErrorKind::Unsupported, "HTTP(S) URLs can only be read, not written").in_file(uri))
         }
-        Scheme::S3 => Box::new(s3::create(uri, opts)?),
+        Scheme::S3 => Box::new(s3::create(uri, opts, stop)?),
     })
 }
 
@@ -347,7 +365,7 @@ mod tests {
         let path = dir.path().join("spilled.bin");
         std::fs::write(&path, b"0123456789").unwrap();
         let opts = StorageOptions::default();
-        let src = open_source_named(path.to_str().unwrap(), &opts, Some("redis://h:1/p")).unwrap();
+        let src = open_source_named(path.to_str().unwrap(), &opts, Some("redis://h:1/p"), Stop::never()).unwrap();
         assert_eq!((src.describe(), src.size()), ("redis://h:1/p", 10));
         assert_eq!(src.caps(), open_source(path.to_str().unwrap(), &opts).unwrap().caps());
         let mut buf = [0u8; 4];
@@ -355,8 +373,29 @@ mod tests {
         assert_eq!(&buf, b"3456");
         // Failing to open: the error names what the caller calls it.
         let missing = dir.path().join("missing");
-        let e = open_source_named(missing.to_str().unwrap(), &opts, Some("redis://h:1/p")).err().unwrap();
+        let e =
+            open_source_named(missing.to_str().unwrap(), &opts, Some("redis://h:1/p"), Stop::never()).err().unwrap();
         assert_eq!(e.file.as_deref(), Some("redis://h:1/p"), "{e}");
+    }
+
+    #[test]
+    fn a_stopped_open_gives_up_on_a_silent_server() {
+        // Accepts connections (the backlog does) and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri = format!("http://{}/m.tensors", silent.local_addr().unwrap());
+        let opts = StorageOptions { http_direct: Some(false), ..Default::default() };
+        let stop = Stop::new();
+        let t0 = std::time::Instant::now();
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(std::time::Duration::from_millis(300));
+                stop.stop();
+            });
+            let e = open_source_until(&uri, &opts, &stop).err().expect("nothing to open");
+            assert!(e.message.contains("stopped"), "{e}");
+        });
+        // The probe waits on the stop (within 100 ms), not its stall timeout (60 s) and retries.
+        assert!(t0.elapsed() < std::time::Duration::from_secs(5), "{:?}", t0.elapsed());
     }
 
     #[test]

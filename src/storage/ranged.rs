@@ -1,9 +1,11 @@
 //! The read side shared by HTTP and S3: a `read_at` is cut into ranged requests that run
 //! concurrently (bounded per source), each retried and resumed where it stopped, each writing
 //! straight into its slice of the caller's buffer.
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use futures_util::future::{select_all, BoxFuture};
+use futures_util::future::{select, select_all, BoxFuture, Either};
 use tokio::sync::Semaphore;
 
 use super::retry::{block_on, block_on_read, runtime, Backoff, Failure, RetryPolicy};
@@ -13,21 +15,26 @@ use crate::error::{Error, Result};
 /// One backend's way of fetching a byte range, once (no retries).
 pub(crate) trait RangeFetch: Send + Sync + 'static {
     /// The first request, once (no retries): learn the size, whether ranges work and what
-    /// identifies this version of the object, and keep the first `PROBE_LEN` bytes.
-    fn probe(&mut self) -> BoxFuture<'_, Result<Opened, Failure>>;
-    /// Fetch `[offset, offset + len)` into `out`, adding to `*filled` as bytes arrive so that a
-    /// retry can resume after them. Must not deliver more than `len` bytes.
+    /// identifies this version of the object, and keep the first `PROBE_LEN` bytes, counting
+    /// them in `progress`.
+    fn probe<'a>(&'a mut self, progress: &'a Progress) -> BoxFuture<'a, Result<Opened, Failure>>;
+    /// Fetch `[offset, offset + len)` into `out`, counting bytes in `progress` as they arrive
+    /// so that a retry can resume after them (and a silent request is noticed). Must not
+    /// deliver more than `len` bytes.
     fn fetch<'a>(
         &'a self,
         offset: u64,
         len: usize,
         out: Out<'a>,
-        filled: &'a mut usize,
+        progress: &'a Progress,
     ) -> BoxFuture<'a, Result<(), Failure>>;
     /// Whether an `Out::Dest` fetch reads from the socket straight into the lent buffers.
     fn reads_into_buffers(&self) -> bool {
         false
     }
+    /// Whether every response is checked against a strong validator seen by the probe (see
+    /// [`super::Caps::pins_version`]).
+    fn pins_version(&self) -> bool;
 }
 
 /// Where a response body goes.
@@ -75,11 +82,143 @@ pub(crate) struct RangedSource<F> {
     max_in_flight: usize,
 }
 
-/// What the request tasks share: the fetcher, the in-flight bound and the retry policy.
+/// What the request tasks share: the fetcher, the in-flight bound, the retry policy and the
+/// source's flow of bytes.
 struct Requests<F> {
     fetcher: F,
     in_flight: Semaphore,
     retry: RetryPolicy,
+    flow: Arc<Flow>,
+}
+
+/// How often an attempt run on the network threads is checked for a stall.
+const WATCH: Duration = Duration::from_millis(250);
+/// A silent request is a stall, rather than a slow server, once the source's other requests
+/// have received at least this much since its last byte.
+const HEDGE_MIN_OTHERS: u64 = 1 << 20;
+
+/// The bytes all requests of one source receive, against which one request's silence is
+/// judged, and the limits on silence.
+pub(crate) struct Flow {
+    start: Instant,
+    /// Bytes received by every request of the source so far.
+    total: AtomicU64,
+    stall_timeout: Duration,
+    hedge_after: Option<Duration>,
+}
+
+impl Flow {
+    pub fn new(opts: &super::StorageOptions) -> Arc<Self> {
+        Arc::new(Flow {
+            start: Instant::now(),
+            total: AtomicU64::new(0),
+            stall_timeout: opts.stall_timeout(),
+            hedge_after: opts.hedge_after(),
+        })
+    }
+    fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+}
+
+/// One request's progress over its attempts: the bytes it delivered and when the last came.
+pub(crate) struct Progress {
+    flow: Arc<Flow>,
+    filled: AtomicUsize,
+    /// When this request last received a byte (or its attempt started), in `flow` time.
+    last: AtomicU64,
+    /// The source's `total` at that moment.
+    total_then: AtomicU64,
+    /// Bytes not yet added to the source's `total` (added in batches: one shared counter
+    /// updated for every body chunk of every request would be a contended cache line).
+    unreported: AtomicU64,
+}
+
+/// Bytes a request receives before it adds them to its source's total.
+const REPORT_BATCH: u64 = 256 << 10;
+
+impl Progress {
+    pub fn new(flow: &Arc<Flow>) -> Self {
+        let p = Progress {
+            flow: Arc::clone(flow),
+            filled: AtomicUsize::new(0),
+            last: 0.into(),
+            total_then: 0.into(),
+            unreported: 0.into(),
+        };
+        p.restart();
+        p
+    }
+    /// Bytes delivered so far.
+    pub fn filled(&self) -> usize {
+        self.filled.load(Ordering::Relaxed)
+    }
+    /// `n` more bytes arrived.
+    pub fn add(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        self.filled.fetch_add(n, Ordering::Relaxed);
+        if self.unreported.fetch_add(n as u64, Ordering::Relaxed) + n as u64 >= REPORT_BATCH {
+            let batch = self.unreported.swap(0, Ordering::Relaxed);
+            self.flow.total.fetch_add(batch, Ordering::Relaxed);
+        }
+        self.total_then.store(self.flow.total.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.last.store(self.flow.now(), Ordering::Relaxed);
+    }
+    /// A new attempt starts: its silence counts from now.
+    pub fn restart(&self) {
+        self.total_then.store(self.flow.total.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.last.store(self.flow.now(), Ordering::Relaxed);
+    }
+    /// Whether the current attempt should be dropped and sent again (a transient failure):
+    /// silent for the stall timeout, or silent for `hedge_after` while the source's other
+    /// requests kept receiving data (one stuck connection, not a slow server).
+    pub fn verdict(&self) -> Result<(), Failure> {
+        let silent = Duration::from_nanos(self.flow.now().saturating_sub(self.last.load(Ordering::Relaxed)));
+        if silent >= self.flow.stall_timeout {
+            return Err(Failure::transient(Error::io(format!("no data for {} s", silent.as_secs()))));
+        }
+        if let Some(after) = self.flow.hedge_after {
+            let others =
+                self.flow.total.load(Ordering::Relaxed).saturating_sub(self.total_then.load(Ordering::Relaxed));
+            if silent >= after && others >= HEDGE_MIN_OTHERS {
+                HEDGED.fetch_add(1, Ordering::Relaxed);
+                crate::trace::mark("request_hedged", self.filled() as u64, silent.as_millis() as u64);
+                return Err(Failure::transient(Error::io(format!(
+                    "no data for {:.1} s while the other requests received {} MiB: sent again on another connection",
+                    silent.as_secs_f64(),
+                    others >> 20
+                ))));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Requests re-issued because they stalled while others flowed, process-wide (tests).
+static HEDGED: AtomicU64 = AtomicU64::new(0);
+
+pub fn hedged_requests() -> u64 {
+    HEDGED.load(Ordering::Relaxed)
+}
+
+/// Run one attempt, checking every [`WATCH`] whether it has stalled (see
+/// [`Progress::verdict`]); a stalled attempt is dropped, which closes its connection. Attempts
+/// that block their thread (the direct HTTP path) check the verdict themselves.
+async fn watched<T>(
+    attempt: impl std::future::Future<Output = Result<T, Failure>>,
+    progress: &Progress,
+) -> Result<T, Failure> {
+    let mut attempt = std::pin::pin!(attempt);
+    let mut tick = tokio::time::interval(WATCH);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        match select(attempt.as_mut(), std::pin::pin!(tick.tick())).await {
+            Either::Left((done, _)) => return done,
+            Either::Right(_) => progress.verdict()?,
+        }
+    }
 }
 
 /// A slice of the caller's buffer handed to a request task on the runtime.
@@ -96,29 +235,34 @@ unsafe impl Send for BufPtr {}
 pub(crate) const PROBE_LEN: u64 = 1 << 20;
 
 impl<F: RangeFetch> RangedSource<F> {
-    /// Probe the object (with retries) and wrap the fetcher.
-    pub fn open(mut fetcher: F, shown: String, opts: &super::StorageOptions) -> Result<Self> {
+    /// Probe the object (with retries) and wrap the fetcher; gives up once `stop` is set.
+    pub fn open(mut fetcher: F, shown: String, opts: &super::StorageOptions, stop: &Stop) -> Result<Self> {
         let retry = opts.retry_policy();
-        let opened = block_on(async {
+        let flow = Flow::new(opts);
+        // block_on_read: a caller that stops (Ctrl-C at the open) does not wait out a silent
+        // server's timeouts and retries.
+        let probe = async {
             let mut backoff = Backoff::new(retry);
             loop {
-                match fetcher.probe().await {
+                let progress = Progress::new(&flow);
+                match watched(fetcher.probe(&progress), &progress).await {
                     Ok(opened) => return Ok(opened),
                     Err(f) => backoff.wait(f).await?,
                 }
             }
-        })
-        .map_err(|e: Error| e.in_file(&shown))?;
-        Ok(Self::new(fetcher, shown, opened, opts))
+        };
+        let opened = block_on_read(probe, stop).map_err(|e: Error| e.in_file(&shown))?;
+        Ok(Self::new(fetcher, shown, opened, opts, flow))
     }
 
-    fn new(fetcher: F, shown: String, opened: Opened, opts: &super::StorageOptions) -> Self {
+    fn new(fetcher: F, shown: String, opened: Opened, opts: &super::StorageOptions, flow: Arc<Flow>) -> Self {
         let max_in_flight = if opened.ranges { opts.max_concurrency() } else { 1 };
         RangedSource {
             requests: Arc::new(Requests {
                 fetcher,
                 in_flight: Semaphore::new(max_in_flight),
                 retry: opts.retry_policy(),
+                flow,
             }),
             shown,
             size: opened.size,
@@ -204,17 +348,20 @@ impl Drop for Tasks {
 }
 
 impl<F: RangeFetch> Requests<F> {
-    /// One request's worth, with retries; a retry asks only for the bytes still missing.
+    /// One request's worth, with retries; a retry asks only for the bytes still missing. An
+    /// attempt that stalls (see [`Progress::verdict`]) is dropped and sent again.
     async fn fetch_with_retries(&self, offset: u64, len: usize, mut out: Out<'_>) -> Result<()> {
         let _permit = self.in_flight.acquire().await.map_err(|_| Error::io("source closed"))?;
         let mut backoff = Backoff::new(self.retry);
-        let mut filled = 0usize;
+        let progress = Progress::new(&self.flow);
         loop {
-            let before = filled;
-            match self.fetcher.fetch(offset + filled as u64, len - filled, out.rest(filled), &mut filled).await {
-                Ok(()) if filled == len => return Ok(()),
+            let before = progress.filled();
+            progress.restart();
+            let attempt = self.fetcher.fetch(offset + before as u64, len - before, out.rest(before), &progress);
+            match watched(attempt, &progress).await {
+                Ok(()) if progress.filled() == len => return Ok(()),
                 Ok(()) => {
-                    let got = filled;
+                    let got = progress.filled();
                     backoff
                         .wait(Failure::transient(Error::io(format!(
                             "connection closed after {got} of {len} bytes at offset {offset}"
@@ -223,7 +370,7 @@ impl<F: RangeFetch> Requests<F> {
                 }
                 Err(f) => {
                     // Progress made before a failure resets the retry budget for what is left.
-                    if filled > before {
+                    if progress.filled() > before {
                         backoff = Backoff::new(self.retry);
                     }
                     backoff.wait(f).await?
@@ -254,7 +401,13 @@ impl<F: RangeFetch> Source for RangedSource<F> {
         } else {
             1
         };
-        Caps { remote: true, reads_into_buffers, parallelism, fs: super::FileSystem::Other }
+        Caps {
+            remote: true,
+            reads_into_buffers,
+            parallelism,
+            fs: super::FileSystem::Other,
+            pins_version: self.requests.fetcher.pins_version(),
+        }
     }
     fn read(&self, offset: u64, buf: &mut [u8], stop: &Stop) -> Result<()> {
         self.check_range(offset, buf.len())?;
@@ -293,12 +446,12 @@ impl<F: RangeFetch> Source for RangedSource<F> {
 }
 
 /// Copies a response body into `dst`: skips the first `skip` bytes (a server that ignored
-/// `Range` sends the object from offset 0), counts progress in `filled`, refuses extra bytes.
+/// `Range` sends the object from offset 0), counts progress in `progress`, refuses extra bytes.
 pub(crate) struct Filler<'a> {
     out: Out<'a>,
     /// Bytes wanted from this response.
     len: usize,
-    filled: &'a mut usize,
+    progress: &'a Progress,
     got: usize,
     skip: u64,
     /// When the body is a whole object, the rest after `dst` is not wanted; otherwise it is an error.
@@ -306,8 +459,8 @@ pub(crate) struct Filler<'a> {
 }
 
 impl<'a> Filler<'a> {
-    pub fn new(out: Out<'a>, len: usize, filled: &'a mut usize, skip: u64, whole_object: bool) -> Self {
-        Filler { out, len, filled, got: 0, skip, whole_object }
+    pub fn new(out: Out<'a>, len: usize, progress: &'a Progress, skip: u64, whole_object: bool) -> Self {
+        Filler { out, len, progress, got: 0, skip, whole_object }
     }
 
     /// Take one body chunk; `Ok(true)` once `dst` is full.
@@ -328,7 +481,7 @@ impl<'a> Filler<'a> {
             Out::Dest(dest, _) => dest.put(&chunk[..n]).map_err(Failure::fatal)?,
         }
         self.got += n;
-        *self.filled += n;
+        self.progress.add(n);
         Ok(self.got == self.len)
     }
 
@@ -421,17 +574,46 @@ mod tests {
     }
 
     #[test]
+    fn a_silent_request_is_hedged_only_while_others_flow() {
+        let opts = crate::storage::StorageOptions {
+            stall_timeout: Some(Duration::from_millis(600)),
+            hedge_after: Some(Duration::from_millis(100)),
+            ..Default::default()
+        };
+        let flow = Flow::new(&opts);
+        let (quiet, busy) = (Progress::new(&flow), Progress::new(&flow));
+        quiet.add(10);
+        std::thread::sleep(Duration::from_millis(150));
+        // Silent past hedge_after, but nobody else received anything: a slow server, not a stall.
+        assert!(quiet.verdict().is_ok());
+        busy.add(2 << 20);
+        let e = quiet.verdict().unwrap_err();
+        assert!(e.retryable && e.error.message.contains("sent again on another connection"), "{}", e.error.message);
+        assert!(busy.verdict().is_ok());
+        // A new attempt starts its silence afresh.
+        quiet.restart();
+        assert!(quiet.verdict().is_ok());
+        // Silent for the stall timeout: given up whatever the others do.
+        let lone =
+            Progress::new(&Flow::new(&crate::storage::StorageOptions { hedge_after: Some(Duration::ZERO), ..opts }));
+        std::thread::sleep(Duration::from_millis(650));
+        let e = lone.verdict().unwrap_err();
+        assert!(e.retryable && e.error.message.contains("no data for"), "{}", e.error.message);
+        assert_eq!(quiet.filled(), 10);
+    }
+
+    #[test]
     fn filler_skips_counts_and_refuses_extra() {
         let mut dst = [0u8; 4];
-        let mut filled = 0;
-        let mut f = Filler::new(Out::Buf(&mut dst), 4, &mut filled, 2, false);
+        let progress = Progress::new(&Flow::new(&Default::default()));
+        let mut f = Filler::new(Out::Buf(&mut dst), 4, &progress, 2, false);
         assert!(!f.push(b"xxab").unwrap());
         assert!(f.finish().is_err());
         assert!(f.push(b"cd").unwrap());
         assert!(f.finish().is_ok());
         assert!(f.push(b"e").is_err());
         assert_eq!(&dst, b"abcd");
-        assert_eq!(filled, 4);
+        assert_eq!(progress.filled(), 4);
     }
 
     #[test]
@@ -445,15 +627,15 @@ mod tests {
                 Ok(())
             }
         };
-        let mut filled = 0;
+        let progress = Progress::new(&Flow::new(&Default::default()));
         {
-            let mut f = Filler::new(Out::Sink(&mut sink), 6, &mut filled, 1, false);
+            let mut f = Filler::new(Out::Sink(&mut sink), 6, &progress, 1, false);
             assert!(!f.push(b"xab").unwrap());
             assert!(!f.push(b"cd").unwrap());
             let err = f.push(b"ef").unwrap_err();
             assert!(!err.retryable && err.error.message.contains("enough"));
         }
-        assert_eq!(filled, 4);
+        assert_eq!(progress.filled(), 4);
         assert_eq!(seen, b"abcdef");
     }
 }

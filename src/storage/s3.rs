@@ -26,10 +26,12 @@ use futures_util::future::BoxFuture;
 use sha2::{Digest, Sha256};
 
 use super::config::{resolve_s3, wants_path_style, S3Credentials, S3Settings, MIN_PART_SIZE};
-use super::ranged::{changed, error_chain, ContentRange, Filler, Opened, Out, RangeFetch, RangedSource, PROBE_LEN};
+use super::ranged::{
+    changed, error_chain, ContentRange, Filler, Opened, Out, Progress, RangeFetch, RangedSource, PROBE_LEN,
+};
 use super::retry::{block_on, runtime, Backoff, Failure, RetryPolicy};
 use super::tls::{self, Trust};
-use super::{Sink, StorageOptions};
+use super::{Sink, Stop, StorageOptions};
 use crate::error::{Error, ErrorKind, Result};
 
 pub(crate) type S3Source = RangedSource<S3Fetch>;
@@ -225,7 +227,7 @@ async fn build_client(settings: &S3Settings) -> Result<Client> {
 
 /// One client per distinct settings, for the whole process: credentials are resolved (and the
 /// AWS chain probed) once, and connections are pooled.
-fn client_for(opts: &StorageOptions) -> Result<Client> {
+fn client_for(opts: &StorageOptions, stop: &Stop) -> Result<Client> {
     static CLIENTS: OnceLock<Mutex<HashMap<[u8; 32], Client>>> = OnceLock::new();
     let home = std::env::var_os("HOME").map(std::path::PathBuf::from);
     let settings = resolve_s3(opts, &|k| std::env::var(k).ok(), home.as_deref())?;
@@ -248,7 +250,8 @@ fn client_for(opts: &StorageOptions) -> Result<Client> {
     if let Some(c) = cache.lock().unwrap().get(&key) {
         return Ok(c.clone());
     }
-    let client = block_on(build_client(&settings))?;
+    // Finding credentials may wait on the network (AWS chain): give up when the caller stops.
+    let client = super::retry::block_on_read(build_client(&settings), stop)?;
     cache.lock().unwrap().insert(key, client.clone());
     Ok(client)
 }
@@ -263,7 +266,7 @@ pub struct S3Fetch {
 
 impl S3Fetch {
     /// The first GET: size, ETag and the first bytes.
-    async fn probe_once(&mut self) -> Result<Opened, Failure> {
+    async fn probe_once(&mut self, progress: &Progress) -> Result<Opened, Failure> {
         let resp = self
             .client
             .get_object()
@@ -294,9 +297,8 @@ impl S3Fetch {
         self.size = size;
         let mut prefix = vec![0u8; size.min(PROBE_LEN) as usize];
         let mut done = prefix.is_empty();
-        let mut filled = 0;
         let len = prefix.len();
-        let mut filler = Filler::new(Out::Buf(&mut prefix), len, &mut filled, 0, true);
+        let mut filler = Filler::new(Out::Buf(&mut prefix), len, progress, 0, true);
         let mut body = out.body;
         while !done {
             match body.try_next().await.map_err(|e| Failure::transient(Error::io(error_chain(&e))))? {
@@ -310,8 +312,12 @@ impl S3Fetch {
 }
 
 impl RangeFetch for S3Fetch {
-    fn probe(&mut self) -> BoxFuture<'_, Result<Opened, Failure>> {
-        Box::pin(self.probe_once())
+    fn pins_version(&self) -> bool {
+        self.etag.as_deref().is_some_and(|e| !e.starts_with("W/"))
+    }
+
+    fn probe<'a>(&'a mut self, progress: &'a Progress) -> BoxFuture<'a, Result<Opened, Failure>> {
+        Box::pin(self.probe_once(progress))
     }
 
     fn fetch<'a>(
@@ -319,7 +325,7 @@ impl RangeFetch for S3Fetch {
         offset: u64,
         len: usize,
         out: Out<'a>,
-        filled: &'a mut usize,
+        progress: &'a Progress,
     ) -> BoxFuture<'a, Result<(), Failure>> {
         Box::pin(async move {
             let end = offset + len as u64 - 1;
@@ -343,7 +349,7 @@ impl RangeFetch for S3Fetch {
                 None => offset,
             };
             let whole_object = resp.content_range().is_none();
-            let mut filler = Filler::new(out, len, filled, skip, whole_object);
+            let mut filler = Filler::new(out, len, progress, skip, whole_object);
             let mut body = resp.body;
             while let Some(chunk) = body.try_next().await.map_err(|e| Failure::transient(Error::io(error_chain(&e))))? {
                 if filler.push(&chunk)? {
@@ -356,12 +362,97 @@ impl RangeFetch for S3Fetch {
 }
 
 /// Open `s3://bucket/key` for ranged reads.
-pub(crate) fn open(uri: &str, opts: &StorageOptions) -> Result<S3Source> {
+pub(crate) fn open(uri: &str, opts: &StorageOptions, stop: &Stop) -> Result<S3Source> {
     let (bucket, key) = parse_uri(uri)?;
     let shown = format!("s3://{bucket}/{key}");
-    let client = client_for(opts).map_err(|e| e.in_file(&shown))?;
+    let client = client_for(opts, stop).map_err(|e| e.in_file(&shown))?;
     let fetch = S3Fetch { client, bucket, key, etag: None, size: 0 };
-    RangedSource::open(fetch, shown, opts)
+    RangedSource::open(fetch, shown, opts, stop)
+}
+
+// ------------------------------------------------------------------------------------------------
+// Abandoned multipart uploads
+// ------------------------------------------------------------------------------------------------
+
+/// A multipart upload that was started and neither completed nor aborted: a writer that was
+/// killed, or cut off from the server before it could abort (S3 keeps its parts, and bills
+/// them, until the upload is aborted or a lifecycle rule removes it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingUpload {
+    pub key: String,
+    pub upload_id: String,
+    /// When it was started, in seconds since the Unix epoch, where the server says.
+    pub initiated: Option<i64>,
+}
+
+/// `s3://bucket[/prefix]` split; the prefix may be empty.
+fn parse_prefix(uri: &str) -> Result<(String, String)> {
+    let rest = uri.strip_prefix("s3://").or_else(|| uri.strip_prefix("S3://")).unwrap_or(uri);
+    let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+    if bucket.is_empty() {
+        return Err(Error::value(format!("invalid S3 URI {uri:?}: expected s3://bucket[/prefix]")));
+    }
+    Ok((bucket.to_string(), prefix.to_string()))
+}
+
+/// The pending multipart uploads of keys under `s3://bucket/prefix`; gives up once `stop` is set.
+pub fn pending_uploads(uri: &str, opts: &StorageOptions, stop: &Stop) -> Result<Vec<PendingUpload>> {
+    let (bucket, prefix) = parse_prefix(uri)?;
+    let client = client_for(opts, stop).map_err(|e| e.in_file(uri))?;
+    let retry = opts.retry_policy();
+    super::retry::block_on_read(
+        async {
+            let mut out = Vec::new();
+            let mut markers: (Option<String>, Option<String>) = (None, None);
+            loop {
+                let page = with_retries(retry, || async {
+                    client
+                        .list_multipart_uploads()
+                        .bucket(&bucket)
+                        .prefix(&prefix)
+                        .set_key_marker(markers.0.clone())
+                        .set_upload_id_marker(markers.1.clone())
+                        .send()
+                        .await
+                        .map_err(failure)
+                })
+                .await?;
+                for u in page.uploads() {
+                    if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
+                        let initiated = u.initiated().map(|t| t.secs());
+                        out.push(PendingUpload { key: key.to_string(), upload_id: id.to_string(), initiated });
+                    }
+                }
+                let next =
+                    (page.next_key_marker().map(str::to_string), page.next_upload_id_marker().map(str::to_string));
+                if !page.is_truncated().unwrap_or(false) || next.0.is_none() || next == markers {
+                    return Ok(out);
+                }
+                markers = next;
+            }
+        },
+        stop,
+    )
+    .map_err(|e: Error| e.in_file(uri))
+}
+
+/// Abort the multipart upload `upload_id` of `s3://bucket/key`: its parts are deleted. Gives
+/// up once `stop` is set.
+pub fn abort_upload(uri: &str, upload_id: &str, opts: &StorageOptions, stop: &Stop) -> Result<()> {
+    let (bucket, key) = parse_uri(uri)?;
+    let client = client_for(opts, stop).map_err(|e| e.in_file(uri))?;
+    let abort = with_retries(opts.retry_policy(), || async {
+        client
+            .abort_multipart_upload()
+            .bucket(&bucket)
+            .key(&key)
+            .upload_id(upload_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(failure)
+    });
+    super::retry::block_on_read(abort, stop).map_err(|e| e.in_file(uri))
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -578,7 +669,7 @@ pub struct S3Sink {
 }
 
 /// Create (on `finish`) `s3://bucket/key`.
-pub(crate) fn create(uri: &str, opts: &StorageOptions) -> Result<S3Sink> {
+pub(crate) fn create(uri: &str, opts: &StorageOptions, stop: &Stop) -> Result<S3Sink> {
     let (bucket, key) = parse_uri(uri)?;
     let shown = format!("s3://{bucket}/{key}");
     let part_size = opts.s3_part_size.unwrap_or(super::config::DEFAULT_PART_SIZE);
@@ -588,7 +679,7 @@ pub(crate) fn create(uri: &str, opts: &StorageOptions) -> Result<S3Sink> {
         ))
         .in_file(&shown));
     }
-    let client = client_for(opts).map_err(|e| e.in_file(&shown))?;
+    let client = client_for(opts, stop).map_err(|e| e.in_file(&shown))?;
     let state = SinkState {
         layout: Some(Layout { boundary: part_size as u64, part_size: part_size as u64 }),
         ..Default::default()
@@ -814,6 +905,9 @@ mod tests {
         assert!(parse_uri("s3://b").is_err());
         assert!(parse_uri("s3:///k").is_err());
         assert!(parse_uri("s3://b/").is_err());
+        assert_eq!(parse_prefix("s3://b").unwrap(), ("b".into(), "".into()));
+        assert_eq!(parse_prefix("s3://b/m/x").unwrap(), ("b".into(), "m/x".into()));
+        assert!(parse_prefix("s3:///m").is_err());
     }
 
     #[test]

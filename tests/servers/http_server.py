@@ -20,7 +20,16 @@ Paths (NAME is a file under ROOT):
                        Content-Range and body start there): a server that lies about ranges
   /slow/NAME           like /data/, but ranges after byte 0 trickle: 16 KiB every 100 ms
   /stall/NAME          like /data/, but ranges after byte 0 send 16 KiB, then nothing more
-  /__stats             JSON: requests seen per path
+  /silent/NAME         reads the request and never answers (the connection left open)
+  /stallone/NAME       like /data/, but the first request for a range after byte 0 sends 16 KiB
+                       (half of a shorter range), then nothing more (one stalled request among
+                       flowing ones)
+  /novalid/NAME        no ETag, no Last-Modified; ranges after byte 0 come from NAME.alt (an
+                       object that changed after it was opened)
+  /weaketag/NAME       like /novalid/, with a weak ETag (W/"v") that never changes
+  /sameetag/NAME       like /novalid/, with a strong ETag ("v") that never changes
+  /__stats             JSON: requests seen per path (a query string, otherwise ignored, makes
+                       a path count separately)
 """
 
 import email.utils
@@ -65,7 +74,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         limit = 0
         if mode in ("fail500", "fail500mid", "drop", "dropmid"):
             limit, rest = int(rest[0]), rest[1:]
-        name = "/".join(rest)
+        name = "/".join(rest).split("?")[0]  # a query string only makes a path count apart
+        if mode == "silent":
+            time.sleep(3600)  # a server that accepted the connection and went quiet
+            return
         if mode == "redirect":
             self.send_response(302)
             self.send_header("Location", "/data/" + name)
@@ -86,6 +98,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(401, "no entry")
             return
         path = os.path.join(ROOT, name)
+        changed = mode in ("novalid", "weaketag", "sameetag")
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if changed and m and int(m.group(1)) > 0:
+            path += ".alt"
         try:
             with open(path, "rb") as f:
                 st = os.fstat(f.fileno())
@@ -111,8 +127,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
                 if mode != "norange":
                     self.send_header("Accept-Ranges", "bytes")
-                self.send_header("ETag", f'"{st.st_mtime_ns:x}-{size:x}"')
-                self.send_header("Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True))
+                if mode == "weaketag":
+                    self.send_header("ETag", 'W/"v"')
+                elif mode == "sameetag":
+                    self.send_header("ETag", '"v"')
+                elif not changed:
+                    self.send_header("ETag", f'"{st.st_mtime_ns:x}-{size:x}"')
+                    self.send_header(
+                        "Last-Modified", email.utils.formatdate(st.st_mtime, usegmt=True)
+                    )
                 self.end_headers()
                 if head:
                     return
@@ -125,8 +148,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.flush()
                     self.connection.shutdown(2)
                     return
-                if mode == "stall" and start > 0:
-                    self.wfile.write(f.read(min(length, 16 << 10)))
+                if mode == "stallone" and start > 0:
+                    with LOCK:
+                        key = f"stallone:{self.path}"
+                        COUNTS[key] = COUNTS.get(key, 0) + 1
+                        stall = COUNTS[key] == 1
+                else:
+                    stall = mode == "stall" and start > 0
+                if stall:
+                    part = min(length, 16 << 10) if mode == "stall" else min(length // 2, 16 << 10)
+                    self.wfile.write(f.read(part))
                     self.wfile.flush()
                     time.sleep(3600)  # a server gone silent, the connection left open
                     return
