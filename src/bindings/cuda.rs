@@ -96,6 +96,11 @@ fn cuda_load<'py>(
     d.set_item("buffered_read_bytes", stats.buffered_read_bytes)?;
     d.set_item("staging_chunk", stats.staging_chunk)?;
     d.set_item("staging_buffers", stats.staging_buffers)?;
+    d.set_item("decrypted_on_device", stats.decrypted_on_device)?;
+    // Why an encrypted load decrypted on the host (the Python side logs it once per load).
+    let (why, fallback) = stats.host_decrypt.map_or((None, false), |(w, f)| (Some(w), f));
+    d.set_item("host_decrypt", why)?;
+    d.set_item("host_decrypt_fallback", fallback)?;
     Ok((module_idx, d))
 }
 

@@ -39,6 +39,9 @@ pub struct Env {
     pub staging_bytes: Option<usize>,
     /// `TENSORIZER_RS_IO`: how GPU loads read local files (`auto`, `buffered`, `direct`).
     pub io: Option<ReadMode>,
+    /// `TENSORIZER_RS_GPU_DECRYPT=0`: encrypted loads to a GPU decrypt on the host, as where the
+    /// decryption kernels cannot run (a workaround, and the benchmarks' comparison).
+    pub gpu_decrypt: Option<bool>,
     /// `TENSORIZER_RS_NVRTC`: the CUDA run-time compiler (`libnvrtc.so*`, or its folder) for the
     /// GPU decryption kernels, where it is not found beside torch's CUDA libraries.
     pub nvrtc: Option<PathBuf>,
@@ -68,6 +71,13 @@ impl Env {
             match v.trim().parse::<usize>() {
                 Ok(n) if n > 0 => env.staging_bytes = Some(n),
                 _ => bad("TENSORIZER_RS_STAGING_BYTES", &v, "a positive number of bytes"),
+            }
+        }
+        if let Some(v) = get("TENSORIZER_RS_GPU_DECRYPT") {
+            match v.trim() {
+                "0" => env.gpu_decrypt = Some(false),
+                "1" | "" => {}
+                _ => bad("TENSORIZER_RS_GPU_DECRYPT", &v, "0 or 1"),
             }
         }
         if let Some(v) = get("TENSORIZER_RS_NVRTC") {
@@ -114,6 +124,19 @@ pub fn storage_options() -> StorageOptions {
     StorageOptions { http_direct: env().http_direct, ..StorageOptions::default() }
 }
 
+/// Whether an encrypted load to a GPU may authenticate and decrypt on the device (if the kernels
+/// run there); `Err` says why it decrypts on the host instead. Hashes are over the plaintext,
+/// so `verify_hash` keeps decryption on the host.
+pub fn gpu_decrypt(opts: &LoadOptions) -> std::result::Result<(), String> {
+    if env().gpu_decrypt == Some(false) {
+        return Err("TENSORIZER_RS_GPU_DECRYPT=0".into());
+    }
+    if opts.verify_hash {
+        return Err("verify_hash checks the plaintext on the host".into());
+    }
+    Ok(())
+}
+
 /// Local GPU loads: one reader per core, 4 to 12. The host->device copies read the staging
 /// buffers from the memory the readers write them into: beside 16 reading threads the copies
 /// ran at 47.7–52.6 GB/s, beside 12 at 51.2–53.9 (H200 hosts, docs/benchmarks.md); with two
@@ -122,7 +145,7 @@ pub fn local_gpu_readers() -> usize {
     crate::cores().clamp(4, 12)
 }
 
-/// Staging buffers per reader of a local, unencrypted GPU load: a reader fills one while the
+/// Staging buffers per reader of a local GPU load that does not decrypt on the host: a reader fills one while the
 /// other's copy runs.
 pub const BUFFERS_PER_READER: usize = 2;
 
@@ -180,10 +203,12 @@ impl Tuning {
         }
     }
 
-    /// A load to a GPU through `pool`'s staging buffers.
-    pub fn device(opts: &LoadOptions, caps: Caps, encrypted: bool, pool: &Pool) -> Tuning {
+    /// A load to a GPU through `pool`'s staging buffers; `host_decrypt`: an encrypted file whose
+    /// readers decrypt in the staging buffers (else the GPU opens it, and the load runs as a
+    /// plain one, in reads of whole cipher chunks).
+    pub fn device(opts: &LoadOptions, caps: Caps, encrypted: bool, host_decrypt: bool, pool: &Pool) -> Tuning {
         let chunk = pool.chunk();
-        // Decryption is CPU-bound: encrypted loads use every core by default. Over the network
+        // Decryption on the host is CPU-bound: those loads use every core by default. Over the network
         // each reader waits on one request at a time: one reader per buffer keeps the most in
         // flight (HTTP on the H200 host: 16.3 vs 13.0–13.8 GB/s with 12), except where readers
         // receive the bodies themselves (plain HTTP): there the source's own figure, one per
@@ -191,7 +216,7 @@ impl Tuning {
         let default = if caps.remote && caps.reads_into_buffers {
             caps.parallelism
         } else {
-            let cpu = if encrypted { decrypting_readers() } else { local_gpu_readers() };
+            let cpu = if host_decrypt { decrypting_readers() } else { local_gpu_readers() };
             if caps.remote {
                 cpu.max(pool.max_buffers())
             } else {
@@ -199,7 +224,8 @@ impl Tuning {
             }
         };
         let readers = opts.num_readers.unwrap_or(default).clamp(1, 64);
-        let local_plain = !caps.remote && !encrypted;
+        // Sealed bytes the GPU opens pass through staging as plain ones do.
+        let local_plain = !caps.remote && !host_decrypt;
         Tuning {
             readers,
             read_mode: opts.io.or(env().io).unwrap_or_default(),
@@ -235,6 +261,7 @@ mod tests {
             ("TENSORIZER_RS_STAGING_BYTES", "134217728"),
             ("TENSORIZER_RS_IO", "direct"),
             ("TENSORIZER_RS_NVRTC", "/opt/cuda/lib64"),
+            ("TENSORIZER_RS_GPU_DECRYPT", "0"),
         ]));
         assert!(env.trace && env.problems.is_empty(), "{:?}", env.problems);
         assert_eq!(
@@ -242,12 +269,17 @@ mod tests {
             (Some(false), Some(128 << 20), Some(ReadMode::Direct))
         );
         assert_eq!(env.nvrtc.as_deref(), Some(std::path::Path::new("/opt/cuda/lib64")));
+        assert_eq!(env.gpu_decrypt, Some(false));
         assert!(env.check().is_ok());
         let env = Env::parse(vars(&[("TENSORIZER_RS_TRACE", "0"), ("TENSORIZER_RS_HTTP_DIRECT", "1")]));
         assert!(!env.trace && env.http_direct.is_none() && env.check().is_ok());
         // A value that cannot be used fails every load, naming the variable.
-        let env = Env::parse(vars(&[("TENSORIZER_RS_IO", "mmap"), ("TENSORIZER_RS_STAGING_BYTES", "lots")]));
-        assert_eq!(env.problems.len(), 2);
+        let env = Env::parse(vars(&[
+            ("TENSORIZER_RS_IO", "mmap"),
+            ("TENSORIZER_RS_STAGING_BYTES", "lots"),
+            ("TENSORIZER_RS_GPU_DECRYPT", "no"),
+        ]));
+        assert_eq!(env.problems.len(), 3);
         let e = env.check().unwrap_err();
         assert!(e.message.contains("TENSORIZER_RS_STAGING_BYTES") || e.message.contains("TENSORIZER_RS_IO"), "{e}");
     }
