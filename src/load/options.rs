@@ -45,6 +45,9 @@ pub struct Env {
     /// `TENSORIZER_RS_NVRTC`: the CUDA run-time compiler (`libnvrtc.so*`, or its folder) for the
     /// GPU decryption kernels, where it is not found beside torch's CUDA libraries.
     pub nvrtc: Option<PathBuf>,
+    /// Where the GPU decryption kernels are kept between processes:
+    /// `$XDG_CACHE_HOME/tensorizer_rs/kernels`, else `$HOME/.cache/tensorizer_rs/kernels`.
+    pub kernel_cache: Option<PathBuf>,
     /// Values that could not be used, as messages naming the variable; every load fails with
     /// the first, rather than run with a setting the user did not ask for.
     pub problems: Vec<String>,
@@ -85,6 +88,11 @@ impl Env {
                 env.nvrtc = Some(PathBuf::from(v));
             }
         }
+        let cache = get("XDG_CACHE_HOME")
+            .filter(|v| v.starts_with('/'))
+            .map(PathBuf::from)
+            .or_else(|| get("HOME").filter(|v| v.starts_with('/')).map(|h| PathBuf::from(h).join(".cache")));
+        env.kernel_cache = cache.map(|c| c.join("tensorizer_rs").join("kernels"));
         if let Some(v) = get("TENSORIZER_RS_IO") {
             match v.parse::<ReadMode>() {
                 Ok(m) => env.io = Some(m),
@@ -112,6 +120,7 @@ pub fn env() -> &'static Env {
         let env = Env::parse(|k| std::env::var(k).ok());
         crate::trace::set_enabled(env.trace);
         cuda::nvrtc::set_path(env.nvrtc.clone());
+        cuda::secretbox::set_cache_dir(env.kernel_cache.clone());
         if let Some(total) = env.staging_bytes {
             cuda::set_staging_config(cuda::StagingConfig { total, ..cuda::staging_config() });
         }
@@ -226,10 +235,12 @@ impl Tuning {
         let readers = opts.num_readers.unwrap_or(default).clamp(1, 64);
         // Sealed bytes the GPU opens pass through staging as plain ones do.
         let local_plain = !caps.remote && !host_decrypt;
+        let fill = if local_plain { LOCAL_FILL.min(chunk) } else { chunk };
         Tuning {
             readers,
             read_mode: opts.io.or(env().io).unwrap_or_default(),
-            sizes: Sizes::device(chunk as u64, encrypted),
+            // The pipeline reads sealed data in `fill`s of whole cipher chunks.
+            sizes: Sizes::device(chunk as u64, encrypted.then_some(fill as u64)),
             // Encrypted pieces stay whole numbers of cipher chunks.
             taper: (caps.remote && !encrypted).then_some(chunk as u64),
             // Remote loads keep the whole pool: one buffer per reader made no difference there
@@ -241,7 +252,7 @@ impl Tuning {
             } else {
                 readers
             },
-            fill: if local_plain { LOCAL_FILL.min(chunk) } else { chunk },
+            fill,
         }
     }
 }
@@ -270,6 +281,11 @@ mod tests {
         );
         assert_eq!(env.nvrtc.as_deref(), Some(std::path::Path::new("/opt/cuda/lib64")));
         assert_eq!(env.gpu_decrypt, Some(false));
+        assert_eq!(env.kernel_cache, None);
+        let home = Env::parse(vars(&[("HOME", "/home/u"), ("XDG_CACHE_HOME", "relative")]));
+        assert_eq!(home.kernel_cache.as_deref(), Some(std::path::Path::new("/home/u/.cache/tensorizer_rs/kernels")));
+        let xdg = Env::parse(vars(&[("HOME", "/home/u"), ("XDG_CACHE_HOME", "/c")]));
+        assert_eq!(xdg.kernel_cache.as_deref(), Some(std::path::Path::new("/c/tensorizer_rs/kernels")));
         assert!(env.check().is_ok());
         let env = Env::parse(vars(&[("TENSORIZER_RS_TRACE", "0"), ("TENSORIZER_RS_HTTP_DIRECT", "1")]));
         assert!(!env.trace && env.http_direct.is_none() && env.check().is_ok());

@@ -345,7 +345,11 @@ d._take(_cuda.load(d._cuda_request(), list(d._selected), False))
 import hashlib, torch
 out = {d._entries[i]["name"]: hashlib.sha256(d._cache[i].reshape(-1).view(torch.uint8).numpy())
        .hexdigest() for i in d._selected}
-print(json.dumps({"counters": _cuda.counters(), "lines": lines, "sha": out}))
+try:
+    kernels = _native.cuda_decrypt_kernels(0)
+except Exception as e:
+    kernels = str(e)
+print(json.dumps({"counters": _cuda.counters(), "lines": lines, "sha": out, "kernels": kernels}))
 """
 
 
@@ -353,7 +357,8 @@ print(json.dumps({"counters": _cuda.counters(), "lines": lines, "sha": out}))
 def gpu_decryption_falls_back_to_the_host():
     """Where the kernels cannot run (here: a compute capability NVRTC cannot build for) the load
     decrypts in staging on the host, with one warning saying why; TENSORIZER_RS_GPU_DECRYPT=0
-    chooses the host path (one info line). Same bytes either way."""
+    chooses the host path (one info line). Same bytes either way. A fresh process takes the
+    kernels this one compiled from the kernel cache."""
     from tensorizer_rs import EncryptionParams
 
     g = torch.Generator().manual_seed(22)
@@ -389,6 +394,11 @@ def gpu_decryption_falls_back_to_the_host():
     got = child()
     assert got["counters"]["decrypted_on_device"] == _sealed_bytes(path) and not got["lines"], got
     assert got["sha"] == want
+    # This process compiled the kernels and kept them: a fresh process loads them from there.
+    if os.environ.get("XDG_CACHE_HOME"):
+        cached = list(Path(os.environ["XDG_CACHE_HOME"], "tensorizer_rs", "kernels").iterdir())
+        assert len(cached) == 1 and cached[0].name.endswith("-sm_90.cubin"), cached
+        assert "from the kernel cache" in got["kernels"], got["kernels"]
 
 
 @check
