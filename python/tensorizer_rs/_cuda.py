@@ -139,6 +139,8 @@ def release_staging(device: int = 0) -> None:
 
 # ----------------------------------------------------------------------------------------------
 _resolved: dict = {}
+#: Why encrypted loads decrypted on the host, each logged once.
+_host_decrypt_noted: set = set()
 
 
 def _dtypes_of(entry: dict, target: Any):
@@ -190,7 +192,6 @@ class _Run:
         self.verify = verify
         self.out = Loaded()
         self.started = time.perf_counter()
-        self.host_decrypt_logged = False
 
     def _progress(self):
         """The native callback for a native load: reports bytes of the whole run."""
@@ -226,9 +227,9 @@ class _Run:
         self.out.bytes += stats["bytes"]
         self.out.stats.append(stats)
         why = stats.get("host_decrypt")
-        if why and not self.host_decrypt_logged:
-            # One line per call: an encrypted load that could not decrypt on the GPU says why.
-            self.host_decrypt_logged = True
+        if why and why not in _host_decrypt_noted:
+            # One line per reason and process (lazy loads make a native load per tensor).
+            _host_decrypt_noted.add(why)
             logger.log(
                 logging.WARNING if stats.get("host_decrypt_fallback") else logging.INFO,
                 "tensorizer_rs: %s: decrypting on the host, not the GPU: %s",

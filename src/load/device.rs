@@ -125,7 +125,7 @@ pub fn load_to_device(
     let (seal, host_decrypt) =
         if encrypted { DeviceSeal::new(&engine, file, targets, &opts.base) } else { (Ok(None), None) };
     let seal = seal.map_err(|e| e.in_file(name))?;
-    let tuning = Tuning::device(&opts.base, caps, encrypted, seal.is_none(), &pool);
+    let tuning = Tuning::device(&opts.base, caps, encrypted, encrypted && seal.is_none(), &pool);
     let entries: Vec<usize> = targets.iter().map(|t| t.entry).collect();
     // Large tensors go whole where their bytes must pass in order: hashed, or sealed where no
     // cipher chunk fits a read (the pipeline reads sealed data in the same steps).
@@ -305,13 +305,13 @@ impl DeviceSeal {
                 return (Ok(None), Some((format!("the GPU decryption kernels cannot run here: {}", e.message), true)))
             }
         };
-        // Each MAC takes 16 bytes of its tensor's header: a bound on the pieces, known before
-        // any header is read.
+        // Each MAC takes 16 bytes of its tensor's header, and covers at least one byte: a bound
+        // on the pieces, known before any header is read (linear in the file's size).
         let mut bound = 0u64;
         for t in targets {
             let e = &file.entries[t.entry];
             if e.data_length > 0 {
-                bound += (e.data_offset - e.header_offset) / 16 + 1;
+                bound += (e.data_offset.saturating_sub(e.header_offset) / 16 + 1).min(e.data_length);
             }
         }
         let Ok(n) = u32::try_from(bound) else {

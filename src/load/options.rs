@@ -14,7 +14,7 @@ use super::plan::Sizes;
 use crate::crypto::DecryptionKeys;
 use crate::cuda::{self, Pool};
 use crate::error::{Error, Result};
-use crate::storage::{Caps, ReadMode, StorageOptions};
+use crate::storage::{Caps, ReadMode, StorageOptions, PAGE};
 
 /// What the caller of one load asked for.
 #[derive(Clone, Default)]
@@ -235,7 +235,9 @@ impl Tuning {
         let readers = opts.num_readers.unwrap_or(default).clamp(1, 64);
         // Sealed bytes the GPU opens pass through staging as plain ones do.
         let local_plain = !caps.remote && !host_decrypt;
-        let fill = if local_plain { LOCAL_FILL.min(chunk) } else { chunk };
+        // A page short of the buffer at most: a direct read of an unaligned range rounds out to
+        // whole pages on both sides and must still fit (as on merge-25 since 99f5334).
+        let fill = if local_plain { LOCAL_FILL.min(chunk.saturating_sub(PAGE).max(PAGE)) } else { chunk };
         Tuning {
             readers,
             read_mode: opts.io.or(env().io).unwrap_or_default(),

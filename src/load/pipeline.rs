@@ -515,7 +515,7 @@ impl<D: Destination> Job<'_, D> {
         let mut verifier = if self.opts.verify_hash { Some(Verifier::new(h)?) } else { None };
         let mut off = 0;
         while off < len {
-            let n = cap.min(len - off);
+            let n = self.tuning.fill.min(cap).min(len - off);
             let to = To::Tensor { slot, offset: off as u64 };
             let (mut w, at) = self.fill(lane, to, file_offset + off as u64, n)?;
             if let Some(v) = verifier.as_mut() {
