@@ -82,6 +82,13 @@ def _check(d, sd):
         assert torch.equal(got.cpu(), want), k
 
 
+def _load(path, dec) -> TensorDeserializer:
+    """A CUDA deserializer, loaded (an eager one loads at its first access)."""
+    d = TensorDeserializer(path, device="cuda", encryption=dec)
+    next(iter(d.values()))
+    return d
+
+
 def _on_device(fn):
     """Run ``fn``; the bytes the GPU kernels opened meanwhile (none in staging)."""
     before = _cuda.counters()
@@ -104,15 +111,11 @@ def test_vectors_decrypt_on_the_gpu(vectors_dir):
         bad = m["expect"].get("corrupted_tensor")
         if bad:
             with pytest.raises(CryptographyError, match="authentication failed") as err:
-                TensorDeserializer(path, device="cuda", encryption=dec)
+                _load(path, dec)
             assert f"tensor {bad!r}" in str(err.value) and m["file"] in str(err.value)
             continue
         box = {}
-        opened = _on_device(
-            lambda box=box, path=path, dec=dec: box.update(
-                d=TensorDeserializer(path, device="cuda", encryption=dec)
-            )
-        )
+        opened = _on_device(lambda box=box, path=path, dec=dec: box.update(d=_load(path, dec)))
         assert opened == _stored(path) > 0, m["file"]
         host = TensorDeserializer(path, device="cpu", encryption=dec)
         for t in m["tensors"]:
@@ -134,9 +137,7 @@ def test_layouts_new_tensors(tmp_path, staging, passphrase):
     sd = _state(1)
     path, dec = _sealed(tmp_path / "s.tensors", sd, passphrase)
     box = {}
-    opened = _on_device(
-        lambda: box.update(d=TensorDeserializer(path, device="cuda", encryption=dec))
-    )
+    opened = _on_device(lambda: box.update(d=_load(path, dec)))
     assert opened == _stored(path)
     _check(box["d"], sd)
 
@@ -194,7 +195,7 @@ def test_tampered(tmp_path, where):
     if where == "wrong key":
         dec = DecryptionParams.from_key(bytes(32))
     with pytest.raises(CryptographyError, match="authentication failed") as err:
-        TensorDeserializer(path, device="cuda", encryption=dec)
+        _load(path, dec)
     assert "enc.tensors" in str(err.value) and "tensor '" in str(err.value)
     if where != "wrong key":
         assert "tensor 'a.b'" in str(err.value)
@@ -207,7 +208,7 @@ def test_two_loads_from_two_threads(tmp_path):
 
     def run(k):
         try:
-            out[k] = TensorDeserializer(files[k][0], device="cuda", encryption=files[k][1])
+            out[k] = _load(*files[k])
         except Exception as e:  # noqa: BLE001
             errors.append(e)
 
@@ -231,10 +232,11 @@ logging.getLogger("tensorizer_rs").addHandler(Keep())
 logging.getLogger("tensorizer_rs").setLevel(logging.INFO)
 d = TensorDeserializer(sys.argv[1], device="cuda",
                        encryption=DecryptionParams.from_key(bytes.fromhex(sys.argv[2])))
+total = float(d["big"].sum())
 c = _cuda.counters()
 assert c["decrypted_on_device"] == 0 and c["decrypted_in_staging"] > 0, c
 assert len(lines) == 1 and "TENSORIZER_RS_GPU_DECRYPT=0" in lines[0], lines
-print("OK", float(d["big"].sum()))
+print("OK", total)
 """
 
 
