@@ -364,7 +364,7 @@ def child(args):
     kind, path = spec["loader"], spec["path"]
     out = {"loader": kind, "cold": spec.get("cold", False)}
     model = None
-    if kind == "ours_module" or kind == "sweep":
+    if kind in ("ours_module", "encrypted_module", "sweep"):
         from tensorizer_rs import _native
 
         f = _native.TensorFile(path)
@@ -400,12 +400,12 @@ def child(args):
     counters0 = None
     with PeakRss() as peak:
         t0 = time.perf_counter()
-        if kind in ("ours", "ours_module", "encrypted"):
+        if kind in ("ours", "ours_module", "encrypted", "encrypted_module"):
             from tensorizer_rs import DecryptionParams, TensorDeserializer, _cuda
 
             counters0 = _cuda.counters()
             kw = {}
-            if kind == "encrypted":
+            if kind.startswith("encrypted"):
                 kw["encryption"] = DecryptionParams.from_key(bytes.fromhex(spec["key"]))
             d = TensorDeserializer(path, device="cuda", **kw)
             if model is not None:
@@ -588,7 +588,15 @@ def main():
         metavar="NAME=SITE",
         help="same-run A/B of builds installed into SITE folders (see the docstring)",
     )
-    ap.add_argument("--rounds", type=int, default=3, help="warm rounds of --wheels (cold: 2)")
+    ap.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="plaintext against encrypted (GPU decryption; host decryption for reference), new "
+        "tensors and in place, warm, --rounds interleaved rounds of fresh processes",
+    )
+    ap.add_argument(
+        "--rounds", type=int, default=3, help="warm rounds of --wheels / --encrypted (cold: 2)"
+    )
     ap.add_argument("--nginx", default=None, help="nginx binary: --wheels also loads over HTTP")
     ap.add_argument(
         "--ab-env",
@@ -647,6 +655,8 @@ def main():
         return
     if args.wheels:
         return wheels_ab(args, res, save)
+    if args.encrypted:
+        return encrypted_vs_plain(args, res, save)
     res["limits"] = measure_h2d()
     log(f"pinned H2D: {res['limits']}")
     ours, st, small = write_files(args, res)
@@ -847,6 +857,92 @@ def wheels_ab(args, res, save):
     res["seconds"] = time.perf_counter() - t_start
     save()
     report_ab(res)
+
+
+def encrypted_vs_plain(args, res, save):
+    """Encrypted loads against plaintext ones in one run (issue 27's target: encrypted >= 85 %
+    of plaintext, warm): the same model written plain and sealed, both in the page cache, each
+    load a fresh process, rounds interleaved (odd rounds reversed). Host decryption
+    (TENSORIZER_RS_GPU_DECRYPT=0) runs beside for reference."""
+    import torch
+    from tensorizer_rs import EncryptionParams, TensorSerializer
+
+    t_start = time.perf_counter()
+    res["limits"] = measure_h2d()
+    shapes, layers = llama_shapes(int(args.gib * GiB))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    m = build_module(shapes, "cuda", torch.bfloat16)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(generator=g)
+    res["model"] = {"layers": layers, "tensors": len(shapes)}
+    res["model"]["bytes"] = sum(p.nbytes for p in m.parameters())
+    plain, sealed = os.path.join(args.dir, "model.tensors"), os.path.join(args.dir, "enc.tensors")
+    enc = EncryptionParams.random()
+    for path, kw in ((plain, {}), (sealed, {"encryption": enc})):
+        t0 = time.perf_counter()
+        s = TensorSerializer(path, **kw)
+        s.write_module(m)
+        s.close()
+        log(
+            f"wrote {path}: {os.path.getsize(path) / GiB:.2f} GiB in {time.perf_counter() - t0:.1f} s"
+        )
+    del m
+    torch.cuda.empty_cache()
+    key = enc.key.hex()
+    cases = [
+        {"loader": "ours", "path": plain, "label": "plain new"},
+        {"loader": "encrypted", "path": sealed, "key": key, "label": "encrypted new"},
+        {"loader": "ours_module", "path": plain, "label": "plain in place"},
+        {"loader": "encrypted_module", "path": sealed, "key": key, "label": "encrypted in place"},
+        {
+            "loader": "encrypted",
+            "path": sealed,
+            "key": key,
+            "label": "encrypted new (host)",
+            "env": {"TENSORIZER_RS_GPU_DECRYPT": "0"},
+        },
+    ]
+    runs = res["runs"] = []
+    for f in (plain, sealed):
+        parallel_read(f, direct=False)
+    # Untimed: the first process on a machine compiles the kernels into the kernel cache.
+    first = run_child(args, cases[1])
+    log(f"first encrypted load (compiles the kernels): {first.get('gbps', first.get('error'))}")
+    for k in range(args.rounds):
+        for spec in cases[::-1] if k % 2 else cases:
+            r = run_child(args, spec)
+            r.update(label=spec["label"], round=k)
+            runs.append(r)
+            c = r.get("counters") or {}
+            log(
+                f"{r['label']:<22} #{k} "
+                + (
+                    f"{r['gbps']:6.2f} GB/s (on device {c.get('decrypted_on_device', 0) / GiB:.2f}"
+                    f" GiB, in staging {c.get('decrypted_in_staging', 0) / GiB:.2f} GiB, RSS "
+                    f"+{r.get('rss_anon_growth', 0) / MiB:.0f} MiB)"
+                    if "gbps" in r
+                    else f"ERROR {r.get('error', '')[-300:]}"
+                )
+            )
+            save()
+    res["seconds"] = time.perf_counter() - t_start
+    save()
+    mean = {}
+    for spec in cases:
+        got = [r["gbps"] for r in runs if r["label"] == spec["label"] and "gbps" in r]
+        mean[spec["label"]] = statistics.mean(got) if got else None
+    log("")
+    log(
+        f"{res['gpu']} | {res['cpus']} CPUs | commit {res['commit']} | model "
+        f"{res['model']['bytes'] / GiB:.2f} GiB bf16 | {args.rounds} rounds | {res['seconds']:.0f} s"
+    )
+    for label, v in mean.items():
+        base = mean["plain in place" if "in place" in label else "plain new"]
+        ratio = f"{v / base:6.1%} of plaintext" if v and base and label.startswith("enc") else ""
+        log(f"{label:<22} {'ERR' if v is None else f'{v:6.2f}'} GB/s  {ratio}")
+    res["mean_gbps"] = mean
+    save()
 
 
 def report_ab(res):

@@ -16,7 +16,12 @@
 #   gpu        bench/gpu_bench.py warm only (incl. the vLLM loader path), no sweep/small/cold;
 #              GPU_ARGS, e.g. --ab
 #   decrypt    tests/gpu/test_gpu_decrypt.py: the GPU decryption kernels alone (NVRTC from torch's
-#              wheels; every encrypted vector, tampering, wrong keys, kernel GB/s), under 3 minutes
+#              wheels; every encrypted vector, tampering, wrong keys, kernel GB/s), and
+#              tests/gpu/test_gpu_decrypt_load.py: encrypted loads through the pipeline, opened
+#              on the GPU (vectors, layouts, in place, tampering, two threads, host fallback)
+#   gpuenc     bench/gpu_bench.py --encrypted: plaintext vs encrypted (GPU decryption, and host
+#              decryption for reference), new tensors and in place, warm, fresh processes,
+#              ENC_ROUNDS (3) interleaved rounds of ENC_GIB (8) GiB; means and ratios last
 #   ab         this wheel ("after") against .device/old/*.whl ("before"), each load a fresh process:
 #              warm new tensors, in place, the vLLM loader's path, an encrypted file, HTTP to
 #              CUDA (when .device/bin/nginx was carried), cold; AB_ROUNDS (3) interleaved rounds,
@@ -67,8 +72,13 @@ for phase in $phases; do
       timeout 420 python3 bench/gpu_bench.py --dir /tmp/tzgpu --out "$OUT" --skip-cold --skip-sweep \
         --skip-small --skip-safetensors --coreweave "$HOME/cw" ${GPU_ARGS:-} 2>&1 | tee "$OUT/gpu-bench.log" | tail -30 ;;
     decrypt)
-      timeout 170 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu/test_gpu_decrypt.py 2>&1 \
+      timeout 300 python3 -m pytest -q -s -p no:cacheprovider -m gpu tests/gpu/test_gpu_decrypt.py \
+        tests/gpu/test_gpu_decrypt_load.py 2>&1 \
         | tee "$OUT/gpu-decrypt.log" | grep -E "kernels:|GPU decrypt|passed|failed|error|Error" | tail -20 ;;
+    gpuenc)
+      timeout 540 python3 bench/gpu_bench.py --encrypted --dir /tmp/tzenc --out "$OUT" \
+        --gib "${ENC_GIB:-8}" --rounds "${ENC_ROUNDS:-3}" 2>&1 | tee "$OUT/gpu-enc.log" | tail -8
+      rm -rf /tmp/tzenc ;;
     ab)
       python3 -m pip install -q --no-index --no-deps --target "$HOME/site_old" .device/old/*.whl || exit 1
       chmod +x .device/bin/* 2>/dev/null

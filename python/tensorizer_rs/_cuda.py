@@ -25,7 +25,12 @@ import time
 from typing import Any, Callable
 
 from . import _dtypes, _gc, _native
-from .exceptions import TensorizerUnsupportedError, TensorizerValueError
+from .exceptions import (
+    CryptographyError,
+    HashMismatchError,
+    TensorizerUnsupportedError,
+    TensorizerValueError,
+)
 
 __all__ = [
     "Loaded",
@@ -134,6 +139,8 @@ def release_staging(device: int = 0) -> None:
 
 # ----------------------------------------------------------------------------------------------
 _resolved: dict = {}
+#: Why encrypted loads decrypted on the host, each logged once.
+_host_decrypt_noted: set = set()
 
 
 def _dtypes_of(entry: dict, target: Any):
@@ -219,6 +226,16 @@ class _Run:
         )
         self.out.bytes += stats["bytes"]
         self.out.stats.append(stats)
+        why = stats.get("host_decrypt")
+        if why and why not in _host_decrypt_noted:
+            # One line per reason and process (lazy loads make a native load per tensor).
+            _host_decrypt_noted.add(why)
+            logger.log(
+                logging.WARNING if stats.get("host_decrypt_fallback") else logging.INFO,
+                "tensorizer_rs: %s: decrypting on the host, not the GPU: %s",
+                req.name,
+                why,
+            )
         for (i, _, _, _), idx in zip(jobs, module_idx):
             self.out.module_idx[i] = idx
         return module_idx
@@ -409,6 +426,14 @@ def load_into_module(
     seen = set(todo)
     todo += [i for i in rest if i not in cached and i not in seen]
     run = _Run(req, verify)
-    with _gc.paused():
-        _load(run, todo, into)
+    try:
+        with _gc.paused():
+            _load(run, todo, into)
+    except (CryptographyError, HashMismatchError) as e:
+        if not into:
+            raise
+        # Tensors filled in place may hold part of the file's data, or ciphertext.
+        raise type(e)(
+            f"{e} (the module's tensors filled in place now hold undefined contents)"
+        ) from e
     return run.done()

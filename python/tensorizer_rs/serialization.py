@@ -833,8 +833,10 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
     def cuda_load_stats(self) -> dict:
         """What this deserializer's last load to a CUDA device did (a tensorizer-rs extension,
         for benchmarks): ``{"loads": [...], "alloc_seconds": [...]}``, one dict per native load
-        (``seconds``, ``readers``, ``staged_bytes``, ``staging_chunk``, ``staging_buffers``, ...)
-        and the time each allocation of new tensors took; both empty before such a load."""
+        (``seconds``, ``readers``, ``staged_bytes``, ``staging_chunk``, ``staging_buffers``,
+        ``decrypted_on_device``, ``host_decrypt``: why an encrypted load decrypted on the host,
+        else ``None``, ...) and the time each allocation of new tensors took; both empty before
+        such a load."""
         return {"loads": list(self._cuda_stats), "alloc_seconds": list(self._cuda_alloc_seconds)}
 
     @property

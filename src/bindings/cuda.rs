@@ -104,6 +104,11 @@ fn cuda_load<'py>(
     d.set_item("local_ranks", stats.local_ranks)?;
     d.set_item("numa_node", stats.numa_node)?;
     d.set_item("reader_cpus", stats.reader_cpus)?;
+    d.set_item("decrypted_on_device", stats.decrypted_on_device)?;
+    // Why an encrypted load decrypted on the host (the Python side logs it once per load).
+    let (why, fallback) = stats.host_decrypt.map_or((None, false), |(w, f)| (Some(w), f));
+    d.set_item("host_decrypt", why)?;
+    d.set_item("host_decrypt_fallback", fallback)?;
     Ok((module_idx, d))
 }
 

@@ -224,6 +224,10 @@ impl DeviceSpan {
     pub fn is_null(&self) -> bool {
         self.ptr == 0
     }
+    /// The device address of its first byte.
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
     /// `len` bytes at `offset`, or an error if they run past the span.
     pub fn sub(&self, offset: u64, len: u64) -> Result<DeviceSpan> {
         match offset.checked_add(len) {

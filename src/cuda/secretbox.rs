@@ -16,6 +16,7 @@
 //! zeroed on the host right after the launch calls.
 use std::collections::HashMap;
 use std::ffi::c_void;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use cudarc::driver::sys;
@@ -253,6 +254,99 @@ pub fn compiled(cc: i32) -> Result<Arc<nvrtc::Image>> {
     Ok(image)
 }
 
+fn cache_dir() -> &'static Mutex<Option<PathBuf>> {
+    static DIR: Mutex<Option<PathBuf>> = Mutex::new(None);
+    &DIR
+}
+
+/// Where compiled kernels are kept between processes (`load::options` passes
+/// `$XDG_CACHE_HOME/tensorizer_rs/kernels` or `~/.cache/...`); `None`: compile in every process.
+/// NVRTC takes about half a second, more than a warm load of many GB; reading the cubin back
+/// takes a millisecond.
+pub fn set_cache_dir(dir: Option<PathBuf>) {
+    *cache_dir().lock().unwrap_or_else(|p| p.into_inner()) = dir;
+}
+
+/// The cache file of the kernels for compute capability `cc`: named by the source's hash, so
+/// a changed source never loads an old build.
+fn cache_file(dir: &Path, cc: i32) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let hash = Sha256::digest(SOURCE.as_bytes());
+    let hex: String = hash[..8].iter().map(|b| format!("{b:02x}")).collect();
+    dir.join(format!("secretbox-{hex}-sm_{cc}.cubin"))
+}
+
+/// A cached cubin, if there is one we may trust: a regular file of ours that only we can write
+/// (the kernels see the keys), in an ELF wrapper.
+fn read_cached(path: &Path) -> Option<Vec<u8>> {
+    use std::os::unix::fs::MetadataExt;
+    let ours = |m: &std::fs::Metadata| {
+        // SAFETY: no arguments, no failure.
+        m.uid() == unsafe { libc::geteuid() } && m.mode() & 0o022 == 0
+    };
+    let dir = std::fs::metadata(path.parent()?).ok()?;
+    let meta = std::fs::symlink_metadata(path).ok()?;
+    if !meta.is_file() || !ours(&meta) || !ours(&dir) {
+        return None;
+    }
+    let code = std::fs::read(path).ok()?;
+    code.starts_with(b"\x7fELF").then_some(code)
+}
+
+/// Keep a cubin for later processes: written aside and renamed into place, so a reader never
+/// sees part of one. Failures only cost the next process a compile.
+fn write_cached(path: &Path, code: &[u8]) {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    let Some(dir) = path.parent() else { return };
+    if std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).is_err() {
+        return;
+    }
+    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(code))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
+/// [`compiled`], and kept in the cache (machine code only).
+fn compiled_and_cached(cc: i32) -> Result<Arc<nvrtc::Image>> {
+    let image = compiled(cc)?;
+    let dir = cache_dir().lock().unwrap_or_else(|p| p.into_inner()).clone();
+    if let (Some(dir), true) = (dir, image.cubin) {
+        write_cached(&cache_file(&dir, cc), &image.code);
+    }
+    Ok(image)
+}
+
+/// The kernels' image for compute capability `cc` and where it came from: the cache where it
+/// holds them, else NVRTC (then cached, machine code only).
+fn image(cc: i32) -> Result<(Arc<nvrtc::Image>, String)> {
+    let dir = cache_dir().lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let file = dir.map(|d| cache_file(&d, cc));
+    if let Some(code) = file.as_deref().and_then(read_cached) {
+        let from = format!("sm_{cc} from the kernel cache ({})", file.as_deref().unwrap_or(Path::new("")).display());
+        // NVRTC version (0, 0): read from the cache.
+        let image = nvrtc::Image { code, cubin: true, arch: format!("sm_{cc}"), log: String::new(), nvrtc: (0, 0) };
+        return Ok((Arc::new(image), from));
+    }
+    let image = compiled_and_cached(cc)?;
+    let from = format!(
+        "{} by NVRTC {}.{} ({})",
+        image.arch,
+        image.nvrtc.0,
+        image.nvrtc.1,
+        nvrtc::library().map(|l| l.path().to_string()).unwrap_or_default()
+    );
+    Ok((image, from))
+}
+
 /// The kernels loaded into one device's primary context.
 pub struct SecretboxKernels {
     ctx: Context,
@@ -285,10 +379,20 @@ impl SecretboxKernels {
         use sys::CUdevice_attribute::*;
         let cc = 10 * result::device_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?
             + result::device_attribute(dev, CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-        let image = compiled(cc)?;
-        // SAFETY: NVRTC's cubin, or its PTX (NUL-terminated); the module stays loaded for the
-        // process.
-        let module = unsafe { result::module_load_data(&image.code) }.map_err(|e| {
+        let (image, description) = image(cc)?;
+        // SAFETY: NVRTC's cubin, or its PTX (NUL-terminated), or a cubin it made before; the
+        // module stays loaded for the process.
+        let module = match unsafe { result::module_load_data(&image.code) } {
+            Ok(m) => Ok(m),
+            // A cached cubin the driver refuses (a driver change): build it again.
+            Err(_) if image.nvrtc == (0, 0) => {
+                let fresh = compiled_and_cached(cc)?;
+                // SAFETY: as above.
+                unsafe { result::module_load_data(&fresh.code) }
+            }
+            Err(e) => Err(e),
+        }
+        .map_err(|e| {
             Error::new(ErrorKind::Unsupported, format!("the decryption kernels ({}) do not load: {e}", image.arch))
         })?;
         // SAFETY: a module loaded above, never unloaded.
@@ -297,13 +401,7 @@ impl SecretboxKernels {
             ctx,
             verify: func(c"tz_secretbox_verify")?,
             decrypt: func(c"tz_secretbox_decrypt")?,
-            description: format!(
-                "{} by NVRTC {}.{} ({})",
-                image.arch,
-                image.nvrtc.0,
-                image.nvrtc.1,
-                nvrtc::library().map(|l| l.path().to_string()).unwrap_or_default()
-            ),
+            description,
         });
         map.insert(ordinal, kernels.clone());
         Ok(kernels)
@@ -349,6 +447,38 @@ impl SecretboxKernels {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_kernel_cache_keeps_only_trusted_cubins() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("tensorizer_rs").join("kernels");
+        let f = cache_file(&dir, 90);
+        assert!(f.file_name().unwrap().to_str().unwrap().ends_with("-sm_90.cubin"));
+        assert_ne!(f, cache_file(&dir, 80));
+        assert_eq!(read_cached(&f), None);
+        let cubin = b"\x7fELF and the rest".to_vec();
+        write_cached(&f, &cubin);
+        assert_eq!(read_cached(&f), Some(cubin.clone()));
+        assert_eq!(std::fs::metadata(&dir).unwrap().permissions().mode() & 0o777, 0o700);
+        assert_eq!(std::fs::metadata(&f).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 1, "no temporary file left");
+        // Writable by others (the file or its folder), or not a cubin: not loaded.
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o622)).unwrap();
+        assert_eq!(read_cached(&f), None);
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert_eq!(read_cached(&f), None);
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        std::fs::write(&f, b"PTX text").unwrap();
+        assert_eq!(read_cached(&f), None);
+        // A link to a cubin elsewhere is not followed.
+        let other = root.path().join("x.cubin");
+        std::fs::write(&other, &cubin).unwrap();
+        std::fs::remove_file(&f).unwrap();
+        std::os::unix::fs::symlink(&other, &f).unwrap();
+        assert_eq!(read_cached(&f), None);
+    }
 
     #[test]
     fn launches_hold_at_most_32_chunks_and_cover_every_tile() {

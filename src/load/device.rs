@@ -13,22 +13,34 @@
 //! for ours; the call also synchronises its streams before returning, so the bytes are in place
 //! when it returns and no copy can outlive the destination.
 //!
-//! Encrypted files: large tensors are split into pieces like plain ones, and each 2 MiB cipher
-//! chunk is authenticated and decrypted in the staging buffer it was read into, right before
-//! its copy, so decryption spreads over all readers and overlaps with reads and copies; small
-//! ones are opened whole in their segment's buffer. With `verify_hash` large tensors go whole
-//! to one reader each (the hash runs over the data in order): hashed as the chunks stream past,
-//! an encrypted tensor larger than a buffer decrypted in a temporary host buffer.
+//! Encrypted files, on the GPU (the default where the kernels of `cuda::secretbox` run): the
+//! ciphertext travels through staging like plain bytes, in reads of whole 2 MiB cipher chunks,
+//! into the destination's own memory; right after a window's copy, the reader queues the
+//! kernels that authenticate and decrypt its chunks in place on the same stream. Every chunk
+//! has a verdict slot; once the streams are synchronised the verdicts are read back and each
+//! tensor checked, so the load returns (and hands out tensors) only when every chunk of every
+//! tensor verified. A forged chunk stays ciphertext and fails the load naming the tensor.
+//!
+//! On the host (`TENSORIZER_RS_GPU_DECRYPT=0`, `verify_hash`, or kernels that cannot run
+//! here; the stats say why): large tensors are split into pieces like plain ones, and each 2
+//! MiB cipher chunk is authenticated and decrypted in the staging buffer it was read into,
+//! right before its copy, so decryption spreads over all readers and overlaps with reads and
+//! copies; small ones are opened whole in their segment's buffer. With `verify_hash` large
+//! tensors go whole to one reader each (the hash runs over the data in order): hashed as the
+//! chunks stream past, an encrypted tensor larger than a buffer decrypted in a temporary host
+//! buffer.
 use std::ops::Range;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use super::file::TensorFile;
-use super::options::{self, LoadOptions, Tuning};
+use super::options::{self, LoadOptions, Sealed, Tuning};
 use super::pipeline::{self, Destination, To, Window};
 use super::plan::{self, sealed_step};
+use crate::crypto::{DecryptPlan, AUTH_FAILED};
 use crate::cuda::counters::{self, Counter};
+use crate::cuda::secretbox::{DeviceChunk, SecretboxKernels, Verdict, Verdicts};
 use crate::cuda::{self, DeviceSpan, Engine, Event, Pool, Staged, StreamHandle};
 use crate::error::{Error, Result};
 use crate::storage::ReadMode;
@@ -78,6 +90,11 @@ pub struct DeviceStats {
     pub numa_node: Option<u32>,
     /// CPUs the readers were pinned to (0: not pinned).
     pub reader_cpus: usize,
+    /// Encrypted bytes authenticated and decrypted by the GPU kernels.
+    pub decrypted_on_device: u64,
+    /// Why an encrypted load decrypted on the host instead (`None`: on the GPU, or not
+    /// encrypted), and whether that is because the kernels cannot run here (else by choice).
+    pub host_decrypt: Option<(String, bool)>,
 }
 
 /// Load `targets` into device memory. Returns each target's module index, in order, and what
@@ -119,13 +136,20 @@ pub fn load_to_device(
     let caps = file.source().caps();
     let base = &*opts.base.for_source(caps);
     let encrypted = file.header.has_crypt_info();
-    let mut tuning = Tuning::device(base, caps, encrypted, &pool);
+    let (seal, host_decrypt) = if encrypted { DeviceSeal::new(&engine, file, targets, base) } else { (Ok(None), None) };
+    let seal = seal.map_err(|e| e.in_file(name))?;
+    let sealed = match (encrypted, seal.is_some()) {
+        (false, _) => Sealed::No,
+        (true, true) => Sealed::OnGpu,
+        (true, false) => Sealed::OnHost,
+    };
+    let mut tuning = Tuning::device(base, caps, sealed, &pool);
     let placement = options::gpu_placement(opts.device);
     tuning.cpus = placement.cpus.map(Arc::from);
     let entries: Vec<usize> = targets.iter().map(|t| t.entry).collect();
     // Large tensors go whole where their bytes must pass in order: hashed, or sealed where no
-    // cipher chunk fits a buffer.
-    let whole = base.verify_hash || (encrypted && sealed_step(pool.chunk()) == 0);
+    // cipher chunk fits a read (the pipeline reads sealed data in the same steps).
+    let whole = base.verify_hash || (encrypted && sealed_step(tuning.fill.min(pool.chunk())) == 0);
     let mut plan = plan::build(&file.entries, &entries, tuning.sizes, |_| whole);
     if let Some(min) = tuning.taper {
         plan.taper(tuning.readers, min);
@@ -150,6 +174,7 @@ pub fn load_to_device(
         spans: targets.iter().map(|t| t.dest).collect(),
         buffers: tuning.buffers,
         tally: Tally::default(),
+        seal,
     };
     let done = &gpu.tally.done;
     let mut tick = progress.as_mut().map(|cb| move || cb(done.load(Ordering::Relaxed), total));
@@ -163,6 +188,10 @@ pub fn load_to_device(
     crate::trace::mark("load_end", total, 0);
     let (module_idx, readers) = ran?;
     finished.map_err(|e| e.in_file(name))?;
+    // No tensor is handed out before every one of its cipher chunks verified.
+    if let Some(seal) = &gpu.seal {
+        seal.check(&engine, file, targets).map_err(|e| e.in_file(name))?;
+    }
     if let Some(cb) = progress.as_mut() {
         cb(total, total)?;
     }
@@ -194,6 +223,8 @@ pub fn load_to_device(
         local_ranks: tuning.ranks,
         numa_node: placement.node,
         reader_cpus: tuning.cpus.as_ref().map_or(0, |c| c.len()),
+        decrypted_on_device: get(&t.on_device),
+        host_decrypt,
     };
     Ok((module_idx, stats))
 }
@@ -243,6 +274,7 @@ struct Tally {
     zero_fills: AtomicU64,
     direct: AtomicU64,
     buffered: AtomicU64,
+    on_device: AtomicU64,
     /// Bytes whose copy (or zero fill) has been queued, for progress reports.
     done: AtomicU64,
 }
@@ -273,6 +305,86 @@ struct Gpu<'a> {
     /// Staging buffers this load may make (`Pool::acquire`).
     buffers: usize,
     tally: Tally,
+    /// Encrypted tensors are opened in place by the GPU kernels.
+    seal: Option<DeviceSeal>,
+}
+
+/// How a load opens encrypted tensors on the device: the kernels, one verdict slot per cipher
+/// piece, and each tensor's slots.
+struct DeviceSeal {
+    kernels: Arc<SecretboxKernels>,
+    verdicts: Verdicts,
+    /// Per target: its first verdict slot and piece count, taken when its first bytes are
+    /// opened.
+    slots: Vec<OnceLock<(u32, u32)>>,
+    next: AtomicU32,
+}
+
+impl DeviceSeal {
+    /// The kernels and verdict slots for an encrypted load, where the options allow GPU
+    /// decryption and the kernels run here; otherwise `None` and why (and whether because the
+    /// kernels cannot run). An error only where the device fails.
+    #[allow(clippy::type_complexity)]
+    fn new(
+        engine: &Engine,
+        file: &TensorFile,
+        targets: &[DeviceTarget],
+        opts: &LoadOptions,
+    ) -> (Result<Option<DeviceSeal>>, Option<(String, bool)>) {
+        if let Err(why) = options::gpu_decrypt(opts) {
+            return (Ok(None), Some((why, false)));
+        }
+        let kernels = match SecretboxKernels::get(engine.ctx.ordinal) {
+            Ok(k) => k,
+            Err(e) => {
+                return (Ok(None), Some((format!("the GPU decryption kernels cannot run here: {}", e.message), true)))
+            }
+        };
+        // Each MAC takes 16 bytes of its tensor's header, and covers at least one byte: a bound
+        // on the pieces, known before any header is read (linear in the file's size).
+        let mut bound = 0u64;
+        for t in targets {
+            let e = &file.entries[t.entry];
+            if e.data_length > 0 {
+                bound += (e.data_offset.saturating_sub(e.header_offset) / 16 + 1).min(e.data_length);
+            }
+        }
+        let Ok(n) = u32::try_from(bound) else {
+            return (Err(Error::format("too many cipher chunks for one load")), None);
+        };
+        let seal = Verdicts::new(&engine.ctx, n as usize).map(|verdicts| {
+            Some(DeviceSeal {
+                kernels,
+                verdicts,
+                slots: targets.iter().map(|_| OnceLock::new()).collect(),
+                next: AtomicU32::new(0),
+            })
+        });
+        (seal, None)
+    }
+
+    /// After the load's streams are synchronised: every piece of every encrypted tensor read
+    /// authentic, else the first tensor that did not fails the load.
+    fn check(&self, engine: &Engine, file: &TensorFile, targets: &[DeviceTarget]) -> Result<()> {
+        let stream = engine.streams().next().expect("at least one stream");
+        let verdicts = self.verdicts.read(stream)?;
+        for (t, slots) in targets.iter().zip(&self.slots) {
+            let e = &file.entries[t.entry];
+            if e.data_length == 0 {
+                continue;
+            }
+            let ok = match slots.get() {
+                Some(&(base, n)) => verdicts
+                    .get(base as usize..(base + n) as usize)
+                    .is_some_and(|v| v.iter().all(|v| *v == Verdict::Authentic)),
+                None => false,
+            };
+            if !ok {
+                return Err(Error::crypto(AUTH_FAILED).in_tensor(&e.name_lossy()));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A reader's copy stream.
@@ -300,6 +412,22 @@ impl Window for GpuWindow {
 }
 
 impl Gpu<'_> {
+    /// Queue the kernels that open `chunks` (in the destinations, copied on `lane`'s stream).
+    fn launch(
+        &self,
+        seal: &DeviceSeal,
+        key: &[u8; crate::crypto::KEY_LEN],
+        chunks: &[DeviceChunk],
+        lane: &Lane,
+    ) -> Result<()> {
+        // SAFETY: each chunk lies in its tensor's destination (checked by the caller), whose
+        // ciphertext copies were queued on this stream before; nothing else writes it until the
+        // load's streams are synchronised.
+        unsafe { seal.kernels.open_in_place(key, chunks, &seal.verdicts, lane.stream)? };
+        self.tally.on_device.fetch_add(chunks.iter().map(|c| c.len).sum(), Ordering::Relaxed);
+        Ok(())
+    }
+
     fn queued(&self, kind: Counter, bytes: u64, copies: u64) {
         self.tally.add(kind, bytes);
         self.tally.add(Counter::Copies, copies);
@@ -388,6 +516,43 @@ impl Destination for Gpu<'_> {
     }
     fn opened(&self, n: u64) {
         counters::add(Counter::DecryptedInStaging, n);
+    }
+    fn opens_placed(&self) -> bool {
+        self.seal.is_some()
+    }
+    fn open_placed(&self, lane: &mut Lane, what: &[(usize, &DecryptPlan, Range<usize>)]) -> Result<()> {
+        let seal = self.seal.as_ref().ok_or_else(|| Error::io("internal error: no GPU decryption"))?;
+        let mut batch: Vec<DeviceChunk> = Vec::new();
+        let mut key = None;
+        for (slot, plan, range) in what {
+            let pieces = plan.pieces();
+            let n = pieces.len() as u32;
+            let &(base, _) = seal.slots[*slot].get_or_init(|| (seal.next.fetch_add(n, Ordering::Relaxed), n));
+            // The pieces that make up `range`, exactly.
+            let first = pieces.partition_point(|p| p.range.start < range.start);
+            let mut end = first;
+            let mut at = range.start;
+            while at < range.end {
+                match pieces.get(end) {
+                    Some(p) if p.range.start == at && p.range.end <= range.end => at = p.range.end,
+                    _ => return Err(Error::io("internal error: placed bytes are not whole cipher chunks")),
+                }
+                end += 1;
+            }
+            let span = self.spans[*slot];
+            span.sub(range.start as u64, range.len() as u64)?;
+            // Tensors of one launch share its key (files from a passphrase may hold several).
+            if key.is_some_and(|k| k != plan.key()) {
+                self.launch(seal, key.expect("checked"), &batch, lane)?;
+                batch.clear();
+            }
+            key = Some(plan.key());
+            batch.extend(DeviceChunk::from_pieces(span.ptr(), &pieces[first..end], base + first as u32));
+        }
+        match key {
+            Some(k) if !batch.is_empty() => self.launch(seal, k, &batch, lane),
+            _ => Ok(()),
+        }
     }
     unsafe fn landed(&self, _slot: usize) -> &mut [u8] {
         unreachable!("a GPU load opens its bytes on their way; no tensor lands whole in host memory")

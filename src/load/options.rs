@@ -56,6 +56,9 @@ pub struct Env {
     pub staging_bytes: Option<usize>,
     /// `TENSORIZER_RS_IO`: how GPU loads read local files (`auto`, `buffered`, `direct`).
     pub io: Option<ReadMode>,
+    /// `TENSORIZER_RS_GPU_DECRYPT=0`: encrypted loads to a GPU decrypt on the host, as where the
+    /// decryption kernels cannot run (a workaround, and the benchmarks' comparison).
+    pub gpu_decrypt: Option<bool>,
     /// `TENSORIZER_RS_NVRTC`: the CUDA run-time compiler (`libnvrtc.so*`, or its folder) for the
     /// GPU decryption kernels, where it is not found beside torch's CUDA libraries.
     pub nvrtc: Option<PathBuf>,
@@ -77,6 +80,9 @@ pub struct Env {
     /// `TENSORIZER_RS_O_TMPFILE=0`: local writes through a named, locked temporary file instead
     /// of an unnamed `O_TMPFILE` one.
     pub local_tmpfile: Option<bool>,
+    /// Where the GPU decryption kernels are kept between processes:
+    /// `$XDG_CACHE_HOME/tensorizer_rs/kernels`, else `$HOME/.cache/tensorizer_rs/kernels`.
+    pub kernel_cache: Option<PathBuf>,
     /// Values that could not be used, as messages naming the variable; every load fails with
     /// the first, rather than run with a setting the user did not ask for.
     pub problems: Vec<String>,
@@ -105,11 +111,23 @@ impl Env {
                 _ => bad("TENSORIZER_RS_STAGING_BYTES", &v, "a positive number of bytes"),
             }
         }
+        if let Some(v) = get("TENSORIZER_RS_GPU_DECRYPT") {
+            match v.trim() {
+                "0" => env.gpu_decrypt = Some(false),
+                "1" | "" => {}
+                _ => bad("TENSORIZER_RS_GPU_DECRYPT", &v, "0 or 1"),
+            }
+        }
         if let Some(v) = get("TENSORIZER_RS_NVRTC") {
             if !v.trim().is_empty() {
                 env.nvrtc = Some(PathBuf::from(v));
             }
         }
+        let cache = get("XDG_CACHE_HOME")
+            .filter(|v| v.starts_with('/'))
+            .map(PathBuf::from)
+            .or_else(|| get("HOME").filter(|v| v.starts_with('/')).map(|h| PathBuf::from(h).join(".cache")));
+        env.kernel_cache = cache.map(|c| c.join("tensorizer_rs").join("kernels"));
         if let Some(v) = get("TENSORIZER_RS_IO") {
             match v.parse::<ReadMode>() {
                 Ok(m) => env.io = Some(m),
@@ -188,6 +206,7 @@ pub fn env() -> &'static Env {
         let env = Env::parse(|k| std::env::var(k).ok());
         crate::trace::set_enabled(env.trace);
         cuda::nvrtc::set_path(env.nvrtc.clone());
+        cuda::secretbox::set_cache_dir(env.kernel_cache.clone());
         let total = env.staging_bytes.or_else(|| {
             let ranks = env.local_ranks();
             (ranks > 1).then(|| staging_per_rank(cuda::DEFAULT_STAGING.total, ranks))
@@ -232,6 +251,19 @@ pub fn staging_per_rank(total: usize, ranks: usize) -> usize {
     per_rank(total, ranks, MIN_STAGING_PER_RANK)
 }
 
+/// Whether an encrypted load to a GPU may authenticate and decrypt on the device (if the kernels
+/// run there); `Err` says why it decrypts on the host instead. Hashes are over the plaintext,
+/// so `verify_hash` keeps decryption on the host.
+pub fn gpu_decrypt(opts: &LoadOptions) -> std::result::Result<(), String> {
+    if env().gpu_decrypt == Some(false) {
+        return Err("TENSORIZER_RS_GPU_DECRYPT=0".into());
+    }
+    if opts.verify_hash {
+        return Err("verify_hash checks the plaintext on the host".into());
+    }
+    Ok(())
+}
+
 /// Local GPU loads: one reader per core, 4 to 12. The host->device copies read the staging
 /// buffers from the memory the readers write them into: beside 16 reading threads the copies
 /// ran at 47.7–52.6 GB/s, beside 12 at 51.2–53.9 (H200 hosts, docs/benchmarks.md); with two
@@ -240,7 +272,7 @@ pub fn local_gpu_readers() -> usize {
     crate::cores().clamp(4, 12)
 }
 
-/// Staging buffers per reader of a local, unencrypted GPU load: a reader fills one while the
+/// Staging buffers per reader of a local GPU load that does not decrypt on the host: a reader fills one while the
 /// other's copy runs.
 pub const BUFFERS_PER_READER: usize = 2;
 
@@ -279,6 +311,17 @@ pub fn gpu_placement(device: i32) -> Placement {
     }
     let bus_id = cuda::pci_bus_id(device).ok();
     numa::placement(env.sysfs(), bus_id.as_deref(), numa::allowed_cpus().as_deref())
+}
+
+/// What a GPU load's tuning needs to know of its file's encryption.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sealed {
+    /// Not encrypted.
+    No,
+    /// Encrypted, opened by the GPU kernels: read like plain bytes, in whole cipher chunks.
+    OnGpu,
+    /// Encrypted, decrypted by the readers in the staging buffers.
+    OnHost,
 }
 
 /// What one load runs with.
@@ -327,10 +370,10 @@ impl Tuning {
     }
 
     /// A load to a GPU through `pool`'s staging buffers.
-    pub fn device(opts: &LoadOptions, caps: Caps, encrypted: bool, pool: &Pool) -> Tuning {
+    pub fn device(opts: &LoadOptions, caps: Caps, sealed: Sealed, pool: &Pool) -> Tuning {
         let env = env();
         let io = opts.io.or(env.io);
-        Tuning::device_for(opts, caps, encrypted, pool.chunk(), pool.max_buffers(), io, env.local_ranks())
+        Tuning::device_for(opts, caps, sealed, pool.chunk(), pool.max_buffers(), io, env.local_ranks())
     }
 
     /// [`Tuning::device`] with the pool's buffer size (`chunk`) and count, the read mode asked
@@ -338,13 +381,14 @@ impl Tuning {
     pub fn device_for(
         opts: &LoadOptions,
         caps: Caps,
-        encrypted: bool,
+        sealed: Sealed,
         chunk: usize,
         max_buffers: usize,
         io: Option<ReadMode>,
         ranks: usize,
     ) -> Tuning {
-        // Decryption is CPU-bound: encrypted loads use every core by default. Over the network
+        let (encrypted, host_decrypt) = (sealed != Sealed::No, sealed == Sealed::OnHost);
+        // Decryption on the host is CPU-bound: those loads use every core by default. Over the network
         // each reader waits on one request at a time: one reader per buffer keeps the most in
         // flight (HTTP on the H200 host: 16.3 vs 13.0–13.8 GB/s with 12), except where readers
         // receive the bodies themselves (plain HTTP): there the source's own figure, one per
@@ -360,7 +404,7 @@ impl Tuning {
         let default = if caps.remote && caps.reads_into_buffers {
             share(caps.parallelism)
         } else {
-            let cpu = share(if encrypted { decrypting_readers() } else { local_gpu_readers() });
+            let cpu = share(if host_decrypt { decrypting_readers() } else { local_gpu_readers() });
             if caps.remote {
                 cpu.max(max_buffers)
             } else {
@@ -368,12 +412,17 @@ impl Tuning {
             }
         };
         let readers = opts.num_readers.unwrap_or(default).clamp(1, 64);
-        let local_plain = !caps.remote && !encrypted;
+        // Sealed bytes the GPU opens pass through staging as plain ones do.
+        let local_plain = !caps.remote && !host_decrypt;
+        // A page short of the buffer at most: a direct read of an unaligned range rounds out to
+        // whole pages on both sides and must still fit.
+        let fill = if local_plain { LOCAL_FILL.min(chunk.saturating_sub(PAGE).max(PAGE)) } else { chunk };
         let default_mode = if in_memory { ReadMode::Buffered } else { ReadMode::Auto };
         Tuning {
             readers,
             read_mode: io.unwrap_or(default_mode),
-            sizes: Sizes::device(chunk as u64, encrypted),
+            // The pipeline reads sealed data in `fill`s of whole cipher chunks.
+            sizes: Sizes::device(chunk as u64, encrypted.then_some(fill as u64)),
             // Encrypted pieces stay whole numbers of cipher chunks.
             taper: (caps.remote && !encrypted).then_some(chunk as u64),
             // Remote loads keep the whole pool: one buffer per reader made no difference there
@@ -385,9 +434,7 @@ impl Tuning {
             } else {
                 readers
             },
-            // A page short of the buffer at most: a direct read of an unaligned range rounds
-            // out to whole pages on both sides and must still fit.
-            fill: if local_plain { LOCAL_FILL.min(chunk.saturating_sub(PAGE).max(PAGE)) } else { chunk },
+            fill,
             cpus: None,
             ranks,
         }
@@ -412,6 +459,7 @@ mod tests {
             ("TENSORIZER_RS_STALL_TIMEOUT", "1.5"),
             ("TENSORIZER_RS_HEDGE_AFTER", "0"),
             ("TENSORIZER_RS_O_TMPFILE", "0"),
+            ("TENSORIZER_RS_GPU_DECRYPT", "0"),
         ]));
         assert!(env.trace && env.problems.is_empty(), "{:?}", env.problems);
         assert_eq!(
@@ -421,12 +469,22 @@ mod tests {
         assert_eq!(env.nvrtc.as_deref(), Some(std::path::Path::new("/opt/cuda/lib64")));
         assert_eq!((env.stall_timeout, env.hedge_after), (Some(Duration::from_millis(1500)), Some(Duration::ZERO)));
         assert_eq!(env.local_tmpfile, Some(false));
+        assert_eq!(env.gpu_decrypt, Some(false));
+        assert_eq!(env.kernel_cache, None);
+        let home = Env::parse(vars(&[("HOME", "/home/u"), ("XDG_CACHE_HOME", "relative")]));
+        assert_eq!(home.kernel_cache.as_deref(), Some(std::path::Path::new("/home/u/.cache/tensorizer_rs/kernels")));
+        let xdg = Env::parse(vars(&[("HOME", "/home/u"), ("XDG_CACHE_HOME", "/c")]));
+        assert_eq!(xdg.kernel_cache.as_deref(), Some(std::path::Path::new("/c/tensorizer_rs/kernels")));
         assert!(env.check().is_ok());
         let env = Env::parse(vars(&[("TENSORIZER_RS_TRACE", "0"), ("TENSORIZER_RS_HTTP_DIRECT", "1")]));
         assert!(!env.trace && env.http_direct.is_none() && env.check().is_ok());
         // A value that cannot be used fails every load, naming the variable.
-        let env = Env::parse(vars(&[("TENSORIZER_RS_IO", "mmap"), ("TENSORIZER_RS_STAGING_BYTES", "lots")]));
-        assert_eq!(env.problems.len(), 2);
+        let env = Env::parse(vars(&[
+            ("TENSORIZER_RS_IO", "mmap"),
+            ("TENSORIZER_RS_STAGING_BYTES", "lots"),
+            ("TENSORIZER_RS_GPU_DECRYPT", "no"),
+        ]));
+        assert_eq!(env.problems.len(), 3);
         let e = env.check().unwrap_err();
         assert!(e.message.contains("TENSORIZER_RS_STAGING_BYTES") || e.message.contains("TENSORIZER_RS_IO"), "{e}");
         let env = Env::parse(vars(&[("TENSORIZER_RS_STALL_TIMEOUT", "-1"), ("TENSORIZER_RS_HEDGE_AFTER", "soon")]));
@@ -479,7 +537,7 @@ mod tests {
         let chunk = (8 << 20) - crate::cuda::pool::SLACK;
         let ext4 = local(FileSystem::Ext4);
         let opts = LoadOptions::default();
-        let gpu = |ranks, opts: &LoadOptions| Tuning::device_for(opts, ext4, false, chunk, 32, None, ranks);
+        let gpu = |ranks, opts: &LoadOptions| Tuning::device_for(opts, ext4, Sealed::No, chunk, 32, None, ranks);
         let one = gpu(1, &opts);
         assert_eq!((one.readers, one.buffers, one.ranks), (local_gpu_readers(), local_gpu_readers() * 2, 1));
         for ranks in [2, 8] {
@@ -511,7 +569,7 @@ mod tests {
             fs: FileSystem::Other,
             pins_version: true,
         };
-        assert_eq!(Tuning::device_for(&opts, s3, false, chunk, 4, None, 8).readers, 4);
+        assert_eq!(Tuning::device_for(&opts, s3, Sealed::No, chunk, 4, None, 8).readers, 4);
     }
 
     #[test]
@@ -520,23 +578,23 @@ mod tests {
         let chunk = (8 << 20) - crate::cuda::pool::SLACK;
         let opts = LoadOptions::default();
         for fs in [FileSystem::Tmpfs, FileSystem::Ramfs, FileSystem::Hugetlbfs] {
-            let t = Tuning::device_for(&opts, local(fs), false, chunk, 32, None, 1);
+            let t = Tuning::device_for(&opts, local(fs), Sealed::No, chunk, 32, None, 1);
             assert_eq!((t.read_mode, t.readers, t.buffers), (ReadMode::Buffered, local_gpu_readers(), t.readers * 2));
             assert_eq!(t.fill, LOCAL_FILL);
             // Asked for explicitly, another mode wins.
-            let d = Tuning::device_for(&opts, local(fs), false, chunk, 32, Some(ReadMode::Direct), 1);
+            let d = Tuning::device_for(&opts, local(fs), Sealed::No, chunk, 32, Some(ReadMode::Direct), 1);
             assert_eq!(d.read_mode, ReadMode::Direct);
             // Shared among ranks like any other default.
-            let t = Tuning::device_for(&opts, local(fs), false, chunk, 32, None, 4);
+            let t = Tuning::device_for(&opts, local(fs), Sealed::No, chunk, 32, None, 4);
             assert_eq!(t.readers, (local_gpu_readers() / 4).max(2));
         }
         // Page cache over a disk: as before.
         for fs in [FileSystem::Ext4, FileSystem::Overlay, FileSystem::Other] {
-            let t = Tuning::device_for(&opts, local(fs), false, chunk, 32, None, 1);
+            let t = Tuning::device_for(&opts, local(fs), Sealed::No, chunk, 32, None, 1);
             assert_eq!((t.read_mode, t.readers, t.buffers), (ReadMode::Auto, local_gpu_readers(), t.readers * 2));
         }
         // Encrypted files on tmpfs: decryption's readers, buffered reads.
-        let t = Tuning::device_for(&opts, local(FileSystem::Tmpfs), true, chunk, 32, None, 1);
+        let t = Tuning::device_for(&opts, local(FileSystem::Tmpfs), Sealed::OnHost, chunk, 32, None, 1);
         assert_eq!((t.read_mode, t.readers), (ReadMode::Buffered, decrypting_readers()));
     }
 

@@ -10,9 +10,10 @@
 //! hashes them there, once. One loop, one failure path (the first error stops every read
 //! through one [`Stop`]), one header check, one hash check, whatever the destination.
 //!
-//! Where later work goes: a destination that authenticates and decrypts on the device places
-//! sealed bytes as they are ([`Destination::place`] queues the copy and whatever runs after
-//! it) and holds a tensor back until its chunks verified ([`Destination::tensor_done`]).
+//! A destination that authenticates and decrypts on the device ([`Destination::opens_placed`])
+//! gets sealed bytes as they are: each window is placed, then its whole cipher chunks are
+//! opened where they landed ([`Destination::open_placed`], queued after the copy); the
+//! destination checks every chunk's verdict before the load returns.
 use std::ops::Range;
 use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -94,6 +95,16 @@ pub(crate) trait Destination: Sync {
     /// Tensor `slot` is complete: its header checked, its bytes placed and verified.
     fn tensor_done(&self, _slot: usize) -> Result<()> {
         Ok(())
+    }
+    /// Sealed data is placed as it is and opened where it lands ([`Self::open_placed`]), not
+    /// in the windows (asked once per load).
+    fn opens_placed(&self) -> bool {
+        false
+    }
+    /// Open sealed data already placed, after the placements queued on `lane`: each entry is a
+    /// tensor slot, its decryption plan and a range of its data made of whole cipher pieces.
+    fn open_placed(&self, _lane: &mut Self::Lane, _what: &[(usize, &DecryptPlan, Range<usize>)]) -> Result<()> {
+        Err(Error::io("internal error: this destination does not open placed data"))
     }
 }
 
@@ -234,6 +245,8 @@ struct Job<'a, D: Destination> {
     sealed: bool,
     /// Bytes of sealed data per read: whole cipher chunks that fit a window.
     step: usize,
+    /// Sealed data is opened by the destination once placed ([`Destination::opens_placed`]).
+    on_device: bool,
 }
 
 /// How often the thread that started a load runs its `tick` while the readers work.
@@ -291,7 +304,8 @@ pub(crate) fn run<D: Destination>(
         stop: Stop::new(),
         first_error: Mutex::new(None),
         sealed,
-        step: sealed_step(dest.window_cap()),
+        step: sealed_step(tuning.fill.min(dest.window_cap())),
+        on_device: sealed && !opts.verify_hash && dest.opens_placed(),
     };
     crate::trace::mark("load_start", 0, readers as u64);
     let (active, wake) = (Mutex::new(0usize), Condvar::new());
@@ -392,6 +406,7 @@ impl<D: Destination> Job<'_, D> {
         let (mut w, at) = self.fill(lane, To::Segment, start, len).map_err(self.named(parts[0].slot))?;
         let bytes = &mut w.bytes()[at..at + len];
         let mut placed = Vec::with_capacity(parts.len());
+        let mut sealed = Vec::new();
         for p in parts {
             let (slot, named) = (p.slot, self.named(p.slot));
             let header = &bytes[p.header.clone()];
@@ -408,9 +423,17 @@ impl<D: Destination> Job<'_, D> {
             if !D::KEEPS_WHOLE {
                 self.open(&h, &mut bytes[d.clone()]).map_err(&named)?;
             }
+            if self.on_device && h.seal.is_some() {
+                sealed.push((slot, h.clone(), d.len()));
+            }
             placed.push((slot, d.clone()));
         }
         self.dest.place_parts(lane, w, at, &placed).map_err(self.named(parts[0].slot))?;
+        if !sealed.is_empty() {
+            let what: Vec<_> =
+                sealed.iter().map(|(slot, h, n)| (*slot, h.seal.as_ref().expect("sealed"), 0..*n)).collect();
+            self.dest.open_placed(lane, &what).map_err(self.named(sealed[0].0))?;
+        }
         for p in parts {
             self.item_done(p.slot).map_err(self.named(p.slot))?;
         }
@@ -458,10 +481,13 @@ impl<D: Destination> Job<'_, D> {
                 let n = (per as u64).min(len - off) as usize;
                 let mut w = self.dest.window(lane, To::Tensor { slot, offset: offset + off }, n)?;
                 let at = self.read_into(&mut w, file_offset + off, n)?;
-                if let Some((h, cs)) = seal {
+                if let Some((h, cs)) = seal.filter(|_| !self.on_device) {
                     self.open_chunks(h, cs, offset + off, &mut w.bytes()[at..at + n])?;
                 }
                 self.dest.place(lane, w, at, slot, offset + off, n)?;
+                if let Some((h, _)) = seal {
+                    self.open_placed(lane, h, slot, (offset + off) as usize, n)?;
+                }
                 off += n as u64;
             }
         }
@@ -481,9 +507,10 @@ impl<D: Destination> Job<'_, D> {
         if len <= cap {
             let (mut w, at) = self.fill(lane, To::Tensor { slot, offset: 0 }, file_offset, len)?;
             self.open(h, &mut w.bytes()[at..at + len])?;
-            return self.dest.place(lane, w, at, slot, 0, len);
+            self.dest.place(lane, w, at, slot, 0, len)?;
+            return self.open_placed(lane, h, slot, 0, len);
         }
-        if h.seal.is_some() {
+        if h.seal.is_some() && !self.on_device {
             let mut tmp = HostBuffer::new(len, false)?;
             self.file.source().read(file_offset, tmp.as_mut_slice(), &self.stop)?;
             self.dest.read_done(len as u64, false);
@@ -508,6 +535,8 @@ impl<D: Destination> Job<'_, D> {
             self.dest.place(lane, w, at, slot, off as u64, n)?;
             off += n;
         }
+        // Sealed and opened on the device: once every copy of it is queued on this lane.
+        self.open_placed(lane, h, slot, 0, len)?;
         verifier.map_or(Ok(()), Verifier::check)
     }
 
@@ -561,9 +590,10 @@ impl<D: Destination> Job<'_, D> {
         Ok(start)
     }
 
-    /// Decrypt (if sealed) and hash-check (with `verify_hash`) a tensor's whole data.
+    /// Decrypt (if sealed, unless the destination opens it once placed) and hash-check (with
+    /// `verify_hash`) a tensor's whole data.
     fn open(&self, h: &Header, data: &mut [u8]) -> Result<()> {
-        if let Some(plan) = &h.seal {
+        if let Some(plan) = h.seal.as_ref().filter(|_| !self.on_device) {
             plan.open_all(data)?;
         }
         if self.opts.verify_hash {
@@ -572,6 +602,15 @@ impl<D: Destination> Job<'_, D> {
             v.check()?;
         }
         Ok(())
+    }
+
+    /// Where the destination opens sealed data once placed: queue the opening of tensor
+    /// `slot`'s bytes `offset..offset + len` (whole cipher pieces), placed on `lane`.
+    fn open_placed(&self, lane: &mut D::Lane, h: &Header, slot: usize, offset: usize, len: usize) -> Result<()> {
+        match &h.seal {
+            Some(plan) if self.on_device => self.dest.open_placed(lane, &[(slot, plan, offset..offset + len)]),
+            _ => Ok(()),
+        }
     }
 
     /// Open the cipher chunks of `data`, the tensor's bytes from `offset` (a multiple of the
@@ -673,10 +712,13 @@ impl<D: Destination> Windows<'_, '_, D> {
     fn flush(&mut self) -> Result<()> {
         let (Some(slot), Some(mut w)) = (self.slot, self.cur.take()) else { return Ok(()) };
         let n = std::mem::take(&mut self.fill);
-        if let Some((h, cs)) = self.seal {
+        if let Some((h, cs)) = self.seal.filter(|_| !self.job.on_device) {
             self.job.open_chunks(h, cs, self.at, &mut w.bytes()[..n])?;
         }
         self.job.dest.place(self.lane, w, 0, slot, self.at, n)?;
+        if let Some((h, _)) = self.seal {
+            self.job.open_placed(self.lane, h, slot, self.at as usize, n)?;
+        }
         crate::trace::mark("flush", n as u64, 0);
         self.at += n as u64;
         Ok(())
@@ -713,9 +755,10 @@ impl<D: Destination> StreamDest for Windows<'_, '_, D> {
     }
 
     fn put(&mut self, mut bytes: &[u8]) -> Result<()> {
-        // Plain bytes bound for the device are not read by the CPU again: stream them past the
-        // caches. Bytes opened or parsed in the window next are copied the ordinary way.
-        let streaming = self.slot.is_some() && self.seal.is_none();
+        // Bytes bound for the device as they are (plain, or sealed ones it opens) are not read by
+        // the CPU again: stream them past the caches. Bytes opened or parsed in the window next
+        // are copied the ordinary way.
+        let streaming = self.slot.is_some() && (self.seal.is_none() || self.job.on_device);
         while !bytes.is_empty() {
             let room = self.room()?;
             let n = bytes.len().min(room.len());

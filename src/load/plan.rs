@@ -28,10 +28,11 @@ impl Sizes {
     /// enough that files of many tiny tensors still spread over all readers (each record costs
     /// a header check and a copy launch). A local reader splits a piece into buffer-sized
     /// reads; a remote one fetches it with one request streamed through the buffers.
-    /// Encrypted pieces are whole numbers of the reads that fit a buffer ([`sealed_step`]).
-    pub fn device(chunk: u64, encrypted: bool) -> Sizes {
-        let piece = match (encrypted, sealed_step(chunk as usize) as u64) {
-            (true, step) if step > 0 => (DEVICE_PIECE / step).max(1) * step,
+    /// Encrypted files (`sealed_reads`: the most bytes a read takes): pieces are whole numbers
+    /// of the reads of whole cipher chunks ([`sealed_step`]), as the pipeline reads them.
+    pub fn device(chunk: u64, sealed_reads: Option<u64>) -> Sizes {
+        let piece = match sealed_reads.map(|r| sealed_step(r.min(chunk) as usize) as u64) {
+            Some(step) if step > 0 => (DEVICE_PIECE / step).max(1) * step,
             _ => DEVICE_PIECE.max(chunk),
         };
         Sizes { small: (chunk / 4).min(1 << 20), segment_max: chunk.min(2 << 20), piece }
@@ -291,10 +292,13 @@ mod tests {
     fn device_pieces_hold_whole_cipher_reads() {
         let chunk = (8 << 20) - 8192;
         assert_eq!(sealed_step(chunk), 6 << 20);
-        assert_eq!(Sizes::device(chunk as u64, true).piece, 60 << 20);
-        assert_eq!(Sizes::device(chunk as u64, false), Sizes { small: 1 << 20, segment_max: 2 << 20, piece: 64 << 20 });
+        assert_eq!(Sizes::device(chunk as u64, Some(chunk as u64)).piece, 60 << 20);
+        // Reads of 4 MiB (local files opened on the GPU): pieces of whole reads.
+        assert_eq!(Sizes::device(chunk as u64, Some(4 << 20)).piece, 64 << 20);
+        assert_eq!(Sizes::device(6 << 20, Some(4 << 20)).piece, 64 << 20);
+        assert_eq!(Sizes::device(chunk as u64, None), Sizes { small: 1 << 20, segment_max: 2 << 20, piece: 64 << 20 });
         assert_eq!(sealed_step((2 << 20) - 8192), 0);
-        assert_eq!(Sizes::device((2 << 20) - 8192, true).piece, 64 << 20);
+        assert_eq!(Sizes::device((2 << 20) - 8192, Some(2 << 20)).piece, 64 << 20);
     }
 
     #[test]

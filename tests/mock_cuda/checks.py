@@ -37,6 +37,13 @@ from tensorizer_rs import (
     _native,
 )
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import decrypt_cases
+
+# NVRTC from this interpreter's nvidia-cuda-nvrtc wheel: encrypted loads decrypt on the "GPU"
+# (the stand-in's kernel launches open the chunks with libsodium).
+_native.cuda_nvrtc_search_dirs(decrypt_cases.nvrtc_dirs())
+
 VECTORS = Path(os.environ["TENSORIZER_VECTORS"])
 TMP = Path(tempfile.mkdtemp(prefix="tz-mock-", dir=os.environ.get("MOCK_TMP")))
 CHECKS = []
@@ -155,83 +162,128 @@ def vectors_exact_bytes():
     assert done >= 10, done
 
 
-@check
-def encrypted_vectors():
-    """Decryption happens in staging before the copy (skipped while the cipher is a stub)."""
+def _vector_params(m):
     from tensorizer_rs import DecryptionParams
 
+    enc = m["encryption"]
+    if enc["kind"] == "random_key":
+        return DecryptionParams.from_key((VECTORS / enc["key_file"]).read_bytes())
+    return DecryptionParams.from_string(enc["passphrase"])
+
+
+def _sealed_bytes(path) -> int:
+    return sum(e["data_length"] for e in _native.TensorFile(str(path)).entries())
+
+
+@check
+def encrypted_vectors():
+    """Every encrypted golden vector loads to the manifest's exact bytes, opened by the GPU
+    kernels (the counter counts every sealed byte; none opened in staging); with verify_hash on
+    the host (hashes are over the plaintext). The tampered vector fails naming its tensor."""
     small_staging()
-    for mf in sorted(VECTORS.glob("enc_*.tensors.json")):
+    done = 0
+    for mf in sorted(VECTORS.glob("*.tensors.json")):
         m = json.loads(mf.read_text())
-        if m["expect"]["load"] != "ok":
+        if not isinstance(m, dict) or not m.get("encryption"):
             continue
-        enc = m["encryption"]
-        params = (
-            DecryptionParams.from_key((VECTORS / enc["key_file"]).read_bytes())
-            if enc["kind"] == "random_key"
-            else DecryptionParams.from_string(enc["passphrase"])
-        )
-        try:
-            TensorDeserializer(VECTORS / m["file"], device="cpu", encryption=params)
-        except Exception as e:
-            if "not implemented" in str(e):
-                print(f"  (skipped {m['file']}: {e})")
-                continue
-            raise
+        params, path = _vector_params(m), VECTORS / m["file"]
+        bad = m["expect"].get("corrupted_tensor")
         for verify in (False, True):
-            d = gpu_deser(VECTORS / m["file"], encryption=params)
+            _cuda.reset_counters()
+            d = gpu_deser(path, encryption=params)
+            if m["expect"]["load"] != "ok":
+                try:
+                    gpu_load(d, verify)
+                except CryptographyError as e:
+                    assert f"tensor {bad!r}" in str(e) and m["file"] in str(e), e
+                    assert "authentication failed" in str(e), e
+                    continue
+                raise AssertionError(f"{m['file']}: tampered tensor {bad!r} loaded")
             gpu_load(d, verify)
             for t in m["tensors"]:
                 i = d._by_path[(t["name"],)]
-                assert sha(d._cache[i]) == t["sha256"], (m["file"], t["name"])
+                assert sha(d._cache[i]) == t["sha256"], (m["file"], t["name"], verify)
+            c = _cuda.counters()
+            stats = d.cuda_load_stats["loads"]
+            if verify:
+                assert c["decrypted_on_device"] == 0, (m["file"], c)
+                assert stats[0]["host_decrypt"] and not stats[0]["host_decrypt_fallback"], stats
+            else:
+                assert c["decrypted_on_device"] == _sealed_bytes(path) > 0, (m["file"], c)
+                assert c["decrypted_in_staging"] == 0, c
+                assert sum(s["decrypted_on_device"] for s in stats) == c["decrypted_on_device"]
+                assert stats[0]["host_decrypt"] is None, stats
+        done += 1
+    assert done >= 5, done
+
+
+def _write_sealed(path, sd, enc):
+    s = TensorSerializer(str(path), encryption=enc)
+    s.write_state_dict(sd)
+    s.close()
+    return path
 
 
 @check
 def encrypted_pieces():
-    """Large encrypted tensors go in pieces, each cipher chunk opened in its staging buffer;
-    a flipped byte anywhere fails the load with the tensor's name."""
+    """Large encrypted tensors go in pieces of whole cipher chunks through staging, opened on
+    the device after their copies: every layout of buffers (chunks spanning several buffers,
+    buffers smaller than a chunk: whole tensors on one stream), empty tensors, tensors smaller
+    than a chunk, exact bytes; new tensors and in place."""
     from tensorizer_rs import DecryptionParams, EncryptionParams
 
-    _cuda.staging(16 << 20, 4 << 20)  # reads of one 2 MiB cipher chunk (a buffer less slack)
     sd = big_state(5)
     sd["long"] = torch.randn(3 * (1 << 20) + 777, generator=torch.Generator().manual_seed(9))
     enc = EncryptionParams.random()
-    s = TensorSerializer(str(TMP / "enc.tensors"), encryption=enc)
-    s.write_state_dict(sd)
-    s.close()
+    path = _write_sealed(TMP / "enc.tensors", sd, enc)
     dec = DecryptionParams.from_key(enc.key)
-    big = sd["embed"].nbytes + sd["long"].nbytes
-    for mode in MODES:
+    sealed = _sealed_bytes(path)
+    for staging, mode in itertools.product(
+        ((16 << 20, 4 << 20), (4 << 20, 2 << 20), (24 << 20, 8 << 20)), MODES
+    ):
+        _cuda.staging(*staging)
         _cuda.reset_counters()
         with io_mode(mode):
-            out = gpu_load(gpu_deser(TMP / "enc.tensors", encryption=dec))
-        for k, v in expected(sd).items():
-            assert torch.equal(out[k], v), (k, mode)
+            out = gpu_load(gpu_deser(path, encryption=dec))
+        assert_loaded(out, sd, staging, mode)
         c = _cuda.counters()
-        assert c["decrypted_in_staging"] == big, (c, mode)
+        assert c["decrypted_on_device"] == sealed and c["decrypted_in_staging"] == 0, (c, mode)
         assert c["pageable_bytes"] == 0, c  # encrypted bytes pass through staging
-    # Buffers too small for a whole cipher chunk: tensors go whole, through host memory.
-    small_staging()
-    _cuda.reset_counters()
-    out = gpu_load(gpu_deser(TMP / "enc.tensors", encryption=dec))
-    assert torch.equal(out["long"], sd["long"]) and _cuda.counters()["decrypted_in_staging"] == 0
+    # In place: a module's tensors receive the ciphertext and are opened where they are.
     _cuda.staging(16 << 20, 4 << 20)
+    names = ("embed", "long", "odd", "norm")
+    mod = torch.nn.Module()
+    for k in names:
+        mod.register_buffer(k, torch.zeros_like(sd[k]))
+    d = gpu_deser(path, encryption=dec)
+    _cuda.reset_counters()
+    assert len(gpu_fill(d, [(d._by_path[(k,)], mod, k) for k in names])) == 4
+    for k in names:
+        assert torch.equal(getattr(mod, k), sd[k]), k
+    assert _cuda.counters()["decrypted_on_device"] == sum(sd[k].nbytes for k in names)
     try:
-        _tampered(sd, dec)
+        _tampered(sd, dec, enc.key)
     finally:
         small_staging()
         _cuda.release_staging(0)
 
 
-def _tampered(sd, dec):
-    from tensorizer_rs import CryptographyError
-
-    e = next(
-        x for x in _native.TensorFile(str(TMP / "enc.tensors")).entries() if x["name"] == "long"
-    )
-    for at in (5, e["data_length"] // 2, e["data_length"] - 1):
-        data = bytearray((TMP / "enc.tensors").read_bytes())
-        data[e["data_offset"] + at] ^= 0x01
+def _tampered(sd, dec, key):
+    """A flipped byte in the first, a middle or the last chunk of a large tensor, or in one of
+    its MACs, fails the load naming the file and the tensor; in place, the error also says the
+    module's contents are undefined now."""
+    f = _native.TensorFile(str(TMP / "enc.tensors"))
+    i, e = next((i, x) for i, x in enumerate(f.entries()) if x["name"] == "long")
+    clean = (TMP / "enc.tensors").read_bytes()
+    # The second MAC, in the tensor's header.
+    mac = bytes(_native.cuda_tensor_chunks(f, i, key)[2][1][3])
+    mac_at = clean.index(mac, e["header_offset"], e["data_offset"])
+    for at in (5, e["data_length"] // 2, e["data_length"] - 1, "mac"):
+        data = bytearray(clean)
+        if at == "mac":
+            data[mac_at] ^= 0x01
+        else:
+            data[e["data_offset"] + at] ^= 0x01
         (TMP / "enc_bad.tensors").write_bytes(bytes(data))
         _cuda.reset_counters()
         try:
@@ -241,6 +293,112 @@ def _tampered(sd, dec):
             assert "authentication failed" in str(err), err
         else:
             raise AssertionError(f"tampered byte at {at} not detected")
+        assert _cuda.counters()["decrypted_on_device"] > 0, _cuda.counters()
+    mod = torch.nn.Module()
+    mod.register_buffer("long", torch.zeros_like(sd["long"]))
+    d = gpu_deser(TMP / "enc_bad.tensors", encryption=dec)
+    try:
+        gpu_fill(d, [(d._by_path[("long",)], mod, "long")])
+    except CryptographyError as err:
+        assert "tensor 'long'" in str(err) and "undefined" in str(err), err
+    else:
+        raise AssertionError("a tampered in-place load passed")
+
+
+@check
+def many_small_sealed_tensors():
+    """Hundreds of sealed tensors smaller than a chunk share segments; their chunks go to the
+    kernels in launches of at most 32, after the segment's copies. Exact bytes."""
+    from tensorizer_rs import DecryptionParams, EncryptionParams
+
+    small_staging()
+    g = torch.Generator().manual_seed(21)
+    sd = {f"t{k}": torch.randn(1 + (k * 37) % 900, generator=g) for k in range(300)}
+    sd["none"] = torch.empty(0)
+    enc = EncryptionParams.random()
+    path = _write_sealed(TMP / "small-sealed.tensors", sd, enc)
+    _cuda.reset_counters()
+    assert_loaded(gpu_load(gpu_deser(path, encryption=DecryptionParams.from_key(enc.key))), sd)
+    c = _cuda.counters()
+    assert c["decrypted_on_device"] == _sealed_bytes(path) and c["decrypted_in_staging"] == 0, c
+
+
+_FALLBACK_CHILD = """
+import json, logging, sys
+from tensorizer_rs import DecryptionParams, TensorDeserializer, _cuda
+lines = []
+class Keep(logging.Handler):
+    def emit(self, r):
+        if "decrypting" in r.getMessage():
+            lines.append([r.levelname, r.getMessage()])
+logging.getLogger("tensorizer_rs").addHandler(Keep())
+logging.getLogger("tensorizer_rs").setLevel(logging.INFO)
+sys.path.insert(0, sys.argv[3])
+import decrypt_cases
+from tensorizer_rs import _native
+_native.cuda_nvrtc_search_dirs(decrypt_cases.nvrtc_dirs())
+_cuda.staging(16 << 20, 4 << 20)
+d = TensorDeserializer(sys.argv[1], device="cpu", lazy_load=True,
+                       encryption=DecryptionParams.from_key(bytes.fromhex(sys.argv[2])))
+_cuda.reset_counters()
+d._take(_cuda.load(d._cuda_request(), list(d._selected), False))
+import hashlib, torch
+out = {d._entries[i]["name"]: hashlib.sha256(d._cache[i].reshape(-1).view(torch.uint8).numpy())
+       .hexdigest() for i in d._selected}
+try:
+    kernels = _native.cuda_decrypt_kernels(0)
+except Exception as e:
+    kernels = str(e)
+print(json.dumps({"counters": _cuda.counters(), "lines": lines, "sha": out, "kernels": kernels}))
+"""
+
+
+@check
+def gpu_decryption_falls_back_to_the_host():
+    """Where the kernels cannot run (here: a compute capability NVRTC cannot build for) the load
+    decrypts in staging on the host, with one warning saying why; TENSORIZER_RS_GPU_DECRYPT=0
+    chooses the host path (one info line). Same bytes either way. A fresh process takes the
+    kernels this one compiled from the kernel cache."""
+    from tensorizer_rs import EncryptionParams
+
+    g = torch.Generator().manual_seed(22)
+    sd = {"big": torch.randn(3 << 20, generator=g), "small": torch.randn(100, generator=g)}
+    enc = EncryptionParams.random()
+    path = _write_sealed(TMP / "fallback.tensors", sd, enc)
+    tests_dir = str(Path(__file__).resolve().parents[1])
+
+    def child(**env):
+        out = subprocess.run(
+            [sys.executable, "-c", _FALLBACK_CHILD, str(path), enc.key.hex(), tests_dir],
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    want = {k: sha(v) for k, v in sd.items()}
+    for env, level, why in (
+        ({"MOCK_CUDA_CC": "10"}, "WARNING", "cannot build for compute capability 1.0"),
+        ({"TENSORIZER_RS_GPU_DECRYPT": "0"}, "INFO", "TENSORIZER_RS_GPU_DECRYPT=0"),
+    ):
+        got = child(**env)
+        c = got["counters"]
+        assert c["decrypted_on_device"] == 0 and c["decrypted_in_staging"] > 0, (env, c)
+        assert len(got["lines"]) == 1, (env, got["lines"])
+        assert got["lines"][0][0] == level and why in got["lines"][0][1], (env, got["lines"])
+        assert "fallback.tensors" in got["lines"][0][1], got["lines"]
+        assert got["sha"] == want, env
+    got = child()
+    assert got["counters"]["decrypted_on_device"] == _sealed_bytes(path) and not got["lines"], got
+    assert got["sha"] == want
+    # This process compiled the kernels and kept them: a fresh process loads them from there.
+    if os.environ.get("XDG_CACHE_HOME"):
+        cached = list(Path(os.environ["XDG_CACHE_HOME"], "tensorizer_rs", "kernels").iterdir())
+        assert len(cached) == 1 and cached[0].name.endswith("-sm_90.cubin"), cached
+        assert "from the kernel cache" in got["kernels"], got["kernels"]
 
 
 @check
@@ -833,7 +991,9 @@ def remote_pieces_stream_through_staging():
                 f"{base}/dropmid/2/e.tensors", encryption=DecryptionParams.from_key(enc.key)
             )
             assert_loaded(gpu_load(d, verify=verify), sd, verify)
-            assert verify or _cuda.counters()["decrypted_in_staging"] > 0, _cuda.counters()
+            c = _cuda.counters()
+            # On the device without verify_hash; with it, on the host.
+            assert (c["decrypted_on_device"] > 0) != verify, c
 
         # More readers than request slots and staging buffers together: no reader may
         # hold a buffer while it waits for a slot (that could stall the load for good).
