@@ -141,19 +141,18 @@ def cmd_keygen(args) -> int:
 def cmd_s3_uploads(args) -> int:
     storage = {"s3_endpoint": args.endpoint} if args.endpoint else None
     uploads = _native.s3_pending_uploads(args.uri, storage)
-    bucket = args.uri.split("://", 1)[-1].split("/", 1)[0]
     now = time.time()
     aborted = 0
-    for key, upload_id, initiated in uploads:
+    for uri, upload_id, initiated in uploads:
         age = None if initiated is None else now - initiated
         when = "?" if age is None else f"{age / 3600:.1f} h ago"
         # Only uploads old enough to have no live writer, unless told otherwise.
         due = args.abort and (age is None or age >= args.older_than)
         if due:
-            _native.s3_abort_upload(f"s3://{bucket}/{key}", upload_id, storage)
+            _native.s3_abort_upload(uri, upload_id, storage)
             aborted += 1
         state = "aborted" if due else "pending"
-        print(f"{state}  s3://{bucket}/{key}  started {when}  upload {upload_id}")
+        print(f"{state}  {uri}  started {when}  upload {upload_id}")
     if args.abort:
         print(f"{aborted} of {len(uploads)} pending uploads aborted")
     else:

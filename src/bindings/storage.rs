@@ -122,7 +122,7 @@ pub fn http_direct_bytes() -> u64 {
     storage::http_direct_bytes()
 }
 
-/// The pending multipart uploads under `s3://bucket/prefix`: `[(key, upload_id, initiated)]`,
+/// The pending multipart uploads under `s3://bucket/prefix`: `[(uri, upload_id, initiated)]`,
 /// `initiated` in seconds since the epoch (or `None`).
 #[pyfunction]
 #[pyo3(signature = (uri, storage=None))]
@@ -133,7 +133,7 @@ pub fn s3_pending_uploads(
 ) -> PyResult<Vec<(String, String, Option<i64>)>> {
     let opts = options_from(storage.as_ref())?;
     let uploads = super::interruptible(py, |stop| storage::s3_pending_uploads(&uri, &opts, stop))?;
-    Ok(uploads.into_iter().map(|u| (u.key, u.upload_id, u.initiated)).collect())
+    Ok(uploads.into_iter().map(|u| (u.uri, u.upload_id, u.initiated)).collect())
 }
 
 /// Abort the multipart upload `upload_id` of `s3://bucket/key`.

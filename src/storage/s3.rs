@@ -379,7 +379,8 @@ pub(crate) fn open(uri: &str, opts: &StorageOptions, stop: &Stop) -> Result<S3So
 /// them, until the upload is aborted or a lifecycle rule removes it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PendingUpload {
-    pub key: String,
+    /// `s3://bucket/key` of the object being uploaded.
+    pub uri: String,
     pub upload_id: String,
     /// When it was started, in seconds since the Unix epoch, where the server says.
     pub initiated: Option<i64>,
@@ -420,7 +421,11 @@ pub fn pending_uploads(uri: &str, opts: &StorageOptions, stop: &Stop) -> Result<
                 for u in page.uploads() {
                     if let (Some(key), Some(id)) = (u.key(), u.upload_id()) {
                         let initiated = u.initiated().map(|t| t.secs());
-                        out.push(PendingUpload { key: key.to_string(), upload_id: id.to_string(), initiated });
+                        out.push(PendingUpload {
+                            uri: format!("s3://{bucket}/{key}"),
+                            upload_id: id.to_string(),
+                            initiated,
+                        });
                     }
                 }
                 let next =
