@@ -3,6 +3,12 @@
 
     python3 bench/gpu_bench.py --dir /path/on/local/disk [--out DIR] [--gib 16]
     python3 bench/gpu_bench.py --dir ... --wheels before=SITE after=SITE [--nginx BIN]
+    python3 bench/gpu_bench.py --dir ... --encrypted [--nginx BIN] [--gib 16] [--rounds 3]
+    python3 bench/gpu_bench.py --dir /tmp/x --out /tmp/o --encrypted --dry-run   # CPU, tiny
+
+The third form is issue 27's plaintext against encrypted (see encrypted_vs_plain): new tensors
+and in place, warm, over HTTP (with --nginx) and cold, each load a fresh process with its bytes
+checked after the clock; per row the encrypted/plaintext ratio and RssAnon growth last.
 
 The second form is the same-run A/B of two builds (each installed into its own folder; every
 load a fresh process whose PYTHONPATH names it): local warm loads into new tensors, in place and
