@@ -1069,7 +1069,8 @@ def enc_summary(res, args):
     log(
         f"{res['gpu']} | {res['cpus']} CPUs | commit {res['commit']} | model "
         f"{res['model']['bytes'] / GiB:.2f} GiB bf16, {res['model']['tensors']} tensors | "
-        f"{args.rounds} rounds | {res.get('seconds', 0):.0f} s"
+        f"{args.rounds} rounds | {res.get('seconds', 0):.0f} s | evict {res['evict']}"
+        + (f" | pinned H2D {res['limits']['pinned_h2d_gbps']:.1f} GB/s" if "limits" in res else "")
     )
     log(
         f"{'row':<22}{'plain GB/s':>11}{'enc GB/s':>10}{'enc/plain':>11}  {'target':<20}"
