@@ -3,6 +3,12 @@
 
     python3 bench/gpu_bench.py --dir /path/on/local/disk [--out DIR] [--gib 16]
     python3 bench/gpu_bench.py --dir ... --wheels before=SITE after=SITE [--nginx BIN]
+    python3 bench/gpu_bench.py --dir ... --encrypted [--nginx BIN] [--gib 16] [--rounds 3]
+    python3 bench/gpu_bench.py --dir /tmp/x --out /tmp/o --encrypted --dry-run   # CPU, tiny
+
+The third form is issue 27's plaintext against encrypted (see encrypted_vs_plain): new tensors
+and in place, warm, over HTTP (with --nginx) and cold, each load a fresh process with its bytes
+checked after the clock; per row the encrypted/plaintext ratio and RssAnon growth last.
 
 The second form is the same-run A/B of two builds (each installed into its own folder; every
 load a fresh process whose PYTHONPATH names it): local warm loads into new tensors, in place and
@@ -569,7 +575,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default=".")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--gib", type=float, default=16.0)
+    ap.add_argument("--gib", type=float, default=None, help="model size (16; --dry-run: 0.03)")
     ap.add_argument("--small", type=int, default=20000)
     ap.add_argument("--coreweave", default=None, help="a directory holding CoreWeave's tensorizer")
     ap.add_argument("--skip-safetensors", action="store_true")
@@ -592,12 +598,26 @@ def main():
         "--encrypted",
         action="store_true",
         help="plaintext against encrypted (GPU decryption; host decryption for reference), new "
-        "tensors and in place, warm, --rounds interleaved rounds of fresh processes",
+        "tensors and in place: warm, over HTTP (with --nginx) and cold (unless --skip-cold), "
+        "--rounds interleaved rounds of fresh processes, each load's bytes checked",
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="--encrypted on the CPU with a tiny model, files evicted with posix_fadvise (CI)",
+    )
+    ap.add_argument(
+        "--budget",
+        type=float,
+        default=500.0,
+        help="--encrypted: seconds; loads that would pass it are skipped, so the summary prints",
     )
     ap.add_argument(
         "--rounds", type=int, default=3, help="warm rounds of --wheels / --encrypted (cold: 2)"
     )
-    ap.add_argument("--nginx", default=None, help="nginx binary: --wheels also loads over HTTP")
+    ap.add_argument(
+        "--nginx", default=None, help="nginx binary: --wheels / --encrypted also load over HTTP"
+    )
     ap.add_argument(
         "--ab-env",
         default=None,
@@ -612,6 +632,10 @@ def main():
     )
     ap.add_argument("--child", default=None)
     args = ap.parse_args()
+    if args.dry_run and not args.encrypted:
+        ap.error("--dry-run runs only with --encrypted")
+    if args.gib is None:
+        args.gib = 0.03 if args.dry_run else 16.0
     if args.child:
         print("RESULT " + json.dumps(child(args)), flush=True)
         return
@@ -625,7 +649,7 @@ def main():
         with open(os.path.join(args.out, "bench.json"), "w") as f:
             json.dump(res, f, indent=1)
 
-    res["gpu"] = torch.cuda.get_device_name(0)
+    res["gpu"] = "cpu (dry run)" if args.dry_run else torch.cuda.get_device_name(0)
     res["torch"] = torch.__version__
     res["cpus"] = os.cpu_count()
     try:
@@ -860,89 +884,230 @@ def wheels_ab(args, res, save):
 
 
 def encrypted_vs_plain(args, res, save):
-    """Encrypted loads against plaintext ones in one run (issue 27's target: encrypted >= 85 %
-    of plaintext, warm): the same model written plain and sealed, both in the page cache, each
-    load a fresh process, rounds interleaved (odd rounds reversed). Host decryption
-    (TENSORIZER_RS_GPU_DECRYPT=0) runs beside for reference."""
-    import torch
-    from tensorizer_rs import EncryptionParams, TensorSerializer
+    """Encrypted loads against plaintext ones in one run (issue 27: encrypted >= 85 % of
+    plaintext warm; equal within noise cold and over HTTP; host RSS growth unchanged). The same
+    model is written plain and sealed (bench_lib's writer: a manifest of per-tensor checksums),
+    then each load runs in a fresh process (bench_lib's child: prepared before the clock, every
+    tensor's bytes checked against the manifest after it), rounds interleaved, odd rounds
+    reversed:
+      warm   both files in the page cache; new tensors and in place, plus host decryption
+             (TENSORIZER_RS_GPU_DECRYPT=0) beside for reference;
+      HTTP   with --nginx: nginx serving --dir from the page cache, new tensors and in place;
+      cold   the file evicted before each load (drop_caches as root, else posix_fadvise),
+             new tensors and in place.
+    --dry-run: the same on the CPU with a tiny model (fadvise eviction), for CI."""
+    sys.path.insert(0, HERE)
+    import bench_lib as bl
 
+    dev = "cpu" if args.dry_run else "cuda:0"
+    evict = "fadvise" if args.dry_run or os.geteuid() != 0 else "drop"
+    budget = bl.Budget(args.budget)
+    log_path = os.path.join(args.out, "bench.log")
     t_start = time.perf_counter()
-    res["limits"] = measure_h2d()
-    shapes, layers = llama_shapes(int(args.gib * GiB))
-    g = torch.Generator(device="cuda").manual_seed(0)
-    m = build_module(shapes, "cuda", torch.bfloat16)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(generator=g)
-    res["model"] = {"layers": layers, "tensors": len(shapes)}
-    res["model"]["bytes"] = sum(p.nbytes for p in m.parameters())
-    plain, sealed = os.path.join(args.dir, "model.tensors"), os.path.join(args.dir, "enc.tensors")
-    enc = EncryptionParams.random()
-    for path, kw in ((plain, {}), (sealed, {"encryption": enc})):
-        t0 = time.perf_counter()
-        s = TensorSerializer(path, **kw)
-        s.write_module(m)
-        s.close()
-        log(
-            f"wrote {path}: {os.path.getsize(path) / GiB:.2f} GiB in {time.perf_counter() - t0:.1f} s"
-        )
-    del m
-    torch.cuda.empty_cache()
-    key = enc.key.hex()
-    cases = [
-        {"loader": "ours", "path": plain, "label": "plain new"},
-        {"loader": "encrypted", "path": sealed, "key": key, "label": "encrypted new"},
-        {"loader": "ours_module", "path": plain, "label": "plain in place"},
-        {"loader": "encrypted_module", "path": sealed, "key": key, "label": "encrypted in place"},
+    if not args.dry_run:
+        res["limits"] = measure_h2d()
+    dims = bl.DIMS["tiny" if args.dry_run else "llama8b"]
+    layers = bl.layers_for(int(args.gib * GiB), dims)
+    base = os.path.join(args.dir, "model")
+    w = bl.run_one(
         {
-            "loader": "encrypted",
-            "path": sealed,
-            "key": key,
-            "label": "encrypted new (host)",
-            "env": {"TENSORIZER_RS_GPU_DECRYPT": "0"},
+            "job": "write",
+            "device": dev,
+            "files": [
+                {
+                    "base": base,
+                    "shapes": bl.hf_shapes(layers, dims),
+                    "seed": 0,
+                    "formats": ["tensors", "enc"],
+                }
+            ],
         },
+        timeout=max(120.0, budget.left()),
+        log_path=log_path,
+    )
+    if "error" in w:
+        raise SystemExit(f"writing the model failed: {w['error']}")
+    f = w["files"][0]
+    plain, sealed = f["formats"]["tensors"]["path"], f["formats"]["enc"]["path"]
+    res["model"] = {"layers": layers, "tensors": f["tensors"], "bytes": f["bytes"]}
+    res["model"]["file_bytes"] = {k: v["file_bytes"] for k, v in f["formats"].items()}
+    res["evict"] = evict
+    log(
+        f"wrote {plain} and {sealed}: {f['bytes'] / GiB:.2f} GiB, {f['tensors']} tensors, "
+        + ", ".join(f"{k} {v['seconds']:.1f} s" for k, v in f["formats"].items())
+    )
+    save()
+
+    def spec(loader, path, label, **extra):
+        return {
+            "job": "load",
+            "device": dev,
+            "loader": loader,
+            "path": path,
+            "manifest": f["manifest"],
+            "encrypted": path.endswith(".enc.tensors"),
+            "label": label,
+            **extra,
+        }
+
+    def pair(cache, where_plain, where_sealed):
+        return [
+            spec("ours", where_plain, f"{cache}: plain new", cache=cache),
+            spec("ours", where_sealed, f"{cache}: encrypted new", cache=cache),
+            spec("ours_module", where_plain, f"{cache}: plain in place", cache=cache),
+            spec("ours_module", where_sealed, f"{cache}: encrypted in place", cache=cache),
+        ]
+
+    warm_cases = pair("warm", plain, sealed) + [
+        spec(
+            "ours",
+            sealed,
+            "warm: encrypted new (host)",
+            cache="warm",
+            env={"TENSORIZER_RS_GPU_DECRYPT": "0"},
+        )
     ]
     runs = res["runs"] = []
-    for f in (plain, sealed):
-        parallel_read(f, direct=False)
-    # Untimed: the first process on a machine compiles the kernels into the kernel cache.
-    first = run_child(args, cases[1])
-    log(f"first encrypted load (compiles the kernels): {first.get('gbps', first.get('error'))}")
-    for k in range(args.rounds):
-        for spec in cases[::-1] if k % 2 else cases:
-            r = run_child(args, spec)
-            r.update(label=spec["label"], round=k)
-            runs.append(r)
-            c = r.get("counters") or {}
-            log(
-                f"{r['label']:<22} #{k} "
+    res["skipped"] = {}
+
+    def one(s, k):
+        key = s["label"]
+        if not budget.fits(key, 60.0):
+            res["skipped"][f"{key} #{k}"] = "out of time (--budget)"
+            return
+        if s["cache"] == "cold":
+            bl.evict([s["path"]], evict)
+        t0 = time.monotonic()
+        r = bl.run_one(s, timeout=budget.timeout(), log_path=log_path)
+        budget.note(key, time.monotonic() - t0)
+        r.update(label=key, cache=s["cache"], round=k, file=s["path"])
+        runs.append(r)
+        c = r.get("counters") or {}
+        chk = r.get("check") or {}
+        log(
+            f"{key:<28} #{k} "
+            + (
+                f"{r['gbps']:6.2f} GB/s, check {'ok' if chk.get('ok') else chk.get('bad')}, "
+                f"RSS +{r.get('rss_anon_growth', 0) / MiB:.0f} MiB"
                 + (
-                    f"{r['gbps']:6.2f} GB/s (on device {c.get('decrypted_on_device', 0) / GiB:.2f}"
-                    f" GiB, in staging {c.get('decrypted_in_staging', 0) / GiB:.2f} GiB, RSS "
-                    f"+{r.get('rss_anon_growth', 0) / MiB:.0f} MiB)"
-                    if "gbps" in r
-                    else f"ERROR {r.get('error', '')[-300:]}"
+                    f", on device {c.get('decrypted_on_device', 0) / GiB:.2f} GiB, in staging "
+                    f"{c.get('decrypted_in_staging', 0) / GiB:.2f} GiB"
+                    if c
+                    else ""
                 )
+                if "gbps" in r
+                else f"ERROR {r.get('error', '')[-300:]}"
             )
-            save()
+        )
+        save()
+
+    def rounds(cases, n):
+        for k in range(n):
+            for s in cases[::-1] if k % 2 else cases:
+                one(s, k)
+
+    bl.warm([plain, sealed])
+    # Untimed: the first process on a machine compiles the kernels into the kernel cache.
+    first = bl.run_one(warm_cases[1], timeout=budget.timeout(), log_path=log_path)
+    log(f"first encrypted load (compiles the kernels): {first.get('gbps', first.get('error'))}")
+    rounds(warm_cases, args.rounds)
+
+    nginx = None
+    if args.nginx:
+        import bench_remote
+
+        work = os.path.join(args.dir, "nginx")
+        os.makedirs(work, exist_ok=True)
+        nginx, port, _ = bench_remote.start_nginx(args.nginx, args.dir, work)
+        url = f"http://127.0.0.1:{port}/"
+        try:
+            bl.warm([plain, sealed])  # nginx serves them from the page cache
+            http = pair(
+                "HTTP",
+                url + os.path.basename(plain),
+                url + os.path.basename(sealed),
+            )
+            rounds(http, args.rounds)
+        finally:
+            nginx.kill()
+            nginx.wait()
+    else:
+        res["skipped"]["HTTP"] = "no --nginx"
+        log("HTTP rows skipped: no --nginx")
+
+    if args.skip_cold:
+        res["skipped"]["cold"] = "--skip-cold"
+    else:
+        rounds(pair("cold", plain, sealed), max(1, args.rounds - 1))
     res["seconds"] = time.perf_counter() - t_start
     save()
-    mean = {}
-    for spec in cases:
-        got = [r["gbps"] for r in runs if r["label"] == spec["label"] and "gbps" in r]
-        mean[spec["label"]] = statistics.mean(got) if got else None
+    enc_summary(res, args)
+    save()
+
+
+def enc_summary(res, args):
+    """Per row (cache x new/in place): mean GB/s of plaintext and of encrypted loads, their
+    ratio against the target, and the highest host RssAnon growth of each; checks last."""
+    runs = res["runs"]
+
+    def stat(label):
+        ok = [r for r in runs if r["label"] == label and "gbps" in r]
+        if not ok:
+            return None
+        return {
+            "gbps": statistics.mean(r["gbps"] for r in ok),
+            "n": len(ok),
+            "rss_mib": max(r.get("rss_anon_growth", 0) for r in ok) / MiB,
+        }
+
+    def fmt(x, f="{:.2f}"):
+        return "ERR" if x is None else f.format(x)
+
+    targets = {"warm": ">= 85 %", "cold": "equal within noise", "HTTP": "equal within noise"}
+    rows = []
     log("")
     log(
         f"{res['gpu']} | {res['cpus']} CPUs | commit {res['commit']} | model "
-        f"{res['model']['bytes'] / GiB:.2f} GiB bf16 | {args.rounds} rounds | {res['seconds']:.0f} s"
+        f"{res['model']['bytes'] / GiB:.2f} GiB bf16, {res['model']['tensors']} tensors | "
+        f"{args.rounds} rounds | {res.get('seconds', 0):.0f} s | evict {res['evict']}"
+        + (f" | pinned H2D {res['limits']['pinned_h2d_gbps']:.1f} GB/s" if "limits" in res else "")
     )
-    for label, v in mean.items():
-        base = mean["plain in place" if "in place" in label else "plain new"]
-        ratio = f"{v / base:6.1%} of plaintext" if v and base and label.startswith("enc") else ""
-        log(f"{label:<22} {'ERR' if v is None else f'{v:6.2f}'} GB/s  {ratio}")
-    res["mean_gbps"] = mean
-    save()
+    log(
+        f"{'row':<22}{'plain GB/s':>11}{'enc GB/s':>10}{'enc/plain':>11}  {'target':<20}"
+        f"{'RssAnon+ plain / enc':>22}"
+    )
+    for cache in ("warm", "HTTP", "cold"):
+        for what, ref in (("new", "new"), ("in place", "in place"), ("new (host)", "new")):
+            p = stat(f"{cache}: plain {ref}")
+            e = stat(f"{cache}: encrypted {what}")
+            if e is None and p is None or (what == "new (host)" and e is None):
+                continue
+            ratio = e["gbps"] / p["gbps"] if p and e else None
+            row = {
+                "cache": cache,
+                "load": what,
+                "plain_gbps": p and p["gbps"],
+                "encrypted_gbps": e and e["gbps"],
+                "ratio": ratio,
+                "plain_rss_anon_mib": p and p["rss_mib"],
+                "encrypted_rss_anon_mib": e and e["rss_mib"],
+            }
+            rows.append(row)
+            target = "(reference)" if "host" in what else targets[cache]
+            log(
+                f"{cache + ' ' + what:<22}{fmt(row['plain_gbps']):>11}"
+                f"{fmt(row['encrypted_gbps']):>10}{fmt(ratio, '{:.1%}'):>11}  {target:<20}"
+                f"{fmt(row['plain_rss_anon_mib'], '{:.0f}'):>12} / "
+                f"{fmt(row['encrypted_rss_anon_mib'], '{:.0f}')} MiB"
+            )
+    bad = [r for r in runs if "error" in r or not (r.get("check") or {}).get("ok")]
+    log(
+        f"checks: {len(runs) - len(bad)} of {len(runs)} loads gave the manifest's bytes"
+        + (f"; failed: {[r['label'] + ' #' + str(r['round']) for r in bad]}" if bad else "")
+    )
+    for k, why in res.get("skipped", {}).items():
+        log(f"skipped {k}: {why}")
+    res["summary"] = rows
 
 
 def report_ab(res):

@@ -19,9 +19,14 @@
 #              wheels; every encrypted vector, tampering, wrong keys, kernel GB/s), and
 #              tests/gpu/test_gpu_decrypt_load.py: encrypted loads through the pipeline, opened
 #              on the GPU (vectors, layouts, in place, tampering, two threads, host fallback)
-#   gpuenc     bench/gpu_bench.py --encrypted: plaintext vs encrypted (GPU decryption, and host
-#              decryption for reference), new tensors and in place, warm, fresh processes,
-#              ENC_ROUNDS (3) interleaved rounds of ENC_GIB (8) GiB; means and ratios last
+#   gpuenc     bench/gpu_bench.py --encrypted: plaintext vs encrypted, new tensors and in place,
+#              each load a fresh process with its bytes checked after the clock: warm (host
+#              decryption beside for reference), HTTP to CUDA (nginx from the page cache, when
+#              .device/bin/nginx was carried) and cold (caches dropped before each load);
+#              ENC_ROUNDS (3) interleaved rounds (cold: 2) of ENC_GIB (8) GiB (the size:
+#              ENC_GIB=16); ENC_ARGS for more (e.g. --skip-cold); per row the encrypted/plaintext
+#              ratio and RssAnon growth last. About 6 minutes at 8 GiB; --budget 480 skips loads
+#              that would not fit the call, so the summary always prints.
 #   ab         this wheel ("after") against .device/old/*.whl ("before"), each load a fresh process:
 #              warm new tensors, in place, the vLLM loader's path, an encrypted file, HTTP to
 #              CUDA (when .device/bin/nginx was carried), cold; AB_ROUNDS (3) interleaved rounds,
@@ -76,8 +81,12 @@ for phase in $phases; do
         tests/gpu/test_gpu_decrypt_load.py 2>&1 \
         | tee "$OUT/gpu-decrypt.log" | grep -E "kernels:|GPU decrypt|passed|failed|error|Error" | tail -20 ;;
     gpuenc)
+      chmod +x .device/bin/* 2>/dev/null
+      nginx=(); [ -x .device/bin/nginx ] && nginx=(--nginx "$PWD/.device/bin/nginx")
+      # shellcheck disable=SC2086
       timeout 540 python3 bench/gpu_bench.py --encrypted --dir /tmp/tzenc --out "$OUT" \
-        --gib "${ENC_GIB:-8}" --rounds "${ENC_ROUNDS:-3}" 2>&1 | tee "$OUT/gpu-enc.log" | tail -8
+        --gib "${ENC_GIB:-8}" --rounds "${ENC_ROUNDS:-3}" --budget 480 "${nginx[@]}" ${ENC_ARGS:-} \
+        2>&1 | tee "$OUT/gpu-enc.log" | tail -14
       rm -rf /tmp/tzenc ;;
     ab)
       python3 -m pip install -q --no-index --no-deps --target "$HOME/site_old" .device/old/*.whl || exit 1

@@ -1,7 +1,8 @@
 """The GPU benchmarks' orchestration, in their CPU dry runs: bench/peers_bench.py (us beside the
-other loaders; page cache, tmpfs, cold) and bench/tp_bench.py (issue 28: ranks loading their
-shards at once, released by a barrier). A model is written with per-tensor checksums, each load
-runs in fresh processes, and every loaded byte is checked against the manifest afterwards; the
+other loaders; page cache, tmpfs, cold), bench/tp_bench.py (issue 28: ranks loading their
+shards at once, released by a barrier) and bench/gpu_bench.py --encrypted (issue 27: plaintext
+against encrypted, warm, over HTTP and cold). A model is written with per-tensor checksums, each
+load runs in fresh processes, and every loaded byte is checked against the manifest afterwards; the
 checksum the checks rest on must see a moved chunk or a flipped bit, or they would prove nothing.
 """
 
@@ -10,8 +11,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,7 +26,7 @@ sys.path.insert(0, str(BENCH))
 import bench_lib
 
 
-def run_bench(script: str, tmp_path: Path, *args: str) -> tuple[str, dict]:
+def run_bench(script: str, tmp_path: Path, *args: str, model_dir=None) -> tuple[str, dict]:
     out = tmp_path / "out"
     p = subprocess.run(
         [
@@ -31,7 +34,7 @@ def run_bench(script: str, tmp_path: Path, *args: str) -> tuple[str, dict]:
             str(BENCH / script),
             "--dry-run",
             "--dir",
-            str(tmp_path / "d"),
+            str(model_dir or tmp_path / "d"),
             "--out",
             str(out),
             *args,
@@ -42,12 +45,12 @@ def run_bench(script: str, tmp_path: Path, *args: str) -> tuple[str, dict]:
         check=False,
     )
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-4000:]
-    name = "peers" if script.startswith("peers") else "tp"
+    name = {"peers_bench.py": "peers", "tp_bench.py": "tp", "gpu_bench.py": "bench"}[script]
     with open(out / f"{name}.json") as f:
         res = json.load(f)
     # The children's own output is kept beside the JSON.
     assert (out / f"{name}.log").stat().st_size > 0
-    if importlib.util.find_spec("matplotlib") is not None:
+    if name != "bench" and importlib.util.find_spec("matplotlib") is not None:
         assert (out / f"{name}.png").stat().st_size > 1000
     return p.stdout, res
 
@@ -121,6 +124,72 @@ def test_tp_dry_run_two_ranks_load_their_shards_at_once(tmp_path):
         line.startswith("| 2 ranks, encrypted: tensorizer-rs, in place")
         for line in stdout.splitlines()
     )
+
+
+def test_gpu_bench_encrypted_dry_run(tmp_path):
+    """Issue 27's rows in one run, on the CPU: plaintext and encrypted, new tensors and in
+    place, warm (host decryption beside), over HTTP (nginx from the page cache) and cold (the
+    files evicted with posix_fadvise before each load); every load's bytes checked against the
+    manifest; the summary gives encrypted/plaintext and RssAnon growth per row."""
+    nginx = shutil.which("nginx") or (
+        "/usr/sbin/nginx" if os.access("/usr/sbin/nginx", os.X_OK) else None
+    )
+    extra = ["--nginx", nginx] if nginx else []
+    # nginx's workers (`nobody` when run as root) must reach the files: pytest's tmp_path sits
+    # in a 0700 folder.
+    d = Path(tempfile.mkdtemp(prefix="tz-gpuenc-"))
+    d.chmod(0o755)
+    try:
+        stdout, res = run_bench(
+            "gpu_bench.py", tmp_path, "--encrypted", "--rounds", "1", *extra, model_dir=d
+        )
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    assert res["gpu"] == "cpu (dry run)" and res["evict"] == "fadvise"
+    nbytes, ntensors = res["model"]["bytes"], res["model"]["tensors"]
+    assert res["model"]["file_bytes"]["enc"] > res["model"]["file_bytes"]["tensors"] > nbytes
+    caches = ("warm", "HTTP", "cold") if nginx else ("warm", "cold")
+    want = {
+        f"{c}: {kind} {how}"
+        for c in caches
+        for kind in ("plain", "encrypted")
+        for how in ("new", "in place")
+    } | {"warm: encrypted new (host)"}
+    assert {r["label"] for r in res["runs"]} == want and len(res["runs"]) == len(want)
+    for r in res["runs"]:
+        assert "error" not in r, r
+        assert r["check"] == {"ok": True, "tensors": ntensors, "bytes": nbytes, "bad": []}, r
+        assert r["bytes"] == nbytes and r["gbps"] > 0 and "rss_anon_growth" in r
+        assert r["file"].endswith(".enc.tensors") == (": encrypted" in r["label"]), r
+        assert r["file"].startswith("http://127.0.0.1:") == (r["cache"] == "HTTP"), r
+    if not nginx:
+        assert res["skipped"] == {"HTTP": "no --nginx"}
+    else:
+        assert not res["skipped"]
+    # The summary, last: one row per cache and load, the ratio and both RSS growths.
+    rows = {(x["cache"], x["load"]): x for x in res["summary"]}
+    assert set(rows) == {(c, h) for c in caches for h in ("new", "in place")} | {
+        ("warm", "new (host)")
+    }
+    for (cache, load), x in rows.items():
+        assert x["ratio"] == pytest.approx(x["encrypted_gbps"] / x["plain_gbps"])
+        assert x["plain_rss_anon_mib"] is not None and x["encrypted_rss_anon_mib"] is not None
+        assert any(
+            line.startswith(f"{cache} {load} ") and f"{x['ratio']:.1%}" in line
+            for line in stdout.splitlines()
+        ), (cache, load)
+    assert f"checks: {len(want)} of {len(want)} loads gave the manifest's bytes" in stdout
+
+
+def test_gpu_bench_dry_run_needs_encrypted(tmp_path):
+    p = subprocess.run(
+        [sys.executable, str(BENCH / "gpu_bench.py"), "--dry-run", "--dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert p.returncode == 2 and "--dry-run runs only with --encrypted" in p.stderr
 
 
 def test_checksum_sees_moved_and_flipped_bytes():
