@@ -45,6 +45,8 @@ import time
 GiB = 1 << 30
 MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from bench_lib import build_module  # the module trees every benchmark fills
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -125,23 +127,6 @@ def llama_shapes(min_bytes: int):
         out += [(f"model.layers.{i}.{n}", s) for n, s in per_layer]
     out += fixed[1:]
     return out, layers
-
-
-def build_module(shapes, device, dtype):
-    import torch
-
-    root = torch.nn.Module()
-    for name, shape in shapes:
-        *path, attr = name.split(".")
-        node = root
-        for p in path:
-            if not hasattr(node, p):
-                node.add_module(p, torch.nn.Module())
-            node = getattr(node, p)
-        node.register_parameter(
-            attr, torch.nn.Parameter(torch.empty(shape, dtype=dtype, device=device))
-        )
-    return root
 
 
 # ------------------------------------------------------------------------------ limits
