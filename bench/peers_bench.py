@@ -64,7 +64,25 @@ LOADERS = {
         True,
     ),
     "safetensors": ("safetensors load_file", "safetensors", "safetensors", {}, True),
+    # Our loader with buffered reads of the uncached pages (readahead), beside `auto`'s
+    # O_DIRECT: which a cold disk serves faster differs by host (docs/benchmarks.md).
+    "ours_buffered": (
+        "tensorizer-rs, IO=buffered",
+        "tensors",
+        "tensorizer_rs",
+        {"loader": "ours", "env": {"TENSORIZER_RS_IO": "buffered"}},
+        True,
+    ),
+    "ours_buffered32": (
+        "tensorizer-rs, buffered, 32 rd",
+        "tensors",
+        "tensorizer_rs",
+        {"loader": "ours", "env": {"TENSORIZER_RS_IO": "buffered"}, "num_readers": 32},
+        True,
+    ),
 }
+# Variants run on request (--loaders), not by default.
+DEFAULT_LOADERS = [n for n in LOADERS if not n.startswith("ours_buffered")]
 COLUMNS = ("page", "tmpfs", "cold")
 COLUMN_TITLES = {"page": "page cache (ext4)", "tmpfs": "tmpfs", "cold": "cold"}
 
@@ -89,7 +107,7 @@ def parse():
         "--gib", type=float, default=None, help="model size, GiB (default 8.4: 16 layers, 9.1 GB)"
     )
     ap.add_argument("--device", default=None, help="default cuda:0 (cpu with --dry-run)")
-    ap.add_argument("--loaders", default=",".join(LOADERS))
+    ap.add_argument("--loaders", default=",".join(DEFAULT_LOADERS))
     ap.add_argument("--columns", default=",".join(COLUMNS))
     ap.add_argument("--rounds", type=int, default=None, help="page cache and tmpfs (default 2)")
     ap.add_argument("--cold-rounds", type=int, default=None, help="default 2 (after the warm ones)")

@@ -162,13 +162,13 @@ def test_in_place_and_tampered_in_place(tmp_path):
     )
     assert opened == _stored(path) and dst.weight.data_ptr() == ptr
     assert torch.equal(dst.weight.cpu(), src.weight.detach())
-    e = next(x for x in _native.TensorFile(path).entries() if x["name"] == "weight")
+    e = next(x for x in _native.TensorFile(path).entries() if x["name"] == ".weight")
     data = bytearray(Path(path).read_bytes())
     data[e["data_offset"] + e["data_length"] // 2] ^= 1
     Path(path).write_bytes(bytes(data))
     with pytest.raises(CryptographyError, match="undefined") as err:
         TensorDeserializer(path, device="cuda", encryption=dec).load_into_module(dst)
-    assert "tensor 'weight'" in str(err.value)
+    assert "tensor '.weight'" in str(err.value)
 
 
 @pytest.mark.parametrize("where", ["first", "middle", "last", "mac", "wrong key"])
