@@ -83,22 +83,27 @@ def main():
     ap.add_argument("path")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--gib", type=float, default=16)
+    ap.add_argument(
+        "--readers", default="", help="comma-separated num_readers to run in turn (default: ours)"
+    )
     args = ap.parse_args()
     import torch
     from tensorizer_rs import TensorDeserializer, _native
 
     model = model_for(args.path, args.gib)
     nbytes = os.path.getsize(args.path)
-    for k in range(args.rounds):
+    counts = [int(n) for n in args.readers.split(",") if n] or [None]
+    for k, n in ((k, n) for n in counts for k in range(args.rounds)):
+        kw = {"num_readers": n} if n else {}
         _native.trace_take()
         torch.cuda.synchronize()
         t0, start = time.perf_counter(), time.monotonic_ns()
-        d = TensorDeserializer(args.path, device="cuda")
+        d = TensorDeserializer(args.path, device="cuda", **kw)
         d.load_into_module(model)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - t0
         d.close()
-        print(f"load {k}:")
+        print(f"load {k}" + (f", num_readers={n}" if n else "") + ":")
         summarize(_native.trace_take(), seconds, nbytes, start)
 
 
