@@ -6,6 +6,7 @@ to the device: a host load followed by ``.to("cuda")`` leaves them untouched (ch
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -132,6 +133,29 @@ def test_larger_than_staging_pool(tmp_path, mode):
     assert c["staged_bytes"] >= 64 << 20, c
     if mode["io"] == "direct":
         assert c["direct_read_bytes"] > 60 << 20, c
+
+
+def test_partly_cached_file(tmp_path):
+    """`auto` reads what the page cache holds through it and the rest past it (O_DIRECT): a
+    file whose first half alone is cached loads exactly, direct reads covering the other half."""
+    sd = _state(3, scale=8)  # a 128 MiB tensor first, the small ones after it
+    path = _write(tmp_path / "half.tensors", sd)
+    size = os.path.getsize(path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # clean pages, so the kernel may drop them
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        assert len(os.pread(fd, size // 2, 0)) == size // 2  # the first half back in the cache
+    finally:
+        os.close(fd)
+    _cuda.IO_MODE = "auto"
+    _cuda.reset_counters()
+    d = TensorDeserializer(path, device="cuda")
+    _check(d, sd)
+    c = _cuda.counters()
+    # Reads of 4 MiB: the one across the boundary, and readahead past it, blur it by a few MiB.
+    assert abs(c["direct_read_bytes"] - size // 2) <= 16 << 20, (c, size)
+    assert c["staged_bytes"] >= 128 << 20, c
 
 
 def test_torch_sees_bytes_on_its_current_stream(tmp_path):
