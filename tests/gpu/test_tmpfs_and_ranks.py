@@ -79,7 +79,7 @@ def test_tmpfs_new_tensors_and_in_place(shm_dir, tmp_path):
         assert torch.equal(d[k].cpu(), v), k
     for s in _stats(d):
         assert (s["fs"], s["read_mode"], s["direct_read_bytes"]) == ("tmpfs", "buffered", 0), s
-        # tmpfs keeps the page cache's sizing (a reader per buffer pair measured no faster).
+        # tmpfs keeps the page cache's readers, two buffers each (docs/benchmarks.md).
         assert s["load_buffers"] == 2 * s["readers"], s
     d.close()
 
