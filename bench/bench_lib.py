@@ -51,6 +51,20 @@ def log(*a, file=None):
             print(*a, file=f)
 
 
+def run_log(out: str, name: str):
+    """A benchmark's files under `out`: `name`.log (emptied), `name`.json, and `say`, which
+    prints and logs a line stamped with the seconds since this call."""
+    os.makedirs(out, exist_ok=True)
+    logf, jsonf = os.path.join(out, f"{name}.log"), os.path.join(out, f"{name}.json")
+    open(logf, "w").close()
+    t0 = time.monotonic()
+
+    def say(*x):
+        log(f"[{time.monotonic() - t0:5.0f} s]", *x, file=logf)
+
+    return logf, jsonf, say
+
+
 # ------------------------------------------------------------------------------ shapes
 def _numel(shape) -> int:
     return math.prod(shape)

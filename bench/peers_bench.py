@@ -162,16 +162,7 @@ def main():
     a = parse()
     bl.on_sigterm()
     os.makedirs(a.dir, exist_ok=True)
-    os.makedirs(a.out, exist_ok=True)
-    logf = os.path.join(a.out, "peers.log")
-    jsonf = os.path.join(a.out, "peers.json")
-    open(logf, "w").close()
-
-    t_start = time.monotonic()
-
-    def say(*x):
-        bl.log(f"[{time.monotonic() - t_start:5.0f} s]", *x, file=logf)
-
+    logf, jsonf, say = bl.run_log(a.out, "peers")
     budget = bl.Budget(a.budget)
     extra = [p for p in (a.peers, a.coreweave) if p]
     res = {

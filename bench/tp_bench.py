@@ -107,15 +107,7 @@ def main():
     n = a.ranks
     cuda = a.device_type == "cuda"
     os.makedirs(a.dir, exist_ok=True)
-    os.makedirs(a.out, exist_ok=True)
-    logf = os.path.join(a.out, "tp.log")
-    jsonf = os.path.join(a.out, "tp.json")
-    open(logf, "w").close()
-    t_start = time.monotonic()
-
-    def say(*x):
-        bl.log(f"[{time.monotonic() - t_start:5.0f} s]", *x, file=logf)
-
+    logf, jsonf, say = bl.run_log(a.out, "tp")
     budget = bl.Budget(a.budget)
     extra = [a.coreweave] if a.coreweave else []
     rows_wanted = [r for r in a.rows.split(",") if r]
