@@ -107,12 +107,18 @@ def interrupt_load(
         while requests_seen(base).get(path, 0) < min_requests:
             assert p.poll() is None and time.monotonic() < deadline, p.communicate()
             time.sleep(0.05)
-        time.sleep(0.5)
-        assert p.poll() is None, p.communicate()
-        t0 = time.monotonic()
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
-        return out, err, time.monotonic() - t0
+        return sigint_and_wait(p, 0.5)
     finally:
         p.kill()
         p.wait()
+
+
+def sigint_and_wait(p: subprocess.Popen, settle: float) -> tuple[str, str, float]:
+    """`settle` seconds on, SIGINT the child `p` (still running then); return its stdout, stderr
+    and how long it took to end after the signal."""
+    time.sleep(settle)
+    assert p.poll() is None, p.communicate()
+    t0 = time.monotonic()
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=30)
+    return out, err, time.monotonic() - t0

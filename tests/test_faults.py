@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from helpers import http_server, interrupt_load, requests_seen
+from helpers import http_server, interrupt_load, requests_seen, sigint_and_wait
 from tensorizer_rs import (
     EncryptionParams,
     HashMismatchError,
@@ -41,12 +41,7 @@ def _sigint_after_ready(code: str, settle: float = 0.5) -> tuple[str, str, float
     )
     try:
         assert p.stdout.readline().strip() == "ready", p.communicate()
-        time.sleep(settle)
-        assert p.poll() is None, p.communicate()
-        t0 = time.monotonic()
-        p.send_signal(signal.SIGINT)
-        out, err = p.communicate(timeout=30)
-        return out, err, time.monotonic() - t0
+        return sigint_and_wait(p, settle)
     finally:
         p.kill()
         p.wait()
