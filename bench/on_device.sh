@@ -37,6 +37,8 @@
 #              scripts/fetch-device-wheels.sh; PEERS_ARGS, e.g. "--gib 16 --columns page,tmpfs")
 #   disk       bench/disk_probe.py: the cold disk's ceiling by request pattern (O_DIRECT and buffered,
 #              threads x request size) and our cold loads beside it (~3 min; DISK_GIB)
+#   trace      bench/trace_gpu_load.py: a load's timeline from the loader's marks (TRACE_ARGS, e.g.
+#              "--gib 8 --fresh new --rounds 4": fresh processes timed as gpu_bench times them)
 #   tp         bench/tp_bench.py: N ranks load their shards at once (N = the GPUs, or 4 sharing one);
 #              ~8 min; TP_ARGS, e.g. "--ranks 2 --rows page,cold"
 #   Each of ab / peers / tp fills a call; run it alone. peers and tp write peers.* / tp.* (json,
@@ -108,6 +110,10 @@ for phase in $phases; do
     disk)
       timeout 300 python3 bench/disk_probe.py --dir /tmp/tzdisk --gib "${DISK_GIB:-6}" --out "$OUT" 2>&1 | tee "$OUT/disk-probe.log"
       rm -rf /tmp/tzdisk ;;
+    trace)
+      # shellcheck disable=SC2086
+      timeout 300 python3 bench/trace_gpu_load.py /tmp/tztrace/model.tensors ${TRACE_ARGS:---gib 8} 2>&1 | tee "$OUT/trace.log"
+      rm -rf /tmp/tztrace ;;
     tp)
       # shellcheck disable=SC2086
       timeout 560 python3 bench/tp_bench.py --dir /tmp/tztp --out "$OUT" --coreweave "$HOME/cw" ${TP_ARGS:-}

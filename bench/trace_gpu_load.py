@@ -10,6 +10,11 @@ a tail.
 
     python3 bench/trace_gpu_load.py /tmp/tzgpu/model.tensors [--rounds 3]
 
+With `--fresh new` (or `module`) each load runs in a fresh process timed as
+bench/gpu_bench.py times it (import, constructor, first access or load_into_module, sync), and
+the Python-side steps are printed beside the loader's marks: where a fresh process's fixed
+cost goes.
+
 With no file there, writes one first (`--gib`, the Llama-shaped model of bench/gpu_bench.py).
 """
 
@@ -53,7 +58,8 @@ def summarize(events, seconds, nbytes, start):
     for t, thread, what, a, b in events:
         by[what].append((t, thread, a, b))
     print(f"  {nbytes / seconds / 1e9:.2f} GB/s, {seconds * 1e3:.1f} ms wall")
-    marks = ("staging_made", "load_enter", "load_engine", "load_planned", "load_start")
+    marks = ("staging_made", "alloc_start", "alloc_end", "native_call", "load_enter")
+    marks += ("load_engine", "load_planned", "load_start")
     for what in marks + ("reader_start", "reader_end", "readers_done", "load_end"):
         ts = [t for t, *_ in by.get(what, [])]
         if ts:
@@ -78,15 +84,71 @@ def summarize(events, seconds, nbytes, start):
         print(f"  GB/s read per 10 ms: {rates}")
 
 
+def fresh_child(path, into_module):
+    """One load in this (fresh) process, timed as bench/gpu_bench.py times it: from before
+    tensorizer_rs is imported to the device's last copy; prints the Python-side steps too."""
+    import torch
+
+    torch.cuda.init()
+    torch.empty(1, device="cuda")
+    torch.cuda.synchronize()
+    model = None
+    if into_module:
+        from tensorizer_rs import _native
+
+        f = _native.TensorFile(path)
+        shapes = [(e["name"], tuple(e["shape"])) for e in f.entries()]
+        f.close()
+        import gpu_bench
+
+        model = gpu_bench.build_module(shapes, "meta", torch.bfloat16).to_empty(device="cuda")
+        torch.cuda.synchronize()
+    steps = []
+    t0, start = time.perf_counter(), time.monotonic_ns()
+    from tensorizer_rs import TensorDeserializer, _native
+
+    steps.append(("imported", time.monotonic_ns()))
+    d = TensorDeserializer(path, device="cuda")
+    steps.append(("constructed", time.monotonic_ns()))
+    if model is not None:
+        d.load_into_module(model)
+    else:
+        next(iter(d.values()))
+    steps.append(("loaded", time.monotonic_ns()))
+    torch.cuda.synchronize()
+    steps.append(("synced", time.monotonic_ns()))
+    seconds = time.perf_counter() - t0
+    print("  " + ", ".join(f"{what} {(t - start) / 1e6:.2f}" for what, t in steps) + " ms")
+    summarize(_native.trace_take(), seconds, os.path.getsize(path), start)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("path")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--fresh",
+        choices=("new", "module"),
+        help="each load in a fresh process, timed as gpu_bench times it: new tensors "
+        "(first access) or in place (load_into_module)",
+    )
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--gib", type=float, default=16)
     ap.add_argument(
         "--readers", default="", help="comma-separated num_readers to run in turn (default: ours)"
     )
     args = ap.parse_args()
+    if args.child:
+        return fresh_child(args.path, args.fresh == "module")
+    if args.fresh:
+        import subprocess
+
+        model_for(args.path, args.gib)  # written and cached by a process of its own
+        for k in range(args.rounds):
+            print(f"load {k}, fresh process, {args.fresh}:", flush=True)
+            cmd = [sys.executable, os.path.abspath(__file__), args.path, "--fresh", args.fresh]
+            subprocess.run(cmd + ["--child"], check=True)
+        return
     import torch
     from tensorizer_rs import TensorDeserializer, _native
 
