@@ -18,7 +18,6 @@ for which existing tensors are filled in place (the vLLM loader asks it too, thr
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
@@ -62,36 +61,52 @@ SHARE_GROUP_BYTES = 4 << 20
 IO_MODE: str | None = None
 
 
-@dataclasses.dataclass
+# Plain classes, not dataclasses: building a dataclass costs ~0.5 ms, and this module is imported
+# on a fresh process's first CUDA load, inside its time.
 class Request:
     """What a CUDA load needs from the deserializer that asks for it."""
 
-    file: Any  #: the ``_native.TensorFile``
-    name: str  #: for messages
-    entries: list  #: the file's index entries (``TensorFile.entries()``)
-    device: Any  #: a ``torch.device``
-    dtype: Any = None  #: ``dtype=`` of the deserializer
-    num_readers: int | None = None
-    crypt: dict = dataclasses.field(default_factory=dict)  #: ``key=`` / ``passphrase=``
-    progress: Callable[[int, float], None] | None = None  #: called with (bytes done, GB/s)
+    __slots__ = ("crypt", "device", "dtype", "entries", "file", "name", "num_readers", "progress")
+
+    def __init__(
+        self,
+        file: Any,
+        name: str,
+        entries: list,
+        device: Any,
+        dtype: Any = None,
+        num_readers: int | None = None,
+        crypt: dict | None = None,
+        progress: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.file = file  #: the ``_native.TensorFile``
+        self.name = name  #: for messages
+        self.entries = entries  #: the file's index entries (``TensorFile.entries()``)
+        self.device = device  #: a ``torch.device``
+        self.dtype = dtype  #: ``dtype=`` of the deserializer
+        self.num_readers = num_readers
+        self.crypt = {} if crypt is None else crypt  #: ``key=`` / ``passphrase=``
+        self.progress = progress  #: called with (bytes done, GB/s)
 
 
-@dataclasses.dataclass
 class Loaded:
     """What a CUDA load gives back."""
 
-    #: New tensors, as Parameters (``requires_grad`` from the stored dtype), by index.
-    tensors: dict = dataclasses.field(default_factory=dict)
-    #: The module index of every tensor loaded (new or in place), by index.
-    module_idx: dict = dataclasses.field(default_factory=dict)
-    #: Indices whose existing tensors now hold the file's data.
-    in_place: set = dataclasses.field(default_factory=set)
-    bytes: int = 0
-    seconds: float = 0.0
-    #: The native loads' statistics, in order.
-    stats: list = dataclasses.field(default_factory=list)
-    #: The time each allocation of new tensors took (benchmarks).
-    alloc_seconds: list = dataclasses.field(default_factory=list)
+    __slots__ = ("alloc_seconds", "bytes", "in_place", "module_idx", "seconds", "stats", "tensors")
+
+    def __init__(self) -> None:
+        #: New tensors, as Parameters (``requires_grad`` from the stored dtype), by index.
+        self.tensors: dict = {}
+        #: The module index of every tensor loaded (new or in place), by index.
+        self.module_idx: dict = {}
+        #: Indices whose existing tensors now hold the file's data.
+        self.in_place: set = set()
+        self.bytes = 0
+        self.seconds = 0.0
+        #: The native loads' statistics, in order.
+        self.stats: list = []
+        #: The time each allocation of new tensors took (benchmarks).
+        self.alloc_seconds: list = []
 
 
 def available() -> tuple:
