@@ -185,6 +185,17 @@ def read_manifest(path: str) -> dict:
 
 
 # ------------------------------------------------------------------------------ modules
+def file_shapes(path):
+    """The names and shapes of a .tensors file's tensors, from its index."""
+    from tensorizer_rs import _native
+
+    f = _native.TensorFile(path)
+    try:
+        return [(e["name"], tuple(e["shape"])) for e in f.entries()]
+    finally:
+        f.close()
+
+
 def build_module(shapes, device, dtype, tensors=None):
     """A module tree holding one parameter per (dotted name, shape): empty on `device`, or the
     given tensors (name -> tensor) themselves."""

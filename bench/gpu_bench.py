@@ -46,7 +46,7 @@ GiB = 1 << 30
 MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_lib import build_module  # the module trees every benchmark fills
+from bench_lib import build_module, file_shapes  # the module trees every benchmark fills
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -356,25 +356,18 @@ def child(args):
     out = {"loader": kind, "cold": spec.get("cold", False)}
     model = None
     if kind in ("ours_module", "encrypted_module", "sweep"):
-        from tensorizer_rs import _native
-
-        f = _native.TensorFile(path)
-        shapes = [(e["name"], tuple(e["shape"])) for e in f.entries()]
-        f.close()
-        model = build_module(shapes, "meta", torch.bfloat16).to_empty(device="cuda")
+        model = build_module(file_shapes(path), "meta", torch.bfloat16).to_empty(device="cuda")
     if kind == "vllm_path":
         # What our vLLM loader does for a vLLM-tensorized file, minus vLLM itself: the model is
         # built on the GPU (vLLM's initialize_model under torch.device), then filled from the
         # file in place (tensors that do not fit are released to meta and replaced first;
         # "release_all" releases every one, as before commit 57ae1ff).
-        from tensorizer_rs import _cuda, _native
+        from tensorizer_rs import _cuda
 
         if os.environ.get("BENCH_LATE_PREWARM") != "1":  # A/B: before 2026-11-28's change
             # The loader page-locks the staging buffers before vLLM builds the model.
             _cuda.prewarm_for(torch.device("cuda", 0), path, None)
-        f = _native.TensorFile(path)
-        shapes = [(e["name"], tuple(e["shape"])) for e in f.entries()]
-        f.close()
+        shapes = file_shapes(path)
         model = build_module(shapes, "cuda", torch.bfloat16)
         torch.cuda.synchronize()
     if kind == "sweep":

@@ -289,15 +289,15 @@ def main():
         say(f"limits: {res['limits']}")
         save()
 
+        # The file formats the loaders read (`.tensors` always: its reads are the limit).
+        cold_formats = {"tensors"} | {LOADERS[n][1] for n in loaders}
+
         def odirect(tag):
             # Both files, the same reader: a disk (or the storage below it) that serves one
             # file faster than the other shows here, not as a loader's lead.
             for fmt, key in (("tensors", "odirect"), ("safetensors", "odirect_st")):
                 path = files["cold"].get(fmt)
-                if path is None or (
-                    fmt == "safetensors"
-                    and not any(LOADERS[n][1] == "safetensors" for n in loaders)
-                ):
+                if path is None or fmt not in cold_formats:
                     continue
                 bl.evict([path], a.evict)
                 try:

@@ -32,10 +32,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 GiB = 1 << 30
 
 
-def model_for(path, gib):
+def cached_file(path, gib):
+    """Write the model to `path` unless it is there, and read it into the page cache."""
     import gpu_bench
     import torch
-    from tensorizer_rs import TensorSerializer, _native
+    from tensorizer_rs import TensorSerializer
 
     if not os.path.exists(path):
         shapes, _ = gpu_bench.llama_shapes(int(gib * GiB))
@@ -45,10 +46,15 @@ def model_for(path, gib):
         s.write_module(m)
         s.close()
         del m
-    f = _native.TensorFile(path)
-    shapes = [(e["name"], tuple(e["shape"])) for e in f.entries()]
-    f.close()
-    gpu_bench.parallel_read(path)  # into the page cache
+    gpu_bench.parallel_read(path)
+
+
+def model_for(path):
+    """A module on the GPU shaped as the file's tensors (their memory uninitialized)."""
+    import gpu_bench
+    import torch
+
+    shapes = gpu_bench.file_shapes(path)
     return gpu_bench.build_module(shapes, "meta", torch.bfloat16).to_empty(device="cuda")
 
 
@@ -92,17 +98,8 @@ def fresh_child(path, into_module):
     torch.cuda.init()
     torch.empty(1, device="cuda")
     torch.cuda.synchronize()
-    model = None
-    if into_module:
-        from tensorizer_rs import _native
-
-        f = _native.TensorFile(path)
-        shapes = [(e["name"], tuple(e["shape"])) for e in f.entries()]
-        f.close()
-        import gpu_bench
-
-        model = gpu_bench.build_module(shapes, "meta", torch.bfloat16).to_empty(device="cuda")
-        torch.cuda.synchronize()
+    model = model_for(path) if into_module else None
+    torch.cuda.synchronize()
     steps = []
     t0, start = time.perf_counter(), time.monotonic_ns()
     from tensorizer_rs import TensorDeserializer, _native
@@ -143,7 +140,7 @@ def main():
     if args.fresh:
         import subprocess
 
-        model_for(args.path, args.gib)  # written and cached by a process of its own
+        cached_file(args.path, args.gib)
         for k in range(args.rounds):
             print(f"load {k}, fresh process, {args.fresh}:", flush=True)
             cmd = [sys.executable, os.path.abspath(__file__), args.path, "--fresh", args.fresh]
@@ -152,7 +149,8 @@ def main():
     import torch
     from tensorizer_rs import TensorDeserializer, _native
 
-    model = model_for(args.path, args.gib)
+    cached_file(args.path, args.gib)
+    model = model_for(args.path)
     nbytes = os.path.getsize(args.path)
     counts = [int(n) for n in args.readers.split(",") if n] or [None]
     for k, n in ((k, n) for n in counts for k in range(args.rounds)):
