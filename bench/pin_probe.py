@@ -5,7 +5,9 @@
 
 Times cuMemHostRegister of huge-page-backed anonymous memory (what the staging pool does):
 32 calls of 8 MiB, 4 calls of 64 MiB and one of 256 MiB, each after faulting the pages in
-(timed apart), and cuMemAlloc of 512 MiB alone and while another thread registers memory.
+(timed apart), cuMemAlloc of 512 MiB alone and while another thread registers memory, and
+the pool's 24 first buffers made by 1-16 threads: each faulted then registered (what the
+prewarm does), all faulted first, or one region registered once.
 """
 
 from __future__ import annotations
@@ -107,3 +109,70 @@ for size, count in ((8 * MiB, 32), (256 * MiB, 1)):
     )
     for p in bufs:
         cuda.cuMemHostUnregister(p)
+
+
+# How the pool's first buffers come in a fresh process: the same 192 MiB (24 x 8 MiB, a local
+# load's two buffers per reader) faulted in and registered by k threads at once, each
+# buffer faulted then registered (what Pool::prewarm does), against all faulted first in
+# parallel and then registered, and against one region registered once.
+def anon_huge_kib():
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("AnonHugePages:"):
+                return int(line.split()[1])
+    return -1
+
+
+def parallel(threads, mode, n=24, size=8 * MiB):
+    bufs = [huge(size) for _ in range(n)] if mode != "one" else [huge(n * size)]
+    if mode == "one":
+        parts = [bufs[0] + i * size for i in range(n)]
+    else:
+        parts = bufs
+    h0 = anon_huge_kib()
+    left = list(range(n))
+    lock = threading.Lock()
+    t0 = time.perf_counter()
+    firsts = []
+
+    def work(register):
+        ok(cuda.cuCtxSetCurrent(ctx), "set current")
+        while True:
+            with lock:
+                if not left:
+                    return
+                i = left.pop(0)
+            ctypes.memset(parts[i], 0, size)
+            if register:
+                ok(cuda.cuMemHostRegister_v2(parts[i], size, 1), "register")
+                firsts.append(time.perf_counter())
+
+    ths = [threading.Thread(target=work, args=(mode == "interleaved",)) for _ in range(threads)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    t1 = time.perf_counter()
+    if mode == "after":
+        for p in parts:
+            ok(cuda.cuMemHostRegister_v2(p, size, 1), "register")
+    elif mode == "one":
+        ok(cuda.cuMemHostRegister_v2(bufs[0], n * size, 1), "register")
+    t2 = time.perf_counter()
+    huge_mib = (anon_huge_kib() - h0) / 1024
+    if mode == "one":
+        cuda.cuMemHostUnregister(bufs[0])
+    else:
+        for p in parts:
+            cuda.cuMemHostUnregister(p)
+    first = f", first buffer {(min(firsts) - t0) * 1e3:.1f} ms" if firsts else ""
+    print(
+        f"{threads:2d} threads, {mode:11s}: all ready {(t2 - t0) * 1e3:6.1f} ms (fault-in "
+        f"{(t1 - t0) * 1e3:5.1f}, then register {(t2 - t1) * 1e3:5.1f}){first}; "
+        f"huge pages {huge_mib:.0f} MiB"
+    )
+
+
+for mode in ("interleaved", "after", "one"):
+    for k in (1, 2, 4, 8, 16):
+        parallel(k, mode)
