@@ -64,7 +64,8 @@ def summarize(events, seconds, nbytes, start):
     for t, thread, what, a, b in events:
         by[what].append((t, thread, a, b))
     print(f"  {nbytes / seconds / 1e9:.2f} GB/s, {seconds * 1e3:.1f} ms wall")
-    marks = ("staging_made", "alloc_start", "alloc_end", "native_call", "load_enter")
+    marks = ("ctor_prewarm", "prewarm_engine", "ctor_opened", "ctor_indexed", "staging_made")
+    marks += ("alloc_start", "alloc_end", "native_call", "load_enter")
     marks += ("load_engine", "load_planned", "load_start")
     for what in marks + ("reader_start", "reader_end", "readers_done", "load_end"):
         ts = [t for t, *_ in by.get(what, [])]
@@ -88,6 +89,18 @@ def summarize(events, seconds, nbytes, start):
     if buckets:
         rates = " ".join(f"{buckets[k] / 1e7:.0f}" for k in range(max(buckets) + 1))
         print(f"  GB/s read per 10 ms: {rates}")
+        # Which side slows in a dip: a reader's own read speed (the host: page cache, memory,
+        # CPU) or the readers' time waiting for copies to free a buffer (the link).
+        busy, waited = collections.Counter(), collections.Counter()
+        for t, _, a, _ in by.get("read", []):
+            busy[(t - start) // 10_000_000] += a
+        for t, _, a, _ in by.get("staging_sync", []) + by.get("staging_wait", []):
+            waited[(t - start) // 10_000_000] += a
+        span = range(max(buckets) + 1)
+        speed = " ".join(f"{buckets[k] / busy[k]:.1f}" if busy[k] else "-" for k in span)
+        print(f"  GB/s per reader while reading, per 10 ms: {speed}")
+        idle = " ".join(f"{waited[k] / 1e6:.0f}" for k in span)
+        print(f"  ms waiting for a buffer (all readers), per 10 ms: {idle}")
 
 
 def fresh_child(path, into_module):

@@ -260,13 +260,16 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
 
             # Page-locking staging buffers overlaps with opening the file and allocating.
             _cuda.prewarm_for(self._device, _uri_of(file_obj), num_readers)
+            _native.trace_mark("ctor_prewarm")
         self._file = self._open(file_obj)
+        _native.trace_mark("ctor_opened")
         self._file_name = self._file.name  # for messages after the file is closed
         self.total_file_bytes = self._file.total_data_bytes  # the header's field, as in CoreWeave
         _warn_unpinned(self._file)
         self._closed = False
         with _gc.paused():
             self._index(self._file.entries(), filter_func)
+        _native.trace_mark("ctor_indexed")
         self._cache: dict[int, Any] = {}
         self._module_idx: dict[int, int] = {}
         self._last_yielded = -1

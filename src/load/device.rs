@@ -239,6 +239,7 @@ pub fn prewarm(device: i32, uri: Option<&str>, readers: Option<usize>) {
     }
     std::thread::spawn(move || {
         if let Ok(engine) = Engine::get(device) {
+            crate::trace::mark("prewarm_engine", 0, 0);
             // The page-locking threads inherit this one's CPUs: the buffers are first touched,
             // so placed, on the GPU's NUMA node, like the readers that fill them.
             if let Some(cpus) = options::gpu_placement(device).cpus {
