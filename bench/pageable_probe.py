@@ -25,6 +25,7 @@ MiB = 1 << 20
 
 
 def child(path, total, threads, piece):
+    import numpy as np
     from cuda_ctypes import cuda, ok, primary_context
 
     cuda.cuMemAlloc_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
@@ -34,8 +35,6 @@ def child(path, total, threads, piece):
     ok(cuda.cuMemAlloc_v2(ctypes.byref(dev), total), "alloc")
     with open(path, "rb") as f:
         m = mmap.mmap(f.fileno(), total, prot=mmap.PROT_READ)
-    import numpy as np
-
     arr = np.frombuffer(m, dtype=np.uint8)
     host = arr.ctypes.data
     pieces = list(range(0, total, piece))

@@ -3,7 +3,8 @@
 Loads a .tensors file into a module already on the GPU (the `load_into_module` path), a few
 times in one process, with TENSORIZER_RS_TRACE=1, and prints per load: GB/s, when the readers
 started and ended, how long readers waited for a staging buffer's copy (`staging_sync`) against
-how long they read (`read`), and the bytes read per 10 ms, all from the constructor's call
+how long they read (`read`), and per 10 ms the bytes read, each reader's read speed and the
+readers' waits for a buffer (which side slowed in a slow stretch), all from the constructor's call
 (the first load of the process also shows its staging buffers being made). Readers that wait a large share of
 the time mean the host->device copies are the bound; a slow first or last 10 ms means a ramp or
 a tail.
