@@ -4,6 +4,7 @@ check, and device 0's primary context (the one torch shares) made current."""
 from __future__ import annotations
 
 import ctypes
+import threading
 
 cuda = ctypes.CDLL("libcuda.so.1")
 
@@ -23,3 +24,25 @@ def primary_context() -> ctypes.c_void_p:
     ok(cuda.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "retain")
     ok(cuda.cuCtxSetCurrent(ctx), "set current")
     return ctx
+
+
+def on_threads(ctx, items, threads: int, fn) -> None:
+    """Call ``fn(item)`` for every item on ``threads`` threads taking from one queue in order,
+    each with ``ctx`` current; returns when all are done."""
+    left = list(items)
+    lock = threading.Lock()
+
+    def work():
+        ok(cuda.cuCtxSetCurrent(ctx), "set current")
+        while True:
+            with lock:
+                if not left:
+                    return
+                item = left.pop(0)
+            fn(item)
+
+    ths = [threading.Thread(target=work) for _ in range(threads)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()

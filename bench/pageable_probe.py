@@ -18,7 +18,6 @@ import mmap
 import os
 import subprocess
 import sys
-import threading
 import time
 
 MiB = 1 << 20
@@ -26,7 +25,7 @@ MiB = 1 << 20
 
 def child(path, total, threads, piece):
     import numpy as np
-    from cuda_ctypes import cuda, ok, primary_context
+    from cuda_ctypes import cuda, ok, on_threads, primary_context
 
     cuda.cuMemAlloc_v2.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_size_t]
     cuda.cuMemcpyHtoD_v2.argtypes = [ctypes.c_uint64, ctypes.c_void_p, ctypes.c_size_t]
@@ -37,28 +36,16 @@ def child(path, total, threads, piece):
         m = mmap.mmap(f.fileno(), total, prot=mmap.PROT_READ)
     arr = np.frombuffer(m, dtype=np.uint8)
     host = arr.ctypes.data
-    pieces = list(range(0, total, piece))
-    lock = threading.Lock()
     first = []
     t0 = time.perf_counter()
 
-    def work():
-        ok(cuda.cuCtxSetCurrent(ctx), "set current")
-        while True:
-            with lock:
-                if not pieces:
-                    return
-                off = pieces.pop(0)
-            n = min(piece, total - off)
-            ok(cuda.cuMemcpyHtoD_v2(dev.value + off, host + off, n), "copy")
-            if not first:
-                first.append(time.perf_counter())
+    def copy(off):
+        n = min(piece, total - off)
+        ok(cuda.cuMemcpyHtoD_v2(dev.value + off, host + off, n), "copy")
+        if not first:
+            first.append(time.perf_counter())
 
-    ts = [threading.Thread(target=work) for _ in range(threads)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
+    on_threads(ctx, range(0, total, piece), threads, copy)
     dt = time.perf_counter() - t0
     print(
         f"{threads:2d} threads x {piece // MiB:3d} MiB pieces: first piece "

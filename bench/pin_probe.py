@@ -17,7 +17,7 @@ import mmap
 import threading
 import time
 
-from cuda_ctypes import cuda, ok, primary_context
+from cuda_ctypes import cuda, ok, on_threads, primary_context
 
 MiB = 1 << 20
 libc = ctypes.CDLL(None, use_errno=True)
@@ -130,28 +130,16 @@ def parallel(threads, mode, n=24, size=8 * MiB):
     else:
         parts = bufs
     h0 = anon_huge_kib()
-    left = list(range(n))
-    lock = threading.Lock()
     t0 = time.perf_counter()
     firsts = []
 
-    def work(register):
-        ok(cuda.cuCtxSetCurrent(ctx), "set current")
-        while True:
-            with lock:
-                if not left:
-                    return
-                i = left.pop(0)
-            ctypes.memset(parts[i], 0, size)
-            if register:
-                ok(cuda.cuMemHostRegister_v2(parts[i], size, 1), "register")
-                firsts.append(time.perf_counter())
+    def make(i):
+        ctypes.memset(parts[i], 0, size)
+        if mode == "interleaved":
+            ok(cuda.cuMemHostRegister_v2(parts[i], size, 1), "register")
+            firsts.append(time.perf_counter())
 
-    ths = [threading.Thread(target=work, args=(mode == "interleaved",)) for _ in range(threads)]
-    for t in ths:
-        t.start()
-    for t in ths:
-        t.join()
+    on_threads(ctx, range(n), threads, make)
     t1 = time.perf_counter()
     if mode == "after":
         for p in parts:
