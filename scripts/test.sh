@@ -54,6 +54,12 @@ phase() {
     record "$name" "FAIL($rc)" $((SECONDS - t0)); fi
   return $rc
 }
+# Free space where the run writes (the checkout: venv, target; TMPDIR: pytest's files): a test
+# that fails on a full disk shows here, not only as an OSError deep in its traceback.
+disk_free() {
+  df -h --output=avail,target "$REPO" "${TMPDIR:-/tmp}" 2>/dev/null | tail -n +2 | uniq |
+    awk '{printf "%s%s free on %s", (NR > 1 ? ", " : ""), $1, $2} END {print ""}'
+}
 skip() { printf '\n=== %s: skipped (%s)\n' "$1" "$2"; record "$1" "skipped: $2" 0; }
 summary() {
   local i failed=0
@@ -63,6 +69,7 @@ summary() {
     case ${STATUS[$i]} in ok|skipped*) ;; *) failed=1 ;; esac
   done
   printf '  %-8s %-28s %5d s\n' total "$([ $failed = 0 ] && echo PASSED || echo FAILED)" "$SECONDS"
+  printf '  disk: %s (at the start: %s)\n' "$(disk_free)" "$DISK_AT_START"
   return $failed
 }
 
@@ -88,6 +95,8 @@ shared_vectors() {
   return $rc
 }
 
+DISK_AT_START=$(disk_free)
+echo "disk: $DISK_AT_START"
 if [ "${SKIP_SETUP:-0}" = 1 ] && [ -x "$PY" ]; then skip setup SKIP_SETUP=1
 else phase setup bash "$REPO/scripts/setup-env.sh" || { summary; exit 1; }
 fi
