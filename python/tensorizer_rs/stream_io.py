@@ -148,7 +148,69 @@ def _shown(uri: str) -> str:
     return f"{parts.scheme}://{host}{port}{parts.path}" + ("?…" if parts.query else "")
 
 
-class CURLStreamFile(io.BufferedIOBase):
+class _RangeStream(io.BufferedIOBase):
+    """What the two read-only streams share: a position ``_curr`` below ``_limit``, bytes from
+    ``_read_span(size)`` (at most ``size``, from ``_curr`` on), CoreWeave's seek rules (forward
+    and back; not from the end) and its ``bytes_skipped`` counter."""
+
+    _curr: int
+    _limit: int
+    bytes_skipped: int
+
+    def _read_span(self, size: int) -> bytes:
+        raise NotImplementedError
+
+    def tell(self) -> int:
+        return self._curr
+
+    def readinto(self, ba) -> int:
+        with memoryview(ba) as mv, mv.cast("B") as view:
+            data = self._read_span(len(view))
+            view[: len(data)] = data
+        return len(data)
+
+    def read(self, size=None) -> bytes:
+        if size is None or size < 0:
+            size = self._limit - self._curr
+        return self._read_span(size)
+
+    def writable(self) -> bool:
+        return False
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc_val, exc_tb):
+        self.close()
+
+    def __del__(self):
+        self.close()
+
+    def seek(self, position, whence=SEEK_SET):
+        if whence == SEEK_CUR:
+            position += self._curr
+        elif whence == SEEK_END:
+            raise TensorizerValueError("Unsupported `whence`")
+        elif whence != SEEK_SET:
+            raise TensorizerValueError(f"invalid whence ({whence!r})")
+        if position < 0:
+            raise TensorizerValueError(f"negative seek position {position}")
+        if position > self._curr:
+            self.bytes_skipped += position - self._curr
+        self._curr = position
+        return position
+
+
+class CURLStreamFile(_RangeStream):
     """A read-only, seekable file object over an ``http(s)://`` URL (or an ``s3://`` object from
     ``open_stream``), with CoreWeave's constructor: ``begin``/``end`` select a byte range
     (``end`` exclusive), ``headers`` go with every request.
@@ -247,15 +309,6 @@ class CURLStreamFile(io.BufferedIOBase):
     def _tensorizer_storage(self) -> dict:
         return self._storage
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc_val, exc_tb):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
     def register_error_context(self, msg: str) -> None:
         """Add a line to the message of any error a later read raises."""
         self._error_context.append(msg)
@@ -293,32 +346,6 @@ class CURLStreamFile(io.BufferedIOBase):
         self.bytes_read += size
         return data
 
-    def tell(self) -> int:
-        return self._curr
-
-    def readinto(self, ba) -> int:
-        with memoryview(ba) as mv, mv.cast("B") as view:
-            data = self._read_span(len(view))
-            view[: len(data)] = data
-        return len(data)
-
-    def read(self, size=None) -> bytes:
-        if size is None or size < 0:
-            size = self._limit - self._curr
-        return self._read_span(size)
-
-    def writable(self) -> bool:
-        return False
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return -1
-
     def close(self):
         self._closed = True
         self._buf = b""
@@ -329,20 +356,6 @@ class CURLStreamFile(io.BufferedIOBase):
 
     def readline(self, size=-1) -> bytes:
         raise io.UnsupportedOperation("readline")
-
-    def seek(self, position, whence=SEEK_SET):
-        if whence == SEEK_CUR:
-            position += self._curr
-        elif whence == SEEK_END:
-            raise TensorizerValueError("Unsupported `whence`")
-        elif whence != SEEK_SET:
-            raise TensorizerValueError(f"invalid whence ({whence!r})")
-        if position < 0:
-            raise TensorizerValueError("Invalid begin, must be non-negative")
-        if position > self._curr:
-            self.bytes_skipped += position - self._curr
-        self._curr = position
-        return position
 
 
 # ----------------------------------------------------------------------------- redis://
@@ -368,7 +381,7 @@ def _glob_escape(s: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in s)
 
 
-class RedisStreamFile(io.BufferedIOBase):
+class RedisStreamFile(_RangeStream):
     """A read-only, seekable file object over the keys ``TensorDeserializer.to_redis`` writes:
     ``{prefix}:{name}:{offset}``, each holding the bytes of the file at ``offset``. ``uri`` is
     ``redis://host[:port]/prefix`` (port 6379 by default, database 0).
@@ -398,7 +411,6 @@ class RedisStreamFile(io.BufferedIOBase):
             ) from None
         self._errors = redis.RedisError
         self.name = _shown(uri)
-        self._end = end
         # Bounded waits: an unreachable server or a stalled reply is an error, never a hang.
         self._redis = redis.Redis(
             host=host, port=port, db=0, socket_connect_timeout=10, socket_timeout=60
@@ -436,7 +448,8 @@ class RedisStreamFile(io.BufferedIOBase):
                 raise TensorizerFormatError(
                     f"{self.name}: keys {self._keys[i - 1]!r} and {self._keys[i]!r} overlap"
                 )
-        self._size = self._indexes[-1] + self._sizes[-1]
+        size = self._indexes[-1] + self._sizes[-1]
+        self._limit = size if end is None else min(end, size)
         self._curr = 0
         self.setup_latency = time.monotonic() - init_begin
         self.response_latencies: list[float] = []
@@ -479,67 +492,17 @@ class RedisStreamFile(io.BufferedIOBase):
                 )
         return b"".join(parts)
 
-    def _read(self, size: int) -> bytes:
+    def _read_span(self, size: int) -> bytes:
         if self._redis is None:
             raise OSError("RedisStreamFile closed.")
         self.read_operations += 1
-        limit = self._size if self._end is None else min(self._end, self._size)
-        stop = min(self._curr + max(size, 0), limit)
+        stop = min(self._curr + max(size, 0), self._limit)
         if stop <= self._curr:
             return b""
         data = self._range(self._curr, stop)
         self._curr = stop
         self.bytes_read += len(data)
         return data
-
-    def tell(self) -> int:
-        return self._curr
-
-    def readinto(self, ba) -> int:
-        with memoryview(ba) as mv, mv.cast("B") as view:
-            data = self._read(len(view))
-            view[: len(data)] = data
-        return len(data)
-
-    def read(self, size=None) -> bytes:
-        if size is None or size < 0:
-            size = self._size - self._curr
-        return self._read(size)
-
-    def writable(self) -> bool:
-        return False
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def fileno(self) -> int:
-        return -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, exc_type, exc_val, exc_tb):
-        self.close()
-
-    def __del__(self):
-        self.close()
-
-    def seek(self, position, whence=SEEK_SET):
-        if whence == SEEK_CUR:
-            position += self._curr
-        elif whence == SEEK_END:
-            raise TensorizerValueError("Unsupported `whence`")
-        elif whence != SEEK_SET:
-            raise TensorizerValueError(f"invalid whence ({whence!r})")
-        if position < 0:
-            raise TensorizerValueError(f"negative seek position {position}")
-        if position > self._curr:
-            self.bytes_skipped += position - self._curr
-        self._curr = position
-        return position
 
     def close(self):
         client, self._redis = getattr(self, "_redis", None), None
