@@ -65,6 +65,24 @@ def run_log(out: str, name: str):
     return logf, jsonf, say
 
 
+def finish(res: dict, table: list, name: str, logf: str, jsonf: str, say) -> None:
+    """A run's end: its table into the results, the results saved, `name`.png drawn beside them
+    (where matplotlib is), the table printed and logged."""
+    res["table"] = table
+    with open(jsonf, "w") as f:
+        json.dump(res, f, indent=1)
+    try:
+        import chart
+
+        png = os.path.join(os.path.dirname(jsonf), f"{name}.png")
+        chart.draw(res, png)
+        say(f"chart: {png}")
+    except Exception as e:  # noqa: BLE001  (matplotlib missing, most often: keep the table)
+        say(f"no chart here ({e!r}); draw it with: python3 bench/chart.py {jsonf}")
+    for line in table:
+        log(line, file=logf)
+
+
 # ------------------------------------------------------------------------------ shapes
 def _numel(shape) -> int:
     return math.prod(shape)

@@ -400,18 +400,7 @@ def main():
                 p = os.path.join(a.dir, "model" + ext)
                 if os.path.exists(p):
                     os.unlink(p)
-    res["table"] = table(res)
-    save()
-    try:
-        import chart
-
-        png = os.path.join(a.out, "peers.png")
-        chart.draw(res, png)
-        say(f"chart: {png}")
-    except Exception as e:  # noqa: BLE001  (matplotlib missing, most often: keep the table)
-        say(f"no chart here ({e!r}); draw it with: python3 bench/chart.py {jsonf}")
-    for line in res["table"]:
-        bl.log(line, file=logf)
+    bl.finish(res, table(res), "peers", logf, jsonf, say)
 
 
 def summarize(res) -> dict:

@@ -373,18 +373,7 @@ def main():
         if not a.keep:
             for d in written:
                 shutil.rmtree(d, ignore_errors=True)
-    res["table"] = table(res)
-    save()
-    try:
-        import chart
-
-        png = os.path.join(a.out, "tp.png")
-        chart.draw(res, png)
-        say(f"chart: {png}")
-    except Exception as e:  # noqa: BLE001  (matplotlib missing, most often: keep the table)
-        say(f"no chart here ({e!r}); draw it with: python3 bench/chart.py {jsonf}")
-    for line in res["table"]:
-        bl.log(line, file=logf)
+    bl.finish(res, table(res), "tp", logf, jsonf, say)
 
 
 def bl_importable(module, extra):
