@@ -6,13 +6,16 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import torch
 from tensorizer_rs import DecryptionParams
 
@@ -69,6 +72,67 @@ def http_server(root: Path, tls: tuple | None = None):
     try:
         port = int(proc.stdout.readline())
         yield f"{'https' if tls else 'http'}://127.0.0.1:{port}"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def nginx(d: Path, servers: str, ports: list[int]):
+    """A real nginx in `d`, serving the `server { ... }` blocks `servers` (on `ports`, which it
+    must be listening on before this yields); killed at the end. Without nginx the test fails
+    in CI and is skipped elsewhere."""
+    if shutil.which("nginx") is None:
+        if os.environ.get("CI"):
+            pytest.fail("nginx is not installed", pytrace=False)
+        pytest.skip("nginx is not installed (apt-get install -y nginx)")
+    (d / "tmp").mkdir()
+    user = "user root;" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
+    temp = " ".join(
+        f"{k}_temp_path {d}/tmp;" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    (d / "nginx.conf").write_text(
+        f"""{user}
+daemon off;
+master_process off;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    {temp}
+    {servers}
+}}
+"""
+    )
+    log = d / "error.log"
+    proc = subprocess.Popen(
+        ["nginx", "-e", str(log), "-p", str(d), "-c", str(d / "nginx.conf")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        for port in ports:
+            deadline = time.monotonic() + 20
+            while True:
+                if proc.poll() is not None:
+                    pytest.fail(f"nginx exited: {log.read_text()}", pytrace=False)
+                try:
+                    socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                    break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        pytest.fail(
+                            f"nginx did not listen on {port}: {log.read_text()}", pytrace=False
+                        )
+                    time.sleep(0.05)
+        yield
     finally:
         proc.kill()
         proc.wait()

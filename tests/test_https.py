@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -27,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from helpers import entry_key, http_server, lookup, sha256
+from helpers import entry_key, free_port, http_server, lookup, nginx, sha256
 from tensorizer_rs import TensorDeserializer, TensorizerError
 from tensorizer_rs.stream_io import CAInfo, open_stream
 
@@ -108,53 +107,17 @@ def pki(tmp_path_factory) -> dict[str, Path]:
     return paths
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_for_port(port: int, proc: subprocess.Popen, log: Path) -> None:
-    deadline = time.time() + 20
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"nginx exited: {log.read_text()}", pytrace=False)
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    pytest.fail(f"nginx did not listen on {port}: {log.read_text()}", pytrace=False)
-
-
 @pytest.fixture(scope="module")
 def nginx_tls(tmp_path_factory, pki, vectors_dir, s3_server):
     """nginx with TLS: static files (the golden vectors) and a proxy to the S3 test server.
     Yields {"https": base URL of the files, "s3": the S3 endpoint through TLS}."""
-    if shutil.which("nginx") is None:
-        pytest.skip("nginx is not installed (apt-get install -y nginx)")
     d = tmp_path_factory.mktemp("nginx-tls")
     root = d / "root"
     shutil.copytree(vectors_dir, root)
-    (d / "tmp").mkdir()
-    files_port, s3_port = _free_port(), _free_port()
+    files_port, s3_port = free_port(), free_port()
     moto = s3_server.endpoint.removeprefix("http://")
-    user = "user root;" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
     tls = f"ssl_certificate {pki['cert']}; ssl_certificate_key {pki['key']};"
-    conf = f"""
-{user}
-daemon off;
-master_process off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/tmp;
-    proxy_temp_path {d}/tmp;
-    fastcgi_temp_path {d}/tmp;
-    uwsgi_temp_path {d}/tmp;
-    scgi_temp_path {d}/tmp;
+    servers = f"""
     server {{
         listen 127.0.0.1:{files_port} ssl;
         {tls}
@@ -170,19 +133,8 @@ http {{
             proxy_set_header Host $http_host;
             proxy_http_version 1.1;
         }}
-    }}
-}}
-"""
-    (d / "nginx.conf").write_text(conf)
-    log = d / "error.log"
-    proc = subprocess.Popen(
-        ["nginx", "-e", str(log), "-p", str(d), "-c", str(d / "nginx.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        for port in (files_port, s3_port):
-            _wait_for_port(port, proc, log)
+    }}"""
+    with nginx(d, servers, [files_port, s3_port]):
         s3_server.bucket("tls")
         yield {
             "root": root,
@@ -190,9 +142,6 @@ http {{
             "localhost": f"https://localhost:{files_port}",
             "s3": f"https://127.0.0.1:{s3_port}",
         }
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def _check(d, manifest):

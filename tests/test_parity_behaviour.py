@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import ast
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 from conftest import run_coreweave
+from helpers import free_port, nginx
 
 pytestmark = pytest.mark.crosscheck
 
@@ -465,64 +463,16 @@ for dtype in (torch.bfloat16, torch.complex32):
 
 
 # ----------------------------------------------------------------------------- stream_io
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def nginx_http(tmp_path_factory):
     """nginx serving a directory over plain HTTP/1.1 (CoreWeave's curl reader wants 1.1)."""
-    if shutil.which("nginx") is None:
-        if os.environ.get("CI"):
-            pytest.fail("nginx is not installed", pytrace=False)
-        pytest.skip("nginx is not installed (apt-get install -y nginx)")
     d = tmp_path_factory.mktemp("nginx-http")
     root = d / "root"
     root.mkdir()
     (root / "blob.bin").write_bytes(bytes(range(256)) * 64)
-    (d / "tmp").mkdir()
-    port = _free_port()
-    user = "user root;" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
-    (d / "nginx.conf").write_text(
-        f"""
-{user}
-daemon off;
-master_process off;
-pid {d}/nginx.pid;
-error_log {d}/error.log warn;
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {d}/tmp;
-    proxy_temp_path {d}/tmp;
-    fastcgi_temp_path {d}/tmp;
-    uwsgi_temp_path {d}/tmp;
-    scgi_temp_path {d}/tmp;
-    server {{ listen 127.0.0.1:{port}; root {root}; }}
-}}
-"""
-    )
-    proc = subprocess.Popen(
-        ["nginx", "-e", str(d / "error.log"), "-p", str(d), "-c", str(d / "nginx.conf")],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"nginx did not start: {(d / 'error.log').read_text()}")
-                time.sleep(0.05)
+    port = free_port()
+    with nginx(d, f"server {{ listen 127.0.0.1:{port}; root {root}; }}", [port]):
         yield f"http://127.0.0.1:{port}", root
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_curl_stream_file(nginx_http):

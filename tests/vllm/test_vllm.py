@@ -12,7 +12,6 @@ import io
 import json
 import os
 import re
-import socket
 import stat
 from pathlib import Path
 
@@ -326,12 +325,6 @@ def test_tensorizer_config_rejected_by_other_load_formats(results, fmt):
 
 
 # ----------------------------------------------------------------------------- vllm serve
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_vllm_serve(results, work):
     """`vllm serve DIR --load-format tensorizer` (front end, EngineCore and worker processes)
     answers a completion with the reference tokens."""

@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -88,12 +88,6 @@ def make_tiny_lora(model: Path, out: Path) -> Path:
     """`out/st` (safetensors) and `out/bin` (.bin): the same random LoRA for `model`."""
     run_script([HERE / "make_tiny_lora.py", model, out])
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextlib.contextmanager
