@@ -203,7 +203,8 @@ class _RangeStream(io.BufferedIOBase):
         elif whence != SEEK_SET:
             raise TensorizerValueError(f"invalid whence ({whence!r})")
         if position < 0:
-            raise TensorizerValueError(f"negative seek position {position}")
+            # CoreWeave's message: its CURLStreamFile seeks back by opening again at `begin`.
+            raise TensorizerValueError("Invalid begin, must be non-negative")
         if position > self._curr:
             self.bytes_skipped += position - self._curr
         self._curr = position
