@@ -48,6 +48,8 @@ import bench_lib as bl
 LOADERS = {
     "ours": "tensorizer-rs",
     "ours_module": "tensorizer-rs, in place",
+    # The A/B arm of the N-ranks default: each rank sized as if alone (12 readers, full pool).
+    "ours_alone": "tensorizer-rs, each rank as if alone",
     "coreweave": "CoreWeave tensorizer",
 }
 ROWS = ("page", "cold", "enc", "whole")
@@ -62,7 +64,11 @@ def parse():
         "--gib", type=float, default=None, help="whole model, GiB (default 8.4: 16 layers, 9.1 GB)"
     )
     ap.add_argument("--device-type", choices=("cuda", "cpu"), default=None)
-    ap.add_argument("--loaders", default=",".join(LOADERS))
+    ap.add_argument(
+        "--loaders",
+        default="ours,ours_module,coreweave",
+        help=f"of {','.join(LOADERS)}",
+    )
     ap.add_argument(
         "--rows",
         default=",".join(ROWS),
@@ -299,17 +305,18 @@ def main():
                 manifests = [s["manifest"] for s in shards]
             if cache == "cold":
                 bl.evict(every, a.evict)
+            alone = {"TENSORIZER_RS_LOCAL_RANKS": 1} if loader == "ours_alone" else {}
             specs = [
                 {
                     "job": "load",
-                    "loader": loader,
+                    "loader": "ours" if loader == "ours_alone" else loader,
                     "path": p,
                     "manifest": m,
                     "device": devices[r],
                     "encrypted": kind == "enc",
                     "extra_path": extra,
                     "rank": r,
-                    "env": env(r, world),
+                    "env": {**env(r, world), **alone},
                 }
                 for r, (p, m) in enumerate(zip(paths, manifests))
             ]
@@ -353,7 +360,7 @@ def main():
             for loader in rotated(rnd):
                 if "page" in rows_wanted:
                     row("tp", loader, "page", rnd)
-                if "whole" in rows_wanted and loader != "coreweave":
+                if "whole" in rows_wanted and loader in ("ours", "ours_module"):
                     row("whole", loader, "page", rnd)
                 if "enc" in rows_wanted and (loader != "coreweave" or sodium):
                     row("enc", loader, "page", rnd)
