@@ -675,10 +675,11 @@ def job_load(spec):
     free0 = torch.cuda.mem_get_info(torch.device(dev))[0] if cuda else None
 
     def after(res):
+        got = tensors(res)  # first: for ours it adds the load's stats to info
         out = dict(info)
         if cuda:
             out["gpu_growth"] = free0 - torch.cuda.mem_get_info(torch.device(dev))[0]
-        out["check"] = check_tensors(tensors(res), manifest)
+        out["check"] = check_tensors(got, manifest)
         out["bytes"] = manifest["bytes"]
         return out
 
