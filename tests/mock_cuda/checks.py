@@ -883,6 +883,43 @@ def trace_times_reads_and_buffer_waits():
     assert waits and max(waits) > 0, waits
 
 
+_ORDER_CHILD = """
+import json, sys, torch
+from tensorizer_rs import TensorDeserializer, _native
+# torch here has no CUDA: the device check is the only step skipped (the stand-in libcuda runs
+# the prewarm).
+TensorDeserializer._resolve_device = staticmethod(lambda device: torch.device("cuda", 0))
+TensorDeserializer(sys.argv[1], device="cuda:0", lazy_load=True).close()
+print(json.dumps([e[2] for e in _native.trace_take() if e[2].startswith("ctor_")]))
+"""
+
+
+@check
+def constructor_opens_a_local_file_before_the_prewarm():
+    """A CUDA deserializer opens a local file before it starts page-locking staging (the open
+    is quick alone but slow beside the prewarm's page faults), and starts the prewarm before
+    opening a URL, so that it runs beside the request (docs/benchmarks.md, the A/B)."""
+    path = write(TMP / "order.tensors", {"a": torch.ones(1000)})
+    env = {**os.environ, "TENSORIZER_RS_TRACE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+
+    def marks(uri):
+        out = subprocess.run(
+            [sys.executable, "-c", _ORDER_CHILD, uri],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        return [m for m in got if m in ("ctor_opened", "ctor_prewarm")]
+
+    assert marks(path) == ["ctor_opened", "ctor_prewarm"]
+    with http_server(TMP) as base:
+        assert marks(f"{base}/data/order.tensors") == ["ctor_prewarm", "ctor_opened"]
+
+
 @contextlib.contextmanager
 def http_server(root: Path, tls: tuple = ()):
     """tests/servers/http_server.py on 127.0.0.1 (Range, injected faults, request counts),
