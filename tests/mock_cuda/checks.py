@@ -842,6 +842,22 @@ def prewarm_for_sizes_the_pool():
         _cuda.release_staging(0)
 
 
+def traced_child(script: str, arg: str):
+    """Run `script` with `arg` in a fresh process with TENSORIZER_RS_TRACE=1; the JSON of its
+    last line."""
+    env = {**os.environ, "TENSORIZER_RS_TRACE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run(
+        [sys.executable, "-c", script, arg],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 _TRACE_CHILD = """
 import json, sys
 from tensorizer_rs import TensorDeserializer, _cuda, _native
@@ -864,18 +880,7 @@ def trace_times_reads_and_buffer_waits():
     g = torch.Generator().manual_seed(11)
     sd = {f"w{k}": torch.randn(700_000, generator=g) for k in range(4)}  # 11 MB: 6+ buffers
     sd["small"] = torch.ones(7)
-    path = write(TMP / "trace.tensors", sd)
-    env = {**os.environ, "TENSORIZER_RS_TRACE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run(
-        [sys.executable, "-c", _TRACE_CHILD, str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    got = json.loads(out.stdout.strip().splitlines()[-1])
+    got = traced_child(_TRACE_CHILD, write(TMP / "trace.tensors", sd))
     reads = [e for e in got["events"] if e[2] == "read"]
     waits = [e[3] for e in got["events"] if e[2] == "staging_sync"]
     assert reads and all(e[3] > 0 for e in reads), reads
@@ -900,20 +905,9 @@ def constructor_opens_a_local_file_before_the_prewarm():
     is quick alone but slow beside the prewarm's page faults), and starts the prewarm before
     opening a URL, so that it runs beside the request (docs/benchmarks.md, the A/B)."""
     path = write(TMP / "order.tensors", {"a": torch.ones(1000)})
-    env = {**os.environ, "TENSORIZER_RS_TRACE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
 
     def marks(uri):
-        out = subprocess.run(
-            [sys.executable, "-c", _ORDER_CHILD, uri],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        got = json.loads(out.stdout.strip().splitlines()[-1])
-        return [m for m in got if m in ("ctor_opened", "ctor_prewarm")]
+        return [m for m in traced_child(_ORDER_CHILD, uri) if m in ("ctor_opened", "ctor_prewarm")]
 
     assert marks(path) == ["ctor_opened", "ctor_prewarm"]
     with http_server(TMP) as base:
