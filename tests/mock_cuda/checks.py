@@ -96,6 +96,21 @@ def write(path, sd):
     return str(path)
 
 
+def run_child(script: str, *args: str, **env: str):
+    """Run `script` with `args` in a fresh process (this one's environment and `env`); the
+    JSON of its last line."""
+    out = subprocess.run(
+        [sys.executable, "-c", script, *args],
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def big_state(seed=0):
     g = torch.Generator().manual_seed(seed)
     return {
@@ -368,16 +383,7 @@ def gpu_decryption_falls_back_to_the_host():
     tests_dir = str(Path(__file__).resolve().parents[1])
 
     def child(**env):
-        out = subprocess.run(
-            [sys.executable, "-c", _FALLBACK_CHILD, str(path), enc.key.hex(), tests_dir],
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env},
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_child(_FALLBACK_CHILD, str(path), enc.key.hex(), tests_dir, **env)
 
     want = {k: sha(v) for k, v in sd.items()}
     for env, level, why in (
@@ -842,22 +848,6 @@ def prewarm_for_sizes_the_pool():
         _cuda.release_staging(0)
 
 
-def traced_child(script: str, arg: str):
-    """Run `script` with `arg` in a fresh process with TENSORIZER_RS_TRACE=1; the JSON of its
-    last line."""
-    env = {**os.environ, "TENSORIZER_RS_TRACE": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
-    out = subprocess.run(
-        [sys.executable, "-c", script, arg],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 _TRACE_CHILD = """
 import json, sys
 from tensorizer_rs import TensorDeserializer, _cuda, _native
@@ -880,7 +870,7 @@ def trace_times_reads_and_buffer_waits():
     g = torch.Generator().manual_seed(11)
     sd = {f"w{k}": torch.randn(700_000, generator=g) for k in range(4)}  # 11 MB: 6+ buffers
     sd["small"] = torch.ones(7)
-    got = traced_child(_TRACE_CHILD, write(TMP / "trace.tensors", sd))
+    got = run_child(_TRACE_CHILD, write(TMP / "trace.tensors", sd), TENSORIZER_RS_TRACE="1")
     reads = [e for e in got["events"] if e[2] == "read"]
     waits = [e[3] for e in got["events"] if e[2] == "staging_sync"]
     assert reads and all(e[3] > 0 for e in reads), reads
@@ -907,7 +897,11 @@ def constructor_opens_a_local_file_before_the_prewarm():
     path = write(TMP / "order.tensors", {"a": torch.ones(1000)})
 
     def marks(uri):
-        return [m for m in traced_child(_ORDER_CHILD, uri) if m in ("ctor_opened", "ctor_prewarm")]
+        return [
+            m
+            for m in run_child(_ORDER_CHILD, uri, TENSORIZER_RS_TRACE="1")
+            if m in ("ctor_opened", "ctor_prewarm")
+        ]
 
     assert marks(path) == ["ctor_opened", "ctor_prewarm"]
     with http_server(TMP) as base:
