@@ -521,16 +521,7 @@ def environment_settings_reach_the_load():
     path = write(TMP / "env.tensors", {"w": torch.randn(1_000_000, generator=g)})
 
     def child(**env):
-        out = subprocess.run(
-            [sys.executable, "-c", _ENV_CHILD, path],
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), **env},
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_child(_ENV_CHILD, path, **env)
 
     got = child(TENSORIZER_RS_IO="direct", TENSORIZER_RS_STAGING_BYTES=str(24 << 20))
     assert got.get("ok") and got["counters"]["direct_read_bytes"] > 3_000_000, got
