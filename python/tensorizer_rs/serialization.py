@@ -256,7 +256,7 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         self._dtype = dtype
         self._device = self._resolve_device(device)
         uri = _uri_of(file_obj)
-        # A local file opens in under a millisecond alone, but in up to 3.5 beside the prewarm's
+        # A local file opens in under a millisecond alone, but in up to 3.5 ms beside the prewarm's
         # page faults, and the readers start that much later: it opens first (the A/B in
         # docs/benchmarks.md). Opening a URL or copying a stream waits on I/O: the prewarm
         # runs beside it.
