@@ -174,12 +174,13 @@ impl Pool {
 }
 
 /// Threads that page-lock a prewarm's buffers. Faulting in fresh pages is most of the cost
-/// (256 MiB: ~50 ms of zeroing, page-locking it ~6 ms), and a thread per buffer (32) slowed
-/// everything else starting beside it, the file's opening and torch's allocations among them:
-/// on an H100 host 8 threads had all 32 buffers ready at 13–17 ms instead of 20–39, and the
-/// constructor took 5–9 ms instead of 13–25 (docs/benchmarks.md). Half the cores, 2 to 8.
+/// (256 MiB: ~50 ms of zeroing, page-locking it ~6 ms), and those threads compete with the
+/// file's opening, torch's allocations and the readers starting beside them: a thread per
+/// buffer (32) made the constructor 13–25 ms instead of 5–9 with 8, and with 4 instead of 8
+/// on 16 cores the readers read more in their first 30 ms in 6 of 6 fresh-process loads,
+/// whole loads even (docs/benchmarks.md). A quarter of the cores, 2 to 4.
 fn prewarm_threads() -> usize {
-    (crate::cores() / 2).clamp(2, 8)
+    (crate::cores() / 4).clamp(2, 4)
 }
 
 impl Drop for Pool {
