@@ -300,15 +300,26 @@ def evict(paths, how: str) -> None:
 class Reader:
     """`threads` threads reading a file (or its first `limit` bytes) in `chunk` pieces with
     preadv, each into its own buffer: page-aligned anonymous memory, or page-locked memory from
-    cudaHostAlloc (pinned=True, as a staging loader reads). Buffers are made and touched at
-    construction, before any clock; ``run()`` reads once through and returns (bytes, seconds)."""
+    cudaHostAlloc (pinned=True, as a staging loader reads). Each thread takes the next chunk, or
+    with contiguous=True reads its own contiguous share in order (fastsafetensors' pattern).
+    Buffers are made and touched at construction, before any clock; ``run()`` reads once
+    through and returns (bytes, seconds)."""
 
-    def __init__(self, path, threads=16, chunk=64 * MiB, direct=False, pinned=False, limit=None):
+    def __init__(
+        self,
+        path,
+        threads=16,
+        chunk=64 * MiB,
+        direct=False,
+        pinned=False,
+        limit=None,
+        contiguous=False,
+    ):
         import mmap
 
         size = os.path.getsize(path)
         self.size = min(size, limit) if limit else size
-        self.chunk, self.threads = chunk, threads
+        self.chunk, self.threads, self.contiguous = chunk, threads, contiguous
         self.fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
         self.bufs = []
         for _ in range(threads):
@@ -322,12 +333,17 @@ class Reader:
             self.bufs.append(b)
 
     def run(self):
-        offsets = list(range(0, self.size, self.chunk))[::-1]
+        chunks = list(range(0, self.size, self.chunk))
+        if self.contiguous:  # thread k: its own run of chunks, in order
+            per = -(-len(chunks) // self.threads)
+            queues = [chunks[k * per : (k + 1) * per][::-1] for k in range(self.threads)]
+        else:  # one queue: every thread the next chunk
+            queues = [chunks[::-1]] * self.threads
         lock = threading.Lock()
         done = [0]
         errors = []
 
-        def work(buf):
+        def work(buf, offsets):
             try:
                 while True:
                     with lock:
@@ -340,7 +356,7 @@ class Reader:
             except OSError as e:
                 errors.append(e)
 
-        ts = [threading.Thread(target=work, args=(b,)) for b in self.bufs]
+        ts = [threading.Thread(target=work, args=bq) for bq in zip(self.bufs, queues)]
         t0 = time.perf_counter()
         for t in ts:
             t.start()
