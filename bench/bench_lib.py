@@ -300,8 +300,7 @@ def evict(paths, how: str) -> None:
 class Reader:
     """`threads` threads reading a file (or its first `limit` bytes) in `chunk` pieces with
     preadv, each into its own buffer: page-aligned anonymous memory, or page-locked memory from
-    cudaHostAlloc (pinned=True, as a staging loader reads). Each thread takes the next chunk, or
-    with contiguous=True reads its own contiguous share in order (fastsafetensors' pattern).
+    cudaHostAlloc (pinned=True, as a staging loader reads). Each thread takes the next chunk.
     Buffers are made and touched at construction, before any clock; ``run()`` reads once
     through and returns (bytes, seconds)."""
 
@@ -313,13 +312,12 @@ class Reader:
         direct=False,
         pinned=False,
         limit=None,
-        contiguous=False,
     ):
         import mmap
 
         size = os.path.getsize(path)
         self.size = min(size, limit) if limit else size
-        self.chunk, self.threads, self.contiguous = chunk, threads, contiguous
+        self.chunk, self.threads = chunk, threads
         self.fd = os.open(path, os.O_RDONLY | (os.O_DIRECT if direct else 0))
         self.bufs = []
         for _ in range(threads):
@@ -333,12 +331,7 @@ class Reader:
             self.bufs.append(b)
 
     def run(self):
-        chunks = list(range(0, self.size, self.chunk))
-        if self.contiguous:  # thread k: its own run of chunks, in order
-            per = -(-len(chunks) // self.threads)
-            queues = [chunks[k * per : (k + 1) * per][::-1] for k in range(self.threads)]
-        else:  # one queue: every thread the next chunk
-            queues = [chunks[::-1]] * self.threads
+        offsets = list(range(0, self.size, self.chunk))[::-1]
         lock = threading.Lock()
         done = [0]
         errors = []
@@ -356,7 +349,7 @@ class Reader:
             except OSError as e:
                 errors.append(e)
 
-        ts = [threading.Thread(target=work, args=bq) for bq in zip(self.bufs, queues)]
+        ts = [threading.Thread(target=work, args=(b, offsets)) for b in self.bufs]
         t0 = time.perf_counter()
         for t in ts:
             t.start()

@@ -13,7 +13,7 @@ results: docs/benchmarks.md; on the GPU machine: `bash bench/on_device.sh peers`
    reading the ext4 file from the page cache, and the tmpfs copy, into pinned 8 / 64 MiB
    buffers (best); 16-thread O_DIRECT reads of the cold file (64 MiB chunks, before every
    cold round and after the last; best), and of both files in fastsafetensors' own pattern
-   (16 threads, each its own contiguous share in 16 MiB reads) beside them, not a limit.
+   (0.5.0 nogds: 16 threads each taking the next 512 KiB read) beside them, not a limit.
 3. Loads the model onto --device in a fresh process per load (the clock starts once the
    process has its CUDA context and imports, and stops after a synchronize): tensorizer-rs
    (new tensors; in place with load_into_module into a model already on the GPU), InstantTensor
@@ -296,25 +296,25 @@ def main():
         def odirect(tag):
             # Both files, the same reader: a disk (or the storage below it) that serves one
             # file faster than the other shows here, not as a loader's lead. Two patterns: the
-            # ceiling's (16 threads taking the next 64 MiB) and fastsafetensors' own (16 threads
-            # each reading a contiguous share in 16 MiB pieces), which tells whether its cold
-            # lead is its pattern or its file.
-            patterns = (("16x64MiB", 64, False), ("contig16x16MiB", 16, True))
+            # ceiling's (16 threads taking the next 64 MiB) and fastsafetensors' own (0.5.0's
+            # nogds reader: 16 threads, two 512 KiB slots each of its 16 MiB of bounce
+            # buffers, each thread taking the next 512 KiB), which tells whether its cold lead
+            # is its pattern or its file.
+            patterns = (("16x64MiB", 64 * bl.MiB), ("16x512KiB", bl.MiB // 2))
             for fmt, key in (("tensors", "odirect"), ("safetensors", "odirect_st")):
                 path = files["cold"].get(fmt)
                 if path is None or fmt not in cold_formats:
                     continue
-                for pat, mib, contiguous in patterns:
+                for pat, chunk in patterns:
                     name = f"{key}_{pat}_{tag}"
                     bl.evict([path], a.evict)
                     try:
                         r = bl.Reader(
                             path,
                             threads=16,
-                            chunk=mib * bl.MiB,
+                            chunk=chunk,
                             direct=True,
                             limit=6 * bl.GiB,
-                            contiguous=contiguous,
                         )
                         n, secs = r.run()
                         r.close()
