@@ -37,6 +37,8 @@
 #              scripts/fetch-device-wheels.sh; PEERS_ARGS, e.g. "--gib 16 --columns page,tmpfs")
 #   disk       bench/disk_probe.py: the cold disk's ceiling by request pattern (O_DIRECT and buffered,
 #              threads x request size) and our cold loads beside it (~3 min; DISK_GIB)
+#   hybrid     bench/hybrid_probe.py: a staged load from the page cache alone, page-cache pages
+#              registered and copied alone, and the two at once (~2 min; HYBRID_ARGS)
 #   trace      bench/trace_gpu_load.py: a load's timeline from the loader's marks (TRACE_ARGS, e.g.
 #              "--gib 8 --fresh new --rounds 4": fresh processes timed as gpu_bench times them)
 #   tp         bench/tp_bench.py: N ranks load their shards at once (N = the GPUs, or 4 sharing one);
@@ -107,6 +109,10 @@ for phase in $phases; do
       timeout 560 python3 bench/peers_bench.py --dir /tmp/tzpeers --out "$OUT" --coreweave "$HOME/cw" \
         --peers "$HOME/peers" ${PEERS_ARGS:-}
       rm -rf /tmp/tzpeers /dev/shm/tzpeers-* ;;
+    hybrid)
+      # shellcheck disable=SC2086
+      timeout 300 python3 bench/hybrid_probe.py --dir /tmp/tzhybrid --out "$OUT" ${HYBRID_ARGS:-} 2>&1 | tee "$OUT/hybrid-probe.log"
+      rm -rf /tmp/tzhybrid ;;
     disk)
       timeout 300 python3 bench/disk_probe.py --dir /tmp/tzdisk --gib "${DISK_GIB:-6}" --out "$OUT" 2>&1 | tee "$OUT/disk-probe.log"
       rm -rf /tmp/tzdisk ;;
