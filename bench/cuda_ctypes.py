@@ -1,5 +1,6 @@
 """The CUDA driver through ctypes for the probes, which need no torch: the library, a status
-check, and device 0's primary context (the one torch shares) made current."""
+check, and device 0's primary context (the one torch shares) made current; and libc's `mmap`,
+`munmap` and `madvise` with their signatures, for the memory the probes page-lock."""
 
 from __future__ import annotations
 
@@ -7,6 +8,21 @@ import ctypes
 import threading
 
 cuda = ctypes.CDLL("libcuda.so.1")
+cuda.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+cuda.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
+
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_int,
+    ctypes.c_long,
+]
+libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 
 
 def ok(r, what):

@@ -63,14 +63,12 @@ def child(mode: str, tpath: str, rpath: str, reg_bytes: int, threads: int) -> di
     import torch
 
     sys.path.insert(0, HERE)
-    from cuda_ctypes import cuda, ok
+    from cuda_ctypes import cuda, libc, ok
 
     torch.empty(1, device="cuda:0")
     torch.cuda.synchronize()
     ctx = ctypes.c_void_p()
     ok(cuda.cuCtxGetCurrent(ctypes.byref(ctx)), "current context")
-    cuda.cuMemHostRegister_v2.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
-    cuda.cuMemHostUnregister.argtypes = [ctypes.c_void_p]
     cuda.cuMemcpyHtoDAsync_v2.argtypes = [
         ctypes.c_uint64,
         ctypes.c_void_p,
@@ -79,17 +77,6 @@ def child(mode: str, tpath: str, rpath: str, reg_bytes: int, threads: int) -> di
     ]
     cuda.cuStreamCreate.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
     cuda.cuStreamSynchronize.argtypes = [ctypes.c_void_p]
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [
-        ctypes.c_void_p,
-        ctypes.c_size_t,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_long,
-    ]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 
     out: dict = {"mode": mode}
     reg_setup = None
