@@ -298,8 +298,9 @@ def main():
             # file faster than the other shows here, not as a loader's lead. Two patterns: the
             # ceiling's (16 threads taking the next 64 MiB) and fastsafetensors' own (0.5.0's
             # nogds reader: 16 threads, two 512 KiB slots each of its 16 MiB of bounce
-            # buffers, each thread taking the next 512 KiB), which tells whether its cold lead
-            # is its pattern or its file.
+            # buffers, each thread taking the next 512 KiB). From Python threads the second
+            # reads slower than fastsafetensors' own threads do (docs/benchmarks.md): it
+            # compares the two files in that pattern, not the loaders.
             patterns = (("16x64MiB", 64 * bl.MiB), ("16x512KiB", bl.MiB // 2))
             for fmt, key in (("tensors", "odirect"), ("safetensors", "odirect_st")):
                 path = files["cold"].get(fmt)
