@@ -5,8 +5,13 @@ On the GPU machine fastsafetensors read a cold file faster (2.7-2.9 GB/s) than 1
 readers' count and request size, O_DIRECT and buffered (caches dropped before each), then loads
 a `.tensors` file of the same size cold to `cuda:0` with our loader under a few settings, each
 in a fresh process. Needs root (drop_caches). Prints a table; writes disk-probe.json to --out.
+O_DIRECT is read by Python threads, and with --c-reader (bench/direct_reader.c built) also by
+C threads, which Python's fell behind at small requests; --sweep names the settings,
+--rounds repeats them interleaved, --only-direct leaves out the buffered reads and our loads.
 
     python bench/disk_probe.py --dir /tmp/tzdisk --gib 6 --out $OUT
+    python bench/disk_probe.py --dir /tmp/tzdisk --gib 4 --c-reader .device/bin/direct_reader \
+        --sweep 16x512,16x4096,16x65536 --rounds 2 --only-direct --out $OUT
 """
 
 import argparse
@@ -52,6 +57,13 @@ def main() -> None:
     ap.add_argument("--gib", type=float, default=6.0)
     ap.add_argument("--read-gib", type=float, default=3.0, help="bytes per raw-read setting")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--c-reader", help="bench/direct_reader.c built: O_DIRECT by C threads too")
+    ap.add_argument(
+        "--sweep",
+        help="O_DIRECT settings THREADSxKIB,... (default: 8-64 threads x 4-64 MiB)",
+    )
+    ap.add_argument("--rounds", type=int, default=1, help="the O_DIRECT sweep, interleaved")
+    ap.add_argument("--only-direct", action="store_true", help="no buffered reads, no loads")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
     path = os.path.join(args.dir, "cold.tensors")
@@ -59,21 +71,40 @@ def main() -> None:
     limit = int(args.read_gib * GiB)
     rows = []
 
-    def raw(direct: bool, threads: int, chunk: int) -> None:
+    def raw(direct: bool, threads: int, chunk: int, c: bool = False) -> None:
         if not direct:
             drop_caches()
-        r = Reader(path, threads=threads, chunk=chunk, direct=direct, limit=limit)
-        n, dt = r.run()
-        r.close()
-        kind = "O_DIRECT" if direct else "buffered"
-        rows.append({"what": f"{kind} {threads} thr x {chunk // MiB} MiB", "gbps": n / dt / 1e9})
+        if c:
+            cmd = [args.c_reader, path, str(threads), str(chunk), str(limit)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+            gbps = json.loads(out.stdout)["gbps"]
+        else:
+            r = Reader(path, threads=threads, chunk=chunk, direct=direct, limit=limit)
+            n, dt = r.run()
+            r.close()
+            gbps = n / dt / 1e9
+        kind = ("O_DIRECT" if direct else "buffered") + (" (C)" if c else "")
+        size = f"{chunk // MiB} MiB" if chunk >= MiB else f"{chunk >> 10} KiB"
+        rows.append({"what": f"{kind} {threads} thr x {size}", "gbps": gbps})
         log(f"{rows[-1]['what']:<34} {rows[-1]['gbps']:6.2f} GB/s")
 
-    for threads, chunk in itertools.product((8, 16, 32, 64), (4 * MiB, 16 * MiB, 64 * MiB)):
-        raw(True, threads, chunk)
-    for threads, chunk in itertools.product((16, 32), (4 * MiB, 16 * MiB)):
-        raw(False, threads, chunk)
-    for io, readers in (("auto", 0), ("auto", 24), ("auto", 32), ("buffered", 0), ("buffered", 32)):
+    if args.sweep:
+        sweep = [tuple(int(x) for x in s.split("x")) for s in args.sweep.split(",")]
+        sweep = [(t, kib << 10) for t, kib in sweep]
+    else:
+        sweep = list(itertools.product((8, 16, 32, 64), (4 * MiB, 16 * MiB, 64 * MiB)))
+    for _ in range(args.rounds):
+        for threads, chunk in sweep:
+            raw(True, threads, chunk)
+            if args.c_reader:
+                raw(True, threads, chunk, c=True)
+    if args.only_direct:
+        loads = []
+    else:
+        loads = [("auto", 0), ("auto", 24), ("auto", 32), ("buffered", 0), ("buffered", 32)]
+        for threads, chunk in itertools.product((16, 32), (4 * MiB, 16 * MiB)):
+            raw(False, threads, chunk)
+    for io, readers in loads:
         drop_caches()
         env = dict(os.environ, TENSORIZER_RS_IO=io)
         out = subprocess.run(

@@ -36,7 +36,9 @@
 #              safetensors; page cache, tmpfs, cold (~9 min; needs .device/peers and .device/cw from
 #              scripts/fetch-device-wheels.sh; PEERS_ARGS, e.g. "--gib 16 --columns page,tmpfs")
 #   disk       bench/disk_probe.py: the cold disk's ceiling by request pattern (O_DIRECT and buffered,
-#              threads x request size) and our cold loads beside it (~3 min; DISK_GIB)
+#              threads x request size; O_DIRECT by C threads too with .device/bin/direct_reader,
+#              `cc -O2 -pthread -static -o .device/bin/direct_reader bench/direct_reader.c`) and
+#              our cold loads beside it (~3 min; DISK_GIB, DISK_ARGS, e.g. "--only-direct")
 #   hybrid     bench/hybrid_probe.py: a staged load from the page cache alone, page-cache pages
 #              registered and copied alone, and the two at once (~2 min; HYBRID_ARGS)
 #   trace      bench/trace_gpu_load.py: a load's timeline from the loader's marks (TRACE_ARGS, e.g.
@@ -114,7 +116,10 @@ for phase in $phases; do
       timeout 300 python3 bench/hybrid_probe.py --dir /tmp/tzhybrid --out "$OUT" ${HYBRID_ARGS:-} 2>&1 | tee "$OUT/hybrid-probe.log"
       rm -rf /tmp/tzhybrid ;;
     disk)
-      timeout 300 python3 bench/disk_probe.py --dir /tmp/tzdisk --gib "${DISK_GIB:-6}" --out "$OUT" 2>&1 | tee "$OUT/disk-probe.log"
+      creader=(); [ -x .device/bin/direct_reader ] && creader=(--c-reader "$PWD/.device/bin/direct_reader")
+      # shellcheck disable=SC2086
+      timeout 300 python3 bench/disk_probe.py --dir /tmp/tzdisk --gib "${DISK_GIB:-6}" --out "$OUT" \
+        "${creader[@]}" ${DISK_ARGS:-} 2>&1 | tee "$OUT/disk-probe.log"
       rm -rf /tmp/tzdisk ;;
     trace)
       # shellcheck disable=SC2086
