@@ -34,7 +34,8 @@
 #              Fits one call (about 6 minutes on a 16-CPU H100 or H200 host).
 #   peers      bench/peers_bench.py: us beside InstantTensor, fastsafetensors, Run:ai, CoreWeave and
 #              safetensors; page cache, tmpfs, cold (~9 min; needs .device/peers and .device/cw from
-#              scripts/fetch-device-wheels.sh; PEERS_ARGS, e.g. "--gib 16 --columns page,tmpfs")
+#              scripts/fetch-device-wheels.sh; PEERS_ARGS, e.g. "--gib 16 --columns page,tmpfs";
+#              the O_DIRECT probes by C threads too with .device/bin/direct_reader, see disk)
 #   disk       bench/disk_probe.py: the cold disk's ceiling by request pattern (O_DIRECT and buffered,
 #              threads x request size; O_DIRECT by C threads too with .device/bin/direct_reader,
 #              `cc -O2 -pthread -static -o .device/bin/direct_reader bench/direct_reader.c`) and
@@ -108,8 +109,9 @@ for phase in $phases; do
         python3 -m pip install -q --no-index --no-deps --target "$HOME/peers" .device/peers/*.whl || exit 1
       fi
       # shellcheck disable=SC2086
+      creader=(); [ -x .device/bin/direct_reader ] && creader=(--c-reader "$PWD/.device/bin/direct_reader")
       timeout 560 python3 bench/peers_bench.py --dir /tmp/tzpeers --out "$OUT" --coreweave "$HOME/cw" \
-        --peers "$HOME/peers" ${PEERS_ARGS:-}
+        --peers "$HOME/peers" "${creader[@]}" ${PEERS_ARGS:-}
       rm -rf /tmp/tzpeers /dev/shm/tzpeers-* ;;
     hybrid)
       # shellcheck disable=SC2086

@@ -13,7 +13,9 @@ results: docs/benchmarks.md; on the GPU machine: `bash bench/on_device.sh peers`
    reading the ext4 file from the page cache, and the tmpfs copy, into pinned 8 / 64 MiB
    buffers (best); 16-thread O_DIRECT reads of the cold file (64 MiB chunks, before every
    cold round and after the last; best), and of both files in fastsafetensors' own pattern
-   (0.5.0 nogds: 16 threads each taking the next 512 KiB read) beside them, not a limit.
+   (0.5.0 nogds: 16 threads each taking the next 512 KiB read) beside them, not a limit; with
+   --c-reader each pattern also by C threads (bench/direct_reader.c), which Python's can
+   trail, and the ceiling is the faster.
 3. Loads the model onto --device in a fresh process per load (the clock starts once the
    process has its CUDA context and imports, and stops after a synchronize): tensorizer-rs
    (new tensors; in place with load_into_module into a model already on the GPU), InstantTensor
@@ -42,6 +44,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -117,6 +120,11 @@ def parse():
     ap.add_argument("--peers", default=None, help="a directory holding the peers (pip --target)")
     ap.add_argument("--evict", choices=("drop", "fadvise"), default=None)
     ap.add_argument("--keep", action="store_true", help="keep the files on --dir")
+    ap.add_argument(
+        "--c-reader",
+        help="bench/direct_reader.c built: the O_DIRECT probes read by C threads too (the "
+        "ceiling is the faster of the two)",
+    )
     ap.add_argument(
         "--dry-run",
         action="store_true",
@@ -301,7 +309,9 @@ def main():
             # buffers, each thread taking the next 512 KiB). From Python threads the second
             # reads slower than fastsafetensors' own threads do (docs/benchmarks.md): it
             # compares the two files in that pattern, not the loaders.
-            patterns = (("16x64MiB", 64 * bl.MiB), ("16x512KiB", bl.MiB // 2))
+            patterns = [("16x64MiB", 64 * bl.MiB), ("16x512KiB", bl.MiB // 2)]
+            if a.c_reader:
+                patterns += [("c" + pat, chunk) for pat, chunk in patterns]
             for fmt, key in (("tensors", "odirect"), ("safetensors", "odirect_st")):
                 path = files["cold"].get(fmt)
                 if path is None or fmt not in cold_formats:
@@ -310,18 +320,22 @@ def main():
                     name = f"{key}_{pat}_{tag}"
                     bl.evict([path], a.evict)
                     try:
-                        r = bl.Reader(
-                            path,
-                            threads=16,
-                            chunk=chunk,
-                            direct=True,
-                            limit=6 * bl.GiB,
-                        )
-                        n, secs = r.run()
-                        r.close()
-                        res["limits"][f"{name}_gbps"] = n / secs / 1e9
-                    except OSError as e:  # e.g. a file system without O_DIRECT
-                        res["limits"][f"{name}_error"] = repr(e)
+                        if pat.startswith("c"):
+                            cmd = [a.c_reader, path, "16", str(chunk), str(6 * bl.GiB)]
+                            out = subprocess.run(
+                                cmd, check=True, capture_output=True, text=True, timeout=120
+                            )
+                            gbps = json.loads(out.stdout)["gbps"]
+                        else:
+                            r = bl.Reader(
+                                path, threads=16, chunk=chunk, direct=True, limit=6 * bl.GiB
+                            )
+                            n, secs = r.run()
+                            r.close()
+                            gbps = n / secs / 1e9
+                        res["limits"][f"{name}_gbps"] = gbps
+                    except (OSError, subprocess.SubprocessError, ValueError) as e:  # no O_DIRECT?
+                        res["limits"][f"{name}_error"] = repr(e)[-300:]
                     say(f"O_DIRECT {pat}, .{fmt} ({tag}): {res['limits'].get(f'{name}_gbps')}")
 
         # ---------------------------------------------------------------- loads
@@ -391,11 +405,12 @@ def main():
                 load(name, "cold", rnd)
         if "cold" in columns and budget.left() > 15:
             odirect("after")
-        # The ceiling: the .tensors file in the 16 x 64 MiB pattern (not fastsafetensors' own).
+        # The ceiling: the .tensors file in the 16 x 64 MiB pattern (not fastsafetensors' own),
+        # by Python or C threads, whichever read faster.
         disk = [
             v
             for k, v in res["limits"].items()
-            if k.startswith("odirect_16x64MiB_") and k.endswith("_gbps")
+            if k.startswith(("odirect_16x64MiB_", "odirect_c16x64MiB_")) and k.endswith("_gbps")
         ]
         if disk:
             res["limits"]["odirect_gbps"] = max(disk)

@@ -62,7 +62,42 @@ def coreweave() -> str:
     return str(d)
 
 
-def test_peers_dry_run(tmp_path):
+@pytest.fixture(scope="module")
+def direct_reader(tmp_path_factory) -> str:
+    """bench/direct_reader.c built (cc, which the Rust build needs anyway)."""
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.fail("no C compiler (cc) to build bench/direct_reader.c")
+    exe = tmp_path_factory.mktemp("creader") / "direct_reader"
+    cmd = [cc, "-O2", "-pthread", "-o", str(exe), str(BENCH / "direct_reader.c")]
+    subprocess.run(cmd, check=True, capture_output=True)
+    return str(exe)
+
+
+def test_direct_reader_counts_every_byte_up_to_the_limit(tmp_path, direct_reader):
+    path = tmp_path / "f.bin"
+    size = 3 * (1 << 20) + 12345  # not a whole number of chunks
+    path.write_bytes(os.urandom(size))
+
+    def read(*args):
+        p = subprocess.run(
+            [direct_reader, str(path), *args], capture_output=True, text=True, check=False
+        )
+        if p.returncode != 0 and "Invalid argument" in p.stderr:
+            pytest.skip(f"no O_DIRECT on {tmp_path}: {p.stderr.strip()}")
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    assert read("4", str(1 << 20))["bytes"] == size
+    assert read("16", "4096")["bytes"] == size
+    r = read("2", str(1 << 20), str(2 * (1 << 20) + 4096))
+    assert r["bytes"] == 2 * (1 << 20) + 4096 and r["gbps"] > 0
+    # Settings it cannot honour are refused, not rounded.
+    bad = subprocess.run([direct_reader, str(path), "4", "1000"], capture_output=True, check=False)
+    assert bad.returncode == 2
+
+
+def test_peers_dry_run(tmp_path, direct_reader):
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
     shm_dir = shm / f"tz-peers-test-{os.getpid()}"
     stdout, res = run_bench(
@@ -71,6 +106,7 @@ def test_peers_dry_run(tmp_path):
         "--columns", "tmpfs,cold",
         "--coreweave", coreweave(),
         "--shm-dir", str(shm_dir),
+        "--c-reader", direct_reader,
         "--keep",
     )  # fmt: skip
     nbytes, ntensors = res["model"]["bytes"], res["model"]["tensors"]
@@ -86,8 +122,16 @@ def test_peers_dry_run(tmp_path):
         assert r["path"].startswith(str(shm_dir) if r["column"] == "tmpfs" else str(tmp_path))
     assert res["limits"]["tmpfs_read_gbps"] > 0
     assert "odirect_gbps" in res["limits"] or any("error" in k for k in res["limits"])
-    # fastsafetensors' own read pattern probed beside the ceiling's, per round.
-    assert any(k.startswith("odirect_16x512KiB_before_") for k in res["limits"]), res["limits"]
+    # fastsafetensors' own read pattern probed beside the ceiling's, per round; both by C threads
+    # too, and the ceiling is the faster of the two readers.
+    lim = res["limits"]
+    assert any(k.startswith("odirect_16x512KiB_before_") for k in lim), lim
+    assert any(k.startswith("odirect_c16x512KiB_before_") for k in lim), lim
+    if "odirect_16x64MiB_before_gbps" in lim:
+        assert lim["odirect_c16x64MiB_before_gbps"] > 0, lim
+        ceiling = ("odirect_16x64MiB_", "odirect_c16x64MiB_")
+        probes = [v for k, v in lim.items() if k.startswith(ceiling) and k.endswith("_gbps")]
+        assert lim["odirect_gbps"] == max(probes), lim
     # The table is printed last: one row per loader, a cell per column.
     rows = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert rows[0].split("|")[2].strip() == "tmpfs" and len(rows) == 3
