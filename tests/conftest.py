@@ -276,6 +276,14 @@ def vector_manifests(vectors_dir) -> dict[str, dict]:
     return load_manifests(vectors_dir)
 
 
+@pytest.fixture(scope="session")
+def direct_reader(tmp_path_factory) -> str:
+    """bench/direct_reader.c built (the cold disk's O_DIRECT speed by C threads)."""
+    from helpers import build_bench_c
+
+    return str(build_bench_c(tmp_path_factory, "direct_reader"))
+
+
 @pytest.fixture
 def vector(request, vector_manifests) -> dict:
     """One manifest (see pytest_generate_tests); its ``path`` is the .tensors file."""

@@ -186,3 +186,14 @@ def sigint_and_wait(p: subprocess.Popen, settle: float) -> tuple[str, str, float
     p.send_signal(signal.SIGINT)
     out, err = p.communicate(timeout=30)
     return out, err, time.monotonic() - t0
+
+
+def build_bench_c(tmp_path_factory, name: str) -> Path:
+    """bench/NAME.c built with the host's C compiler (skips without one)."""
+    cc = shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler")
+    out = tmp_path_factory.mktemp("cc") / name
+    source = Path(__file__).resolve().parent.parent / "bench" / f"{name}.c"
+    subprocess.run([cc, "-O2", "-pthread", "-o", str(out), str(source)], check=True)
+    return out

@@ -1,29 +1,22 @@
-"""bench/range_client.c, the bare reference client behind bench_remote.py's fresh-memory
-ceiling: it must fetch exactly the served bytes, or its figures mean nothing."""
+"""The bare C clients behind the benchmarks' ceilings: bench/range_client.c (bench_remote.py's
+fresh-memory ceiling) must fetch exactly the served bytes, and bench/direct_reader.c (the cold
+disk's O_DIRECT speed) must count exactly the bytes it read, or their figures mean nothing."""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from helpers import http_server
-
-SOURCE = Path(__file__).resolve().parent.parent / "bench" / "range_client.c"
+from helpers import build_bench_c, http_server
 
 
 @pytest.fixture(scope="module")
 def client(tmp_path_factory) -> Path:
-    cc = shutil.which("cc")
-    if cc is None:
-        pytest.skip("no C compiler")
-    out = tmp_path_factory.mktemp("cc") / "range_client"
-    subprocess.run([cc, "-O2", "-pthread", "-o", str(out), str(SOURCE)], check=True)
-    return out
+    return build_bench_c(tmp_path_factory, "range_client")
 
 
 def run(client: Path, port: int, size: int, mode: str, check: Path) -> subprocess.CompletedProcess:
@@ -51,3 +44,26 @@ def test_range_client_fetches_the_served_bytes(client, tmp_path):
         # The check is real: a file that differs in its last byte is caught.
         r = run(client, port, len(data), "fresh", other)
         assert r.returncode == 1 and "bytes differ" in r.stderr
+
+
+def test_direct_reader_counts_every_byte_up_to_the_limit(tmp_path, direct_reader):
+    path = tmp_path / "f.bin"
+    size = 3 * (1 << 20) + 12345  # not a whole number of chunks
+    path.write_bytes(os.urandom(size))
+
+    def read(*args):
+        p = subprocess.run(
+            [direct_reader, str(path), *args], capture_output=True, text=True, check=False
+        )
+        if p.returncode != 0 and "Invalid argument" in p.stderr:
+            pytest.skip(f"no O_DIRECT on {tmp_path}: {p.stderr.strip()}")
+        assert p.returncode == 0, p.stderr
+        return json.loads(p.stdout)
+
+    assert read("4", str(1 << 20))["bytes"] == size
+    assert read("16", "4096")["bytes"] == size
+    r = read("2", str(1 << 20), str(2 * (1 << 20) + 4096))
+    assert r["bytes"] == 2 * (1 << 20) + 4096 and r["gbps"] > 0
+    # Settings it cannot honour are refused, not rounded.
+    bad = subprocess.run([direct_reader, str(path), "4", "1000"], capture_output=True, check=False)
+    assert bad.returncode == 2

@@ -62,41 +62,6 @@ def coreweave() -> str:
     return str(d)
 
 
-@pytest.fixture(scope="module")
-def direct_reader(tmp_path_factory) -> str:
-    """bench/direct_reader.c built (cc, which the Rust build needs anyway)."""
-    cc = shutil.which("cc")
-    if cc is None:
-        pytest.fail("no C compiler (cc) to build bench/direct_reader.c")
-    exe = tmp_path_factory.mktemp("creader") / "direct_reader"
-    cmd = [cc, "-O2", "-pthread", "-o", str(exe), str(BENCH / "direct_reader.c")]
-    subprocess.run(cmd, check=True, capture_output=True)
-    return str(exe)
-
-
-def test_direct_reader_counts_every_byte_up_to_the_limit(tmp_path, direct_reader):
-    path = tmp_path / "f.bin"
-    size = 3 * (1 << 20) + 12345  # not a whole number of chunks
-    path.write_bytes(os.urandom(size))
-
-    def read(*args):
-        p = subprocess.run(
-            [direct_reader, str(path), *args], capture_output=True, text=True, check=False
-        )
-        if p.returncode != 0 and "Invalid argument" in p.stderr:
-            pytest.skip(f"no O_DIRECT on {tmp_path}: {p.stderr.strip()}")
-        assert p.returncode == 0, p.stderr
-        return json.loads(p.stdout)
-
-    assert read("4", str(1 << 20))["bytes"] == size
-    assert read("16", "4096")["bytes"] == size
-    r = read("2", str(1 << 20), str(2 * (1 << 20) + 4096))
-    assert r["bytes"] == 2 * (1 << 20) + 4096 and r["gbps"] > 0
-    # Settings it cannot honour are refused, not rounded.
-    bad = subprocess.run([direct_reader, str(path), "4", "1000"], capture_output=True, check=False)
-    assert bad.returncode == 2
-
-
 def test_peers_dry_run(tmp_path, direct_reader):
     shm = Path("/dev/shm") if Path("/dev/shm").is_dir() else tmp_path
     shm_dir = shm / f"tz-peers-test-{os.getpid()}"
