@@ -2,6 +2,7 @@
 # Fetch here the wheels the GPU machine lacks for bench/peers_bench.py and bench/tp_bench.py, into
 # .device/ (git-ignored; the device call carries it with carry: [".device"]):
 #   .device/peers/  InstantTensor 0.2.2, fastsafetensors 0.5.0, Run:ai model streamer 0.17.0
+#   .device/bin/direct_reader  bench/direct_reader.c, built static (the O_DIRECT probes in C)
 #   .device/cw/     CoreWeave tensorizer 2.12.1 and what it needs that the image lacks: boto3,
 #                   botocore, s3transfer, jmespath, redis, hiredis, libnacl (the image has torch,
 #                   numpy, protobuf, psutil, urllib3, python-dateutil, humanize, typer)
@@ -71,6 +72,14 @@ if [ -n "$OURS" ]; then
 fi
 ls "$DEST"/tensorizer_rs-*.whl >/dev/null 2>&1 ||
   echo "NOTE: no tensorizer_rs-*.whl in $DEST: build one (maturin build --release) and pass --ours"
+# The C O_DIRECT reader the disk and peers phases use beside Python's threads (static: nothing
+# to match on the GPU machine).
+mkdir -p "$DEST/bin"
+if cc -O2 -pthread -static -o "$DEST/bin/direct_reader" "$REPO/bench/direct_reader.c" 2>/dev/null; then
+  echo "bench/direct_reader.c -> $DEST/bin/direct_reader"
+else
+  echo "NOTE: could not build $DEST/bin/direct_reader (cc with a static libc): the O_DIRECT probes read from Python only"
+fi
 
 # What travels: the checkout as git sees it, plus .device.
 cd "$REPO"
