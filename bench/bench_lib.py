@@ -365,6 +365,23 @@ class Reader:
         self.bufs = []
 
 
+def read_gbps(path, threads, chunk, direct=True, limit=None, c_reader=None) -> float:
+    """GB/s of one pass of `threads` threads taking the next `chunk` of `path` (its first
+    `limit` bytes): Python threads (`Reader`), or with `c_reader` (bench/direct_reader.c built)
+    C threads, O_DIRECT only."""
+    if c_reader:
+        assert direct, "direct_reader reads with O_DIRECT only"
+        cmd = [c_reader, path, str(threads), str(chunk)] + ([str(limit)] if limit else [])
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
+        return json.loads(out.stdout)["gbps"]
+    r = Reader(path, threads=threads, chunk=chunk, direct=direct, limit=limit)
+    try:
+        n, secs = r.run()
+    finally:
+        r.close()
+    return n / secs / 1e9
+
+
 def warm(paths, threads=16) -> float:
     """Reads each file once through the page cache (loaders that read with O_DIRECT never put
     a file there). Returns the seconds taken."""

@@ -14,7 +14,7 @@ results: docs/benchmarks.md; on the GPU machine: `bash bench/on_device.sh peers`
    buffers (best); 16-thread O_DIRECT reads of the cold file (64 MiB chunks, before every
    cold round and after the last; best), and of both files in fastsafetensors' own pattern
    (0.5.0 nogds: 16 threads each taking the next 512 KiB read) beside them, not a limit; with
-   --c-reader each pattern also by C threads (bench/direct_reader.c), which Python's can
+   --c-reader each pattern also by C threads (bench/direct_reader.c), in case Python's
    trail, and the ceiling is the faster.
 3. Loads the model onto --device in a fresh process per load (the clock starts once the
    process has its CUDA context and imports, and stops after a synchronize): tensorizer-rs
@@ -319,20 +319,9 @@ def main():
                 for pat, chunk in patterns:
                     name = f"{key}_{pat}_{tag}"
                     bl.evict([path], a.evict)
+                    c = a.c_reader if pat.startswith("c") else None
                     try:
-                        if pat.startswith("c"):
-                            cmd = [a.c_reader, path, "16", str(chunk), str(6 * bl.GiB)]
-                            out = subprocess.run(
-                                cmd, check=True, capture_output=True, text=True, timeout=120
-                            )
-                            gbps = json.loads(out.stdout)["gbps"]
-                        else:
-                            r = bl.Reader(
-                                path, threads=16, chunk=chunk, direct=True, limit=6 * bl.GiB
-                            )
-                            n, secs = r.run()
-                            r.close()
-                            gbps = n / secs / 1e9
+                        gbps = bl.read_gbps(path, 16, chunk, limit=6 * bl.GiB, c_reader=c)
                         res["limits"][f"{name}_gbps"] = gbps
                     except (OSError, subprocess.SubprocessError, ValueError) as e:  # no O_DIRECT?
                         res["limits"][f"{name}_error"] = repr(e)[-300:]
