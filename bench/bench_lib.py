@@ -442,6 +442,57 @@ def host_info() -> dict:
     return info
 
 
+def disk_info(path: str) -> dict:
+    """The file system under path and the block device behind it, from /proc and sysfs: what
+    tells one host's disk from another's when cold figures differ (virtio or NVMe, request
+    size limits, queues, scheduler). Fields that a host lacks are left out."""
+    real = os.path.realpath(path)
+    info: dict = {}
+    try:
+        with open("/proc/mounts") as f:
+            mounts = [line.split()[:3] for line in f]
+        best = max(
+            (m for m in mounts if real == m[1] or real.startswith(m[1].rstrip("/") + "/")),
+            key=lambda m: len(m[1]),
+            default=None,
+        )
+        if best:
+            info.update(source=best[0], mount=best[1], fs=best[2])
+    except OSError:
+        pass
+    st = os.stat(real)
+    sys_dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
+    if not os.path.isdir(sys_dev):
+        return info  # not a block device (tmpfs, overlay, NFS): no queue to describe
+    dev = os.path.realpath(sys_dev)
+    if os.path.exists(os.path.join(dev, "partition")):
+        dev = os.path.dirname(dev)  # a partition's queue is its disk's
+    info["block"] = os.path.basename(dev)
+
+    def read(rel):
+        try:
+            with open(os.path.join(dev, rel)) as f:
+                return f.read().strip()
+        except OSError:
+            return None
+
+    driver = os.path.join(dev, "device", "driver")
+    if os.path.islink(driver):
+        info["driver"] = os.path.basename(os.readlink(driver))
+    for rel in ("device/model", "queue/max_sectors_kb", "queue/max_hw_sectors_kb",
+                "queue/max_segments", "queue/nr_requests", "queue/scheduler",
+                "queue/rotational"):  # fmt: skip
+        v = read(rel)
+        if v is not None:
+            info[os.path.basename(rel)] = v
+    if os.path.isdir(os.path.join(dev, "mq")):
+        info["hw_queues"] = len(os.listdir(os.path.join(dev, "mq")))
+    slaves = os.path.join(dev, "slaves")
+    if os.path.isdir(slaves) and os.listdir(slaves):
+        info["slaves"] = sorted(os.listdir(slaves))  # device-mapper or md: the disks below
+    return info
+
+
 # ------------------------------------------------------------------------------ child jobs
 def _sync(device: str):
     if device.startswith("cuda"):

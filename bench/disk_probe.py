@@ -24,7 +24,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_lib import GiB, MiB, drop_caches, log, read_gbps
+from bench_lib import GiB, MiB, disk_info, drop_caches, log, read_gbps
 
 LOAD = """
 import sys, time, torch
@@ -67,6 +67,7 @@ def main() -> None:
     ap.add_argument("--only-direct", action="store_true", help="no buffered reads, no loads")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
+    log(f"disk {disk_info(args.dir)}")
     path = os.path.join(args.dir, "cold.tensors")
     write_model(path, args.gib)
     limit = int(args.read_gib * GiB)
@@ -118,6 +119,7 @@ def main() -> None:
         json.dump(
             {
                 "gib": args.gib,
+                "disk": disk_info(args.dir),
                 "read_gib": args.read_gib,
                 "rows": rows,
                 "finished": time.strftime("%F %T"),

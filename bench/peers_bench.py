@@ -179,6 +179,7 @@ def main():
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
         "commit": bl.commit(),
         "host": bl.host_info(),
+        "disk": bl.disk_info(a.dir),
         "args": {k: v for k, v in vars(a).items()},
         "limits": {},
         "runs": [],
@@ -204,8 +205,8 @@ def main():
         say(f"skip {name}: {why}")
     columns = [c for c in a.columns.split(",") if c]
     say(
-        f"host {res['host']}, commit {res['commit']}, device {a.device}, loaders {loaders}, "
-        f"columns {columns}, budget {a.budget:.0f} s"
+        f"host {res['host']}, disk {res['disk']}, commit {res['commit']}, device {a.device}, "
+        f"loaders {loaders}, columns {columns}, budget {a.budget:.0f} s"
     )
     shm_files = []
     try:

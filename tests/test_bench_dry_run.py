@@ -86,6 +86,8 @@ def test_peers_dry_run(tmp_path, direct_reader):
         # tmpfs loads read the copies, cold ones the files on --dir.
         assert r["path"].startswith(str(shm_dir) if r["column"] == "tmpfs" else str(tmp_path))
     assert res["limits"]["tmpfs_read_gbps"] > 0
+    # The disk under --dir is described, so cold figures from two hosts can be told apart.
+    assert res["disk"]["fs"] and res["disk"]["mount"], res["disk"]
     assert "odirect_gbps" in res["limits"] or any("error" in k for k in res["limits"])
     # fastsafetensors' own read pattern probed beside the ceiling's, per round; both by C threads
     # too, and the ceiling is the faster of the two readers.
