@@ -365,15 +365,20 @@ class Reader:
         self.bufs = []
 
 
-def read_gbps(path, threads, chunk, direct=True, limit=None, c_reader=None) -> float:
+def read_gbps(path, threads, chunk, direct=True, limit=None, c_reader=None, pages="") -> float:
     """GB/s of one pass of `threads` threads taking the next `chunk` of `path` (its first
     `limit` bytes): Python threads (`Reader`), or with `c_reader` (bench/direct_reader.c built)
-    C threads, O_DIRECT only."""
+    C threads, O_DIRECT only, their buffers on `pages` ("4k", "huge"; "" the system's default)."""
     if c_reader:
         assert direct, "direct_reader reads with O_DIRECT only"
-        cmd = [c_reader, path, str(threads), str(chunk)] + ([str(limit)] if limit else [])
+        cmd = [c_reader, path, str(threads), str(chunk), str(limit or 0)] + (
+            [pages] if pages else []
+        )
         out = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
-        return json.loads(out.stdout)["gbps"]
+        res = json.loads(out.stdout)
+        if pages == "huge" and res.get("huge_kb", 0) <= 0:
+            raise ValueError(f"asked for huge pages, got none: {res}")  # not what it says it is
+        return res["gbps"]
     r = Reader(path, threads=threads, chunk=chunk, direct=direct, limit=limit)
     try:
         n, secs = r.run()
@@ -393,17 +398,23 @@ def warm(paths, threads=16) -> float:
     return time.perf_counter() - t0
 
 
-def fs_type(path: str) -> str:
-    """The file system type of the mount holding `path` (from /proc/self/mounts)."""
+def mount_of(path: str) -> tuple:
+    """(source, mount point, file system type) of the mount holding `path` (/proc/self/mounts);
+    ("", "", "?") if none is found."""
     path = os.path.realpath(path)
-    best, kind = "", "?"
+    best = ("", "", "?")
     with open("/proc/self/mounts") as f:
         for line in f:
-            parts = line.split()
-            mnt = parts[1].replace("\\040", " ")
-            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
-                best, kind = mnt, parts[2]
-    return kind
+            src, mnt, kind = line.split()[:3]
+            mnt = mnt.replace("\\040", " ")
+            if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best[1]):
+                best = (src, mnt, kind)
+    return best
+
+
+def fs_type(path: str) -> str:
+    """The file system type of the mount holding `path`."""
+    return mount_of(path)[2]
 
 
 def commit() -> str:
@@ -447,19 +458,8 @@ def disk_info(path: str) -> dict:
     tells one host's disk from another's when cold figures differ (virtio or NVMe, request
     size limits, queues, scheduler). Fields that a host lacks are left out."""
     real = os.path.realpath(path)
-    info: dict = {}
-    try:
-        with open("/proc/mounts") as f:
-            mounts = [line.split()[:3] for line in f]
-        best = max(
-            (m for m in mounts if real == m[1] or real.startswith(m[1].rstrip("/") + "/")),
-            key=lambda m: len(m[1]),
-            default=None,
-        )
-        if best:
-            info.update(source=best[0], mount=best[1], fs=best[2])
-    except OSError:
-        pass
+    src, mnt, kind = mount_of(real)
+    info: dict = {"source": src, "mount": mnt, "fs": kind}
     st = os.stat(real)
     sys_dev = f"/sys/dev/block/{os.major(st.st_dev)}:{os.minor(st.st_dev)}"
     if not os.path.isdir(sys_dev):

@@ -8,11 +8,13 @@ in a fresh process. Needs root (drop_caches). Prints a table; writes disk-probe.
 O_DIRECT is read by Python threads, and with --c-reader (bench/direct_reader.c built) also by
 C threads (Python's read 512 KiB requests slower than fastsafetensors' own threads, in case
 they trail elsewhere too); --sweep names the settings, --rounds repeats them interleaved,
---only-direct leaves out the buffered reads and our loads.
+--only-direct leaves out the buffered reads and our loads; --pages 4k,huge reads with C threads
+into buffers on 4 KiB pages and on huge pages (ours stage on huge pages, fastsafetensors' bounce
+buffers are 4 KiB pages), each its own row.
 
     python bench/disk_probe.py --dir /tmp/tzdisk --gib 6 --out $OUT
     python bench/disk_probe.py --dir /tmp/tzdisk --gib 4 --c-reader .device/bin/direct_reader \
-        --sweep 16x512,16x4096,16x65536 --rounds 2 --only-direct --out $OUT
+        --sweep 16x512,16x4096,16x65536 --pages 4k,huge --rounds 2 --only-direct --out $OUT
 """
 
 import argparse
@@ -63,24 +65,32 @@ def main() -> None:
         "--sweep",
         help="O_DIRECT settings THREADSxKIB,... (default: 8-64 threads x 4-64 MiB)",
     )
+    ap.add_argument(
+        "--pages",
+        default="",
+        help="the C reader's buffers: 4k,huge (each a setting of its own; default the system's)",
+    )
     ap.add_argument("--rounds", type=int, default=1, help="the O_DIRECT sweep, interleaved")
     ap.add_argument("--only-direct", action="store_true", help="no buffered reads, no loads")
     args = ap.parse_args()
     os.makedirs(args.dir, exist_ok=True)
+    os.makedirs(args.out, exist_ok=True)
     log(f"disk {disk_info(args.dir)}")
     path = os.path.join(args.dir, "cold.tensors")
     write_model(path, args.gib)
     limit = int(args.read_gib * GiB)
     rows = []
 
-    def raw(direct: bool, threads: int, chunk: int, c: bool = False) -> None:
+    def raw(direct: bool, threads: int, chunk: int, c: bool = False, pages: str = "") -> None:
         if not direct:
             drop_caches()
-        gbps = read_gbps(path, threads, chunk, direct, limit, args.c_reader if c else None)
-        kind = ("O_DIRECT" if direct else "buffered") + (" (C)" if c else "")
+        gbps = read_gbps(path, threads, chunk, direct, limit, args.c_reader if c else None, pages)
+        kind = ("O_DIRECT" if direct else "buffered") + (
+            f" (C{', ' + pages if pages else ''})" if c else ""
+        )
         size = f"{chunk // MiB} MiB" if chunk >= MiB else f"{chunk >> 10} KiB"
         rows.append({"what": f"{kind} {threads} thr x {size}", "gbps": gbps})
-        log(f"{rows[-1]['what']:<34} {rows[-1]['gbps']:6.2f} GB/s")
+        log(f"{rows[-1]['what']:<38} {rows[-1]['gbps']:6.2f} GB/s")
 
     if args.sweep:
         sweep = [tuple(int(x) for x in s.split("x")) for s in args.sweep.split(",")]
@@ -91,7 +101,8 @@ def main() -> None:
         for threads, chunk in sweep:
             raw(True, threads, chunk)
             if args.c_reader:
-                raw(True, threads, chunk, c=True)
+                for pages in args.pages.split(","):
+                    raw(True, threads, chunk, c=True, pages=pages)
     if args.only_direct:
         loads = []
     else:
@@ -114,7 +125,7 @@ def main() -> None:
         rows.append(
             {"what": what, "gbps": gbps, "stderr": out.stderr[-400:] if gbps is None else ""}
         )
-        log(f"{what:<34} {gbps if gbps is None else round(gbps, 2)} GB/s")
+        log(f"{what:<38} {gbps if gbps is None else round(gbps, 2)} GB/s")
     with open(os.path.join(args.out, "disk-probe.json"), "w") as f:
         json.dump(
             {

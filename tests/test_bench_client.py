@@ -64,6 +64,16 @@ def test_direct_reader_counts_every_byte_up_to_the_limit(tmp_path, direct_reader
     assert read("16", "4096")["bytes"] == size
     r = read("2", str(1 << 20), str(2 * (1 << 20) + 4096))
     assert r["bytes"] == 2 * (1 << 20) + 4096 and r["gbps"] > 0
+    # The buffers' page size on request: 4 KiB pages hold no huge page; huge ones do where the
+    # kernel has transparent huge pages at all. 0 is no limit.
+    small = read("2", str(4 << 20), "0", "4k")
+    assert small["bytes"] == size and small["huge_kb"] == 0, small
+    huge = read("2", str(4 << 20), "0", "huge")
+    assert huge["bytes"] == size, huge
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if thp.is_file() and "[never]" not in thp.read_text():
+        assert huge["huge_kb"] >= 2048, huge
     # Settings it cannot honour are refused, not rounded.
-    bad = subprocess.run([direct_reader, str(path), "4", "1000"], capture_output=True, check=False)
-    assert bad.returncode == 2
+    for args in (["4", "1000"], ["4", "4096", "0", "64k"]):
+        bad = subprocess.run([direct_reader, str(path), *args], capture_output=True, check=False)
+        assert bad.returncode == 2, args
