@@ -365,6 +365,15 @@ class Reader:
         self.bufs = []
 
 
+def thp_enabled() -> bool:
+    """Whether this kernel gives transparent huge pages at all (to madvise'd memory at least)."""
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return "[never]" not in f.read()
+    except OSError:
+        return False
+
+
 def read_gbps(path, threads, chunk, direct=True, limit=None, c_reader=None, pages="") -> float:
     """GB/s of one pass of `threads` threads taking the next `chunk` of `path` (its first
     `limit` bytes): Python threads (`Reader`), or with `c_reader` (bench/direct_reader.c built)
