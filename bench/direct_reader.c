@@ -3,8 +3,9 @@
 // readers do), into its own page-aligned buffer, touched before the clock. Python threads
 // reading the same pattern fell behind fastsafetensors' own at 512 KiB (docs/benchmarks.md).
 // PAGES (4k or huge) asks for the buffers on 4 KiB or transparent huge pages (madvise): our
-// staging is on huge pages, fastsafetensors' bounce buffers on 4 KiB ones, and an O_DIRECT
-// request's segments follow the pages it lands in. Without it the system's default applies.
+// staging is on huge pages, and an O_DIRECT request's segments follow the pages it lands in
+// (on the GPU machine's disk 512 KiB requests read faster into huge pages). Without it the
+// system's default applies.
 // Prints one JSON line: bytes, seconds, GB/s, and how many buffer bytes were on huge pages.
 // Build: cc -O2 -pthread -static -o direct_reader bench/direct_reader.c
 // Run:   direct_reader PATH THREADS CHUNK_BYTES [LIMIT_BYTES [PAGES]]

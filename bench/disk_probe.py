@@ -9,8 +9,7 @@ O_DIRECT is read by Python threads, and with --c-reader (bench/direct_reader.c b
 C threads (Python's read 512 KiB requests slower than fastsafetensors' own threads, in case
 they trail elsewhere too); --sweep names the settings, --rounds repeats them interleaved,
 --only-direct leaves out the buffered reads and our loads; --pages 4k,huge reads with C threads
-into buffers on 4 KiB pages and on huge pages (ours stage on huge pages, fastsafetensors' bounce
-buffers are 4 KiB pages), each its own row.
+into buffers on 4 KiB pages and on huge pages (our staging's kind), each its own row.
 
     python bench/disk_probe.py --dir /tmp/tzdisk --gib 6 --out $OUT
     python bench/disk_probe.py --dir /tmp/tzdisk --gib 4 --c-reader .device/bin/direct_reader \
@@ -85,9 +84,8 @@ def main() -> None:
         if not direct:
             drop_caches()
         gbps = read_gbps(path, threads, chunk, direct, limit, args.c_reader if c else None, pages)
-        kind = ("O_DIRECT" if direct else "buffered") + (
-            f" (C{', ' + pages if pages else ''})" if c else ""
-        )
+        reader = " (C" + (f", {pages}" if pages else "") + ")" if c else ""
+        kind = ("O_DIRECT" if direct else "buffered") + reader
         size = f"{chunk // MiB} MiB" if chunk >= MiB else f"{chunk >> 10} KiB"
         rows.append({"what": f"{kind} {threads} thr x {size}", "gbps": gbps})
         log(f"{rows[-1]['what']:<38} {rows[-1]['gbps']:6.2f} GB/s")
