@@ -83,13 +83,27 @@ def draw_peers(res, path):
         cells.setdefault((r["label"], r["column"]), []).append(r["gbps"])
     series = list(dict.fromkeys(labels.values()))
     lim = res.get("limits", {})
-    fig, (warm, cold) = plt.subplots(
-        1, 2, figsize=(12, 5), gridspec_kw={"width_ratios": [2, 1]}, constrained_layout=True
+    # Only the panels a run has bars for: `--columns cold` draws the cold one alone.
+    panels = [
+        (cols, titles)
+        for cols, titles in (
+            (["page", "tmpfs"], ["page cache (ext4)", "tmpfs (/dev/shm)"]),
+            (["cold"], ["cold (caches dropped)"]),
+        )
+        if any(c in cols for _, c in cells)
+    ]
+    if not panels:
+        return
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(12 if len(panels) == 2 else 7, 5),
+        gridspec_kw={"width_ratios": [len(cols) for cols, _ in panels]},
+        constrained_layout=True,
+        squeeze=False,
     )
-    for ax, cols, titles in (
-        (warm, ["page", "tmpfs"], ["page cache (ext4)", "tmpfs (/dev/shm)"]),
-        (cold, ["cold"], ["cold (caches dropped)"]),
-    ):
+    into = "pinned" if res["args"]["device"].startswith("cuda") else "host memory"
+    for ax, (cols, titles) in zip(axes[0], panels):
         vals = {s: [] for s in series}
         spread = {s: [] for s in series}
         for s in series:
@@ -98,27 +112,35 @@ def draw_peers(res, path):
                 vals[s].append(statistics.median(v) if v else None)
                 spread[s].append((min(v), max(v)) if v else (0, 0))
         _bars(ax, titles, series, vals, spread)
-    into = "pinned" if res["args"]["device"].startswith("cuda") else "host memory"
-    _limit(warm, lim.get("pinned_h2d_gbps"), "pinned host→device", "solid")
-    _limit(
-        warm,
-        lim.get("page_read_gbps"),
-        f"page cache→{into}, 16 thr",
-        "dashed",
-        -0.5,
-        0.5,
-        "dimgray",
-    )
-    _limit(warm, lim.get("tmpfs_read_gbps"), f"tmpfs→{into}, 16 thr", "dotted", 0.5, 1.5, "dimgray")
-    _limit(cold, lim.get("odirect_gbps"), "O_DIRECT, 16 thr", "dashed")
-    for ax in (warm, cold):
+        if cols == ["cold"]:
+            _limit(ax, lim.get("odirect_gbps"), "O_DIRECT, 16 thr", "dashed")
+        else:
+            _limit(ax, lim.get("pinned_h2d_gbps"), "pinned host→device", "solid")
+            _limit(
+                ax,
+                lim.get("page_read_gbps"),
+                f"page cache→{into}, 16 thr",
+                "dashed",
+                -0.5,
+                0.5,
+                "dimgray",
+            )
+            _limit(
+                ax,
+                lim.get("tmpfs_read_gbps"),
+                f"tmpfs→{into}, 16 thr",
+                "dotted",
+                0.5,
+                1.5,
+                "dimgray",
+            )
         ax.set_ylim(0, ax.get_ylim()[1] * 1.3)  # room for the legend and the labels
-    warm.legend(fontsize=7, loc="upper left", ncol=2)
+    axes[0][0].legend(fontsize=7, loc="upper left", ncol=2)
     m = res.get("model", {})
     gpu = (res.get("host", {}).get("gpus") or ["no GPU"])[0].split(",")[0]
     fig.suptitle(
         f"Loading a {m.get('bytes', 0) / 1e9:.2f} GB bf16 model to {res['args']['device']}, "
-        f"fresh processes, bytes checked — {gpu}, commit {res.get('commit')}",
+        f"fresh processes, bytes checked\n{gpu}, commit {res.get('commit')}",
         fontsize=10,
     )
     fig.savefig(path, dpi=150)
