@@ -214,7 +214,9 @@ def main():
             # Next to model.tensors, encrypted with the same key when --keyfile is given.
             tensorize_lora_adapter(args.lora_path, tensorizer_config)
         # vLLM's layout, as its example makes it: {dir}/vllm/{--model as given}/{suffix}.
-        print(f"Serialized to {base_path}; serve it with: vllm serve {base_path} --load-format tensorizer")
+        print(
+            f"Serialized to {base_path}; serve it with: vllm serve {base_path} --load-format tensorizer"
+        )
     elif args.command == "deserialize":
         tensorizer_config = TensorizerConfig(
             tensorizer_uri=args.path_to_tensors,
