@@ -14,7 +14,7 @@
 #            binary runs even after a failure; debug profile: the release build's dependencies
 #            are built as LTO bitcode with maturin's PyO3 env, so `cargo test --release` reuses
 #            none of them and was measured 3x slower here)
-#   ruff     ruff check python tests examples
+#   ruff     ruff check and ruff format --check, python tests examples bench
 #   stubs    python/tensorizer_rs/_native.pyi against the built module (mypy.stubtest)
 #   pytest   pytest -q -m "not gpu" (exit 5, "no tests collected", counts as a failure)
 #   vllm-next  the plugin's engine-free vLLM tests with the newest vLLM (0.34.0, in the second
@@ -116,7 +116,7 @@ phase core core_has_no_python
 phase cargo cargo test --no-fail-fast
 RUFF_PATHS=()
 for d in python tests examples bench; do [ -e "$d" ] && RUFF_PATHS+=("$d"); done
-phase ruff ruff check "${RUFF_PATHS[@]}"
+phase ruff bash -c 'ruff check "$@" && ruff format --check "$@"' ruff "${RUFF_PATHS[@]}"
 if [ $BUILD_OK = 0 ]; then
   phase stubs env PYTHONPATH="$SITE" "$PY" -m mypy.stubtest tensorizer_rs._native \
     --allowlist "$REPO/tests/stubtest-allowlist.txt"
