@@ -320,6 +320,15 @@ def _verify_cli(path: str, key_file) -> int:
         return main(["verify", path] + (["--keyfile", key_file] if key_file else []))
 
 
+def _says_encrypted(path: str) -> bool:
+    from tensorizer_rs import TensorizerError, _native
+
+    try:
+        return bool(_native.TensorFile(path).encrypted)
+    except TensorizerError:
+        return False
+
+
 def _check(path: str, key_file, passphrase, original: dict, rng: random.Random) -> tuple:
     """`(problem or None, whether it loaded)`."""
     from tensorizer_rs import TensorizerError
@@ -353,6 +362,12 @@ def _check(path: str, key_file, passphrase, original: dict, rng: random.Random) 
                 return f"tensor {k}: hash verification passed with other bytes", loaded
     if passphrase is None and rng.random() < 0.25:  # the CLI too, on a sample
         rc = _verify_cli(path, key_file)
+        if rc == 2 and key_file is None and _says_encrypted(path):
+            # A mutant whose header now says "encrypted" (version 3, or flag bit 0 from v4 on):
+            # the CLI asks for a key (a usage error, exit 2), as the loads above refused it.
+            if verified is not None:
+                return "a verified load passed without a key to a file that says encrypted", loaded
+            return None, loaded
         if rc not in (0, 1) or (verified is not None and rc != 0):
             return f"`tensorizer-rs verify` exited {rc} (the verified load passed)", loaded
     return None, loaded
