@@ -14,7 +14,9 @@ a tail.
 With `--fresh new` (or `module`) each load runs in a fresh process timed as
 bench/gpu_bench.py times it (import, constructor, first access or load_into_module, sync), and
 the Python-side steps are printed beside the loader's marks: where a fresh process's fixed
-cost goes.
+cost goes. `--cold` drops the page cache before each of those loads (a cold load's timeline),
+and `--c-reader .device/bin/direct_reader` reads the cold file with C threads after each one
+(16 x 512 KiB O_DIRECT, bench/direct_reader.c): the disk's pace beside the load's.
 
 With no file there, writes one first (`--gib`, the Llama-shaped model of bench/gpu_bench.py).
 """
@@ -48,6 +50,12 @@ def cached_file(path, gib):
         s.close()
         del m
     gpu_bench.parallel_read(path)
+
+
+def drop_caches():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
 
 
 def model_for(path):
@@ -144,7 +152,14 @@ def main():
         "(first access) or in place (load_into_module)",
     )
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--c-reader", help="with --cold: C O_DIRECT reader to run after each load")
     ap.add_argument("--gib", type=float, default=16)
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="with --fresh: drop the page cache before each load (root), so the readers' "
+        "timeline is a cold load's",
+    )
     ap.add_argument(
         "--readers", default="", help="comma-separated num_readers to run in turn (default: ours)"
     )
@@ -156,9 +171,17 @@ def main():
 
         cached_file(args.path, args.gib)
         for k in range(args.rounds):
-            print(f"load {k}, fresh process, {args.fresh}:", flush=True)
+            if args.cold:
+                drop_caches()
+            cold = ", cold" if args.cold else ""
+            print(f"load {k}, fresh process, {args.fresh}{cold}:", flush=True)
             cmd = [sys.executable, os.path.abspath(__file__), args.path, "--fresh", args.fresh]
             subprocess.run(cmd + ["--child"], check=True)
+            if args.cold and args.c_reader:
+                drop_caches()
+                c = [args.c_reader, args.path, "16", str(512 << 10), "0", "huge"]
+                out = subprocess.run(c, check=True, capture_output=True, text=True).stdout.strip()
+                print(f"  C threads 16 x 512 KiB O_DIRECT, cold: {out}", flush=True)
         return
     import torch
     from tensorizer_rs import TensorDeserializer, _native
