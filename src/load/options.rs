@@ -333,7 +333,7 @@ pub struct Tuning {
     pub read_mode: ReadMode,
     /// How the plan cuts the file into reads.
     pub sizes: Sizes,
-    /// Split the last pieces down to this size so the readers finish together (remote).
+    /// Split the last pieces down to this size so the readers finish together.
     pub taper: Option<u64>,
     /// Staging buffers the load may make (GPU loads).
     pub buffers: usize,
@@ -423,8 +423,11 @@ impl Tuning {
             read_mode: io.unwrap_or(default_mode),
             // The pipeline reads sealed data in `fill`s of whole cipher chunks.
             sizes: Sizes::device(chunk as u64, encrypted.then_some(fill as u64)),
-            // Encrypted pieces stay whole numbers of cipher chunks.
-            taper: (caps.remote && !encrypted).then_some(chunk as u64),
+            // The last pieces split down to one buffer, so the readers finish together: cold,
+            // the readers holding the last 64 MiB pieces read alone for 255-293 ms at the end
+            // of a 6.46 GB load, 16-21 ms split (H100, docs/benchmarks.md). Encrypted pieces
+            // stay whole numbers of cipher chunks.
+            taper: (!encrypted).then_some(chunk as u64),
             // Remote loads keep the whole pool: one buffer per reader made no difference there
             // (HTTP to CUDA, H200 host, docs/benchmarks.md).
             buffers: if caps.remote {
@@ -592,6 +595,10 @@ mod tests {
         for fs in [FileSystem::Ext4, FileSystem::Overlay, FileSystem::Other] {
             let t = Tuning::device_for(&opts, local(fs), Sealed::No, chunk, 32, None, 1);
             assert_eq!((t.read_mode, t.readers, t.buffers), (ReadMode::Auto, local_gpu_readers(), t.readers * 2));
+            // The last pieces split down to one buffer; encrypted ones stay whole cipher reads.
+            assert_eq!(t.taper, Some(chunk as u64));
+            let sealed = Tuning::device_for(&opts, local(fs), Sealed::OnGpu, chunk, 32, None, 1);
+            assert_eq!(sealed.taper, None);
         }
         // Encrypted files on tmpfs: decryption's readers, buffered reads.
         let t = Tuning::device_for(&opts, local(FileSystem::Tmpfs), Sealed::OnHost, chunk, 32, None, 1);
