@@ -285,6 +285,10 @@ fn decrypting_readers() -> usize {
     crate::cores().clamp(4, 64)
 }
 
+/// The smallest piece a local GPU load's last pieces are split into (see `Plan::taper`): two
+/// of its reads, the size measured (docs/benchmarks.md).
+const LOCAL_TAPER_MIN: u64 = 2 * LOCAL_FILL as u64;
+
 /// The smallest piece a remote host load's last pieces are split into (see `Plan::taper`).
 const HOST_TAPER_MIN: u64 = 4 << 20;
 
@@ -423,11 +427,15 @@ impl Tuning {
             read_mode: io.unwrap_or(default_mode),
             // The pipeline reads sealed data in `fill`s of whole cipher chunks.
             sizes: Sizes::device(chunk as u64, encrypted.then_some(fill as u64)),
-            // The last pieces split down to one buffer, so the readers finish together: cold,
-            // the readers holding the last 64 MiB pieces read alone for 255-293 ms at the end
-            // of a 6.46 GB load, 16-21 ms split (H100, docs/benchmarks.md). Encrypted pieces
-            // stay whole numbers of cipher chunks.
-            taper: (!encrypted).then_some(chunk as u64),
+            // The last pieces split finer, so the readers finish together: cold, the readers
+            // holding the last 64 MiB pieces of a local file read alone for 255-293 ms at the
+            // end of a 6.46 GB load, 16-21 ms split down to 8 MiB (H100, docs/benchmarks.md).
+            // Encrypted pieces stay whole numbers of cipher chunks.
+            taper: match (encrypted, caps.remote) {
+                (true, _) => None,
+                (false, true) => Some(chunk as u64),
+                (false, false) => Some(LOCAL_TAPER_MIN),
+            },
             // Remote loads keep the whole pool: one buffer per reader made no difference there
             // (HTTP to CUDA, H200 host, docs/benchmarks.md).
             buffers: if caps.remote {
@@ -572,7 +580,9 @@ mod tests {
             fs: FileSystem::Other,
             pins_version: true,
         };
-        assert_eq!(Tuning::device_for(&opts, s3, Sealed::No, chunk, 4, None, 8).readers, 4);
+        let remote = Tuning::device_for(&opts, s3, Sealed::No, chunk, 4, None, 8);
+        // Their last pieces split down to one buffer (one request streamed through it).
+        assert_eq!((remote.readers, remote.taper), (4, Some(chunk as u64)));
     }
 
     #[test]
@@ -595,8 +605,8 @@ mod tests {
         for fs in [FileSystem::Ext4, FileSystem::Overlay, FileSystem::Other] {
             let t = Tuning::device_for(&opts, local(fs), Sealed::No, chunk, 32, None, 1);
             assert_eq!((t.read_mode, t.readers, t.buffers), (ReadMode::Auto, local_gpu_readers(), t.readers * 2));
-            // The last pieces split down to one buffer; encrypted ones stay whole cipher reads.
-            assert_eq!(t.taper, Some(chunk as u64));
+            // The last pieces split down to 8 MiB; encrypted ones stay whole cipher reads.
+            assert_eq!(t.taper, Some(8 << 20));
             let sealed = Tuning::device_for(&opts, local(fs), Sealed::OnGpu, chunk, 32, None, 1);
             assert_eq!(sealed.taper, None);
         }
