@@ -43,7 +43,8 @@
 #   hybrid     bench/hybrid_probe.py: a staged load from the page cache alone, page-cache pages
 #              registered and copied alone, and the two at once (~2 min; HYBRID_ARGS)
 #   trace      bench/trace_gpu_load.py: a load's timeline from the loader's marks (TRACE_ARGS, e.g.
-#              "--gib 8 --fresh new --rounds 4": fresh processes timed as gpu_bench times them)
+#              "--gib 8 --fresh new --rounds 4": fresh processes timed as gpu_bench times them;
+#              add "--cold --c-reader .device/bin/direct_reader" for cold loads beside C reads)
 #   tp         bench/tp_bench.py: N ranks load their shards at once (N = the GPUs, or 4 sharing one);
 #              ~8 min; TP_ARGS, e.g. "--ranks 2 --rows page,cold"
 #   Each of ab / peers / tp fills a call; run it alone. peers and tp write peers.* / tp.* (json,
