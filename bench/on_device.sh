@@ -53,9 +53,12 @@ set -uo pipefail
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 phases=${*:-tests encrypted remote}
-python3 -m pip install -q --no-index --no-deps --target "$HOME/site" .device/tensorizer_rs-*.whl || exit 1
+# --upgrade throughout: without it pip keeps a package already in the target (a warm machine, or
+# a second install in one call) and only warns, and the run measures the earlier wheel.
+python3 -m pip install -q --upgrade --no-index --no-deps --target "$HOME/site" .device/tensorizer_rs-*.whl || exit 1
+sha256sum .device/tensorizer_rs-*.whl | cut -c1-16 | sed "s/^/wheel sha256 /" | tee "$OUT/wheel.txt"
 if [ -d .device/cw ]; then
-  python3 -m pip install -q --no-index --no-deps --target "$HOME/cw" .device/cw/*.whl || exit 1
+  python3 -m pip install -q --upgrade --no-index --no-deps --target "$HOME/cw" .device/cw/*.whl || exit 1
 fi
 export PYTHONPATH=$HOME/site PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/card.txt"
@@ -97,7 +100,7 @@ for phase in $phases; do
         2>&1 | tee "$OUT/gpu-enc.log" | tail -14
       rm -rf /tmp/tzenc ;;
     ab)
-      python3 -m pip install -q --no-index --no-deps --target "$HOME/site_old" .device/old/*.whl || exit 1
+      python3 -m pip install -q --upgrade --no-index --no-deps --target "$HOME/site_old" .device/old/*.whl || exit 1
       chmod +x .device/bin/* 2>/dev/null
       nginx=(); [ -x .device/bin/nginx ] && nginx=(--nginx "$PWD/.device/bin/nginx")
       timeout "${AB_TIMEOUT:-540}" python3 bench/gpu_bench.py --dir /tmp/tzab --out "$OUT" \
@@ -107,7 +110,7 @@ for phase in $phases; do
       rm -rf /tmp/tzab ;;
     peers)
       if [ -d .device/peers ]; then
-        python3 -m pip install -q --no-index --no-deps --target "$HOME/peers" .device/peers/*.whl || exit 1
+        python3 -m pip install -q --upgrade --no-index --no-deps --target "$HOME/peers" .device/peers/*.whl || exit 1
       fi
       # shellcheck disable=SC2086
       creader=(); [ -x .device/bin/direct_reader ] && creader=(--c-reader "$PWD/.device/bin/direct_reader")
