@@ -46,7 +46,7 @@ GiB = 1 << 30
 MiB = 1 << 20
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from bench_lib import build_module, file_shapes  # the module trees every benchmark fills
+from bench_lib import build_module, drop_caches, file_shapes  # shared with every benchmark
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -83,12 +83,6 @@ class PeakRss:
         self._stop.set()
         self._t.join()
         self.peak = max(self.peak, rss_anon())
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def llama_shapes(min_bytes: int):

@@ -31,6 +31,7 @@ import time
 
 os.environ["TENSORIZER_RS_TRACE"] = "1"  # read once per process, before the first mark
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_lib import drop_caches  # found on the path above
 
 GiB = 1 << 30
 
@@ -50,12 +51,6 @@ def cached_file(path, gib):
         s.close()
         del m
     gpu_bench.parallel_read(path)
-
-
-def drop_caches():
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
 
 
 def model_for(path):
