@@ -35,7 +35,8 @@
 #   peers      bench/peers_bench.py: us beside InstantTensor, fastsafetensors, Run:ai, CoreWeave and
 #              safetensors; page cache, tmpfs, cold (~9 min; needs .device/peers and .device/cw from
 #              scripts/fetch-device-wheels.sh; PEERS_ARGS, e.g. "--gib 16 --columns page,tmpfs";
-#              the O_DIRECT probes by C threads too with .device/bin/direct_reader, see disk)
+#              the O_DIRECT probes by C threads too with .device/bin/direct_reader, see disk;
+#              "--probes ceiling" for cold A/Bs: one probe between rounds, ~3 s instead of ~55)
 #   disk       bench/disk_probe.py: the cold disk's ceiling by request pattern (O_DIRECT and buffered,
 #              threads x request size; O_DIRECT by C threads too with .device/bin/direct_reader,
 #              `cc -O2 -pthread -static -o .device/bin/direct_reader bench/direct_reader.c`) and

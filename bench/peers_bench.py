@@ -17,6 +17,8 @@ results: docs/benchmarks.md; on the GPU machine: `bash bench/on_device.sh peers`
    (bench/direct_reader.c) into huge pages. The ceiling is the fastest read of the `.tensors`
    file: on the GPU machine's disk C threads read 512 KiB requests 28 % faster than 64 MiB
    ones, which Python threads cannot issue fast enough to show (docs/benchmarks.md).
+   `--probes ceiling` reads only that pattern of the `.tensors` file (by C threads with
+   --c-reader), ~3 s a round instead of ~55, so a cold A/B fits more rounds in one call.
 3. Loads the model onto --device in a fresh process per load (the clock starts once the
    process has its CUDA context and imports, and stops after a synchronize): tensorizer-rs
    (new tensors; in place with load_into_module into a model already on the GPU), InstantTensor
@@ -125,6 +127,13 @@ def parse():
         "--c-reader",
         help="bench/direct_reader.c built: the O_DIRECT probes read by C threads too (the "
         "ceiling is the faster of the two)",
+    )
+    ap.add_argument(
+        "--probes",
+        choices=("all", "ceiling"),
+        default="all",
+        help="the O_DIRECT probes between cold rounds: both patterns of both files, or only "
+        "16 x 512 KiB of the .tensors file (the ceiling's pattern; C threads with --c-reader)",
     )
     ap.add_argument(
         "--dry-run",
@@ -314,7 +323,10 @@ def main():
             if a.c_reader:
                 huge = "huge" if bl.thp_enabled() else ""
                 patterns += [("c" + pat, chunk, huge) for pat, chunk, _ in patterns]
-            for fmt, key in (("tensors", "odirect"), ("safetensors", "odirect_st")):
+            files_read = (("tensors", "odirect"), ("safetensors", "odirect_st"))
+            if a.probes == "ceiling":
+                patterns, files_read = patterns[-1:], files_read[:1]
+            for fmt, key in files_read:
                 path = files["cold"].get(fmt)
                 if path is None or fmt not in cold_formats:
                     continue

@@ -118,6 +118,28 @@ def test_peers_dry_run(tmp_path, direct_reader):
     assert check["ok"] and check["bytes"] == nbytes, check
 
 
+def test_peers_probes_ceiling_reads_one_pattern_of_one_file(tmp_path, direct_reader):
+    """--probes ceiling: between cold rounds only C threads' 16 x 512 KiB of the .tensors file."""
+    _, res = run_bench(
+        "peers_bench.py", tmp_path,
+        "--loaders", "ours",
+        "--columns", "cold",
+        "--cold-rounds", "2",
+        "--probes", "ceiling",
+        "--c-reader", direct_reader,
+    )  # fmt: skip
+    assert {(r["name"], r["round"]) for r in res["runs"]} == {("ours", 0), ("ours", 1)}
+    lim = res["limits"]
+    probes = sorted(k for k in lim if k.startswith("odirect_") and k != "odirect_gbps")
+    tags = ("before", "round2", "after")
+    assert probes in (
+        [f"odirect_c16x512KiB_{t}_gbps" for t in sorted(tags)],
+        [f"odirect_c16x512KiB_{t}_error" for t in sorted(tags)],
+    ), probes
+    if "odirect_gbps" in lim:
+        assert lim["odirect_gbps"] == max(lim[p] for p in probes), lim
+
+
 def test_tp_dry_run_two_ranks_load_their_shards_at_once(tmp_path):
     """Issue 28's CI item: two processes loading two shards at once on the CPU give the
     manifests' bytes (plain and encrypted; in place, as vLLM loads: new tensors go through the
