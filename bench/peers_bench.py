@@ -325,6 +325,7 @@ def main():
                 patterns += [("c" + pat, chunk, huge) for pat, chunk, _ in patterns]
             files_read = (("tensors", "odirect"), ("safetensors", "odirect_st"))
             if a.probes == "ceiling":
+                # The last pattern is 16 x 512 KiB, by C threads when there are any.
                 patterns, files_read = patterns[-1:], files_read[:1]
             for fmt, key in files_read:
                 path = files["cold"].get(fmt)
