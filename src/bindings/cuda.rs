@@ -42,7 +42,7 @@ fn cuda_load<'py>(
     io: Option<String>,
     progress: Option<Bound<'py, PyAny>>,
 ) -> PyResult<(Vec<u16>, Bound<'py, PyDict>)> {
-    let f = file.file()?.clone();
+    let f = file.file()?;
     drop(file);
     let opts = DeviceOptions {
         base: LoadOptions {

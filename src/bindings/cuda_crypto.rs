@@ -84,7 +84,7 @@ fn cuda_tensor_chunks<'py>(
     index: usize,
     key: Vec<u8>,
 ) -> PyResult<(u64, u64, Vec<PyChunk<'py>>)> {
-    let f = file.file()?.clone();
+    let f = file.file()?;
     let e = f
         .entries
         .get(index)

@@ -1,5 +1,5 @@
 //! `TensorFile`: an opened `.tensors` file, its index, and parallel loads into host tensors.
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use pyo3::intern;
 use pyo3::prelude::*;
@@ -11,15 +11,18 @@ use crate::format::names::PathComponent;
 use crate::load::{self, LoadOptions, TensorFile};
 use crate::storage;
 
-#[pyclass(module = "tensorizer_rs._native", name = "TensorFile")]
+// Frozen, with the file behind a lock: `close` from one thread while another loads must not
+// meet PyO3's "Already borrowed"; a load in flight keeps its own `Arc` to the file.
+#[pyclass(module = "tensorizer_rs._native", name = "TensorFile", frozen)]
 pub struct PyTensorFile {
-    inner: Option<Arc<TensorFile>>,
+    inner: Mutex<Option<Arc<TensorFile>>>,
 }
 
 impl PyTensorFile {
-    pub(crate) fn file(&self) -> PyResult<&Arc<TensorFile>> {
-        self.inner
-            .as_ref()
+    pub(crate) fn file(&self) -> PyResult<Arc<TensorFile>> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner
+            .clone()
             .ok_or_else(|| to_pyerr(crate::error::Error::value("I/O operation on a closed TensorDeserializer")))
     }
 }
@@ -51,7 +54,7 @@ impl PyTensorFile {
         let file = super::interruptible(py, |stop| {
             TensorFile::open_until(storage::open_source_named(&uri, &opts, name.as_deref(), stop)?, stop)
         })?;
-        Ok(PyTensorFile { inner: Some(Arc::new(file)) })
+        Ok(PyTensorFile { inner: Mutex::new(Some(Arc::new(file))) })
     }
 
     #[getter]
@@ -147,7 +150,7 @@ impl PyTensorFile {
         max_opslimit: Option<u64>,
         max_memlimit: Option<u64>,
     ) -> PyResult<Vec<(u16, HostTensor)>> {
-        let f = self.file()?.clone();
+        let f = self.file()?;
         if let Some(&bad) = indices.iter().find(|&&i| i >= f.entries.len()) {
             return Err(to_pyerr(crate::error::Error::value(format!("no tensor at index {bad}"))));
         }
@@ -178,7 +181,7 @@ impl PyTensorFile {
         py: Python<'py>,
         indices: Vec<usize>,
     ) -> PyResult<Vec<(Bound<'py, PyBytes>, Bound<'py, PyDict>)>> {
-        let f = self.file()?.clone();
+        let f = self.file()?;
         if let Some(&bad) = indices.iter().find(|&&i| i >= f.entries.len()) {
             return Err(to_pyerr(crate::error::Error::value(format!("no tensor at index {bad}"))));
         }
@@ -202,7 +205,7 @@ impl PyTensorFile {
 
     /// The record header of entry `i`: module index, stored hashes, and crypt info summary.
     fn header_info<'py>(&self, py: Python<'py>, i: usize) -> PyResult<Bound<'py, PyDict>> {
-        let f = self.file()?.clone();
+        let f = self.file()?;
         if i >= f.entries.len() {
             return Err(to_pyerr(crate::error::Error::value(format!("no tensor at index {i}"))));
         }
@@ -237,12 +240,12 @@ impl PyTensorFile {
     /// Raw bytes `offset..offset + length` of the file (clamped to its end), for
     /// `TensorDeserializer.to_redis`.
     fn read_at<'py>(&self, py: Python<'py>, offset: u64, length: u64) -> PyResult<Bound<'py, PyBytes>> {
-        let f = self.file()?.clone();
+        let f = self.file()?;
         let buf = py.detach(|| f.read_bytes(offset, length)).map_err(to_pyerr)?;
         Ok(PyBytes::new(py, &buf))
     }
 
-    fn close(&mut self) {
-        self.inner = None;
+    fn close(&self) {
+        *self.inner.lock().unwrap_or_else(|p| p.into_inner()) = None;
     }
 }
