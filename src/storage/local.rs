@@ -3,7 +3,7 @@
 //! file in the destination directory (unnamed where the file system allows), renamed into
 //! place on success.
 use std::fs::{File, OpenOptions};
-use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -151,11 +151,28 @@ impl Drop for Mapping {
 
 impl LocalFile {
     pub fn open(path: &str) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::from(e).in_file(path))?;
+        // Non-blocking, so that a FIFO with no writer fails here instead of hanging the open
+        // (no Ctrl-C reaches a thread blocked in open(2)); regular files ignore the flag.
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| Error::from(e).in_file(path))?;
         let meta = file.metadata().map_err(|e| Error::from(e).in_file(path))?;
         if meta.is_dir() {
             return Err(Error::new(ErrorKind::Value, "is a directory, not a .tensors file").in_file(path));
         }
+        let kind = meta.file_type();
+        if !(kind.is_file() || kind.is_block_device()) {
+            // Reads are positional and parallel: a pipe's bytes can only be read once, in order.
+            return Err(Error::new(
+                ErrorKind::Value,
+                "is a pipe, socket or character device, not a regular file: pass it as an open stream (e.g. sys.stdin.buffer) instead",
+            )
+            .in_file(path));
+        }
+        // SAFETY: fcntl on a descriptor this function owns.
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFL, 0) };
         let fs = FileSystem::of(&file);
         Ok(LocalFile { file, path: path.to_string(), size: meta.len(), fs, direct: OnceLock::new() })
     }
@@ -358,14 +375,84 @@ fn io_err(path: &str) -> impl Fn(std::io::Error) -> Error + '_ {
     move |e| Error::from(e).in_file(path)
 }
 
-impl AtomicFile {
-    /// A writer of `path`; `unnamed`: through an `O_TMPFILE` temporary where the file system
-    /// allows (else a named, locked one).
-    pub fn create(path: &str, unnamed: bool) -> Result<Self> {
-        Self::create_with(path, unnamed && tmpfile_possible())
+/// The file a write to `path` lands in: a symbolic link's final target, so that the link stays
+/// a link (as `open(path, "wb")` would write through it).
+fn follow_links(path: &Path) -> std::io::Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let to = std::fs::read_link(&p)?;
+                p = match p.parent() {
+                    Some(dir) if to.is_relative() => dir.join(to),
+                    _ => to,
+                };
+            }
+            _ => return Ok(p),
+        }
     }
+    Err(std::io::Error::from_raw_os_error(libc::ELOOP))
+}
 
-    /// [`AtomicFile::create`], with (`unnamed`) or without an `O_TMPFILE` temporary.
+/// A writer of the local `path`: an atomic replacement ([`AtomicFile`]) of a regular file or a
+/// new one, keeping an existing file's mode; straight into a device (`/dev/null`), which a
+/// rename would replace with a regular file. Pipes are refused: the header is written last.
+pub fn create_writer(path: &str, unnamed: bool) -> Result<Box<dyn Sink>> {
+    let target = follow_links(Path::new(path)).map_err(io_err(path))?;
+    let existing = std::fs::metadata(&target).ok();
+    let kind = existing.as_ref().map(|m| m.file_type());
+    if kind.is_some_and(|k| k.is_char_device() || k.is_block_device()) {
+        let file = OpenOptions::new().write(true).open(&target).map_err(io_err(path))?;
+        return Ok(Box::new(DeviceFile { file, shown: path.to_string() }));
+    }
+    if kind.is_some_and(|k| k.is_dir()) {
+        return Err(Error::new(ErrorKind::Value, "is a directory, not a file").in_file(path));
+    }
+    if kind.is_some_and(|k| !k.is_file()) {
+        return Err(Error::new(
+            ErrorKind::Value,
+            "is a pipe or socket: a .tensors file is written out of order (its header last), so it goes to a file or a seekable stream",
+        )
+        .in_file(path));
+    }
+    let shown = path;
+    let path = target.to_str().ok_or_else(|| Error::value("the destination path is not UTF-8").in_file(shown))?;
+    let mut f = AtomicFile::create_with(path, unnamed && tmpfile_possible())?;
+    f.shown = shown.to_string();
+    if let Some(m) = existing {
+        // The replacement keeps the old file's mode (private weights stay private) and, where
+        // allowed, its owner.
+        f.file.set_permissions(std::fs::Permissions::from_mode(m.mode() & 0o7777)).map_err(io_err(shown))?;
+        let _ = std::os::unix::fs::fchown(&f.file, Some(m.uid()), Some(m.gid()));
+    }
+    Ok(Box::new(f))
+}
+
+/// A device written in place (see [`create_writer`]): nothing to commit or to remove.
+struct DeviceFile {
+    file: File,
+    shown: String,
+}
+
+impl Sink for DeviceFile {
+    fn describe(&self) -> &str {
+        &self.shown
+    }
+    fn write_at(&self, offset: u64, data: &[u8]) -> Result<()> {
+        self.file.write_all_at(data, offset).map_err(io_err(&self.shown))
+    }
+    fn finish(self: Box<Self>) -> Result<()> {
+        match self.file.sync_all() {
+            // Character devices such as /dev/null have nothing to sync.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(()),
+            r => r.map_err(io_err(&self.shown)),
+        }
+    }
+}
+
+impl AtomicFile {
+    /// [`create_writer`] for a regular file, with (`unnamed`) or without an `O_TMPFILE`
+    /// temporary (else a named, locked one).
     fn create_with(path: &str, unnamed: bool) -> Result<Self> {
         let dest = PathBuf::from(path);
         let dir = match dest.parent() {
@@ -574,6 +661,43 @@ mod tests {
             assert_eq!(listing(dir.path()), ["out.tensors"]);
             assert_eq!(std::fs::read(&dest).unwrap(), b"abcdef");
         }
+    }
+
+    #[test]
+    fn writes_go_through_links_keep_the_mode_and_never_replace_devices() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.tensors");
+        std::fs::write(&real, b"old").unwrap();
+        std::fs::set_permissions(&real, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.path().join("link.tensors");
+        std::os::unix::fs::symlink("real.tensors", &link).unwrap();
+        for unnamed in [true, false] {
+            let w = create_writer(link.to_str().unwrap(), unnamed).unwrap();
+            w.write_at(0, b"new").unwrap();
+            w.finish().unwrap();
+            assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "{unnamed}");
+            assert_eq!(std::fs::read(&real).unwrap(), b"new");
+            assert_eq!(std::fs::metadata(&real).unwrap().mode() & 0o777, 0o600, "{unnamed}");
+        }
+        // A link to /dev/null: the bytes go through it, and the device stays a device.
+        let null = dir.path().join("null.tensors");
+        std::os::unix::fs::symlink("/dev/null", &null).unwrap();
+        let w = create_writer(null.to_str().unwrap(), true).unwrap();
+        w.write_at(5, b"bytes").unwrap();
+        w.finish().unwrap();
+        assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device());
+        assert_eq!(listing(dir.path()), ["link.tensors", "null.tensors", "real.tensors"]);
+        // A directory and a FIFO are refused at once, by name (opening a FIFO would block).
+        let e = create_writer(dir.path().to_str().unwrap(), true).err().unwrap();
+        assert!(e.to_string().contains("is a directory"), "{e}");
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = create_writer(fifo.to_str().unwrap(), true).err().unwrap();
+        assert!(e.to_string().contains("pipe") && e.to_string().contains("fifo"), "{e}");
+        let e = LocalFile::open(fifo.to_str().unwrap()).err().unwrap();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
     }
 
     #[test]

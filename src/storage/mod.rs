@@ -297,7 +297,7 @@ pub fn create_sink(uri: &str, opts: &StorageOptions) -> Result<Box<dyn Sink>> {
 /// credentials).
 pub fn create_sink_until(uri: &str, opts: &StorageOptions, stop: &Stop) -> Result<Box<dyn Sink>> {
     Ok(match scheme_of(uri)? {
-        Scheme::Local(path) => Box::new(local::AtomicFile::create(path, opts.local_tmpfile != Some(false))?),
+        Scheme::Local(path) => local::create_writer(path, opts.local_tmpfile != Some(false))?,
         Scheme::Http => {
             return Err(Error::new(ErrorKind::Unsupported, "HTTP(S) URLs can only be read, not written").in_file(uri))
         }
