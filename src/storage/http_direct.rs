@@ -30,6 +30,8 @@ use crate::error::Error;
 
 /// Largest response head we accept.
 const HEAD_MAX: usize = 64 << 10;
+/// Headers a response may have here (S3 metadata can bring dozens); more go to reqwest.
+const HEADERS_MAX: usize = 256;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request that cannot be sent for this long fails (and is retried).
 const IO_TIMEOUT: Duration = Duration::from_secs(60);
@@ -239,20 +241,33 @@ impl Direct {
             }
         };
         let (head_len, map, keep_alive) = loop {
-            let mut hs = [httparse::EMPTY_HEADER; 64];
+            let mut hs = [httparse::EMPTY_HEADER; HEADERS_MAX];
             let mut resp = httparse::Response::new(&mut hs);
-            let parsed =
-                resp.parse(&head).map_err(|e| Failure::fatal(Error::io(format!("invalid HTTP response: {e}"))))?;
+            // What this parser does not take (more headers, a stray byte left on a pooled
+            // connection) goes to reqwest on a connection of its own.
+            let Ok(parsed) = resp.parse(&head) else { return Ok(Outcome::Fallback) };
             let httparse::Status::Complete(head_len) = parsed else {
                 if head.len() >= HEAD_MAX {
                     return Err(Failure::fatal(Error::io("HTTP response head too large")));
                 }
+                // A head that trickles in never leaves the socket idle: look at the stop and
+                // the stall clock (only body bytes count as progress) between reads.
+                idle(progress, &stopped)?;
                 quickack(&conn);
                 read_more(&mut conn, &mut head, progress, &stopped)?;
                 continue;
             };
             let code = StatusCode::from_u16(resp.code.unwrap_or(0)).unwrap_or(StatusCode::BAD_GATEWAY);
             match code {
+                // Interim responses (100 Continue, 103 Early Hints) precede the real one.
+                c if c.is_informational() && c != StatusCode::SWITCHING_PROTOCOLS => {
+                    head.drain(..head_len);
+                    idle(progress, &stopped)?;
+                    if head.is_empty() {
+                        read_more(&mut conn, &mut head, progress, &stopped)?;
+                    }
+                    continue;
+                }
                 StatusCode::PARTIAL_CONTENT => {}
                 StatusCode::PRECONDITION_FAILED => return Err(changed("the server refused the version seen at open")),
                 StatusCode::RANGE_NOT_SATISFIABLE => return Err(changed("the requested range no longer exists")),

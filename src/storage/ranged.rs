@@ -1,7 +1,7 @@
 //! The read side shared by HTTP and S3: a `read_at` is cut into ranged requests that run
 //! concurrently (bounded per source), each retried and resumed where it stopped, each writing
 //! straight into its slice of the caller's buffer.
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -132,6 +132,8 @@ pub(crate) struct Progress {
     /// Bytes not yet added to the source's `total` (added in batches: one shared counter
     /// updated for every body chunk of every request would be a contended cache line).
     unreported: AtomicU64,
+    /// Whether the current attempt ended by falling silent for the stall timeout.
+    stalled: AtomicBool,
 }
 
 /// Bytes a request receives before it adds them to its source's total.
@@ -145,6 +147,7 @@ impl Progress {
             last: 0.into(),
             total_then: 0.into(),
             unreported: 0.into(),
+            stalled: AtomicBool::new(false),
         };
         p.restart();
         p
@@ -168,6 +171,7 @@ impl Progress {
     }
     /// A new attempt starts: its silence counts from now.
     pub fn restart(&self) {
+        self.stalled.store(false, Ordering::Relaxed);
         self.total_then.store(self.flow.total.load(Ordering::Relaxed), Ordering::Relaxed);
         self.last.store(self.flow.now(), Ordering::Relaxed);
     }
@@ -177,6 +181,7 @@ impl Progress {
     pub fn verdict(&self) -> Result<(), Failure> {
         let silent = Duration::from_nanos(self.flow.now().saturating_sub(self.last.load(Ordering::Relaxed)));
         if silent >= self.flow.stall_timeout {
+            self.stalled.store(true, Ordering::Relaxed);
             return Err(Failure::transient(Error::io(format!("no data for {} s", silent.as_secs()))));
         }
         if let Some(after) = self.flow.hedge_after {
@@ -369,8 +374,10 @@ impl<F: RangeFetch> Requests<F> {
                         .await?
                 }
                 Err(f) => {
-                    // Progress made before a failure resets the retry budget for what is left.
-                    if progress.filled() > before {
+                    // Progress made before a failure resets the retry budget for what is left,
+                    // unless the attempt then stalled: a server that sends a little and falls
+                    // silent every time would otherwise be retried without end.
+                    if progress.filled() > before && !progress.stalled.load(Ordering::Relaxed) {
                         backoff = Backoff::new(self.retry);
                     }
                     backoff.wait(f).await?
