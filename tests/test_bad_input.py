@@ -3,8 +3,13 @@ never a panic, a hang, a huge allocation or a partial result."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import struct
+import subprocess
+import sys
+import threading
 
 import pytest
 import torch
@@ -143,3 +148,91 @@ def test_failed_write_leaves_nothing(tmp_path):
         s.write_state_dict({"ok": torch.ones(4), "bad": "not a tensor"})
     assert list(tmp_path.iterdir()) == []
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_a_pipe_is_refused_at_once_not_waited_on(tmp_path):
+    """A FIFO with no writer (or /dev/stdin fed by a pipe): refused by name (was: the open
+    blocked for ever, deaf to Ctrl-C; /dev/stdin read as "bad magic bytes"). Run in a child
+    so that a regression fails the test instead of hanging the suite."""
+    fifo = tmp_path / "fifo.tensors"
+    os.mkfifo(fifo)
+    code = (
+        "import sys\n"
+        "from tensorizer_rs import TensorDeserializer, TensorizerValueError\n"
+        "try:\n"
+        "    TensorDeserializer(sys.argv[1], device='cpu')\n"
+        "except TensorizerValueError as e:\n"
+        "    print(e)\n"
+    )
+    for path, stdin in [(str(fifo), subprocess.DEVNULL), ("/dev/stdin", subprocess.PIPE)]:
+        proc = subprocess.run(
+            [sys.executable, "-c", code, path],
+            input=b"" if stdin == subprocess.PIPE else None,
+            stdin=None if stdin == subprocess.PIPE else stdin,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        out = proc.stdout.decode()
+        assert path in out and "not a regular file" in out, (out, proc.stderr.decode()[-2000:])
+
+
+def test_writes_go_through_links_keep_the_mode_and_leave_devices_devices(tmp_path):
+    """A rewrite keeps the old file's mode (was: 0600 became 0644) and writes through a symbolic
+    link to its target (was: the link was replaced by a file); a link to /dev/null takes the
+    bytes and /dev/null stays a device (was: as root, /dev/null became a regular file)."""
+    sd = {"a": torch.arange(6.0)}
+    real = tmp_path / "real.tensors"
+    real.write_bytes(b"old")
+    real.chmod(0o600)
+    link = tmp_path / "link.tensors"
+    link.symlink_to("real.tensors")
+    with TensorSerializer(str(link)) as s:
+        s.write_state_dict(sd)
+    assert link.is_symlink() and stat.S_IMODE(real.stat().st_mode) == 0o600
+    assert torch.equal(TensorDeserializer(str(link), device="cpu")["a"], sd["a"])
+    null = tmp_path / "null.tensors"
+    null.symlink_to("/dev/null")
+    with TensorSerializer(str(null)) as s:
+        s.write_state_dict(sd)
+    assert null.is_symlink() and stat.S_ISCHR(os.stat("/dev/null").st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "link.tensors",
+        "null.tensors",
+        "real.tensors",
+    ]
+    fifo = tmp_path / "fifo.tensors"
+    os.mkfifo(fifo)
+    with pytest.raises(TensorizerError, match="pipe"):
+        TensorSerializer(str(fifo))
+
+
+def test_close_while_another_thread_loads(good):
+    """close() from one thread while another reads lazily: the close succeeds and the reader
+    gets a clear error or its tensor (was: PyO3's bare "RuntimeError: Already borrowed" from
+    close, in 95 % of tries, and the file left open)."""
+    problems = []
+    for _ in range(300):
+        d = _open(good, lazy_load=True)
+        go = threading.Event()
+
+        def reader(d=d, go=go):
+            go.wait()
+            try:
+                for _ in range(50):
+                    d["alpha"], d["beta"]
+            except TensorizerError as e:
+                if "closed" not in str(e):
+                    problems.append(repr(e))
+            except Exception as e:  # noqa: BLE001 - any other type is the failure
+                problems.append(repr(e))
+
+        t = threading.Thread(target=reader)
+        t.start()
+        go.set()
+        try:
+            d.close()
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"close: {e!r}")
+        t.join()
+    assert not problems, problems[:5]
