@@ -18,6 +18,7 @@ from tensorizer_rs import (
     EncryptionParams,
     HashMismatchError,
     TensorDeserializer,
+    TensorizerIOError,
     TensorizerValueError,
     TensorSerializer,
     _native,
@@ -297,3 +298,58 @@ def test_stall_timeouts_are_configurable(m64):
     assert 1.5 <= time.monotonic() - t0 < 15
     with pytest.raises(TensorizerValueError, match="stall_timeout"):
         CURLStreamFile._with_storage(url, {"stall_timeout": -1})
+
+
+@pytest.mark.parametrize("client", ["direct", "reqwest"])
+def test_a_server_that_stalls_every_time_is_given_up_on(m64, client):
+    """Every range sends 16 KiB, then nothing (was: each stall's 16 KiB reset the retry budget,
+    so the load went on for as long as the object had bytes: 4.3 h a 4 MiB range at the
+    default timeout). Stalled attempts count against the budget even when they delivered."""
+    base, _ = m64
+    url = f"{base}/stall/m64.tensors?run=budget-{client}"
+    code = (
+        "from tensorizer_rs import TensorDeserializer\n"
+        "from tensorizer_rs.stream_io import CURLStreamFile\n"
+        f"src = CURLStreamFile._with_storage({url!r}, {{'hedge_after': 0, 'stall_timeout': 0.5}})\n"
+        "TensorDeserializer(src, device='cpu')\n"
+    )
+    env = {**os.environ, "TENSORIZER_RS_HTTP_DIRECT": "0" if client == "reqwest" else "1"}
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    took = time.monotonic() - t0
+    assert proc.returncode != 0 and "TensorizerIOError" in proc.stderr, proc.stderr[-2000:]
+    assert "no data for" in proc.stderr and "gave up after" in proc.stderr, proc.stderr[-2000:]
+    assert took < 60, f"took {took:.1f} s"
+
+
+def test_a_trickled_response_head_honours_ctrl_c_and_the_stall_timeout(m64):
+    """A server that sends a response head one byte every 100 ms (it never goes idle): the
+    direct client looked at Ctrl-C and the stall clock only after an idle read, so the load
+    ran on for the 64 KiB head limit (1.8 h a request)."""
+    base, _ = m64
+    load = f"from tensorizer_rs import TensorDeserializer as D; D({base + '/headtrickle/m64.tensors'!r}, device='cpu')"
+    out, err, took = interrupt_load(base, "/headtrickle/m64.tensors", load)
+    assert "KeyboardInterrupt" in err and "loaded" not in out, err[-2000:]
+    assert took < 5, f"the load went on for {took:.1f} s after Ctrl-C"
+    url = f"{base}/headtrickle/m64.tensors?run=stall"
+    with pytest.raises(TensorizerIOError, match="no data for"):
+        src = CURLStreamFile._with_storage(url, {"hedge_after": 0, "stall_timeout": 0.5})
+        TensorDeserializer(src, device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["early", "manyheaders"])
+def test_the_direct_client_takes_interim_responses_and_many_headers(m64, mode):
+    """100 Continue / 103 Early Hints before the 206, and 80 extra headers: read by the direct
+    client itself (was: "unexpected response (HTTP 103 Early Hints)", "too many headers")."""
+    base, sd = m64
+    before = _native.http_direct_bytes()
+    d = TensorDeserializer(f"{base}/{mode}/m64.tensors", device="cpu")
+    assert all(torch.equal(d[k], v) for k, v in sd.items())
+    assert _native.http_direct_bytes() - before > 32 << 20

@@ -24,6 +24,10 @@ Paths (NAME is a file under ROOT):
   /stallone/NAME       like /data/, but the first request for a range after byte 0 sends 16 KiB
                        (half of a shorter range), then nothing more (one stalled request among
                        flowing ones)
+  /headtrickle/NAME    like /data/, but ranges after byte 0 get a status line, then one byte of
+                       an unfinished header every 100 ms
+  /early/NAME          like /data/, each response after a 100 Continue and a 103 Early Hints
+  /manyheaders/NAME    like /data/, with 80 extra headers
   /novalid/NAME        no ETag, no Last-Modified; ranges after byte 0 come from NAME.alt (an
                        object that changed after it was opened)
   /weaketag/NAME       like /novalid/, with a weak ETag (W/"v") that never changes
@@ -121,7 +125,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         return
                     status = 206
                 length = end - start + 1
+                if mode == "early":
+                    # Interim responses before the real one (RFC 9110 15.2).
+                    self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    self.wfile.write(b"HTTP/1.1 103 Early Hints\r\nLink: </x>; rel=preload\r\n\r\n")
+                if mode == "headtrickle" and start > 0:
+                    # A response head sent one byte every 100 ms, never finished.
+                    self.wfile.write(b"HTTP/1.1 206 Partial Content\r\n")
+                    for _ in range(36000):
+                        self.wfile.write(b"X")
+                        self.wfile.flush()
+                        time.sleep(0.1)
+                    return
                 self.send_response(status)
+                if mode == "manyheaders":
+                    for i in range(80):  # S3 user metadata can bring dozens
+                        self.send_header(f"X-Amz-Meta-K{i}", "v" * 20)
                 self.send_header("Content-Length", str(length))
                 if status == 206:
                     self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
