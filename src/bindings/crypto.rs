@@ -3,7 +3,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
 use super::errors::to_pyerr;
-use crate::crypto::{self, DecryptionKeys, KdfLimits};
+use crate::crypto::{self, DecryptionKeys, FirstKdf, KdfLimits};
 use crate::error::Error;
 use crate::format::crypt_info::PwHashParams;
 
@@ -57,7 +57,9 @@ pub(super) fn keys_from(
         (Some(k), _) => Some(DecryptionKeys::Key(
             k.try_into().map_err(|_| to_pyerr(Error::crypto("a raw key must be exactly 32 bytes")))?,
         )),
-        (None, Some(p)) => Some(DecryptionKeys::Passphrase(p, KdfLimits::new(max_opslimit, max_memlimit))),
+        (None, Some(p)) => {
+            Some(DecryptionKeys::Passphrase(p, KdfLimits::new(max_opslimit, max_memlimit), FirstKdf::default()))
+        }
         (None, None) => None,
     })
 }

@@ -14,7 +14,7 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::ops::Range;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use rayon::prelude::*;
 use zeroize::{Zeroize, Zeroizing};
@@ -44,15 +44,22 @@ pub enum DecryptionKeys {
     /// A raw 32-byte key: works for any file, passphrase files included.
     Key([u8; 32]),
     /// A passphrase: the key is derived per the KDF chunk stored in each tensor header, whose
-    /// parameters must be within the limits.
-    Passphrase(Vec<u8>, KdfLimits),
+    /// parameters must be within the limits, and the same for every tensor (see [`FirstKdf`]).
+    Passphrase(Vec<u8>, KdfLimits, FirstKdf),
 }
+
+/// The key-derivation settings of the first tensor a passphrase opened, shared by its clones.
+/// CoreWeave's writer stores one setting (parameters and salt) in every tensor of a file; a file
+/// whose tensors carry different ones would buy a full derivation (up to the limits' seconds
+/// and memory) with each ~100-byte header, so every later tensor must match the first.
+#[derive(Clone, Default)]
+pub struct FirstKdf(Arc<OnceLock<PwHashParams>>);
 
 impl Drop for DecryptionKeys {
     fn drop(&mut self) {
         match self {
             DecryptionKeys::Key(k) => k.zeroize(),
-            DecryptionKeys::Passphrase(p, _) => p.zeroize(),
+            DecryptionKeys::Passphrase(p, ..) => p.zeroize(),
         }
     }
 }
@@ -61,7 +68,7 @@ impl fmt::Debug for DecryptionKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DecryptionKeys::Key(_) => f.write_str("DecryptionKeys::Key(<redacted>)"),
-            DecryptionKeys::Passphrase(_, l) => write!(f, "DecryptionKeys::Passphrase(<redacted>, {l:?})"),
+            DecryptionKeys::Passphrase(_, l, _) => write!(f, "DecryptionKeys::Passphrase(<redacted>, {l:?})"),
         }
     }
 }
@@ -69,7 +76,7 @@ impl fmt::Debug for DecryptionKeys {
 impl DecryptionKeys {
     /// A passphrase with the default [`KdfLimits`].
     pub fn passphrase(p: Vec<u8>) -> Self {
-        DecryptionKeys::Passphrase(p, KdfLimits::default())
+        DecryptionKeys::Passphrase(p, KdfLimits::default(), FirstKdf::default())
     }
 
     /// The key that opens a tensor with this crypt info: the raw key as-is, or the passphrase
@@ -83,8 +90,17 @@ impl DecryptionKeys {
     pub fn key_for_until(&self, info: &CryptInfo, stop: &dyn Fn() -> bool) -> Result<Zeroizing<[u8; KEY_LEN]>> {
         match self {
             DecryptionKeys::Key(k) => Ok(Zeroizing::new(*k)),
-            DecryptionKeys::Passphrase(p, limits) => match info.kdf() {
-                Some(params) => derive_key_cached(p, params, limits, stop),
+            DecryptionKeys::Passphrase(p, limits, first) => match info.kdf() {
+                Some(params) => {
+                    if first.0.get_or_init(|| params.clone()) != params {
+                        return Err(Error::crypto(
+                            "this tensor's key-derivation settings (cost or salt) differ from the \
+                             first encrypted tensor's; a file has one (CoreWeave's writer stores the \
+                             same in every tensor), so this file is refused rather than derive again",
+                        ));
+                    }
+                    derive_key_cached(p, params, limits, stop)
+                }
                 None => Err(Error::crypto(
                     "a passphrase was given, but the tensor has no key-derivation parameters \
                      (it was encrypted with a raw key; pass the key instead)",

@@ -368,3 +368,17 @@ fn a_waiting_derivation_gives_up_when_told_and_finishes_unobserved() {
     let key = derive_key_cached(b"interrupt-me", &params, &KdfLimits::default(), &|| false).unwrap();
     assert_eq!(*key, derive_key(b"interrupt-me", &params).unwrap());
 }
+
+#[test]
+fn one_passphrase_load_derives_for_one_setting_only() {
+    // Tensors whose KDF chunks differ (a hostile file: CoreWeave's writer stores one setting)
+    // are refused before a second derivation; clones of the keys share what the first saw.
+    let keys = DecryptionKeys::passphrase(b"one-setting".to_vec());
+    let info = |salt| CryptInfo { chunks: vec![CryptChunk::Kdf(min_params(salt))] };
+    let first = keys.key_for(&info(0x51)).unwrap();
+    assert_eq!(*keys.clone().key_for(&info(0x51)).unwrap(), *first);
+    let err = keys.clone().key_for(&info(0x52)).unwrap_err();
+    assert!(err.message.contains("key-derivation settings"), "{err}");
+    // A fresh load (new keys) of that other setting derives as usual.
+    DecryptionKeys::passphrase(b"one-setting".to_vec()).key_for(&info(0x52)).unwrap();
+}
