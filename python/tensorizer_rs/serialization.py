@@ -1036,9 +1036,11 @@ class TensorSerializer:
 
     # -- public API ------------------------------------------------------------------------
     def write_tensor(self, idx: int, name: str, tensor_type: Any, tensor: Any) -> None:
-        if not isinstance(name, str):
-            raise TensorizerTypeError(f"tensor name must be a str, not {type(name).__name__}")
-        self._write([_Item(int(idx), TensorType(tensor_type), (name,), tensor)])
+        with self._aborting():
+            if not isinstance(name, str):
+                raise TensorizerTypeError(f"tensor name must be a str, not {type(name).__name__}")
+            items = [_Item(int(idx), TensorType(tensor_type), (name,), tensor)]
+        self._write(items)
 
     def write_module(
         self, m, remove_tensors: bool = False, *, include_non_persistent_buffers: bool = True
@@ -1048,25 +1050,38 @@ class TensorSerializer:
         only non-persistent buffers (upstream also drops persistent root-level buffers)."""
         items = []
         owners = []
-        for idx, (mname, mod) in enumerate(m.named_modules()):
-            for pname, p in mod.named_parameters(recurse=False):
-                items.append(_Item(idx, TensorType.PARAM, (f"{mname}.{pname}",), p))
-                owners.append((mod, pname, "_parameters"))
-            skip = getattr(mod, "_non_persistent_buffers_set", set())
-            for bname, b in mod.named_buffers(recurse=False):
-                if not include_non_persistent_buffers and bname in skip:
-                    continue
-                items.append(_Item(idx, TensorType.BUFFER, (f"{mname}.{bname}",), b))
-                owners.append((mod, bname, "_buffers"))
+        with self._aborting():
+            for idx, (mname, mod) in enumerate(m.named_modules()):
+                for pname, p in mod.named_parameters(recurse=False):
+                    items.append(_Item(idx, TensorType.PARAM, (f"{mname}.{pname}",), p))
+                    owners.append((mod, pname, "_parameters"))
+                skip = getattr(mod, "_non_persistent_buffers_set", set())
+                for bname, b in mod.named_buffers(recurse=False):
+                    if not include_non_persistent_buffers and bname in skip:
+                        continue
+                    items.append(_Item(idx, TensorType.BUFFER, (f"{mname}.{bname}",), b))
+                    owners.append((mod, bname, "_buffers"))
         self._write(items)
         if remove_tensors:
             for mod, attr, where in owners:
                 getattr(mod, where)[attr] = None
 
     def write_state_dict(self, state_dict: Any) -> None:
-        self._write(_state_dict_items(state_dict))
+        with self._aborting():
+            items = _state_dict_items(state_dict)
+        self._write(items)
 
     # -- machinery -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _aborting(self):
+        """Abort the writer on any failure: a write_* call that raised must not let a later
+        close() commit a partial file over the destination."""
+        try:
+            yield
+        except BaseException:
+            self._abort()
+            raise
+
     def _describe(self, item: _Item):
         """(stored dtype, shape, meta, materialize-zeros) for one source tensor or array."""
         import numpy as np
@@ -1122,8 +1137,8 @@ class TensorSerializer:
     def _write(self, items: list) -> None:
         if self._writer is None:
             raise TensorizerValueError("the TensorSerializer is closed")
-        described = [self._describe(it) for it in items]
-        try:
+        with self._aborting():
+            described = [self._describe(it) for it in items]
             first = self._writer.add(
                 [
                     (
@@ -1149,9 +1164,6 @@ class TensorSerializer:
                     group, keep, size = [], [], 0
             if group:
                 self._write_group(group, size)
-        except BaseException:
-            self._abort()
-            raise
 
     def _write_group(self, group: list, size: int) -> None:
         self._writer.write_many(group, self._threads)
