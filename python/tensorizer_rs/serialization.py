@@ -469,7 +469,8 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
             self._entries[i], tensor, self._device, self._dtype
         )
 
-    def _to_tensor(self, i: int, host: Any):
+    def _stored_tensor(self, i: int, host: Any):
+        """Tensor ``i``'s loaded bytes as a CPU tensor of its stored dtype (no ``dtype=`` cast)."""
         import torch
 
         e = self._entries[i]
@@ -482,6 +483,13 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
             t = t.view(base)
         if final != base:
             t = t.view(final)
+        return t
+
+    def _to_tensor(self, i: int, host: Any):
+        import torch
+
+        t = self._stored_tensor(i, host)
+        final = t.dtype
         requires_grad = final.is_floating_point or final.is_complex
         target = self._dtype
         # CoreWeave casts everything but bool; complex -> real is skipped (upstream PR #207).
@@ -598,21 +606,32 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         return name if isinstance(name, tuple) else (name,)
 
     # -- CoreWeave's iteration APIs --------------------------------------------------------
-    def read_tensors(self, filter_func=None, num_tensors: int = -1, verify_hash=None):
-        """Yield ``(module_idx, tensor_type, name, tensor)`` in file order, resuming after the
-        last tensor yielded."""
+    def _pending(self, filter_func, num_tensors: int) -> list:
+        """The selected tensors after the last one yielded that pass ``filter_func``, at most
+        ``num_tensors`` of them (all for -1)."""
+        if num_tensors < -1:
+            raise TensorizerValueError("num_tensors must be -1 or non-negative")  # as CoreWeave
         pending = [
             i
             for i in self._selected[self._last_yielded + 1 :]
             if filter_func is None or filter_func(self._entries[i]["name"])
         ]
-        if num_tensors >= 0:
-            pending = pending[:num_tensors]
+        return pending if num_tensors == -1 else pending[:num_tensors]
+
+    def read_tensors(self, filter_func=None, num_tensors: int = -1, verify_hash=None):
+        """Yield ``(module_idx, tensor_type, name, tensor)`` in file order, resuming after the
+        last tensor yielded."""
+        for i, t in self._read_cached(filter_func, num_tensors, verify_hash):
+            e = self._entries[i]
+            yield self._module_idx[i], TensorType(e["tensor_type"]), e["name"], t
+
+    def _read_cached(self, filter_func, num_tensors: int, verify_hash):
+        """Yield ``(index, tensor)`` for read_tensors: load the pending tensors into the cache."""
+        pending = self._pending(filter_func, num_tensors)
         self._load(pending, verify_hash)
         for i in pending:
             self._last_yielded = max(self._last_yielded, self._position[i])
-            e = self._entries[i]
-            yield self._module_idx[i], e["tensor_type"], e["name"], self._cache[i]
+            yield i, self._cache[i]
 
     def read_numpy_arrays(
         self,
@@ -621,13 +640,19 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         allow_raw_data: bool = False,
         verify_hash=None,
     ):
-        """Yield ``(module_idx, tensor_type, name, ndarray, is_opaque, torch_dtype|None)``."""
+        """Yield ``(module_idx, tensor_type, name, ndarray, is_opaque, torch_dtype|None)``.
+        The arrays hold the stored data: the constructor's ``dtype=`` does not apply (as in
+        CoreWeave)."""
         import numpy as np
 
         if self._device.type != "cpu":
-            raise TensorizerValueError("read_numpy_arrays works only with device='cpu'")
-        for module_idx, ttype, name, t in self.read_tensors(filter_func, num_tensors, verify_hash):
-            e = self._entries[self._index_of(name)]
+            raise _DeviceError("read_numpy_arrays works only with device='cpu'")
+        # Without dtype= the cached tensors are the stored data.
+        read = self._read_cached if self._dtype is None else self._read_stored
+        stored = read(filter_func, num_tensors, verify_hash)
+        for i, t in stored:
+            e = self._entries[i]
+            name = e["name"]
             opaque = e["torch_dtype"] is not None
             if opaque and not allow_raw_data:
                 raise TensorizerValueError(
@@ -640,13 +665,30 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
 
                 arr = arr.view(getattr(torch, _dtypes.CONTAINER_TO_TORCH[e["container"]]))
             yield (
-                module_idx,
-                ttype,
+                self._module_idx[i],
+                TensorType(e["tensor_type"]),
                 name,
                 np.asarray(arr.numpy()),
                 opaque,
                 (f"torch.{e['torch_dtype']}" if opaque else None),
             )
+
+    def _read_stored(self, filter_func, num_tensors: int, verify_hash):
+        """Yield ``(index, tensor)`` like read_tensors, but each tensor in its stored dtype:
+        the cache holds them cast to ``dtype=``, so these are read again and not cached."""
+        pending = self._pending(filter_func, num_tensors)
+        if not pending:
+            return
+        self._check_open()
+        verify = self._verify_hash if verify_hash is None else bool(verify_hash)
+        loaded = self._file.load(
+            pending, num_readers=self._num_readers, verify_hash=verify, **self._crypt
+        )
+        for i, (module_idx, host) in zip(pending, loaded):
+            self._module_idx[i] = module_idx
+            self.total_bytes_read += self._entries[i]["data_length"]
+            self._last_yielded = max(self._last_yielded, self._position[i])
+            yield i, self._stored_tensor(i, host)
 
     def load_into_module(self, m, filter_func=None, verify_hash=None) -> int:
         """Put every selected PARAM/BUFFER tensor into module ``m`` (names like ``layer.weight``;
