@@ -867,9 +867,12 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         self.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        # No module globals (contextlib): at interpreter exit they may already be None.
+        try:
             self._deferred = False
             self.close()
+        except Exception:  # noqa: BLE001, S110 - a finalizer has nobody to report to
+            pass
 
     @property
     def total_bytes_read(self) -> int:
@@ -1251,5 +1254,8 @@ class TensorSerializer:
             self._abort()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        # No module globals (contextlib): at interpreter exit they may already be None.
+        try:
             self._abort()
+        except Exception:  # noqa: BLE001, S110 - a finalizer has nobody to report to
+            pass
