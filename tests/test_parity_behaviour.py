@@ -181,6 +181,32 @@ attempt("meta device", lambda: list(d.read_numpy_arrays()))
     )
 
 
+def test_total_tensor_bytes_of_lazy_loads(tmp_path):
+    """Was: 0 until tensors were read, then only those read; 2.12.1 reports the selected
+    tensors' total from the start."""
+    same(
+        """
+p = ARGS[0] + "/" + pkg + ".tensors"
+s = tz.TensorSerializer(p)
+s.write_state_dict({"a": torch.arange(4.0), "b": torch.arange(3),
+                    "m": torch.empty(2, 3, device="meta")})
+s.close()
+d = tz.TensorDeserializer(p, device="cpu", lazy_load=True)
+print("lazy:", d.total_tensor_bytes)
+d["a"]
+print("after d['a']:", d.total_tensor_bytes)
+list(d.read_tensors())
+print("after read_tensors:", d.total_tensor_bytes)
+d = tz.TensorDeserializer(p, device="cpu", lazy_load=True, filter_func=lambda n: n == "b")
+print("lazy filtered:", d.total_tensor_bytes)
+print("eager:", tz.TensorDeserializer(p, device="cpu").total_tensor_bytes)
+print("eager filtered:", tz.TensorDeserializer(p, device="cpu",
+                                               filter_func=lambda n: n != "b").total_tensor_bytes)
+""",
+        tmp_path,
+    )
+
+
 VERIFY = """
 torch.manual_seed(0)
 def model():

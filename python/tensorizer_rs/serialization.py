@@ -283,7 +283,13 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         self._cache: dict[int, Any] = {}
         self._module_idx: dict[int, int] = {}
         self._last_yielded = -1
-        self.total_tensor_bytes = 0
+        # As CoreWeave: the selected tensors' total from the start, whatever has been read;
+        # data-less (meta) entries count their full size in a lazy load, nothing in an eager one.
+        entries = self._entries
+        self.total_tensor_bytes = sum(
+            entries[i]["data_length"] or (lazy_load and entries[i]["nbytes"])
+            for i in self._selected
+        )
         self._total_bytes_read = 0
         self._seconds = 0.0
         self._cuda_stats: list = []
@@ -425,7 +431,6 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
             for i, (module_idx, host) in zip(todo, loaded):
                 self._module_idx[i] = module_idx
                 self._cache[i] = self._to_tensor(i, host)
-                self.total_tensor_bytes += self._entries[i]["data_length"]
                 self.total_bytes_read += self._entries[i]["data_length"]
         self._seconds += time.perf_counter() - start
 
@@ -449,7 +454,6 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         module indices and byte counts."""
         self._cache.update(loaded.tensors)
         self._module_idx.update(loaded.module_idx)
-        self.total_tensor_bytes += loaded.bytes
         self.total_bytes_read += loaded.bytes
         self._seconds += loaded.seconds
         self._cuda_stats = loaded.stats
