@@ -217,6 +217,41 @@ def test_killed_local_writer_leaves_nothing(tmp_path, unnamed):
     assert TensorDeserializer(str(out), device="cpu")["a"].tolist() == [1.0, 1.0]
 
 
+class _DetachRaises(torch.Tensor):
+    def detach(self):
+        raise RuntimeError("boom from tensor")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        pytest.param(lambda s: s.write_state_dict({"a": torch.ones(3), "b": "oops"}), id="str"),
+        pytest.param(lambda s: s.write_state_dict({"a": {1: torch.ones(1)}}), id="int-key"),
+        pytest.param(lambda s: s.write_tensor(0, 5, 0, torch.ones(1)), id="tensor-name"),
+        pytest.param(lambda s: s.write_tensor(0, "x", 9, torch.ones(1)), id="tensor-type"),
+        pytest.param(
+            lambda s: s.write_state_dict({"b": torch.ones(3).as_subclass(_DetachRaises)}),
+            id="detach",
+        ),
+    ],
+)
+def test_failed_write_then_close_keeps_the_old_file(tmp_path, call):
+    """The usual try/finally around a failing write_* call. Was: a failure found before any
+    bytes were written (a str in the state dict, a bad name or tensor type) left the writer
+    open, so close() replaced the old file with one holding only the tensors written before."""
+    dest = tmp_path / "m.tensors"
+    dest.write_bytes(b"OLD CONTENT")
+    s = TensorSerializer(str(dest))
+    s.write_state_dict({"first": torch.ones(2)})
+    with pytest.raises((TypeError, ValueError, RuntimeError)):
+        try:
+            call(s)
+        finally:
+            s.close()
+    assert dest.read_bytes() == b"OLD CONTENT"
+    assert [x.name for x in tmp_path.iterdir()] == ["m.tensors"]
+
+
 def test_killed_s3_writer_leaves_an_upload_the_cli_aborts(s3_server):
     """A killed S3 writer cannot abort its multipart upload: `tensorizer-rs s3-uploads` lists
     it and aborts it (live ones, younger than --older-than, are left alone)."""

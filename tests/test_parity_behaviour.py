@@ -147,6 +147,66 @@ print(list(m.keys()), m.total_tensor_bytes)
     )
 
 
+def test_read_tensors_and_numpy_arrays(tmp_path):
+    """tensor_type is the TensorType enum; read_numpy_arrays yields the stored data whatever the
+    constructor's dtype= (was: cast first, then the opaque bf16 bits reinterpreted: wrong values,
+    doubled lengths, or a TypeError for dtype=bfloat16); num_tensors below -1 is refused; a
+    device other than the CPU raises a RuntimeError."""
+    same(
+        """
+p = ARGS[0] + "/" + pkg + ".tensors"
+s = tz.TensorSerializer(p)
+s.write_module(torch.nn.BatchNorm1d(2))
+s.write_state_dict({"f": torch.tensor([1.5, 2.0]),
+                    "bf": torch.tensor([1.0, 2.0], dtype=torch.bfloat16)})
+s.close()
+d = tz.TensorDeserializer(p, device="cpu", lazy_load=True)
+print([(n, repr(tt), tt.name) for _, tt, n, _ in d.read_tensors(num_tensors=2)])
+for dt in (None, torch.float16, torch.float32, torch.bfloat16):
+    d = tz.TensorDeserializer(p, device="cpu", lazy_load=True, dtype=dt)
+    print(dt, [(n, repr(tt), str(a.dtype), a.tolist(), o, td)
+               for _, tt, n, a, o, td in d.read_numpy_arrays(allow_raw_data=True)])
+    print(dt, [(n, str(t.dtype)) for _, _, n, t in d.read_tensors()])
+d = tz.TensorDeserializer(p, device="cpu", lazy_load=True, dtype=torch.float16)
+print([n for _, _, n, *_ in d.read_numpy_arrays(num_tensors=3)],
+      [(n, t.dtype) for _, _, n, t in d.read_tensors(num_tensors=1)])
+for n in (-2, -5):
+    d = tz.TensorDeserializer(p, device="cpu", lazy_load=True)
+    attempt(f"num_tensors={n}", lambda: [x[2] for x in d.read_tensors(num_tensors=n)])
+    attempt(f"numpy num_tensors={n}", lambda: [x[2] for x in d.read_numpy_arrays(num_tensors=n)])
+d = tz.TensorDeserializer(p, device="meta", lazy_load=True)
+attempt("meta device", lambda: list(d.read_numpy_arrays()))
+""",
+        tmp_path,
+    )
+
+
+def test_total_tensor_bytes_of_lazy_loads(tmp_path):
+    """Was: 0 until tensors were read, then only those read; 2.12.1 reports the selected
+    tensors' total from the start."""
+    same(
+        """
+p = ARGS[0] + "/" + pkg + ".tensors"
+s = tz.TensorSerializer(p)
+s.write_state_dict({"a": torch.arange(4.0), "b": torch.arange(3),
+                    "m": torch.empty(2, 3, device="meta")})
+s.close()
+d = tz.TensorDeserializer(p, device="cpu", lazy_load=True)
+print("lazy:", d.total_tensor_bytes)
+d["a"]
+print("after d['a']:", d.total_tensor_bytes)
+list(d.read_tensors())
+print("after read_tensors:", d.total_tensor_bytes)
+d = tz.TensorDeserializer(p, device="cpu", lazy_load=True, filter_func=lambda n: n == "b")
+print("lazy filtered:", d.total_tensor_bytes)
+print("eager:", tz.TensorDeserializer(p, device="cpu").total_tensor_bytes)
+print("eager filtered:", tz.TensorDeserializer(p, device="cpu",
+                                               filter_func=lambda n: n != "b").total_tensor_bytes)
+""",
+        tmp_path,
+    )
+
+
 VERIFY = """
 torch.manual_seed(0)
 def model():

@@ -4,6 +4,8 @@ grows past CoreWeave's fixed 256 KiB."""
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -174,3 +176,27 @@ def test_writer_refuses_duplicates_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="Conflicting tensor paths"):
         s.write_tensor(0, "x", 2, torch.ones(1))
     assert not dest.exists()
+
+
+def test_objects_alive_at_interpreter_exit_finalize_quietly(tmp_path):
+    """Was: "Exception ignored in ... __del__ ... 'NoneType' object has no attribute 'suppress'"
+    at exit, when the module's globals (contextlib) were cleared before the objects went."""
+    script = f"""
+import torch
+from tensorizer_rs import serialization
+s = serialization.TensorSerializer({str(tmp_path / "m.tensors")!r})
+s.write_state_dict({{"a": torch.arange(4.0)}})
+s.close()
+d = serialization.TensorDeserializer({str(tmp_path / "m.tensors")!r}, device="cpu")
+lazy = serialization.TensorDeserializer({str(tmp_path / "m.tensors")!r}, device="cpu",
+                                        lazy_load=True)
+unclosed = serialization.TensorSerializer({str(tmp_path / "never.tensors")!r})
+unclosed.write_state_dict({{"a": torch.ones(2)}})
+print("done")
+"""
+    p = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert p.returncode == 0 and p.stdout == "done\n", p.stderr
+    assert "Exception ignored" not in p.stderr, p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.tensors"]

@@ -283,7 +283,13 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         self._cache: dict[int, Any] = {}
         self._module_idx: dict[int, int] = {}
         self._last_yielded = -1
-        self.total_tensor_bytes = 0
+        # As CoreWeave: the selected tensors' total from the start, whatever has been read;
+        # data-less (meta) entries count their full size in a lazy load, nothing in an eager one.
+        entries = self._entries
+        self.total_tensor_bytes = sum(
+            entries[i]["data_length"] or (lazy_load and entries[i]["nbytes"])
+            for i in self._selected
+        )
         self._total_bytes_read = 0
         self._seconds = 0.0
         self._cuda_stats: list = []
@@ -425,7 +431,6 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
             for i, (module_idx, host) in zip(todo, loaded):
                 self._module_idx[i] = module_idx
                 self._cache[i] = self._to_tensor(i, host)
-                self.total_tensor_bytes += self._entries[i]["data_length"]
                 self.total_bytes_read += self._entries[i]["data_length"]
         self._seconds += time.perf_counter() - start
 
@@ -449,7 +454,6 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         module indices and byte counts."""
         self._cache.update(loaded.tensors)
         self._module_idx.update(loaded.module_idx)
-        self.total_tensor_bytes += loaded.bytes
         self.total_bytes_read += loaded.bytes
         self._seconds += loaded.seconds
         self._cuda_stats = loaded.stats
@@ -469,7 +473,8 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
             self._entries[i], tensor, self._device, self._dtype
         )
 
-    def _to_tensor(self, i: int, host: Any):
+    def _stored_tensor(self, i: int, host: Any):
+        """Tensor ``i``'s loaded bytes as a CPU tensor of its stored dtype (no ``dtype=`` cast)."""
         import torch
 
         e = self._entries[i]
@@ -482,6 +487,13 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
             t = t.view(base)
         if final != base:
             t = t.view(final)
+        return t
+
+    def _to_tensor(self, i: int, host: Any):
+        import torch
+
+        t = self._stored_tensor(i, host)
+        final = t.dtype
         requires_grad = final.is_floating_point or final.is_complex
         target = self._dtype
         # CoreWeave casts everything but bool; complex -> real is skipped (upstream PR #207).
@@ -598,21 +610,32 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         return name if isinstance(name, tuple) else (name,)
 
     # -- CoreWeave's iteration APIs --------------------------------------------------------
-    def read_tensors(self, filter_func=None, num_tensors: int = -1, verify_hash=None):
-        """Yield ``(module_idx, tensor_type, name, tensor)`` in file order, resuming after the
-        last tensor yielded."""
+    def _pending(self, filter_func, num_tensors: int) -> list:
+        """The selected tensors after the last one yielded that pass ``filter_func``, at most
+        ``num_tensors`` of them (all for -1)."""
+        if num_tensors < -1:
+            raise TensorizerValueError("num_tensors must be -1 or non-negative")  # as CoreWeave
         pending = [
             i
             for i in self._selected[self._last_yielded + 1 :]
             if filter_func is None or filter_func(self._entries[i]["name"])
         ]
-        if num_tensors >= 0:
-            pending = pending[:num_tensors]
+        return pending if num_tensors == -1 else pending[:num_tensors]
+
+    def read_tensors(self, filter_func=None, num_tensors: int = -1, verify_hash=None):
+        """Yield ``(module_idx, tensor_type, name, tensor)`` in file order, resuming after the
+        last tensor yielded."""
+        for i, t in self._read_cached(filter_func, num_tensors, verify_hash):
+            e = self._entries[i]
+            yield self._module_idx[i], TensorType(e["tensor_type"]), e["name"], t
+
+    def _read_cached(self, filter_func, num_tensors: int, verify_hash):
+        """Yield ``(index, tensor)`` for read_tensors: load the pending tensors into the cache."""
+        pending = self._pending(filter_func, num_tensors)
         self._load(pending, verify_hash)
         for i in pending:
             self._last_yielded = max(self._last_yielded, self._position[i])
-            e = self._entries[i]
-            yield self._module_idx[i], e["tensor_type"], e["name"], self._cache[i]
+            yield i, self._cache[i]
 
     def read_numpy_arrays(
         self,
@@ -621,13 +644,19 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         allow_raw_data: bool = False,
         verify_hash=None,
     ):
-        """Yield ``(module_idx, tensor_type, name, ndarray, is_opaque, torch_dtype|None)``."""
+        """Yield ``(module_idx, tensor_type, name, ndarray, is_opaque, torch_dtype|None)``.
+        The arrays hold the stored data: the constructor's ``dtype=`` does not apply (as in
+        CoreWeave)."""
         import numpy as np
 
         if self._device.type != "cpu":
-            raise TensorizerValueError("read_numpy_arrays works only with device='cpu'")
-        for module_idx, ttype, name, t in self.read_tensors(filter_func, num_tensors, verify_hash):
-            e = self._entries[self._index_of(name)]
+            raise _DeviceError("read_numpy_arrays works only with device='cpu'")
+        # Without dtype= the cached tensors are the stored data.
+        read = self._read_cached if self._dtype is None else self._read_stored
+        stored = read(filter_func, num_tensors, verify_hash)
+        for i, t in stored:
+            e = self._entries[i]
+            name = e["name"]
             opaque = e["torch_dtype"] is not None
             if opaque and not allow_raw_data:
                 raise TensorizerValueError(
@@ -640,13 +669,30 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
 
                 arr = arr.view(getattr(torch, _dtypes.CONTAINER_TO_TORCH[e["container"]]))
             yield (
-                module_idx,
-                ttype,
+                self._module_idx[i],
+                TensorType(e["tensor_type"]),
                 name,
                 np.asarray(arr.numpy()),
                 opaque,
                 (f"torch.{e['torch_dtype']}" if opaque else None),
             )
+
+    def _read_stored(self, filter_func, num_tensors: int, verify_hash):
+        """Yield ``(index, tensor)`` like read_tensors, but each tensor in its stored dtype:
+        the cache holds them cast to ``dtype=``, so these are read again and not cached."""
+        pending = self._pending(filter_func, num_tensors)
+        if not pending:
+            return
+        self._check_open()
+        verify = self._verify_hash if verify_hash is None else bool(verify_hash)
+        loaded = self._file.load(
+            pending, num_readers=self._num_readers, verify_hash=verify, **self._crypt
+        )
+        for i, (module_idx, host) in zip(pending, loaded):
+            self._module_idx[i] = module_idx
+            self.total_bytes_read += self._entries[i]["data_length"]
+            self._last_yielded = max(self._last_yielded, self._position[i])
+            yield i, self._stored_tensor(i, host)
 
     def load_into_module(self, m, filter_func=None, verify_hash=None) -> int:
         """Put every selected PARAM/BUFFER tensor into module ``m`` (names like ``layer.weight``;
@@ -825,9 +871,12 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         self.close()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        # No module globals (contextlib): at interpreter exit they may already be None.
+        try:
             self._deferred = False
             self.close()
+        except Exception:  # noqa: BLE001, S110 - a finalizer has nobody to report to
+            pass
 
     @property
     def total_bytes_read(self) -> int:
@@ -1036,9 +1085,11 @@ class TensorSerializer:
 
     # -- public API ------------------------------------------------------------------------
     def write_tensor(self, idx: int, name: str, tensor_type: Any, tensor: Any) -> None:
-        if not isinstance(name, str):
-            raise TensorizerTypeError(f"tensor name must be a str, not {type(name).__name__}")
-        self._write([_Item(int(idx), TensorType(tensor_type), (name,), tensor)])
+        with self._aborting():
+            if not isinstance(name, str):
+                raise TensorizerTypeError(f"tensor name must be a str, not {type(name).__name__}")
+            items = [_Item(int(idx), TensorType(tensor_type), (name,), tensor)]
+        self._write(items)
 
     def write_module(
         self, m, remove_tensors: bool = False, *, include_non_persistent_buffers: bool = True
@@ -1048,25 +1099,38 @@ class TensorSerializer:
         only non-persistent buffers (upstream also drops persistent root-level buffers)."""
         items = []
         owners = []
-        for idx, (mname, mod) in enumerate(m.named_modules()):
-            for pname, p in mod.named_parameters(recurse=False):
-                items.append(_Item(idx, TensorType.PARAM, (f"{mname}.{pname}",), p))
-                owners.append((mod, pname, "_parameters"))
-            skip = getattr(mod, "_non_persistent_buffers_set", set())
-            for bname, b in mod.named_buffers(recurse=False):
-                if not include_non_persistent_buffers and bname in skip:
-                    continue
-                items.append(_Item(idx, TensorType.BUFFER, (f"{mname}.{bname}",), b))
-                owners.append((mod, bname, "_buffers"))
+        with self._aborting():
+            for idx, (mname, mod) in enumerate(m.named_modules()):
+                for pname, p in mod.named_parameters(recurse=False):
+                    items.append(_Item(idx, TensorType.PARAM, (f"{mname}.{pname}",), p))
+                    owners.append((mod, pname, "_parameters"))
+                skip = getattr(mod, "_non_persistent_buffers_set", set())
+                for bname, b in mod.named_buffers(recurse=False):
+                    if not include_non_persistent_buffers and bname in skip:
+                        continue
+                    items.append(_Item(idx, TensorType.BUFFER, (f"{mname}.{bname}",), b))
+                    owners.append((mod, bname, "_buffers"))
         self._write(items)
         if remove_tensors:
             for mod, attr, where in owners:
                 getattr(mod, where)[attr] = None
 
     def write_state_dict(self, state_dict: Any) -> None:
-        self._write(_state_dict_items(state_dict))
+        with self._aborting():
+            items = _state_dict_items(state_dict)
+        self._write(items)
 
     # -- machinery -------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _aborting(self):
+        """Abort the writer on any failure: a write_* call that raised must not let a later
+        close() commit a partial file over the destination."""
+        try:
+            yield
+        except BaseException:
+            self._abort()
+            raise
+
     def _describe(self, item: _Item):
         """(stored dtype, shape, meta, materialize-zeros) for one source tensor or array."""
         import numpy as np
@@ -1122,8 +1186,8 @@ class TensorSerializer:
     def _write(self, items: list) -> None:
         if self._writer is None:
             raise TensorizerValueError("the TensorSerializer is closed")
-        described = [self._describe(it) for it in items]
-        try:
+        with self._aborting():
+            described = [self._describe(it) for it in items]
             first = self._writer.add(
                 [
                     (
@@ -1149,9 +1213,6 @@ class TensorSerializer:
                     group, keep, size = [], [], 0
             if group:
                 self._write_group(group, size)
-        except BaseException:
-            self._abort()
-            raise
 
     def _write_group(self, group: list, size: int) -> None:
         self._writer.write_many(group, self._threads)
@@ -1197,5 +1258,8 @@ class TensorSerializer:
             self._abort()
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        # No module globals (contextlib): at interpreter exit they may already be None.
+        try:
             self._abort()
+        except Exception:  # noqa: BLE001, S110 - a finalizer has nobody to report to
+            pass
