@@ -196,9 +196,12 @@ def test_key_for_plaintext_file_and_missing_key(encrypted, tmp_path):
     plain = tmp_path / "plain.tensors"
     with TensorSerializer(str(plain)) as s:
         s.write_state_dict({"a": torch.ones(2)})
-    _fails(str(plain), DecryptionParams.from_key(bytes(32)), "not encrypted")
     path, _ = encrypted
-    _fails(path, None, "no decryption key")
+    for lazy in (False, True):
+        # Lazy loads too, at construction, as CoreWeave's (was: only at the first access,
+        # while `in` and keys() answered).
+        _fails(str(plain), DecryptionParams.from_key(bytes(32)), "not encrypted", lazy_load=lazy)
+        _fails(path, None, "no decryption key", lazy_load=lazy)
 
 
 def test_truncated_crypt_info(encrypted, tmp_path):

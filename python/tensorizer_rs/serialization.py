@@ -274,6 +274,20 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
             self._file = self._open(file_obj)
             _native.trace_mark("ctor_opened")
         self._file_name = self._file.name  # for messages after the file is closed
+        if self._file.encrypted != bool(self._crypt):
+            # At construction, lazy loads too, as CoreWeave checks the file's flags (vLLM's
+            # is_vllm_tensorized opens lazily and relies on it).
+            self._file.close()
+            self._file = None
+            raise CryptographyError(
+                f"{self._file_name}: "
+                + (
+                    "decryption was requested, but the file is not encrypted"
+                    if self._crypt
+                    else "the file is encrypted, but no decryption key was given "
+                    "(pass encryption=DecryptionParams...)"
+                )
+            )
         self.total_file_bytes = self._file.total_data_bytes  # the header's field, as in CoreWeave
         _warn_unpinned(self._file)
         self._closed = False
