@@ -73,6 +73,24 @@ def test_http_redirect_retry_and_errors(http_root, vector_manifests):
         TensorDeserializer(f"{base}/always500/dtypes.tensors", device="cpu")
 
 
+def test_caller_headers_never_follow_a_redirect_to_another_host(http_root, vector_manifests):
+    """A redirect to another origin (127.0.0.1 -> localhost) is followed without the caller's
+    headers only: with `headers` given it is refused by name (was: reqwest dropped only
+    Authorization and cookies, and an X-Api-Key went along to the other host)."""
+    from tensorizer_rs.stream_io import CURLStreamFile
+
+    base, _ = http_root
+    v = vector_manifests["dtypes.tensors"]
+    url = f"{base}/elsewhere/dtypes.tensors"
+    _check(TensorDeserializer(url, device="cpu"), v)
+    with pytest.raises(TensorizerError, match="redirected to another host") as e:
+        TensorDeserializer(CURLStreamFile(url, headers={"X-Api-Key": "secret"}), device="cpu")
+    assert "localhost" in str(e.value) and "secret" not in str(e.value)
+    # The same origin still redirects with them.
+    same = CURLStreamFile(f"{base}/redirect/dtypes.tensors", headers={"X-Api-Key": "secret"})
+    _check(TensorDeserializer(same, device="cpu"), v)
+
+
 def test_http_wrong_range_is_refused(http_root):
     """A server that answers a ranged request with other bytes than asked for (a 206 starting
     one byte later) fails the load clearly, through the direct client and through reqwest;

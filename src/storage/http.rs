@@ -24,13 +24,34 @@ use crate::error::{Error, ErrorKind, Result};
 
 pub(crate) type HttpSource = RangedSource<HttpFetch>;
 
-/// One client (and connection pool) per set of trusted roots, for the whole process.
-fn client(trust: &Trust) -> Result<reqwest::Client> {
-    static CLIENTS: OnceLock<Mutex<HashMap<Trust, reqwest::Client>>> = OnceLock::new();
+/// One client (and connection pool) per set of trusted roots and redirect policy, for the
+/// whole process. `same_origin`: redirects stay on the URL's scheme, host and port (requests
+/// that carry the caller's `http_headers`: reqwest drops only `Authorization` and cookies on
+/// the way to another host, and an API key in a header of another name would follow).
+fn client(trust: &Trust, same_origin: bool) -> Result<reqwest::Client> {
+    static CLIENTS: OnceLock<Mutex<HashMap<(Trust, bool), reqwest::Client>>> = OnceLock::new();
     let cache = CLIENTS.get_or_init(Default::default);
-    if let Some(c) = cache.lock().unwrap().get(trust) {
+    let key = (trust.clone(), same_origin);
+    if let Some(c) = cache.lock().unwrap().get(&key) {
         return Ok(c.clone());
     }
+    let policy = if same_origin {
+        reqwest::redirect::Policy::custom(|attempt| {
+            let first = &attempt.previous()[0];
+            if attempt.previous().len() > 10 {
+                attempt.error("too many redirects")
+            } else if attempt.url().origin() != first.origin() {
+                let to = shown_url(attempt.url());
+                attempt.error(format!(
+                    "redirected to another host ({to}): not followed, since the request carries the caller's http_headers"
+                ))
+            } else {
+                attempt.follow()
+            }
+        })
+    } else {
+        reqwest::redirect::Policy::limited(10)
+    };
     // The same rustls configuration as the direct client's (tls::client_config): one place
     // decides which roots are trusted.
     let tls = tls::client_config(trust)?;
@@ -41,11 +62,11 @@ fn client(trust: &Trust) -> Result<reqwest::Client> {
         // with the source's stall timeout and hedging.
         .tcp_nodelay(true)
         .pool_idle_timeout(Duration::from_secs(60))
-        .redirect(reqwest::redirect::Policy::limited(10))
+        .redirect(policy)
         .use_preconfigured_tls((*tls).clone());
     let client =
         builder.build().map_err(|e| Error::io(format!("cannot create the HTTP client: {}", error_chain(&e))))?;
-    cache.lock().unwrap().insert(trust.clone(), client.clone());
+    cache.lock().unwrap().insert(key, client.clone());
     Ok(client)
 }
 
@@ -303,7 +324,7 @@ pub(crate) fn open(uri: &str, opts: &StorageOptions, stop: &super::Stop) -> Resu
     let shown = shown_url(&url);
     let trust = tls::http_trust(opts, &|k| std::env::var(k).ok());
     let env = |k: &str| std::env::var(k).ok();
-    let client = client(&trust).map_err(|e| e.in_file(&shown))?;
+    let client = client(&trust, !opts.http_headers.is_empty()).map_err(|e| e.in_file(&shown))?;
     let direct = if opts.http_direct == Some(false) {
         None
     } else {

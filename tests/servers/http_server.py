@@ -15,6 +15,7 @@ Paths (NAME is a file under ROOT):
   /fail500mid/N/NAME   500 for the first N requests for ranges after byte 0 (the probe passes)
   /always500/NAME      always 500
   /redirect/NAME       302 to /data/NAME
+  /elsewhere/NAME      307 to http://localhost:PORT/data/NAME (another origin)
   /auth/NAME           401 unless "Authorization: Bearer let-me-in", then like /data/
   /shifted/NAME        ranges after byte 0 are answered one byte later than asked (a 206 whose
                        Content-Range and body start there): a server that lies about ranges
@@ -81,6 +82,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
         name = "/".join(rest).split("?")[0]  # a query string only makes a path count apart
         if mode == "silent":
             time.sleep(3600)  # a server that accepted the connection and went quiet
+            return
+        if mode == "elsewhere":
+            # The same server under another host name: another origin to the client.
+            self.send_response(307)
+            port = self.server.server_address[1]
+            self.send_header("Location", f"http://localhost:{port}/data/{name}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
             return
         if mode == "redirect":
             self.send_response(302)
