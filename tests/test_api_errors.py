@@ -68,3 +68,34 @@ def test_serializer_creates_missing_directories_like_coreweave(tmp_path):
         theirs,
     )
     assert theirs.read_bytes() == ours.read_bytes()
+
+
+def test_bad_arguments_raise_what_coreweave_raises(small, tmp_path):
+    """The exception classes of tensorizer 2.12.1 for the same mistakes (checked against it
+    by hand, 2026-12-08), each also a TensorizerError: num_readers not an int: TypeError, below
+    1: ValueError (was: TypeError for both); a str dtype: TypeError (was: torch's "Invalid
+    device string"); a text-mode file object: ValueError (was: read or written by its name);
+    a directory: OSError (was: ValueError)."""
+    cases = [
+        (TypeError, {"num_readers": "2"}),
+        (ValueError, {"num_readers": 0}),
+        (ValueError, {"num_readers": -1}),
+        (TypeError, {"dtype": "float16"}),
+    ]
+    for cls, kw in cases:
+        with pytest.raises(cls) as e:
+            TensorDeserializer(str(small), device="cpu", **kw)
+        other = TypeError if cls is ValueError else ValueError
+        assert isinstance(e.value, TensorizerError), (kw, e.value)
+        assert not isinstance(e.value, other), (kw, e.value)
+    assert len(TensorDeserializer(str(small), device="cpu", num_readers=True)) == 2
+    with open(small) as text, pytest.raises(ValueError, match="binary mode"):
+        TensorDeserializer(text, device="cpu")
+    with open(tmp_path / "t.tensors", "w+") as text, pytest.raises(ValueError, match="binary"):
+        TensorSerializer(text)
+    for make in (
+        lambda: TensorDeserializer(str(tmp_path), device="cpu"),
+        lambda: TensorSerializer(str(tmp_path)),
+    ):
+        with pytest.raises(OSError, match="is a directory"):
+            make()

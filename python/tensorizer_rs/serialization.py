@@ -244,15 +244,20 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         self._headers: dict = {}  # hash_info of entries (verify_module; kept from a spilled stream)
         self._deferred = False  # an eager CUDA load waiting for its destinations (see _cuda.py)
         self._progress = progress  # CUDA loads: called with (bytes done, GB/s)
-        if num_readers is not None and (
-            not isinstance(num_readers, int) or isinstance(num_readers, bool) or num_readers < 1
-        ):
+        # CoreWeave's checks: a TypeError for a non-int (a bool is an int), then a ValueError.
+        if num_readers is not None and not isinstance(num_readers, int):
             raise TensorizerTypeError(
-                f"num_readers must be a positive int or None, got {num_readers!r}"
+                f"num_readers: expected int or None, got {num_readers.__class__.__name__}"
             )
+        if num_readers is not None and num_readers < 1:
+            raise TensorizerValueError(f"num_readers must be positive, got {num_readers!r}")
+        num_readers = None if num_readers is None else int(num_readers)
         self._num_readers = num_readers
         self._verify_hash = bool(verify_hash)
         self._crypt = _decryption_args(encryption)
+        if dtype is not None and not isinstance(dtype, _import_torch().dtype):
+            # A str would reach Tensor.to() and be taken for a device.
+            raise TensorizerTypeError(f"dtype must be a torch.dtype or None, got {dtype!r}")
         self._dtype = dtype
         self._device = self._resolve_device(device)
         uri = _uri_of(file_obj)
@@ -365,6 +370,8 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         return dev
 
     def _open(self, file_obj: Any):
+        if isinstance(file_obj, io.TextIOBase):
+            raise TensorizerValueError("file_obj must be opened in binary mode")
         uri = _uri_of(file_obj)
         if uri is not None and _native.uri_scheme(uri) == "redis":
             from .stream_io import RedisStreamFile
@@ -383,8 +390,6 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         read = getattr(file_obj, "read", None)
         if read is None:
             raise TensorizerTypeError(f"cannot read tensors from {type(file_obj).__name__}")
-        if isinstance(file_obj, io.TextIOBase):
-            raise TensorizerValueError("file_obj must be opened in binary mode")
         name = getattr(file_obj, "name", None)
         return self._spill(read, name if isinstance(name, str) else f"<{type(file_obj).__name__}>")
 
@@ -1057,6 +1062,8 @@ class TensorSerializer:
         self._progress = progress
         self._written = 0
         self._file_obj = None
+        if isinstance(file_obj, io.TextIOBase):
+            raise TensorizerValueError("file_obj must be opened in binary mode")
         uri = _uri_of(file_obj)
         scheme = _native.uri_scheme(uri) if uri is not None else None
         if scheme in ("http", "https", "redis"):

@@ -160,7 +160,7 @@ impl LocalFile {
             .map_err(|e| Error::from(e).in_file(path))?;
         let meta = file.metadata().map_err(|e| Error::from(e).in_file(path))?;
         if meta.is_dir() {
-            return Err(Error::new(ErrorKind::Value, "is a directory, not a .tensors file").in_file(path));
+            return Err(Error::new(ErrorKind::Io, "is a directory, not a .tensors file").in_file(path));
         }
         let kind = meta.file_type();
         if !(kind.is_file() || kind.is_block_device()) {
@@ -406,7 +406,7 @@ pub fn create_writer(path: &str, unnamed: bool) -> Result<Box<dyn Sink>> {
         return Ok(Box::new(DeviceFile { file, shown: path.to_string() }));
     }
     if kind.is_some_and(|k| k.is_dir()) {
-        return Err(Error::new(ErrorKind::Value, "is a directory, not a file").in_file(path));
+        return Err(Error::new(ErrorKind::Io, "is a directory, not a file").in_file(path));
     }
     if kind.is_some_and(|k| !k.is_file()) {
         return Err(Error::new(
