@@ -247,7 +247,8 @@ class TensorDeserializer(collections.abc.Mapping, contextlib.AbstractContextMana
         # CoreWeave's checks: a TypeError for a non-int (a bool is an int), then a ValueError.
         if num_readers is not None and not isinstance(num_readers, int):
             raise TensorizerTypeError(
-                f"num_readers: expected int or None, got {num_readers.__class__.__name__}"
+                "num_readers: expected int or None,"
+                f" got {num_readers.__class__.__name__} {num_readers!r}"
             )
         if num_readers is not None and num_readers < 1:
             raise TensorizerValueError(f"num_readers must be positive, got {num_readers!r}")
